@@ -1,0 +1,66 @@
+"""The `cargohold` command line (DESIGN.md, "The command line": a contract)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cargohold import __version__, config, logs
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run a registry node")
+    p.add_argument("--config", type=Path, help="YAML or TOML settings file")
+    p.add_argument("--listen", help="HTTP address HOST:PORT (default 127.0.0.1:5000)")
+    p.add_argument("--data-dir", type=Path, help="where blobs and uploads live (default ./data)")
+    p.add_argument("--etcd", help="etcd endpoints URL[,URL...]; without it a private etcd is started")
+    p.add_argument("--etcd-ca", help="CA bundle for TLS to etcd")
+    p.add_argument("--etcd-cert", help="client certificate for TLS to etcd")
+    p.add_argument("--etcd-key", help="client key for TLS to etcd")
+    p.add_argument("--cluster", help="cluster name (etcd key prefix; default 'default')")
+    p.add_argument("--node-id", help="this node's id (default: generated once, kept in the data dir)")
+    p.add_argument("--site", help="site (region) of this node (default 'default')")
+    p.add_argument("--grpc-listen", help="gRPC address HOST:PORT for peers")
+    p.add_argument("--advertise-url", help="the URL other nodes and clients reach this node at")
+    p.add_argument("--runtime", choices=["asyncio", "trio"], help="asyncio (uvicorn, default) or trio (hypercorn)")
+    p.add_argument("--min-copies", type=int, help="copies a blob must have before its upload is acknowledged")
+    p.add_argument("--sync-sites", type=int, help="other sites that must hold a push before it is acknowledged")
+    p.add_argument("--tls-cert", help="TLS certificate for the HTTP API")
+    p.add_argument("--tls-key", help="TLS key for the HTTP API")
+    p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--log-format", choices=["plain", "json"], help="plain (default) or json lines")
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import anyio
+
+    from cargohold.node.server import serve
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config", "command")}
+    try:
+        settings = config.load(args.config, flags)
+    except (config.ConfigError, OSError) as exc:
+        print(f"cargohold: {exc}", file=sys.stderr)
+        return 2
+    node_id = config.resolve_node_id(settings)
+    logs.configure(settings.log_level, settings.log_format, node_id, settings.access_log)
+    if settings.runtime == "trio":
+        anyio.run(serve, settings, backend="trio")
+    else:
+        anyio.run(serve, settings, backend="asyncio", backend_options={"use_uvloop": True})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cargohold", description="A clustered OCI container image registry.")
+    parser.add_argument("--version", action="version", version=f"cargohold {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,161 @@
+"""One typed settings object, from file + environment + flags (flags win, then env, then file)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+ENV_PREFIX = "CARGOHOLD_"
+
+
+@dataclass
+class Settings:
+    listen: str = "127.0.0.1:5000"
+    data_dir: Path = Path("./data")
+    etcd: list[str] = field(default_factory=list)     # empty: start a private etcd
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    cluster: str = "default"
+    node_id: str | None = None                          # default: generated once, kept in the data dir
+    site: str = "default"
+    grpc_listen: str = "127.0.0.1:0"
+    advertise_url: str | None = None
+    runtime: str = "asyncio"                            # asyncio (uvicorn) or trio (hypercorn)
+    min_copies: int = 1
+    sync_sites: int = 0
+    replicas_per_site: int = 2
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    log_level: str = "info"
+    log_format: str = "plain"                           # plain or json
+    access_log: bool = True
+    upload_expiry: float = 7 * 24 * 3600.0              # abandoned upload sessions are removed after this
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    text = str(kind)
+    if value is None:
+        return None
+    if "list" in text:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    if "Path" in text:
+        return Path(value)
+    if "bool" in text:
+        if isinstance(value, bool):
+            return value
+        return str(value).lower() in ("1", "true", "yes", "on")
+    if "int" in text and "str" not in text:
+        return int(value)
+    if "float" in text:
+        return float(value)
+    return str(value)
+
+
+def _apply(settings: Settings, values: Mapping[str, Any], origin: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    for key, value in values.items():
+        name = key.replace("-", "_").lower()
+        if name not in fields:
+            raise ConfigError(f"unknown setting {key!r} in {origin}")
+        try:
+            setattr(settings, name, _coerce(name, fields[name].type, value))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bad value for {key!r} in {origin}: {exc}") from None
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix in (".toml",):
+        return tomllib.loads(text)
+    loaded = yaml.safe_load(text)
+    return loaded or {}
+
+
+def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """CARGOHOLD_<SETTING> variables (nested keys joined by __) as flat settings."""
+    found = {}
+    names = {f.name for f in dataclasses.fields(Settings)}
+    for key, value in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX):].lower()
+            if name in names:
+                found[name] = value
+    return found
+
+
+def load(config_file: Path | None, flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
+    settings = Settings()
+    environ = os.environ if environ is None else environ
+    config_file = config_file or (Path(environ["CARGOHOLD_CONFIG"]) if "CARGOHOLD_CONFIG" in environ else None)
+    if config_file is not None:
+        _apply(settings, _flatten(read_file(config_file)), str(config_file))
+    _apply(settings, from_environment(environ), "environment")
+    _apply(settings, {k: v for k, v in flags.items() if v is not None}, "command line")
+    validate(settings)
+    return settings
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}__{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def validate(settings: Settings) -> None:
+    if settings.runtime not in ("asyncio", "trio"):
+        raise ConfigError("runtime must be asyncio or trio")
+    if settings.log_format not in ("plain", "json"):
+        raise ConfigError("log_format must be plain or json")
+    try:
+        settings.host_port
+    except ValueError:
+        raise ConfigError(f"listen must be HOST:PORT, not {settings.listen!r}") from None
+    if settings.node_id is not None and not _valid_id(settings.node_id):
+        raise ConfigError("node_id may use letters, digits, '.', '_' and '-' only")
+    if not _valid_id(settings.cluster) or not _valid_id(settings.site):
+        raise ConfigError("cluster and site names may use letters, digits, '.', '_' and '-' only")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+
+
+def _valid_id(value: str) -> bool:
+    return bool(value) and len(value) <= 128 and all(c.isalnum() or c in "._-" for c in value)
+
+
+def resolve_node_id(settings: Settings) -> str:
+    """The node id: given, or generated once and kept in the data dir so a restart keeps it."""
+    if settings.node_id:
+        return settings.node_id
+    path = settings.data_dir / "node-id"
+    if path.exists():
+        return path.read_text().strip()
+    node_id = f"{socket.gethostname().split('.')[0]}-{secrets.token_hex(3)}"
+    node_id = "".join(c if c.isalnum() or c in "._-" else "-" for c in node_id)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(node_id + "\n")
+    return node_id

@@ -1,0 +1,284 @@
+"""Registry metadata in etcd: the one interface the node uses for shared state.
+
+Writes are single etcd transactions. Reads are answered from the local read model, which
+watch events keep current; when the model misses, a linearizable etcd read confirms before
+anything is reported unknown, so an acknowledged write is never answered 404 by any node.
+After its own write a node waits (briefly) until its model has seen that revision, so a
+client reads its own writes from the same node without a second etcd round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import anyio
+
+from cargohold.coordinator.etcd import (
+    Compare, Delete, EtcdClient, EtcdCompacted, Get, KeyValue, LeaseLost, Put,
+)
+from cargohold.coordinator.keys import Keys
+from cargohold.coordinator.readmodel import ReadModel, page
+from cargohold.coordinator.records import BlobRecord, ManifestRecord, encode_repo
+
+log = logging.getLogger("cargohold.coordinator")
+
+SNAPSHOT_PAGE = 2000
+# How long a writer waits for its own write to come back through the watch. Past it the
+# write is still durable; later reads fall back to etcd.
+VISIBILITY_TIMEOUT = 2.0
+TXN_RETRIES = 5
+
+
+class MissingReferences(Exception):
+    """A manifest references blobs or manifests that the repository does not have."""
+
+    def __init__(self, blobs: list[str], manifests: list[str]):
+        super().__init__(f"unknown blobs {blobs}, unknown manifests {manifests}")
+        self.blobs = blobs
+        self.manifests = manifests
+
+
+class ConcurrentChange(Exception):
+    """A transaction kept losing to concurrent writers."""
+
+
+@dataclass(frozen=True)
+class Member:
+    node_id: str
+    site: str
+    url: str
+    grpc: str
+    state: str
+
+    def encode(self) -> bytes:
+        return json.dumps({"site": self.site, "url": self.url, "grpc": self.grpc,
+                           "state": self.state}).encode()
+
+
+class ClusterMetadata:
+    def __init__(self, client: EtcdClient, cluster: str, node_id: str):
+        self.client = client
+        self.keys = Keys(cluster)
+        self.node_id = node_id
+        self.model = ReadModel(self.keys)
+        self.loaded = False
+        self.txn_count = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Load a snapshot, report started, then follow the watch until cancelled."""
+        revision = await self._load_snapshot()
+        task_status.started()
+        while True:
+            try:
+                await self._follow(revision + 1)
+            except EtcdCompacted as exc:
+                log.warning("watch revision %d compacted (at %d): reloading snapshot", revision + 1, exc.revision)
+                revision = await self._load_snapshot()
+
+    async def _load_snapshot(self) -> int:
+        # Read everything at one revision, then watch from the next: nothing missed, nothing twice.
+        revision = await self.client.current_revision()
+        model = ReadModel(self.keys)
+        async for kvs in self.client.iter_prefix(self.keys.prefix, revision=revision, page_size=SNAPSHOT_PAGE):
+            for kv in kvs:
+                model.apply_put(kv.key, kv.value)
+        model.adopt_waiters(self.model)
+        self.model = model
+        model.advance(revision)
+        self.loaded = True
+        log.info("read model loaded at revision %d: %d repositories, %d blobs",
+                 revision, len(model.repos), len(model.blobs))
+        return revision
+
+    async def _follow(self, start_revision: int) -> None:
+        async with self.client.watch_prefix(self.keys.prefix, start_revision=start_revision) as watch:
+            async for batch in watch:
+                model = self.model
+                for event in batch.events:
+                    if event.type == "put":
+                        model.apply_put(event.key, event.value)
+                    else:
+                        model.apply_delete(event.key)
+                model.advance(batch.revision)
+
+    async def keep_membership(self, member: Member, ttl: int = 10) -> None:
+        """Publish this node's member record and a lease-bound `alive` key; renew until cancelled."""
+        await self.client.put(self.keys.member(member.node_id), member.encode())
+        while True:
+            lease = await self.client.grant_lease(ttl)
+            await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
+            try:
+                await self.client.keep_alive(lease, ttl)
+            except LeaseLost:
+                log.warning("membership lease lost; registering again")
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    try:
+                        await self.client.revoke_lease(lease)
+                    except Exception:  # noqa: BLE001 - best effort on the way out
+                        pass
+
+    # ------------------------------------------------------------------ helpers
+    async def _txn(self, compare, success, failure=None):
+        result = await self.client.txn(compare, success, failure or [])
+        self.txn_count += 1
+        if result.succeeded:
+            await self.model.wait_for(result.revision, VISIBILITY_TIMEOUT)
+        return result
+
+    async def _get(self, key: str) -> KeyValue | None:
+        return await self.client.get(key)
+
+    def _repo_registration(self, repo: str) -> list:
+        state = self.model.repo(repo)
+        if state is not None and state.registered:
+            return []
+        return [Put(self.keys.repo(repo), encode_repo())]
+
+    # ------------------------------------------------------------------ reads
+    async def resolve_tag(self, repo: str, tag: str) -> str | None:
+        state = self.model.repo(repo)
+        if state is not None:
+            digest = state.tags.get(tag)
+            if digest is not None:
+                return digest
+        kv = await self._get(self.keys.tag(repo, tag))
+        return kv.value.decode() if kv else None
+
+    async def manifest(self, repo: str, digest: str) -> ManifestRecord | None:
+        state = self.model.repo(repo)
+        if state is not None:
+            record = state.manifests.get(digest)
+            if record is not None:
+                return record
+        kv = await self._get(self.keys.manifest(repo, digest))
+        return ManifestRecord.decode(kv.value) if kv else None
+
+    async def blob_in_repo(self, repo: str, digest: str) -> BlobRecord | None:
+        state = self.model.blob_in_repo(digest, repo)
+        if state is not None:
+            return state.record
+        kvs, _, _ = await self.client.get_prefix(self.keys.blob(digest) + "/in/" + repo, limit=1)
+        if not any(kv.key == self.keys.blob_in(digest, repo) for kv in kvs):
+            return None
+        kv = await self._get(self.keys.blob(digest))
+        return BlobRecord.decode(kv.value) if kv else None
+
+    async def repo_exists(self, repo: str) -> bool:
+        state = self.model.repo(repo)
+        if state is not None and state.registered:
+            return True
+        return await self._get(self.keys.repo(repo)) is not None
+
+    async def tags(self, repo: str, n: int | None, last: str | None) -> tuple[list[str], bool] | None:
+        """A page of the repository's tags in lexical order, or None if the repository is unknown."""
+        state = self.model.repo(repo)
+        if state is not None and state.registered:
+            return page(state.sorted_tags(), n, last)
+        if not await self.repo_exists(repo):
+            return None
+        # Known to etcd but not yet to our model: read the tags from etcd itself.
+        names = []
+        prefix = self.keys.tags_prefix(repo)
+        async for kvs in self.client.iter_prefix(prefix, keys_only=True):
+            names.extend(kv.key[len(prefix):] for kv in kvs if "/" not in kv.key[len(prefix):])
+        return page(sorted(names), n, last)
+
+    def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
+        return page(self.model.sorted_repos(), n, last)
+
+    def referrers(self, repo: str, subject: str) -> list[tuple[str, ManifestRecord]]:
+        digests = self.model.referrers.get((repo, subject), ())
+        state = self.model.repo(repo)
+        if state is None:
+            return []
+        found = [(d, state.manifests[d]) for d in digests if d in state.manifests]
+        return sorted(found, key=lambda item: item[0])
+
+    # ------------------------------------------------------------------ writes
+    async def record_blob(self, repo: str, digest: str, size: int) -> None:
+        """A verified, fsynced blob now exists on this node and belongs to `repo`. One transaction."""
+        keys = self.keys
+        links = [Put(keys.blob_at(digest, self.node_id), b""), Put(keys.blob_in(digest, repo), b""),
+                 *self._repo_registration(repo)]
+        await self._txn([Compare.missing(keys.blob(digest))],
+                        [Put(keys.blob(digest), BlobRecord(size, time.time()).encode()), *links],
+                        links)
+
+    async def link_blob(self, repo: str, from_repo: str, digest: str) -> BlobRecord | None:
+        """Cross-repository mount: link a blob of `from_repo` into `repo`. None if it is not there."""
+        record = await self.blob_in_repo(from_repo, digest)
+        if record is None:
+            return None
+        keys = self.keys
+        result = await self._txn([Compare.exists(keys.blob_in(digest, from_repo))],
+                                 [Put(keys.blob_in(digest, repo), b""), *self._repo_registration(repo)])
+        return record if result.succeeded else None
+
+    async def unlink_blob(self, repo: str, digest: str) -> bool:
+        key = self.keys.blob_in(digest, repo)
+        result = await self._txn([Compare.exists(key)], [Delete(key)])
+        return result.succeeded
+
+    async def put_manifest(self, repo: str, digest: str, record: ManifestRecord, tag: str | None) -> None:
+        """Record a manifest (its bytes are already stored locally) and optionally tag it: one txn.
+
+        Fails with MissingReferences unless every referenced blob is linked into the repository
+        and every child manifest exists in it.
+        """
+        keys = self.keys
+        checked = [keys.blob_in(b, repo) for b in record.blobs] + [keys.manifest(repo, c) for c in record.children]
+        success = [
+            Put(keys.manifest(repo, digest), record.encode()),
+            Put(keys.blob(digest), BlobRecord(record.size, record.created).encode()),
+            Put(keys.blob_at(digest, self.node_id), b""),
+            Put(keys.blob_in(digest, repo), b""),
+            *(Put(keys.ref(child, repo, digest), b"") for child in dict.fromkeys(record.references())),
+            *self._repo_registration(repo),
+        ]
+        if tag is not None:
+            success.append(Put(keys.tag(repo, tag), digest.encode()))
+        result = await self._txn([Compare.exists(k) for k in checked], success, [Get(k) for k in checked])
+        if result.succeeded:
+            return
+        present = [bool(r) for r in result.responses]
+        n_blobs = len(record.blobs)
+        raise MissingReferences(
+            [b for b, ok in zip(record.blobs, present[:n_blobs]) if not ok],
+            [c for c, ok in zip(record.children, present[n_blobs:]) if not ok],
+        )
+
+    async def delete_manifest(self, repo: str, digest: str) -> bool:
+        """Delete a manifest, its reverse references and every tag that points at it."""
+        keys = self.keys
+        for _ in range(TXN_RETRIES):
+            kv = await self._get(keys.manifest(repo, digest))
+            if kv is None:
+                return False
+            record = ManifestRecord.decode(kv.value)
+            tag_keys = await self._tags_pointing_at(repo, digest)
+            compare = [Compare.mod_revision_equals(kv.key, kv.mod_revision),
+                       *(Compare.value_equals(k, digest.encode()) for k in tag_keys)]
+            success = [Delete(kv.key), Delete(keys.blob_in(digest, repo)),
+                       *(Delete(keys.ref(child, repo, digest)) for child in dict.fromkeys(record.references())),
+                       *(Delete(k) for k in tag_keys)]
+            if (await self._txn(compare, success)).succeeded:
+                return True
+        raise ConcurrentChange(f"manifest {repo}@{digest} kept changing while being deleted")
+
+    async def _tags_pointing_at(self, repo: str, digest: str) -> list[str]:
+        prefix = self.keys.tags_prefix(repo)
+        found = []
+        async for kvs in self.client.iter_prefix(prefix):
+            found.extend(kv.key for kv in kvs
+                         if "/" not in kv.key[len(prefix):] and kv.value.decode() == digest)
+        return found
+
+    async def delete_tag(self, repo: str, tag: str) -> bool:
+        key = self.keys.tag(repo, tag)
+        result = await self._txn([Compare.exists(key)], [Delete(key)])
+        return result.succeeded

@@ -1,0 +1,207 @@
+"""The node's local read model: an in-memory projection of the cluster's etcd state.
+
+It is built from one consistent snapshot at start-up and then changed only by watch events,
+in revision order, so it always equals etcd at `revision`. Nothing here does I/O; the
+coordinator feeds it key-values and events (h11 style: protocol logic free of I/O).
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+
+import anyio
+
+from cargohold.coordinator.keys import Keys
+from cargohold.coordinator.records import BlobRecord, ManifestRecord
+
+
+class RepoState:
+    __slots__ = ("registered", "tags", "manifests", "_sorted_tags")
+
+    def __init__(self) -> None:
+        self.registered = False
+        self.tags: dict[str, str] = {}
+        self.manifests: dict[str, ManifestRecord] = {}
+        self._sorted_tags: list[str] | None = None
+
+    def sorted_tags(self) -> list[str]:
+        if self._sorted_tags is None:
+            self._sorted_tags = sorted(self.tags)
+        return self._sorted_tags
+
+    def tags_changed(self) -> None:
+        self._sorted_tags = None
+
+
+class BlobState:
+    __slots__ = ("record", "nodes", "repos")
+
+    def __init__(self) -> None:
+        self.record: BlobRecord | None = None
+        self.nodes: set[str] = set()
+        self.repos: set[str] = set()
+
+    def empty(self) -> bool:
+        return self.record is None and not self.nodes and not self.repos
+
+
+def page(sorted_names: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """One page of a lexically sorted list after `last`; returns (names, more)."""
+    start = bisect.bisect_right(sorted_names, last) if last else 0
+    if n is None:
+        return sorted_names[start:], False
+    chunk = sorted_names[start:start + n]
+    return chunk, start + n < len(sorted_names)
+
+
+class ReadModel:
+    def __init__(self, keys: Keys):
+        self.keys = keys
+        self.revision = 0
+        self.repos: dict[str, RepoState] = {}
+        self.blobs: dict[str, BlobState] = {}
+        self.tombstones: set[str] = set()
+        self.members: dict[str, bytes] = {}
+        self.alive: set[str] = set()
+        # (repo, subject digest) -> manifests in that repo whose subject it is
+        self.referrers: dict[tuple[str, str], set[str]] = {}
+        self._sorted_repos: list[str] | None = None
+        self._waiters: list[tuple[int, anyio.Event]] = []
+
+    # ---- queries
+    def repo(self, name: str) -> RepoState | None:
+        return self.repos.get(name)
+
+    def sorted_repos(self) -> list[str]:
+        if self._sorted_repos is None:
+            self._sorted_repos = sorted(name for name, state in self.repos.items() if state.registered)
+        return self._sorted_repos
+
+    def blob_in_repo(self, digest: str, repo: str) -> BlobState | None:
+        state = self.blobs.get(digest)
+        if state is None or state.record is None or repo not in state.repos:
+            return None
+        return state
+
+    # ---- changes
+    def apply_put(self, key: str, value: bytes) -> None:
+        parsed = self.keys.parse(key)
+        kind = parsed.kind
+        if kind == "tag":
+            repo = self._repo(parsed.repo)
+            digest = sys.intern(value.decode())
+            if parsed.name not in repo.tags:
+                repo.tags_changed()
+            repo.tags[parsed.name] = digest
+        elif kind == "manifest":
+            repo = self._repo(parsed.repo)
+            record = ManifestRecord.decode(value)
+            digest = sys.intern(parsed.digest)
+            self._forget_referrer(parsed.repo, digest, repo.manifests.get(digest))
+            repo.manifests[digest] = record
+            if record.subject:
+                self.referrers.setdefault((parsed.repo, record.subject), set()).add(digest)
+        elif kind == "blob":
+            self._blob(parsed.digest).record = BlobRecord.decode(value)
+        elif kind == "blob_at":
+            self._blob(parsed.digest).nodes.add(sys.intern(parsed.name))
+        elif kind == "blob_in":
+            self._blob(parsed.digest).repos.add(sys.intern(parsed.repo))
+        elif kind == "repo":
+            repo = self._repo(parsed.repo)
+            if not repo.registered:
+                repo.registered = True
+                self._sorted_repos = None
+        elif kind == "tombstone":
+            self.tombstones.add(parsed.digest)
+        elif kind == "member":
+            self.members[parsed.name] = value
+        elif kind == "alive":
+            self.alive.add(parsed.name)
+
+    def apply_delete(self, key: str) -> None:
+        parsed = self.keys.parse(key)
+        kind = parsed.kind
+        if kind == "tag":
+            repo = self.repos.get(parsed.repo)
+            if repo is not None and repo.tags.pop(parsed.name, None) is not None:
+                repo.tags_changed()
+        elif kind == "manifest":
+            repo = self.repos.get(parsed.repo)
+            if repo is not None:
+                self._forget_referrer(parsed.repo, parsed.digest, repo.manifests.pop(parsed.digest, None))
+        elif kind in ("blob", "blob_at", "blob_in"):
+            state = self.blobs.get(parsed.digest)
+            if state is None:
+                return
+            if kind == "blob":
+                state.record = None
+            elif kind == "blob_at":
+                state.nodes.discard(parsed.name)
+            else:
+                state.repos.discard(parsed.repo)
+            if state.empty():
+                del self.blobs[parsed.digest]
+        elif kind == "repo":
+            repo = self.repos.get(parsed.repo)
+            if repo is not None and repo.registered:
+                repo.registered = False
+                self._sorted_repos = None
+        elif kind == "tombstone":
+            self.tombstones.discard(parsed.digest)
+        elif kind == "member":
+            self.members.pop(parsed.name, None)
+        elif kind == "alive":
+            self.alive.discard(parsed.name)
+
+    def advance(self, revision: int) -> None:
+        """All events up to `revision` are applied: wake those waiting for it."""
+        if revision <= self.revision:
+            return
+        self.revision = revision
+        if self._waiters:
+            still_waiting = []
+            for wanted, event in self._waiters:
+                if wanted <= revision:
+                    event.set()
+                else:
+                    still_waiting.append((wanted, event))
+            self._waiters = still_waiting
+
+    async def wait_for(self, revision: int, timeout: float) -> bool:
+        """Wait until the model has caught up with `revision` (read-your-writes). False on timeout."""
+        if self.revision >= revision:
+            return True
+        event = anyio.Event()
+        self._waiters.append((revision, event))
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        return self.revision >= revision
+
+    def adopt_waiters(self, previous: "ReadModel") -> None:
+        """Take over the writers waiting on a model this one replaces (after a reload)."""
+        self._waiters = previous._waiters
+        previous._waiters = []
+
+    # ---- helpers
+    def _repo(self, name: str) -> RepoState:
+        state = self.repos.get(name)
+        if state is None:
+            state = self.repos[sys.intern(name)] = RepoState()
+        return state
+
+    def _blob(self, digest: str) -> BlobState:
+        state = self.blobs.get(digest)
+        if state is None:
+            state = self.blobs[sys.intern(digest)] = BlobState()
+        return state
+
+    def _forget_referrer(self, repo: str, digest: str, old: ManifestRecord | None) -> None:
+        if old is None or not old.subject:
+            return
+        referrers = self.referrers.get((repo, old.subject))
+        if referrers is not None:
+            referrers.discard(digest)
+            if not referrers:
+                del self.referrers[(repo, old.subject)]

@@ -1,0 +1,77 @@
+"""The small JSON documents stored as etcd values, and their in-memory forms."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+
+
+def _intern(value: str | None) -> str | None:
+    # The same digests and media types recur across thousands of records; share one string.
+    return sys.intern(value) if value is not None else None
+
+
+@dataclass(slots=True, frozen=True)
+class ManifestRecord:
+    media_type: str
+    size: int
+    blobs: tuple[str, ...]
+    children: tuple[str, ...]
+    subject: str | None
+    artifact_type: str | None
+    annotations: dict | None
+    created: float
+
+    def encode(self) -> bytes:
+        document = {
+            "mediaType": self.media_type,
+            "size": self.size,
+            "blobs": list(self.blobs),
+            "manifests": list(self.children),
+            "created": self.created,
+        }
+        if self.subject:
+            document["subject"] = self.subject
+        if self.artifact_type:
+            document["artifactType"] = self.artifact_type
+        if self.annotations:
+            document["annotations"] = self.annotations
+        return json.dumps(document, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ManifestRecord":
+        d = json.loads(raw)
+        return cls(
+            _intern(d["mediaType"]),
+            int(d["size"]),
+            tuple(_intern(b) for b in d.get("blobs", ())),
+            tuple(_intern(m) for m in d.get("manifests", ())),
+            _intern(d.get("subject")),
+            _intern(d.get("artifactType")),
+            d.get("annotations") or None,
+            float(d.get("created", 0.0)),
+        )
+
+    def references(self) -> tuple[str, ...]:
+        """Everything this manifest keeps alive or points at (reverse reference keys)."""
+        refs = self.blobs + self.children
+        return refs + (self.subject,) if self.subject else refs
+
+
+@dataclass(slots=True, frozen=True)
+class BlobRecord:
+    size: int
+    created: float
+
+    def encode(self) -> bytes:
+        return json.dumps({"size": self.size, "created": self.created}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "BlobRecord":
+        d = json.loads(raw)
+        return cls(int(d["size"]), float(d.get("created", 0.0)))
+
+
+def encode_repo(kind: str = "local") -> bytes:
+    return json.dumps({"kind": kind}).encode()

@@ -1,0 +1,393 @@
+"""The OCI Distribution Spec v1.1 HTTP API of one node, as an ASGI application."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from urllib.parse import quote
+
+import anyio
+
+from cargohold.coordinator.etcd import EtcdError
+from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences
+from cargohold.coordinator.records import ManifestRecord
+from cargohold.node import errors
+from cargohold.node.cache import ContentCache
+from cargohold.node.http import (
+    ClientDisconnected, Request, Response, error_response, json_response, send_response,
+)
+from cargohold.node.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
+from cargohold.node.reference import Digest, parse_digest, parse_reference, validate_name, validate_tag
+from cargohold.node.storage import FilesystemBlobStore
+from cargohold.node.uploads import UploadManager, UploadSession, range_headers
+
+log = logging.getLogger("cargohold.access")
+
+_NAME = r"(?P<name>.+?)"
+ROUTES: list[tuple[re.Pattern, str]] = [
+    (re.compile(rf"^/v2/{_NAME}/blobs/uploads/?$"), "uploads"),
+    (re.compile(rf"^/v2/{_NAME}/blobs/uploads/(?P<upload>[^/]+)$"), "upload"),
+    (re.compile(rf"^/v2/{_NAME}/blobs/(?P<digest>[^/]+)$"), "blob"),
+    (re.compile(rf"^/v2/{_NAME}/manifests/(?P<reference>[^/]+)$"), "manifest"),
+    (re.compile(rf"^/v2/{_NAME}/tags/list$"), "tags"),
+    (re.compile(rf"^/v2/{_NAME}/referrers/(?P<digest>[^/]+)$"), "referrers"),
+]
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+OCTET = "application/octet-stream"
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+class RegistryAPI:
+    def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
+                 *, node_id: str = "", ready=None):
+        self.metadata = metadata
+        self.store = store
+        self.uploads = uploads
+        self.node_id = node_id
+        self.manifest_cache = ContentCache()
+        self._ready = ready or (lambda: metadata.loaded)
+        self._handlers = {
+            "uploads": self._uploads, "upload": self._upload, "blob": self._blob,
+            "manifest": self._manifest, "tags": self._tags, "referrers": self._referrers,
+        }
+
+    # ------------------------------------------------------------------ ASGI entry
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        started = time.perf_counter()
+        try:
+            response = await self.handle(request)
+        except errors.RegistryError as exc:
+            response = error_response(exc)
+        except ClientDisconnected:
+            log.info("%s %s client disconnected", request.method, request.path)
+            return
+        except EtcdError as exc:
+            log.warning("metadata store unavailable: %s", exc)
+            response = error_response(errors.unavailable())
+        sent = await send_response(send, response, request.method == "HEAD")
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent,
+                     (time.perf_counter() - started) * 1000)
+
+    async def handle(self, request: Request) -> Response:
+        path = request.path
+        if not path.startswith("/v2"):
+            return await self._service_route(request)
+        if path in ("/v2/", "/v2"):
+            _allow(request, "GET", "HEAD")
+            return json_response(200, b"{}")
+        if path == "/v2/_catalog":
+            _allow(request, "GET")
+            return self._catalog(request)
+        for pattern, kind in ROUTES:
+            match = pattern.match(path)
+            if match:
+                params = match.groupdict()
+                params["name"] = validate_name(params["name"])
+                return await self._handlers[kind](request, **params)
+        raise errors.not_found()
+
+    async def _service_route(self, request: Request) -> Response:
+        if request.path == "/healthz":
+            return json_response(200, b'{"status":"ok"}')
+        if request.path == "/readyz":
+            ready = self._ready()
+            body = _json({"ready": ready, "revision": self.metadata.model.revision, "node": self.node_id})
+            return json_response(200 if ready else 503, body)
+        raise errors.not_found()
+
+    # ------------------------------------------------------------------ discovery
+    def _catalog(self, request: Request) -> Response:
+        n, last = _pagination(request)
+        names, more = self.metadata.catalog(n, last)
+        response = json_response(200, _json({"repositories": names}))
+        if more and names:
+            response.header("Link", f'</v2/_catalog?n={n}&last={quote(names[-1])}>; rel="next"')
+        return response
+
+    async def _tags(self, request: Request, name: str) -> Response:
+        _allow(request, "GET")
+        n, last = _pagination(request)
+        found = await self.metadata.tags(name, n, last)
+        if found is None:
+            raise errors.name_unknown(detail={"name": name})
+        tags, more = found
+        response = json_response(200, _json({"name": name, "tags": tags}))
+        if more and tags:
+            response.header("Link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}>; rel="next"')
+        return response
+
+    async def _referrers(self, request: Request, name: str, digest: str) -> Response:
+        _allow(request, "GET")
+        subject = str(parse_digest(digest))
+        wanted = request.query("artifactType")
+        descriptors = []
+        for ref_digest, record in self.metadata.referrers(name, subject):
+            if wanted is not None and record.artifact_type != wanted:
+                continue
+            descriptors.append(_descriptor(ref_digest, record))
+        response = json_response(200, _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}),
+                                 OCI_INDEX)
+        if wanted is not None:
+            response.header("OCI-Filters-Applied", "artifactType")
+        return response
+
+    # ------------------------------------------------------------------ manifests
+    async def _manifest(self, request: Request, name: str, reference: str) -> Response:
+        method = request.method
+        if method in ("GET", "HEAD"):
+            return await self._get_manifest(request, name, reference)
+        if method == "PUT":
+            return await self._put_manifest(request, name, reference)
+        if method == "DELETE":
+            return await self._delete_manifest(name, reference)
+        raise _method_not_allowed(request)
+
+    async def _get_manifest(self, request: Request, name: str, reference: str) -> Response:
+        tag, digest = parse_reference(reference)
+        digest_text = str(digest) if digest else await self.metadata.resolve_tag(name, tag)
+        record = await self.metadata.manifest(name, digest_text) if digest_text else None
+        if record is None:
+            raise errors.manifest_unknown(detail={"name": name, "reference": reference})
+        headers = [(b"content-type", record.media_type.encode()),
+                   (b"docker-content-digest", digest_text.encode()),
+                   (b"etag", f'"{digest_text}"'.encode())]
+        if request.method == "HEAD":
+            return Response(200, headers, length=record.size)
+        return Response(200, headers, await self._manifest_bytes(digest_text))
+
+    async def _manifest_bytes(self, digest_text: str) -> bytes:
+        data = self.manifest_cache.get(digest_text)
+        if data is None:
+            data = await self.store.read_all(parse_digest(digest_text))
+            self.manifest_cache.put(digest_text, data)
+        return data
+
+    async def _put_manifest(self, request: Request, name: str, reference: str) -> Response:
+        tag, wanted = parse_reference(reference)
+        body = await request.read_body(MAX_MANIFEST_BYTES)
+        parsed = parse_manifest(body, request.header("content-type"))
+        digest = Digest.of(body, wanted.algorithm if wanted else "sha256")
+        if wanted is not None and digest != wanted:
+            raise errors.digest_invalid(detail={"reference": reference, "actual": str(digest)})
+        await self.store.write(digest, body)
+        record = ManifestRecord(
+            parsed.media_type, len(body), tuple(str(b) for b in parsed.blobs),
+            tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
+            parsed.artifact_type, parsed.annotations or None, time.time())
+        try:
+            await self.metadata.put_manifest(name, str(digest), record, tag)
+        except MissingReferences as missing:
+            if missing.blobs:
+                raise errors.manifest_blob_unknown(detail={"blobs": missing.blobs}) from None
+            raise errors.manifest_blob_unknown("manifest references manifests unknown to the repository",
+                                               detail={"manifests": missing.manifests}) from None
+        self.manifest_cache.put(str(digest), body)
+        response = Response(201).header("Location", f"/v2/{name}/manifests/{digest}")
+        response.header("Docker-Content-Digest", str(digest))
+        if parsed.subject is not None:
+            response.header("OCI-Subject", str(parsed.subject))
+        return response
+
+    async def _delete_manifest(self, name: str, reference: str) -> Response:
+        tag, digest = parse_reference(reference)
+        try:
+            if digest is not None:
+                found = await self.metadata.delete_manifest(name, str(digest))
+            else:
+                found = await self.metadata.delete_tag(name, tag)
+        except ConcurrentChange as exc:
+            raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
+        if not found:
+            raise errors.manifest_unknown(detail={"name": name, "reference": reference})
+        return Response(202)
+
+    # ------------------------------------------------------------------ blobs
+    async def _blob(self, request: Request, name: str, digest: str) -> Response:
+        parsed = parse_digest(digest)
+        if request.method in ("GET", "HEAD"):
+            return await self._get_blob(request, name, parsed)
+        if request.method == "DELETE":
+            if not await self.metadata.unlink_blob(name, str(parsed)):
+                raise errors.blob_unknown(detail={"digest": str(parsed)})
+            return Response(202).header("Docker-Content-Digest", str(parsed))
+        raise _method_not_allowed(request)
+
+    async def _get_blob(self, request: Request, name: str, digest: Digest) -> Response:
+        record = await self.metadata.blob_in_repo(name, str(digest))
+        if record is None:
+            raise errors.blob_unknown(detail={"digest": str(digest)})
+        size = record.size
+        headers = [(b"docker-content-digest", str(digest).encode()), (b"accept-ranges", b"bytes"),
+                   (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
+        start, end = 0, size - 1
+        status = 200
+        range_header = request.header("range")
+        if range_header:
+            start, end = _parse_range(range_header, size)
+            status = 206
+            headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
+        length = end - start + 1
+        if request.method == "HEAD":
+            return Response(status, headers, length=length)
+        if await self.store.stat(digest) is None:
+            raise errors.blob_unknown("blob is indexed but not held by this node", detail={"digest": str(digest)})
+        return Response(status, headers, stream=self.store.read(digest, start, length), length=length)
+
+    # ------------------------------------------------------------------ uploads
+    async def _uploads(self, request: Request, name: str) -> Response:
+        _allow(request, "POST")
+        mount, source = request.query("mount"), request.query("from")
+        if mount is not None and source is not None:
+            mounted = await self._try_mount(name, parse_digest(mount), validate_name(source))
+            if mounted is not None:
+                return mounted
+        digest_param = request.query("digest")
+        if digest_param is not None:
+            digest = parse_digest(digest_param)
+            session = await self.uploads.create(name)
+            return await self._finish_upload(request, session, digest, monolithic=True)
+        session = await self.uploads.create(name)
+        return _upload_progress(202, session, 0)
+
+    async def _try_mount(self, name: str, digest: Digest, source: str) -> Response | None:
+        if await self.metadata.link_blob(name, source, str(digest)) is None:
+            return None
+        return _blob_created(name, digest)
+
+    async def _upload(self, request: Request, name: str, upload: str) -> Response:
+        session = await self.uploads.get(name, upload)
+        method = request.method
+        if method == "GET":
+            return _upload_progress(204, session, await self.uploads.size(session))
+        if method == "PATCH":
+            start, length = _chunk_range(request)
+            size = await self.uploads.append(session, request.body_chunks(), start=start, length=length)
+            return _upload_progress(202, session, size)
+        if method == "PUT":
+            digest_param = request.query("digest")
+            if digest_param is None:
+                raise errors.digest_invalid("the digest query parameter is required")
+            return await self._finish_upload(request, session, parse_digest(digest_param))
+        if method == "DELETE":
+            await self.uploads.cancel(session)
+            return Response(204)
+        raise _method_not_allowed(request)
+
+    async def _finish_upload(self, request: Request, session: UploadSession, digest: Digest,
+                             monolithic: bool = False) -> Response:
+        """Take the final chunk (if any), verify the digest, store and index the blob.
+
+        A failed monolithic upload leaves nothing behind; a failed last chunk of a chunked
+        upload leaves the session as it was, so the client can retry it.
+        """
+        try:
+            start, length = _chunk_range(request)
+            await self.uploads.append(session, request.body_chunks(), start=start, length=length)
+            size = await self.uploads.complete(session, digest)
+        except BaseException:
+            if monolithic:
+                with anyio.CancelScope(shield=True):
+                    await self.uploads.cancel(session)
+            raise
+        await self.metadata.record_blob(session.repo, str(digest), size)
+        return _blob_created(session.repo, digest)
+
+
+# ---------------------------------------------------------------------- helpers
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _allow(request: Request, *methods: str) -> None:
+    if request.method not in methods:
+        raise _method_not_allowed(request)
+
+
+def _method_not_allowed(request: Request) -> errors.RegistryError:
+    return errors.unsupported(f"method {request.method} is not allowed here")
+
+
+def _pagination(request: Request) -> tuple[int | None, str | None]:
+    raw_n = request.query("n")
+    n = None
+    if raw_n is not None and raw_n != "":
+        if not raw_n.isdigit() or len(raw_n) > 9:
+            raise errors.RegistryError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", 400)
+        n = int(raw_n)
+    return n, request.query("last") or None
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    match = _RANGE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        raise _unsatisfiable(size)
+    first, last = match.groups()
+    if first == "":  # suffix range: the last N bytes
+        start, end = max(size - int(last), 0), size - 1
+    else:
+        start = int(first)
+        end = min(int(last), size - 1) if last else size - 1
+    if start >= size or start > end:
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> errors.RegistryError:
+    return errors.RegistryError("RANGE_INVALID", "requested range not satisfiable", 416,
+                                headers={"Content-Range": f"bytes */{size}"})
+
+
+def _chunk_range(request: Request) -> tuple[int | None, int | None]:
+    """(start, length) from Content-Range and Content-Length; 416 when malformed."""
+    declared = request.header("content-length")
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    header = request.header("content-range")
+    if header is None:
+        return None, length
+    match = _CONTENT_RANGE.match(header.strip())
+    if not match:
+        raise errors.range_invalid(f"malformed Content-Range {header[:80]!r}")
+    start, end = int(match.group(1)), int(match.group(2))
+    if end < start or (length is not None and length != end - start + 1):
+        raise errors.range_invalid(f"Content-Range {header[:80]!r} does not match the body length")
+    return start, end - start + 1
+
+
+def _upload_progress(status: int, session: UploadSession, size: int) -> Response:
+    response = Response(status)
+    for name, value in range_headers(session, size).items():
+        response.header(name, value)
+    return response
+
+
+def _blob_created(name: str, digest: Digest) -> Response:
+    response = Response(201).header("Location", f"/v2/{name}/blobs/{digest}")
+    return response.header("Docker-Content-Digest", str(digest))
+
+
+def _descriptor(digest: str, record: ManifestRecord) -> dict:
+    descriptor: dict = {"mediaType": record.media_type, "digest": digest, "size": record.size}
+    if record.artifact_type:
+        descriptor["artifactType"] = record.artifact_type
+    if record.annotations:
+        descriptor["annotations"] = record.annotations
+    return descriptor

@@ -1,0 +1,124 @@
+"""A narrow ASGI layer: requests in, responses out, nothing registry-specific.
+
+Kept deliberately small (no framework) because the manifest GET path is the hot path of a
+registry and every layer between the socket and the read model costs throughput.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+from urllib.parse import parse_qs
+
+from cargohold.node import errors
+
+API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
+
+
+class ClientDisconnected(Exception):
+    """The client went away before sending the whole body."""
+
+
+class Request:
+    __slots__ = ("scope", "receive", "method", "path", "_query", "_headers", "_consumed")
+
+    def __init__(self, scope, receive):
+        self.scope = scope
+        self.receive = receive
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self._query: dict[str, list[str]] | None = None
+        self._headers: dict[str, str] | None = None
+        self._consumed = False
+
+    def header(self, name: str) -> str | None:
+        if self._headers is None:
+            self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.scope["headers"]}
+        return self._headers.get(name)
+
+    def query(self, name: str) -> str | None:
+        if self._query is None:
+            raw = self.scope.get("query_string", b"").decode("latin-1")
+            self._query = parse_qs(raw, keep_blank_values=True)
+        values = self._query.get(name)
+        return values[0] if values else None
+
+    @property
+    def client(self) -> str:
+        client = self.scope.get("client")
+        return client[0] if client else "-"
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        if self._consumed:
+            return
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self._consumed = True
+                return
+
+    async def read_body(self, limit: int) -> bytes:
+        declared = self.header("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise errors.RegistryError("SIZE_INVALID", f"body larger than {limit} bytes", 413)
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in self.body_chunks():
+            total += len(chunk)
+            if total > limit:
+                raise errors.RegistryError("SIZE_INVALID", f"body larger than {limit} bytes", 413)
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    length: int | None = None   # Content-Length of `stream` (or of a HEAD response)
+
+    def header(self, name: str, value: str | int) -> "Response":
+        self.headers.append((name.encode("latin-1"), str(value).encode("latin-1")))
+        return self
+
+
+def json_response(status: int, body: bytes, content_type: str = "application/json") -> Response:
+    return Response(status, [(b"content-type", content_type.encode())], body)
+
+
+def error_response(error: errors.RegistryError) -> Response:
+    response = json_response(error.status, error.body())
+    for name, value in error.headers.items():
+        response.header(name, value)
+    return response
+
+
+async def send_response(send, response: Response, head: bool) -> int:
+    """Send a response; returns the number of body bytes sent."""
+    headers = response.headers
+    headers.append(API_VERSION_HEADER)
+    if response.stream is None:
+        length = response.length if head and response.length is not None else len(response.body)
+        headers.append((b"content-length", str(length).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        body = b"" if head else response.body
+        await send({"type": "http.response.body", "body": body})
+        return len(body)
+    if response.length is not None:
+        headers.append((b"content-length", str(response.length).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    sent = 0
+    async with aclosing(response.stream) as stream:  # close the file even if the client left
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
+    await send({"type": "http.response.body", "body": b""})
+    return sent

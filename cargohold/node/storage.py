@@ -1,0 +1,163 @@
+"""Content-addressed blob storage.
+
+`BlobStore` is the one small interface every backend implements (the shared test suite in
+tests/unit/test_storage.py runs against each). `FilesystemBlobStore` keeps blobs at
+`blobs/<algorithm>/<first two hex>/<hex>`. A blob becomes visible under its digest only by an
+atomic rename of a file whose bytes were hashed to that digest and fsynced, so a crash at any
+point leaves either nothing or the whole, verified blob.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+import anyio
+
+from cargohold.node import errors
+from cargohold.node.reference import Digest
+
+READ_CHUNK = 1024 * 1024
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+class BlobStore(Protocol):
+    async def stat(self, digest: Digest) -> int | None:
+        """Size of the blob, or None when this store does not hold it."""
+
+    def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream `length` bytes from `offset` (to the end when None). BLOB_UNKNOWN if absent."""
+
+    async def read_all(self, digest: Digest) -> bytes:
+        """The whole blob in memory (manifests and configs only)."""
+
+    async def write(self, digest: Digest, data: bytes) -> None:
+        """Store small content; DIGEST_INVALID if the bytes do not hash to `digest`."""
+
+    async def ingest(self, digest: Digest, source: Path) -> None:
+        """Move a file whose content was verified against `digest` into the store (consumes it)."""
+
+    async def delete(self, digest: Digest) -> bool:
+        """Remove the local copy; True if there was one."""
+
+    def staging_path(self) -> Path:
+        """A fresh path on the store's file system for content that is later ingested."""
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def hash_file(path: Path, digest: Digest) -> str:
+    """Hex digest of a file, computed in large chunks (call from a worker thread)."""
+    hasher = digest.hasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+class FilesystemBlobStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._blobs = self.root / "blobs"
+        self._staging = self.root / "staging"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+        self._clear_staging()
+
+    def _clear_staging(self) -> None:
+        # Anything left in staging was never acknowledged: an interrupted write.
+        for leftover in self._staging.iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def path_of(self, digest: Digest) -> Path:
+        return self._blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def staging_path(self) -> Path:
+        return self._staging / secrets.token_hex(16)
+
+    async def stat(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(self.path_of(digest)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def read(self, digest: Digest, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        try:
+            f = await anyio.to_thread.run_sync(open, self.path_of(digest), "rb")
+        except FileNotFoundError:
+            raise errors.blob_unknown(detail={"digest": str(digest)}) from None
+        try:
+            if offset:
+                f.seek(offset)
+            remaining = length
+            while remaining is None or remaining > 0:
+                want = READ_CHUNK if remaining is None else min(READ_CHUNK, remaining)
+                chunk = await anyio.to_thread.run_sync(f.read, want)
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                yield chunk
+        finally:
+            f.close()
+
+    async def read_all(self, digest: Digest) -> bytes:
+        try:
+            return await anyio.to_thread.run_sync(self.path_of(digest).read_bytes)
+        except FileNotFoundError:
+            raise errors.blob_unknown(detail={"digest": str(digest)}) from None
+
+    async def write(self, digest: Digest, data: bytes) -> None:
+        if Digest.of(data, digest.algorithm) != digest:
+            raise errors.digest_invalid(detail={"digest": str(digest)})
+        await anyio.to_thread.run_sync(self._write_verified, digest, data)
+
+    def _write_verified(self, digest: Digest, data: bytes) -> None:
+        target = self.path_of(digest)
+        if target.exists():
+            return
+        temp = self.staging_path()
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        self._publish(temp, target)
+
+    async def ingest(self, digest: Digest, source: Path) -> None:
+        await anyio.to_thread.run_sync(self._ingest, digest, source)
+
+    def _ingest(self, digest: Digest, source: Path) -> None:
+        target = self.path_of(digest)
+        if target.exists():
+            source.unlink(missing_ok=True)
+            return
+        with open(source, "rb+") as f:
+            os.fsync(f.fileno())
+        self._publish(source, target)
+
+    def _publish(self, temp: Path, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(temp, target)
+        except OSError as exc:  # pragma: no cover - cross-device is a deployment error
+            temp.unlink(missing_ok=True)
+            if exc.errno == errno.EXDEV:
+                raise RuntimeError("staging and blob directories must be on one file system") from exc
+            raise
+        fsync_directory(target.parent)
+
+    async def delete(self, digest: Digest) -> bool:
+        try:
+            os.unlink(self.path_of(digest))
+            return True
+        except FileNotFoundError:
+            return False
