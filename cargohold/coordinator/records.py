@@ -20,7 +20,6 @@ class ManifestRecord:
     children: tuple[str, ...]
     subject: str | None
     artifact_type: str | None
-    annotations: dict | None
     created: float
 
     def encode(self) -> bytes:
@@ -35,8 +34,6 @@ class ManifestRecord:
             document["subject"] = self.subject
         if self.artifact_type:
             document["artifactType"] = self.artifact_type
-        if self.annotations:
-            document["annotations"] = self.annotations
         return json.dumps(document, separators=(",", ":")).encode()
 
     @classmethod
@@ -49,7 +46,6 @@ class ManifestRecord:
             tuple(_intern(m) for m in d.get("manifests", ())),
             _intern(d.get("subject")),
             _intern(d.get("artifactType")),
-            d.get("annotations") or None,
             float(d.get("created", 0.0)),
         )
 

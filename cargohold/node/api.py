@@ -137,7 +137,9 @@ class RegistryAPI:
         for ref_digest, record in self.metadata.referrers(name, subject):
             if wanted is not None and record.artifact_type != wanted:
                 continue
-            descriptors.append(_descriptor(ref_digest, record))
+            # Annotations stay out of etcd (values must stay small): read them from the content.
+            annotations = json.loads(await self._manifest_bytes(ref_digest)).get("annotations")
+            descriptors.append(_descriptor(ref_digest, record, annotations))
         response = json_response(200, _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}),
                                  OCI_INDEX)
         if wanted is not None:
@@ -186,7 +188,7 @@ class RegistryAPI:
         record = ManifestRecord(
             parsed.media_type, len(body), tuple(str(b) for b in parsed.blobs),
             tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
-            parsed.artifact_type, parsed.annotations or None, time.time())
+            parsed.artifact_type[:256] if parsed.artifact_type else None, time.time())
         try:
             await self.metadata.put_manifest(name, str(digest), record, tag)
         except MissingReferences as missing:
@@ -384,10 +386,10 @@ def _blob_created(name: str, digest: Digest) -> Response:
     return response.header("Docker-Content-Digest", str(digest))
 
 
-def _descriptor(digest: str, record: ManifestRecord) -> dict:
+def _descriptor(digest: str, record: ManifestRecord, annotations: dict | None) -> dict:
     descriptor: dict = {"mediaType": record.media_type, "digest": digest, "size": record.size}
     if record.artifact_type:
         descriptor["artifactType"] = record.artifact_type
-    if record.annotations:
-        descriptor["annotations"] = record.annotations
+    if annotations:
+        descriptor["annotations"] = annotations
     return descriptor

@@ -10,7 +10,7 @@ S = "sha256:" + "b" * 64
 
 
 def record(subject=None):
-    return ManifestRecord("application/vnd.oci.image.manifest.v1+json", 10, (S,), (), subject, "x/y", None, 1.0)
+    return ManifestRecord("application/vnd.oci.image.manifest.v1+json", 10, (S,), (), subject, "x/y", 1.0)
 
 
 def test_keys_parse_back_with_nested_repository_names():
