@@ -1,0 +1,481 @@
+"""The benchmarks.  Each one runs against both sides and returns summary rows.
+
+A side is a label ("cargohold" or "distribution") and the kind of server that
+plays it (normally the same; ``--self-compare`` makes both distribution).
+Every benchmark starts its servers fresh, with empty data directories, and
+stops them before returning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+import oci
+import servers
+
+MiB = 1 << 20
+MB = 1_000_000
+HERE = Path(__file__).resolve().parent
+SIDES = ("cargohold", "distribution")
+
+
+@dataclass
+class Ctx:
+    base: Path                       # scratch directory for this run
+    quick: bool = False
+    rounds: int = 1                  # A/B rounds (alternating order); medians reported
+    pin: bool = True                 # manifest_get: server on one core, wrk on another
+    runtime: str | None = "asyncio"  # passed as --runtime when cargohold supports it
+    kinds: dict[str, str] = field(default_factory=lambda: {s: s for s in SIDES})
+    mem_repos: int | None = None
+    mem_timeout: float | None = None
+    profile_dir: Path | None = None  # py-spy record of every cargohold run when set
+    pyspy: str = "py-spy"
+    raw: dict = field(default_factory=dict)      # per-benchmark details for --json
+    errors: dict = field(default_factory=dict)   # benchmark -> side -> message
+
+    def start_profile(self, srv, name: str):
+        if not self.profile_dir:
+            return None
+        import profiling
+        return profiling.start(self, srv, name)
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+
+@dataclass
+class Row:
+    benchmark: str
+    metric: str
+    unit: str
+    values: dict[str, float | None]              # side -> value
+    higher_is_better: bool = True
+    target_ratio: float | None = None            # ratio cargohold/distribution must be >=
+    target_max: float | None = None              # cargohold value must be <
+    note: str = ""
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        c, d = self.values.get("cargohold"), self.values.get("distribution")
+        if c is None or d is None or d == 0:
+            return None
+        return c / d
+
+    @property
+    def target(self) -> str:
+        if self.target_ratio is not None:
+            return f">= {self.target_ratio:g}x"
+        if self.target_max is not None:
+            return f"< {self.target_max:g} {self.unit}"
+        return "info"
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "ERROR"
+        if self.target_ratio is not None:
+            r = self.ratio
+            return "-" if r is None else ("pass" if r >= self.target_ratio else "FAIL")
+        if self.target_max is not None:
+            c = self.values.get("cargohold")
+            return "-" if c is None else ("pass" if c < self.target_max else "FAIL")
+        return ""
+
+    def as_dict(self) -> dict:
+        return {"benchmark": self.benchmark, "metric": self.metric, "unit": self.unit,
+                "cargohold": self.values.get("cargohold"),
+                "distribution": self.values.get("distribution"),
+                "ratio": self.ratio, "target": self.target, "verdict": self.verdict,
+                "note": self.note, "error": self.error}
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ab_rounds(ctx: Ctx, name: str, fn, *, cpus: str | None = None) -> dict[str, list]:
+    """Run ``fn(server, side)`` on each side in fresh servers, ``ctx.rounds`` times.
+
+    The order alternates between rounds (C,D / D,C / ...) so slow drift of the
+    shared machine does not favour one side.  Returns side -> [result per round].
+    """
+    out: dict[str, list] = {s: [] for s in SIDES}
+    for rnd in range(ctx.rounds):
+        order = SIDES if rnd % 2 == 0 else SIDES[::-1]
+        for side in order:
+            kind = ctx.kinds[side]
+            tag = f"[{name}] {side}" + (f" (played by {kind})" if kind != side else "")
+            if ctx.rounds > 1:
+                tag += f" round {rnd + 1}/{ctx.rounds}"
+            ctx.log(f"{tag}: starting {kind}")
+            try:
+                with servers.running(kind, ctx.base, cpus=cpus,
+                                     runtime=ctx.runtime if kind == "cargohold" else None) as srv:
+                    ctx.log(f"{tag}: {srv.url} pid {srv.pid} ready in {srv.last_ready_s:.2f}s")
+                    stop_profile = ctx.start_profile(srv, name) if kind == "cargohold" else None
+                    try:
+                        out[side].append(fn(srv, side, tag))
+                    finally:
+                        if stop_profile:
+                            ctx.raw.setdefault("profiles", {})[f"{name}/{rnd}"] = stop_profile()
+            except Exception as e:  # noqa: BLE001 - one side failing must not hide the other
+                msg = f"{type(e).__name__}: {e}"
+                ctx.log(f"{tag}: FAILED: {msg}")
+                ctx.errors.setdefault(name, {})[side] = msg.splitlines()[0][:300]
+    return out
+
+
+def side_error(ctx: Ctx, name: str) -> str | None:
+    errs = ctx.errors.get(name)
+    return "; ".join(f"{s}: {m}" for s, m in errs.items()) if errs else None
+
+
+# =========================================================================== manifest_get
+
+def _cpu_plan(ctx: Ctx) -> tuple[str | None, str | None]:
+    """(server cpus, wrk cpus) for taskset, or (None, None) when not pinning."""
+    if not ctx.pin:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None, None
+    return str(cpus[0]), str(cpus[1])
+
+
+def run_wrk(url: str, seconds: int, cpus: str | None, threads: int = 2, conns: int = 16) -> dict:
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
+           "-s", str(HERE / "manifest_get.lua"), url]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if r.returncode != 0:
+        raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr or r.stdout}")
+    for line in r.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            res = json.loads(line[len("BENCH_JSON "):])
+            res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+            res["cmd"] = " ".join(cmd)
+            return res
+    raise RuntimeError(f"no BENCH_JSON in wrk output:\n{r.stdout}\n{r.stderr}")
+
+
+def manifest_get(ctx: Ctx) -> list[Row]:
+    seconds = 3 if ctx.quick else 10
+    srv_cpus, wrk_cpus = _cpu_plan(ctx)
+
+    def one(srv: servers.Server, side: str, tag: str, wrk_cpus: str | None) -> dict:
+        repo = "bench/app"
+        with oci.client(srv.url) as c:
+            body, digest = oci.push_image(c, repo, "latest")
+            r = oci.get_manifest(c, repo, "latest")
+            if r.content != body:
+                raise oci.RegistryError(f"{side}: GET manifest returned other bytes")
+            ctype = r.headers.get("content-type", "")
+            if not ctype.startswith(oci.OCI_MANIFEST):
+                raise oci.RegistryError(f"{side}: manifest Content-Type {ctype!r}")
+            resp_bytes = len(r.content)
+        url = srv.url
+        run_wrk(url, 1, wrk_cpus)  # warm-up, discarded
+        res = run_wrk(url, seconds, wrk_cpus)
+        bad = {k: v for k, v in res["errors"].items() if v}
+        if bad:
+            raise RuntimeError(f"{side}: wrk saw errors {bad} (non-2xx are 'status')")
+        per = res["bytes"] / max(res["requests"], 1)
+        if per < resp_bytes:
+            raise RuntimeError(f"{side}: {per:.0f} bytes/response < manifest size {resp_bytes}")
+        res["bytes_per_response"] = per
+        ctx.log(f"{tag}: {res['rps']:,.0f} req/s, p50 {res['latency_us']['p50'] / 1000:.2f} ms, "
+                f"p99 {res['latency_us']['p99'] / 1000:.2f} ms ({res['requests']:,} requests)")
+        return res
+
+    rows = []
+    variants = []
+    if srv_cpus:
+        variants.append(("manifest_get", srv_cpus, wrk_cpus,
+                         f"registry (and its etcd) on cpu {srv_cpus}, wrk on cpu {wrk_cpus}",
+                         5.0))
+    variants.append(("manifest_get_unpinned", None, None, "nothing pinned",
+                     None if srv_cpus else 5.0))
+    for name, s_cpus, w_cpus, pin_note, target in variants:
+        ctx.log(f"[{name}] {pin_note}")
+        res = ab_rounds(ctx, name, lambda srv, side, tag: one(srv, side, tag, w_cpus),
+                        cpus=s_cpus)
+        err = side_error(ctx, name)
+        rps = {s: median(r["rps"] for r in res[s]) for s in SIDES}
+        p99 = {s: median(r["latency_us"]["p99"] / 1000 for r in res[s]) for s in SIDES}
+        label = "pinned" if s_cpus else "unpinned"
+        rows += [
+            Row("manifest_get", f"GET by tag, {label}", "req/s", rps, True, target_ratio=target,
+                note=f"wrk -t2 -c16 -d{seconds}s keep-alive; {pin_note}", error=err),
+            Row("manifest_get", f"p99 latency, {label}", "ms", p99, False,
+                note="lower is better (ratio < 1 is good)", error=err),
+        ]
+        ctx.raw[name] = res
+    return rows
+
+
+# =========================================================================== blob_big
+
+def _files(ctx: Ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[Path, str]]:
+    d = ctx.base / "content"
+    d.mkdir(exist_ok=True)
+    out = []
+    for i in range(n):
+        p = d / f"{prefix}-{size // MiB}MiB-{i}"
+        meta = p.with_suffix(".digest")
+        if p.exists() and meta.exists() and p.stat().st_size == size:
+            out.append((p, meta.read_text()))
+            continue
+        dg = oci.make_file(p, size, seed0 + i)
+        meta.write_text(dg)
+        out.append((p, dg))
+    return out
+
+
+def blob_big(ctx: Ctx) -> list[Row]:
+    size = (32 if ctx.quick else 256) * MiB
+    reps = 1 if ctx.quick else 3
+    chunk = 16 * MiB
+    t0 = time.perf_counter()
+    mono = _files(ctx, "mono", reps, size, 1000)
+    postput = _files(ctx, "postput", reps, size, 1500)
+    chunked = _files(ctx, "chunked", reps, size, 2000)
+    ctx.log(f"[blob_big] {3 * reps} files of {size // MiB} MiB ready "
+            f"({time.perf_counter() - t0:.1f}s, not timed)")
+    flows: dict[str, str] = {}
+
+    def one(srv: servers.Server, side: str, tag: str) -> dict:
+        repo = "bench/big"
+        out = {"push_mono_s": [], "push_postput_s": [], "push_chunked_s": [], "pull_s": []}
+        with oci.client(srv.url) as c:
+            single = oci.supports_single_post(c, repo)
+            flows[side] = "POST ?digest= + body" if single else "202, then PUT ?digest= + body"
+            for i in range(reps):   # interleave the three flows
+                p, dg = mono[i]
+                out["push_mono_s"].append(oci.push_blob_file(c, repo, p, dg, single))
+                p, dg = postput[i]
+                out["push_postput_s"].append(oci.push_blob_file_post_put(c, repo, p, dg))
+                p, dg = chunked[i]
+                out["push_chunked_s"].append(
+                    oci.push_blob_file_chunked(c, repo, p, dg, chunk))
+            # every pushed blob is read back once and its sha256 checked (untimed; this
+            # also warms both servers' page cache the same way before the timed pulls)
+            for p, dg in (*mono, *postput, *chunked):
+                oci.verify_blob(c, repo, dg, size)
+            # timed pulls: curl to /dev/null, the cheapest client (bytes already verified)
+            for i in range(reps):
+                out["pull_s"].append(curl_get(f"{srv.url}/v2/{repo}/blobs/{mono[i][1]}", size)[0])
+            # informational: a Python client hashing while it reads (client-bound near 1-1.5 GB/s)
+            out["pull_httpx_s"] = [oci.pull_blob_hashed(c, repo, mono[i][1], size)
+                                   for i in range(reps)]
+        mbps = {k.replace("_s", "_MBps"): [size / MB / t for t in v] for k, v in out.items()}
+        out.update(mbps)
+        out["monolithic_flow"] = flows[side]
+        ctx.log(f"{tag}: MB/s push mono {_fmt(mbps['push_mono_MBps'])} ({flows[side]}), "
+                f"POST+PUT {_fmt(mbps['push_postput_MBps'])}, "
+                f"chunked {_fmt(mbps['push_chunked_MBps'])}, pull {_fmt(mbps['pull_MBps'])}, "
+                f"pull httpx+sha256 {_fmt(mbps['pull_httpx_MBps'])}")
+        return out
+
+    res = ab_rounds(ctx, "blob_big", one)
+    err = side_error(ctx, "blob_big")
+    ctx.raw["blob_big"] = res
+
+    def med(key):
+        return {s: median(x for r in res[s] for x in r[key]) for s in SIDES}
+
+    n = f"{size // MiB} MiB, median of {reps * ctx.rounds}"
+    flow_note = "; ".join(f"{s}: {f}" for s, f in flows.items())
+    return [
+        Row("blob_big", "push monolithic", "MB/s", med("push_mono_MBps"), True, 1.0,
+            note=f"{n}; {flow_note}", error=err),
+        Row("blob_big", "push POST then one PUT", "MB/s", med("push_postput_MBps"), True, 1.0,
+            note=n + "; same flow on both sides", error=err),
+        Row("blob_big", f"push chunked PATCH {chunk // MiB} MiB", "MB/s",
+            med("push_chunked_MBps"), True, 1.0, note=n, error=err),
+        Row("blob_big", "pull GET", "MB/s", med("pull_MBps"), True, 1.0,
+            note=n + "; curl -o /dev/null; sha256 checked on an untimed read first",
+            error=err),
+        Row("blob_big", "pull GET, httpx + sha256", "MB/s", med("pull_httpx_MBps"), True,
+            note=n + "; hashed in a 2nd client thread while reading; client-bound, info only",
+            error=err),
+    ]
+
+
+def curl_get(url: str, size: int, times: int = 1) -> list[float]:
+    """GET ``url`` ``times`` times on one connection with curl into /dev/null.
+
+    Returns each transfer's seconds (curl's time_total); checks status and size.
+    """
+    cmd = ["curl", "-s", "-S", "--fail", "--noproxy", "*",
+           "-w", "%{http_code} %{size_download} %{time_total}\\n"]
+    for _ in range(times):
+        cmd += ["-o", "/dev/null", url]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise RuntimeError(f"curl failed ({r.returncode}): {r.stderr.strip()}")
+    return _parse_curl(r.stdout, size)
+
+
+def _parse_curl(out: str, size: int) -> list[float]:
+    secs = []
+    for line in out.split("\n"):
+        if not line.strip():
+            continue
+        code, got, t = line.split()
+        if code != "200" or int(got) != size:
+            raise RuntimeError(f"curl got HTTP {code}, {got} bytes (expected 200, {size})")
+        secs.append(float(t))
+    return secs
+
+
+def _fmt(xs) -> str:
+    return "/".join(f"{x:,.0f}" for x in xs)
+
+
+# =========================================================================== blob_parallel
+
+def blob_parallel(ctx: Ctx) -> list[Row]:
+    clients = 8
+    size = (8 if ctx.quick else 32) * MiB
+    loops = 2 if ctx.quick else 8     # each client fetches its blob this many times
+    reps = 1 if ctx.quick else 3
+    files = _files(ctx, "par", clients, size, 3000)
+
+    def one(srv: servers.Server, side: str, tag: str) -> dict:
+        repo = "bench/par"
+        with oci.client(srv.url) as c:
+            single = oci.supports_single_post(c, repo)
+            for p, dg in files:
+                oci.push_blob_file(c, repo, p, dg, single)
+            for p, dg in files:        # content check, untimed
+                oci.verify_blob(c, repo, dg, size)
+        out = {"aggregate_MBps": [], "wall_s": [], "per_client": []}
+        for _ in range(reps):
+            procs = []
+            t0 = time.perf_counter()
+            for p, dg in files:
+                url = f"{srv.url}/v2/{repo}/blobs/{dg}"
+                cmd = ["curl", "-s", "-S", "--fail", "--noproxy", "*",
+                       "-w", "%{http_code} %{size_download} %{time_total}\\n"]
+                for _ in range(loops):
+                    cmd += ["-o", "/dev/null", url]
+                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True))
+            outs = [pr.communicate(timeout=300) for pr in procs]
+            wall = time.perf_counter() - t0
+            total = 0
+            per = []
+            for pr, (so, se) in zip(procs, outs):
+                if pr.returncode != 0:
+                    raise RuntimeError(f"{side}: curl failed ({pr.returncode}): {se.strip()}")
+                for secs in _parse_curl(so, size):
+                    total += size
+                    per.append(size / MB / secs)
+            out["aggregate_MBps"].append(total / MB / wall)
+            out["wall_s"].append(wall)
+            out["per_client"].append(statistics.mean(per))
+        ctx.log(f"{tag}: aggregate {_fmt(out['aggregate_MBps'])} MB/s "
+                f"({clients} curl x {loops} x {size // MiB} MiB per rep)")
+        return out
+
+    res = ab_rounds(ctx, "blob_parallel", one)
+    err = side_error(ctx, "blob_parallel")
+    ctx.raw["blob_parallel"] = res
+    agg = {s: median(x for r in res[s] for x in r["aggregate_MBps"]) for s in SIDES}
+    return [Row("blob_parallel", f"{clients} clients x {size // MiB} MiB pull, aggregate",
+                "MB/s", agg, True, 1.0,
+                note=f"curl -o /dev/null, {loops} GETs/client/rep on one connection, "
+                     f"median of {reps * ctx.rounds}", error=err)]
+
+
+# =========================================================================== memory
+
+def memory(ctx: Ctx) -> list[Row]:
+    import memory_index
+    side = "cargohold"
+    kind = ctx.kinds[side]
+    n_repos = ctx.mem_repos or (1000 if ctx.quick else 10_000)
+    n_tags = 10
+    timeout = ctx.mem_timeout or (600 if ctx.quick else 2400)
+    label = "[memory]" + (f" (played by {kind})" if kind != side else "")
+    info: dict = {"repos": n_repos, "tags_per_repo": n_tags}
+    ctx.raw["memory"] = info
+    with servers.running(kind, ctx.base,
+                         runtime=ctx.runtime if kind == "cargohold" else None) as srv:
+        ctx.log(f"{label} {srv.url} pid {srv.pid} ready in {srv.last_ready_s:.2f}s")
+        time.sleep(2)
+        info["rss_start"] = srv.rss_kib()
+        ctx.log(f"{label} RSS before indexing: {_mb(info['rss_start']['rss_kib']):.1f} MB")
+        idx = memory_index.index(srv.url, n_repos, n_tags, timeout=timeout,
+                                 progress=lambda s: ctx.log(
+                                     f"{label} {s}; node RSS {_mb(srv.rss_kib()['rss_kib']):.1f} MB"))
+        info["index"] = idx
+        ctx.log(f"{label} indexed {idx['repos_done']:,}/{n_repos:,} repos "
+                f"({idx['requests']:,} requests, {idx['errors']} errors) in {idx['seconds']:.1f}s "
+                f"= {idx['requests'] / idx['seconds']:,.0f} req/s")
+        time.sleep(2)
+        info["rss_indexed"] = srv.rss_kib()
+        ctx.log(f"{label} RSS after indexing: {_mb(info['rss_indexed']['rss_kib']):.1f} MB "
+                f"(peak {_mb(info['rss_indexed']['hwm_kib']):.1f} MB)")
+        info["check_indexed"] = memory_index.spot_check(srv.url, idx["repos_done"], n_tags)
+        ctx.log(f"{label} restarting the node (read model rebuilt from its store)")
+        srv.restart()
+        info["restart_ready_s"] = srv.last_ready_s
+        ctx.log(f"{label} ready again in {srv.last_ready_s:.2f}s, pid {srv.pid}")
+        time.sleep(2)
+        info["rss_restart"] = srv.rss_kib()
+        info["check_restart"] = memory_index.spot_check(srv.url, idx["repos_done"], n_tags)
+        info["rss_restart_after_reads"] = srv.rss_kib()
+        ctx.log(f"{label} RSS after restart: {_mb(info['rss_restart']['rss_kib']):.1f} MB, "
+                f"after spot-check reads {_mb(info['rss_restart_after_reads']['rss_kib']):.1f} MB")
+    complete = idx["repos_done"] == n_repos and idx["errors"] == 0
+    err = None if complete else (f"indexing incomplete: {idx['repos_done']}/{n_repos} repos, "
+                                 f"{idx['errors']} errors {idx.get('first_errors')}")
+    for when in ("check_indexed", "check_restart"):
+        chk = info[when]
+        if complete and (chk["bad"] or not chk.get("tags_list_ok")):
+            err = f"{when}: {chk['bad']}/{chk['checked']} wrong reads {chk['problems']}"
+    scale = f"{idx['repos_done']:,} repos x {n_tags} tags"
+
+    def v(x):
+        return {"cargohold": x, "distribution": None}
+
+    rss_after_restart = max(info["rss_restart"]["rss_kib"],
+                            info["rss_restart_after_reads"]["rss_kib"])
+    return [
+        Row("memory", "node RSS, empty", "MB", v(_mb(info["rss_start"]["rss_kib"])), False,
+            note="VmRSS of the node process (etcd excluded)"),
+        Row("memory", "node RSS, indexed", "MB", v(_mb(info["rss_indexed"]["rss_kib"])), False,
+            target_max=300, note=scale, error=err),
+        Row("memory", "node RSS, after restart", "MB", v(_mb(rss_after_restart)), False,
+            target_max=300, note=f"{scale}; ready in {info['restart_ready_s']:.1f}s", error=err),
+        Row("memory", "indexing rate (API)", "req/s",
+            v(idx["requests"] / idx["seconds"]), True,
+            note=f"{idx['concurrency']} concurrent clients, {idx['seconds']:.0f}s"),
+    ]
+
+
+def _mb(kib: int) -> float:
+    return kib * 1024 / MB
+
+
+BENCHMARKS = {
+    "manifest_get": manifest_get,
+    "blob_big": blob_big,
+    "blob_parallel": blob_parallel,
+    "memory": memory,
+}
