@@ -478,3 +478,67 @@ async def anyio_to_thread(fn):
     import anyio
 
     return await anyio.to_thread.run_sync(fn)
+
+
+# -- client compatibility and concurrency --------------------------------------------------------
+async def test_streamed_patch_without_content_range(client, repo):
+    """docker and containerd upload a layer as one PATCH without Content-Range (a
+    "streamed" upload) and then PUT ?digest=; the registry has to accept that."""
+    data = random_bytes(300_000, "streamed")
+    d = digest(data)
+    location = await start_upload(client, repo)
+    r = await client.patch(location, content=data, headers=OCTET)
+    assert r.status_code == 202, describe(r)
+    assert r.headers.get("Range") == f"0-{len(data) - 1}", describe(r)
+    r = await client.put(with_query(r.headers["Location"], digest=d))
+    assert r.status_code == 201, describe(r)
+    await assert_blob_content(client, repo, d, data)
+
+
+async def test_each_upload_gets_its_own_session(client, repo):
+    a = await start_upload(client, repo)
+    b = await start_upload(client, repo)
+    assert a != b
+    r = await patch_chunk(client, a, b"aaaa", 0)
+    assert r.status_code == 202, describe(r)
+    st = await client.get(b)
+    assert st.status_code == 204, describe(st)
+    r = await patch_chunk(client, b, b"bb", 0)
+    assert r.status_code == 202 and r.headers.get("Range") == "0-1", describe(r)
+
+
+async def test_concurrent_uploads_of_the_same_blob(client, repo):
+    import anyio
+
+    data = random_bytes(2_000_000, "concurrent")
+    d = digest(data)
+    results = []
+
+    async def one():
+        results.append(await push_blob(client, repo, data))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(one)
+    assert results == [d] * 4
+    await assert_blob_content(client, repo, d, data)
+
+
+async def test_large_blob_round_trip(client, repo):
+    data = random_bytes(24 * 1024 * 1024, "large")
+    d = digest(data)
+    location = await start_upload(client, repo)
+    step = 5 * 1024 * 1024
+    for off in range(0, len(data), step):
+        r = await patch_chunk(client, location, data[off:off + step], off)
+        assert r.status_code == 202, describe(r)
+        location = r.headers["Location"]
+    r = await client.put(with_query(location, digest=d))
+    assert r.status_code == 201, describe(r)
+    h = hashlib.sha256()
+    async with client.stream("GET", f"/v2/{repo}/blobs/{d}") as resp:
+        assert resp.status_code == 200
+        assert int(resp.headers["Content-Length"]) == len(data)
+        async for chunk in resp.aiter_bytes():
+            h.update(chunk)
+    assert "sha256:" + h.hexdigest() == d
