@@ -27,12 +27,15 @@ class Settings:
     cluster: str = "default"
     node_id: str | None = None                          # default: generated once, kept in the data dir
     site: str = "default"
-    grpc_listen: str = "127.0.0.1:0"
+    grpc_listen: str = "127.0.0.1:0"                    # port 0: any free port (advertised in etcd)
+    grpc_advertise: str | None = None                   # the address peers dial; default: the bound one
     advertise_url: str | None = None
     runtime: str = "asyncio"                            # asyncio (uvicorn) or trio (hypercorn)
     min_copies: int = 1
     sync_sites: int = 0
     replicas_per_site: int = 2
+    down_after: float = 300.0                           # a dead node's blobs are re-replicated after this
+    replication_workers: int = 4
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = "info"

@@ -107,6 +107,8 @@ def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int) 
 
 def _port_is_free(port: int) -> bool:
     with closing(socket.socket()) as sock:
+        # As etcd (Go) does: connections left in TIME_WAIT by a stopped etcd don't count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -638,6 +638,8 @@ class Watch:
         self._closed = False
 
     async def __aenter__(self) -> Watch:
+        if self._next_revision <= 0:  # "from now": pin it, so that resuming starts there
+            self._next_revision = await self._client.current_revision() + 1
         self._limiter = anyio.CapacityLimiter(1)
         return self
 
@@ -709,8 +711,6 @@ class Watch:
         if resp.canceled:
             raise self._fail(EtcdError(f"etcd cancelled the watch: {resp.cancel_reason}"))
         if resp.created:
-            if self._next_revision == 0:  # "from now": pin it so a resume starts there
-                self._next_revision = resp.header.revision + 1
             return None
         if resp.events:
             events = [WatchEvent._from_pb(e) for e in resp.events if e.kv.mod_revision >= self._next_revision]

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import anyio
 
@@ -45,6 +46,9 @@ class ConcurrentChange(Exception):
     """A transaction kept losing to concurrent writers."""
 
 
+MEMBER_STATES = ("active", "draining", "left")
+
+
 @dataclass(frozen=True)
 class Member:
     node_id: str
@@ -52,10 +56,23 @@ class Member:
     url: str
     grpc: str
     state: str
+    version: str = ""
 
     def encode(self) -> bytes:
         return json.dumps({"site": self.site, "url": self.url, "grpc": self.grpc,
-                           "state": self.state}).encode()
+                           "state": self.state, "version": self.version}).encode()
+
+    @classmethod
+    def decode(cls, node_id: str, raw: bytes) -> "Member":
+        d = json.loads(raw)
+        return cls(node_id, d.get("site", "default"), d.get("url", ""), d.get("grpc", ""),
+                   d.get("state", "active"), d.get("version", ""))
+
+    def with_state(self, state: str) -> "Member":
+        return Member(self.node_id, self.site, self.url, self.grpc, state, self.version)
+
+
+ChangeListener = Callable[[set, bool], None]
 
 
 class ClusterMetadata:
@@ -66,6 +83,25 @@ class ClusterMetadata:
         self.model = ReadModel(self.keys)
         self.loaded = False
         self.txn_count = 0
+        self.etcd_requests = 0
+        self.etcd_seconds = 0.0
+        self._listeners: list[ChangeListener] = []
+
+    def subscribe(self, listener: ChangeListener) -> None:
+        """Call `listener(changed_blob_digests, membership_changed)` after each applied watch batch.
+
+        Listeners must not block: they note the work and wake their own task.
+        """
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: ChangeListener) -> None:
+        self._listeners.remove(listener)
+
+    def _publish_changes(self) -> None:
+        blobs, membership = self.model.take_changes()
+        if blobs or membership:
+            for listener in list(self._listeners):
+                listener(blobs, membership)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
@@ -90,6 +126,9 @@ class ClusterMetadata:
         self.model = model
         model.advance(revision)
         self.loaded = True
+        model.take_changes()
+        for listener in self._listeners:
+            listener(set(model.blobs), True)   # a reload may have changed anything
         log.info("read model loaded at revision %d: %d repositories, %d blobs",
                  revision, len(model.repos), len(model.blobs))
         return revision
@@ -104,10 +143,20 @@ class ClusterMetadata:
                     else:
                         model.apply_delete(event.key)
                 model.advance(batch.revision)
+                self._publish_changes()
+
+    async def register(self, member: Member) -> Member:
+        """Publish this node's member record. A node that was draining goes on draining, and one
+        that has left stays out until `cargohold node join` admits it again."""
+        existing = await self._get(self.keys.member(member.node_id))
+        if existing is not None:
+            state = Member.decode(member.node_id, existing.value).state
+            member = member.with_state(state)
+        await self.client.put(self.keys.member(member.node_id), member.encode())
+        return member
 
     async def keep_membership(self, member: Member, ttl: int = 10) -> None:
-        """Publish this node's member record and a lease-bound `alive` key; renew until cancelled."""
-        await self.client.put(self.keys.member(member.node_id), member.encode())
+        """Keep a lease-bound `alive` key for this node; renew until cancelled."""
         while True:
             lease = await self.client.grant_lease(ttl)
             await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
@@ -122,16 +171,73 @@ class ClusterMetadata:
                     except Exception:  # noqa: BLE001 - best effort on the way out
                         pass
 
+    # ------------------------------------------------------------------ membership
+    def members(self) -> dict[str, Member]:
+        return {node_id: Member.decode(node_id, raw) for node_id, raw in self.model.members.items()}
+
+    def alive(self) -> set[str]:
+        return set(self.model.alive)
+
+    async def set_member_state(self, node_id: str, state: str, template: Member | None = None) -> Member:
+        """Change a member's state (join: active, leave: draining, then left). Creates the record
+        for a node that has not started yet when a template is given."""
+        if state not in MEMBER_STATES:
+            raise ValueError(f"unknown member state {state!r}")
+        key = self.keys.member(node_id)
+        for _ in range(TXN_RETRIES):
+            kv = await self._get(key)
+            if kv is None:
+                if template is None:
+                    raise KeyError(node_id)
+                member = template.with_state(state)
+                compare = [Compare.missing(key)]
+            else:
+                member = Member.decode(node_id, kv.value).with_state(state)
+                compare = [Compare.mod_revision_equals(key, kv.mod_revision)]
+            if (await self._txn(compare, [Put(key, member.encode())])).succeeded:
+                return member
+        raise ConcurrentChange(f"member {node_id} kept changing")
+
+    # ------------------------------------------------------------------ copies
+    async def record_copy(self, digest: str) -> bool:
+        """This node now holds a verified copy: publish it, unless the blob is gone meanwhile."""
+        result = await self._txn([Compare.exists(self.keys.blob(digest))],
+                                 [Put(self.keys.blob_at(digest, self.node_id), b"")])
+        return result.succeeded
+
+    async def drop_copy(self, digest: str, owners: list[str]) -> bool:
+        """Withdraw this node's copy, only while every owner still publishes one."""
+        compare = [Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners]
+        result = await self._txn(compare, [Delete(self.keys.blob_at(digest, self.node_id))])
+        return result.succeeded
+
+    async def forget_copy(self, digest: str) -> None:
+        """The local copy is missing or corrupt: stop advertising it."""
+        await self._txn([], [Delete(self.keys.blob_at(digest, self.node_id))])
+
+    def holders(self, digest: str) -> set[str]:
+        state = self.model.blobs.get(digest)
+        return set(state.nodes) if state is not None else set()
+
     # ------------------------------------------------------------------ helpers
     async def _txn(self, compare, success, failure=None):
+        started = time.perf_counter()
         result = await self.client.txn(compare, success, failure or [])
+        self._count_request(started)
         self.txn_count += 1
         if result.succeeded:
             await self.model.wait_for(result.revision, VISIBILITY_TIMEOUT)
         return result
 
     async def _get(self, key: str) -> KeyValue | None:
-        return await self.client.get(key)
+        started = time.perf_counter()
+        kv = await self.client.get(key)
+        self._count_request(started)
+        return kv
+
+    def _count_request(self, started: float) -> None:
+        self.etcd_requests += 1
+        self.etcd_seconds += time.perf_counter() - started
 
     def _repo_registration(self, repo: str) -> list:
         state = self.model.repo(repo)

@@ -68,6 +68,14 @@ class ReadModel:
         self.referrers: dict[tuple[str, str], set[str]] = {}
         self._sorted_repos: list[str] | None = None
         self._waiters: list[tuple[int, anyio.Event]] = []
+        # What changed since the last take_changes(): the replication side reacts to these.
+        self.changed_blobs: set[str] = set()
+        self.membership_changed = False
+
+    def take_changes(self) -> tuple[set[str], bool]:
+        changes = (self.changed_blobs, self.membership_changed)
+        self.changed_blobs, self.membership_changed = set(), False
+        return changes
 
     # ---- queries
     def repo(self, name: str) -> RepoState | None:
@@ -85,9 +93,16 @@ class ReadModel:
         return state
 
     # ---- changes
+    def _note(self, kind: str, parsed) -> None:
+        if kind.startswith("blob") or kind == "tombstone":
+            self.changed_blobs.add(parsed.digest)
+        elif kind in ("member", "alive"):
+            self.membership_changed = True
+
     def apply_put(self, key: str, value: bytes) -> None:
         parsed = self.keys.parse(key)
         kind = parsed.kind
+        self._note(kind, parsed)
         if kind == "tag":
             repo = self._repo(parsed.repo)
             digest = sys.intern(value.decode())
@@ -123,6 +138,7 @@ class ReadModel:
     def apply_delete(self, key: str) -> None:
         parsed = self.keys.parse(key)
         kind = parsed.kind
+        self._note(kind, parsed)
         if kind == "tag":
             repo = self.repos.get(parsed.repo)
             if repo is not None and repo.tags.pop(parsed.name, None) is not None:

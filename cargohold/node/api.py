@@ -19,7 +19,10 @@ from cargohold.node.http import (
     ClientDisconnected, Request, Response, error_response, json_response, send_response,
 )
 from cargohold.node.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
-from cargohold.node.reference import Digest, parse_digest, parse_reference, validate_name, validate_tag
+from cargohold.node.forward import UploadForwarder
+from cargohold.node.metrics import Metrics
+from cargohold.node.reference import Digest, parse_digest, parse_reference, validate_name, validate_upload_id
+from cargohold.replication.replicator import ContentUnavailable, Replicator
 from cargohold.node.storage import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
 
@@ -45,11 +48,18 @@ def _json(document: object) -> bytes:
 
 class RegistryAPI:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
-                 *, node_id: str = "", ready=None):
+                 *, node_id: str = "", ready=None, replicator: Replicator | None = None,
+                 forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
+                 min_copies: int = 1, copy_timeout: float = 60.0):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
         self.node_id = node_id
+        self.replicator = replicator
+        self.forwarder = forwarder
+        self.metrics = metrics or Metrics()
+        self.min_copies = min_copies
+        self.copy_timeout = copy_timeout
         self.manifest_cache = ContentCache()
         self._ready = ready or (lambda: metadata.loaded)
         self._handlers = {
@@ -77,9 +87,11 @@ class RegistryAPI:
             log.warning("metadata store unavailable: %s", exc)
             response = error_response(errors.unavailable())
         sent = await send_response(send, response, request.method == "HEAD")
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(request.route, request.method, response.status, elapsed, sent)
+        self.metrics.bytes_in += request.received
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent,
-                     (time.perf_counter() - started) * 1000)
+            log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent, elapsed * 1000)
 
     async def handle(self, request: Request) -> Response:
         path = request.path
@@ -94,6 +106,7 @@ class RegistryAPI:
         for pattern, kind in ROUTES:
             match = pattern.match(path)
             if match:
+                request.route = kind
                 params = match.groupdict()
                 params["name"] = validate_name(params["name"])
                 return await self._handlers[kind](request, **params)
@@ -106,6 +119,8 @@ class RegistryAPI:
             ready = self._ready()
             body = _json({"ready": ready, "revision": self.metadata.model.revision, "node": self.node_id})
             return json_response(200 if ready else 503, body)
+        if request.path == "/metrics":
+            return Response(200, [(b"content-type", b"text/plain; version=0.0.4")], self.metrics.render())
         raise errors.not_found()
 
     # ------------------------------------------------------------------ discovery
@@ -173,8 +188,25 @@ class RegistryAPI:
     async def _manifest_bytes(self, digest_text: str) -> bytes:
         data = self.manifest_cache.get(digest_text)
         if data is None:
-            data = await self.store.read_all(parse_digest(digest_text))
+            digest = parse_digest(digest_text)
+            if await self.store.stat(digest) is not None or self.replicator is None:
+                data = await self.store.read_all(digest)
+            else:
+                data = await self._read_remote_all(digest_text)
             self.manifest_cache.put(digest_text, data)
+        return data
+
+    async def _read_remote_all(self, digest_text: str) -> bytes:
+        record = self.metadata.model.blobs.get(digest_text)
+        size = record.record.size if record is not None and record.record is not None else None
+        if size is None:
+            raise errors.blob_unknown(detail={"digest": digest_text})
+        try:
+            data = await self.replicator.read_remote_all(digest_text, size)
+        except ContentUnavailable as exc:
+            raise errors.unavailable(str(exc)) from None
+        if Digest.of(data, digest_text.partition(":")[0]) != parse_digest(digest_text):
+            raise errors.unavailable(f"a peer served corrupt content for {digest_text}")
         return data
 
     async def _put_manifest(self, request: Request, name: str, reference: str) -> Response:
@@ -244,9 +276,15 @@ class RegistryAPI:
         length = end - start + 1
         if request.method == "HEAD":
             return Response(status, headers, length=length)
-        if await self.store.stat(digest) is None:
+        if await self.store.stat(digest) is not None:
+            stream = self.store.read(digest, start, length)
+        elif self.replicator is not None and self.replicator.can_read(str(digest)):
+            stream = self.replicator.read_remote(str(digest), start, length)
+        elif self.replicator is not None:
+            raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
+        else:
             raise errors.blob_unknown("blob is indexed but not held by this node", detail={"digest": str(digest)})
-        return Response(status, headers, stream=self.store.read(digest, start, length), length=length)
+        return Response(status, headers, stream=stream, length=length)
 
     # ------------------------------------------------------------------ uploads
     async def _uploads(self, request: Request, name: str) -> Response:
@@ -270,6 +308,9 @@ class RegistryAPI:
         return _blob_created(name, digest)
 
     async def _upload(self, request: Request, name: str, upload: str) -> Response:
+        validate_upload_id(upload)
+        if self.forwarder is not None and upload[32:] != self.forwarder.tag:
+            return await self.forwarder.forward(request, upload[32:], upload)
         session = await self.uploads.get(name, upload)
         method = request.method
         if method == "GET":
@@ -305,7 +346,16 @@ class RegistryAPI:
                     await self.uploads.cancel(session)
             raise
         await self.metadata.record_blob(session.repo, str(digest), size)
+        await self._wait_for_copies(str(digest))
         return _blob_created(session.repo, digest)
+
+    async def _wait_for_copies(self, digest: str) -> None:
+        """--min-copies: acknowledge only when that many nodes hold the blob."""
+        if self.min_copies <= 1 or self.replicator is None:
+            return
+        if not await self.replicator.wait_for_copies(digest, self.min_copies, self.copy_timeout):
+            raise errors.unavailable(f"the blob is stored but fewer than {self.min_copies} nodes hold it yet; "
+                                     "retry the upload")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ class ClientDisconnected(Exception):
 
 
 class Request:
-    __slots__ = ("scope", "receive", "method", "path", "_query", "_headers", "_consumed")
+    __slots__ = ("scope", "receive", "method", "path", "route", "received", "_query", "_headers", "_consumed")
 
     def __init__(self, scope, receive):
         self.scope = scope
@@ -31,6 +31,8 @@ class Request:
         self._query: dict[str, list[str]] | None = None
         self._headers: dict[str, str] | None = None
         self._consumed = False
+        self.route = "other"
+        self.received = 0
 
     def header(self, name: str) -> str | None:
         if self._headers is None:
@@ -58,6 +60,7 @@ class Request:
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
             if chunk:
+                self.received += len(chunk)
                 yield chunk
             if not message.get("more_body", False):
                 self._consumed = True

@@ -16,7 +16,8 @@ from cargohold.node import errors
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*")
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
-UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+# 32 random hex characters, then 8 naming the node that holds the session (node/forward.py).
+UPLOAD_ID_RE = re.compile(r"[0-9a-f]{40}")
 MAX_NAME_LENGTH = 255
 
 # Algorithms we accept, with the length of their hex encoding.

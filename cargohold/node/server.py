@@ -1,20 +1,28 @@
-"""One node process: etcd session, read model, blob store and the HTTP server, in one task group."""
+"""One node process: etcd session, read model, blob store, replication, and the HTTP server,
+all started in one task group and stopped together."""
 
 from __future__ import annotations
 
 import logging
 import signal
 from contextlib import AsyncExitStack, nullcontext
+from urllib.parse import urlsplit
 
 import anyio
 
+from cargohold import __version__
 from cargohold.config import Settings, resolve_node_id
 from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
+from cargohold.node.forward import UploadForwarder, owner_tag
+from cargohold.node.metrics import Metrics
+from cargohold.node.reference import parse_digest
 from cargohold.node.storage import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
+from cargohold.replication.replicator import Replicator
+from cargohold.replication.transfer import PeerClient, ReplicationService, grpc_server
 
 log = logging.getLogger("cargohold.node")
 
@@ -25,6 +33,7 @@ async def serve(settings: Settings) -> None:
     node_id = resolve_node_id(settings)
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    stop = anyio.Event()
     async with AsyncExitStack() as stack:
         endpoints = settings.etcd
         if not endpoints:
@@ -34,19 +43,89 @@ async def serve(settings: Settings) -> None:
             endpoints, ca_file=settings.etcd_ca, cert_file=settings.etcd_cert, key_file=settings.etcd_key))
         metadata = ClusterMetadata(client, settings.cluster, node_id)
         store = FilesystemBlobStore(data_dir)
-        uploads = UploadManager(data_dir / "uploads", store, node_id)
-        api = RegistryAPI(metadata, store, uploads, node_id=node_id)
-        host, port = settings.host_port
-        url = settings.advertise_url or f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
-        member = Member(node_id, settings.site, url, settings.grpc_listen, "active")
+        uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id))
+        peers = PeerClient()
+        stack.callback(peers.close)
+        grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store)))
+        replicator = Replicator(metadata, store, peers, node_id=node_id, site=settings.site,
+                                replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
+                                workers=settings.replication_workers)
+        forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
+        stack.push_async_callback(forwarder.aclose)
+        metrics = _metrics(metadata, replicator, node_id)
+        api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
+                          metrics=metrics, min_copies=settings.min_copies)
+        member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
+                        "active", __version__)
         async with anyio.create_task_group() as tg:
             await tg.start(metadata.run)
+            member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
+            tg.start_soon(replicator.run)
             tg.start_soon(_purge_uploads, uploads, settings.upload_expiry)
-            log.info("node %s (site %s, cluster %s) serving on %s", node_id, settings.site, settings.cluster, url)
-            await _run_http(api, settings)
+            tg.start_soon(_stop_when_drained, replicator, stop)
+            log.info("node %s (site %s, cluster %s, %s) serving on %s, gRPC on %s", node_id, settings.site,
+                     settings.cluster, member.state, member.url, member.grpc)
+            await _run_http(api, settings, stop)
             tg.cancel_scope.cancel()
     log.info("node %s stopped", node_id)
+
+
+def _service(store: FilesystemBlobStore) -> ReplicationService:
+    def open_blob(digest: str):
+        try:
+            return open(store.path_of(parse_digest(digest)), "rb")
+        except FileNotFoundError:
+            return None
+
+    def valid(digest: str) -> bool:
+        try:
+            parse_digest(digest)
+            return True
+        except Exception:  # noqa: BLE001 - any parse failure means invalid
+            return False
+
+    return ReplicationService(open_blob, valid)
+
+
+def _live_urls(metadata: ClusterMetadata) -> dict[str, str]:
+    alive = metadata.alive()
+    return {node_id: m.url for node_id, m in metadata.members().items() if node_id in alive}
+
+
+def _http_url(settings: Settings) -> str:
+    if settings.advertise_url:
+        return settings.advertise_url.rstrip("/")
+    host, port = settings.host_port
+    return f"{'https' if settings.tls_cert else 'http'}://{host}:{port}"
+
+
+def _grpc_address(settings: Settings, port: int) -> str:
+    if settings.grpc_advertise:
+        return settings.grpc_advertise
+    host = settings.grpc_listen.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = urlsplit(_http_url(settings)).hostname or "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) -> Metrics:
+    metrics = Metrics()
+
+    def held():
+        count, size = replicator.held_count(node_id)
+        return [({"unit": "blobs"}, count), ({"unit": "bytes"}, size)]
+
+    metrics.gauge("cargohold_blobs_held", "Blobs (and their bytes) this node holds a copy of.", held)
+    metrics.gauge("cargohold_replication_queue_depth", "Blobs waiting to be reconciled.",
+                  lambda: [({}, replicator.stats.queued + len(replicator._pending))])
+    metrics.gauge("cargohold_replication_bytes_fetched", "Bytes copied from peers since start.",
+                  lambda: [({}, replicator.stats.bytes_fetched)])
+    metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
+                  lambda: [({"stat": "count"}, metadata.etcd_requests), ({"stat": "sum"}, round(metadata.etcd_seconds, 6))])
+    metrics.gauge("cargohold_read_model_revision", "etcd revision the read model has applied.",
+                  lambda: [({}, metadata.model.revision)])
+    return metrics
 
 
 async def _purge_uploads(uploads: UploadManager, expiry: float) -> None:
@@ -57,9 +136,14 @@ async def _purge_uploads(uploads: UploadManager, expiry: float) -> None:
         await anyio.sleep(UPLOAD_PURGE_INTERVAL)
 
 
-async def _run_http(app, settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, with uvicorn on asyncio or hypercorn on trio."""
-    stop = anyio.Event()
+async def _stop_when_drained(replicator: Replicator, stop: anyio.Event) -> None:
+    await replicator.drained.wait()
+    log.info("this node has left the cluster: stopping")
+    stop.set()
+
+
+async def _run_http(app, settings: Settings, stop: anyio.Event) -> None:
+    """Serve until SIGTERM or SIGINT (or `stop`), with uvicorn on asyncio or hypercorn on trio."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(_wait_for_signal, stop)
         if settings.runtime == "trio":

@@ -47,7 +47,8 @@ class UploadSession:
 
 
 class UploadManager:
-    def __init__(self, root: Path, store: BlobStore, node_id: str = ""):
+    def __init__(self, root: Path, store: BlobStore, node_id: str = "", id_suffix: str = "0" * 8):
+        self.id_suffix = id_suffix
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = store
@@ -56,7 +57,7 @@ class UploadManager:
         self._locks: dict[str, anyio.Lock] = {}
 
     def new_id(self) -> str:
-        return uuid.uuid4().hex
+        return uuid.uuid4().hex + self.id_suffix
 
     async def create(self, repo: str) -> UploadSession:
         upload_id = self.new_id()

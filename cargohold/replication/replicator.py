@@ -1,0 +1,343 @@
+"""Keeps every blob on its owners, and serves content this node does not hold.
+
+Driven by watch events: the coordinator tells us which blobs and whether membership changed
+after each applied batch; we reconcile those blobs. Reconciling one blob means:
+
+* this node is an owner and has no copy: fetch it from a holder over gRPC (same site first,
+  resuming from the reached offset when a stream drops), verify the digest, move it into
+  the store, and only then publish `blobs/<d>/at/<me>`;
+* this node holds a copy it does not own (it received the upload, or ownership moved on a
+  join or leave): withdraw it once every owner publishes a copy, in a transaction that
+  re-checks those copies, so a blob never drops below its owners' count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import anyio
+
+from cargohold.coordinator.metadata import ClusterMetadata, Member
+from cargohold.node.reference import parse_digest
+from cargohold.node.storage import FilesystemBlobStore
+from cargohold.replication.placement import owners, preference
+from cargohold.replication.transfer import PeerClient, PeerUnavailable
+
+log = logging.getLogger("cargohold.replication")
+
+FETCH_ATTEMPTS = 6
+RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 30.0
+
+
+class ContentUnavailable(Exception):
+    """No reachable node holds the blob."""
+
+
+@dataclass
+class ReplicationStats:
+    queued: int = 0
+    in_flight: int = 0
+    copies_made: int = 0
+    copies_dropped: int = 0
+    bytes_fetched: int = 0
+    failures: int = 0
+    last_error: str = ""
+    remote_reads: int = 0
+    held: dict = field(default_factory=dict)
+
+
+class Replicator:
+    def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, peers: PeerClient, *,
+                 node_id: str, site: str, replicas_per_site: int = 2, down_after: float = 300.0,
+                 workers: int = 4):
+        self.metadata = metadata
+        self.store = store
+        self.peers = peers
+        self.node_id = node_id
+        self.site = site
+        self.replicas = replicas_per_site
+        self.down_after = down_after
+        self.workers = workers
+        self.stats = ReplicationStats()
+        self._pending: set[str] = set()
+        self._in_progress: set[str] = set()
+        self._full_pass = True
+        self._wake = anyio.Event()
+        self._dead_since: dict[str, float] = {}
+        self._retry_at: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._retry_added = anyio.Event()
+        self.drained = anyio.Event()
+        metadata.subscribe(self._on_change)
+
+    # ------------------------------------------------------------------ events
+    def _on_change(self, blobs: set[str], membership: bool) -> None:
+        self._pending |= blobs
+        if membership:
+            self._full_pass = True
+        self._wake.set()
+
+    def _track_liveness(self) -> float | None:
+        """Note when members stopped being alive; return the next moment one becomes 'down'."""
+        alive = self.metadata.alive()
+        now = time.monotonic()
+        for node_id in self.metadata.members():
+            if node_id in alive:
+                self._dead_since.pop(node_id, None)
+            else:
+                self._dead_since.setdefault(node_id, now)
+        deadlines = [since + self.down_after for since in self._dead_since.values() if since + self.down_after > now]
+        return min(deadlines) if deadlines else None
+
+    def placement_candidates(self) -> list[str]:
+        """Active members of this site that are alive, or dead for less than `down_after`."""
+        now = time.monotonic()
+        return [m.node_id for m in self.metadata.members().values()
+                if m.site == self.site and m.state == "active"
+                and now - self._dead_since.get(m.node_id, now) < self.down_after]
+
+    def owners_of(self, digest: str) -> list[str]:
+        return owners(digest, self.placement_candidates(), self.replicas)
+
+    # ------------------------------------------------------------------ main loop
+    async def run(self) -> None:
+        send, receive = anyio.create_memory_object_stream[str](self.workers * 4)
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.workers):
+                tg.start_soon(self._worker, receive.clone())
+            tg.start_soon(self._down_timer)
+            tg.start_soon(self._retry_timer)
+            async with send:
+                while True:
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    batch = self._take_batch()
+                    self.stats.queued = len(batch)
+                    for digest in batch:
+                        self._in_progress.add(digest)
+                        await send.send(digest)
+                    await self._check_drained()
+
+    def _take_batch(self) -> list[str]:
+        if self._full_pass:
+            self._full_pass = False
+            self._pending.clear()
+            return [d for d in list(self.metadata.model.blobs) if d not in self._in_progress]
+        batch = [d for d in self._pending if d not in self._in_progress]
+        self._pending.difference_update(batch)
+        return batch
+
+    async def _down_timer(self) -> None:
+        """Wake a full pass when a dead member has been dead for `down_after`."""
+        while True:
+            deadline = self._track_liveness()
+            wait = (deadline - time.monotonic() + 0.05) if deadline else 3600.0
+            with anyio.move_on_after(max(wait, 0.05)):
+                await self._membership_event()
+            self._full_pass = True
+            self._wake.set()
+
+    async def _membership_event(self) -> None:
+        event = anyio.Event()
+
+        def listener(_blobs, membership):
+            if membership:
+                event.set()
+
+        self.metadata.subscribe(listener)
+        try:
+            await event.wait()
+        finally:
+            self.metadata.unsubscribe(listener)
+
+    async def _worker(self, receive) -> None:
+        async with receive:
+            async for digest in receive:
+                self.stats.in_flight += 1
+                try:
+                    await self.reconcile(digest)
+                    self._failures.pop(digest, None)
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one blob's failure must not stop the others
+                    self.stats.failures += 1
+                    self.stats.last_error = f"{digest}: {exc}"
+                    log.warning("reconcile %s failed: %s; retrying later", digest, exc)
+                    self._retry_later(digest)
+                finally:
+                    self.stats.in_flight -= 1
+                    self._in_progress.discard(digest)
+                    if self.stats.queued:
+                        self.stats.queued -= 1
+
+    def _retry_later(self, digest: str) -> None:
+        failures = self._failures[digest] = self._failures.get(digest, 0) + 1
+        delay = min(RETRY_DELAY * 2 ** failures, MAX_RETRY_DELAY)
+        self._retry_at[digest] = time.monotonic() + delay
+        self._retry_added.set()
+
+    async def _retry_timer(self) -> None:
+        """Hand failed blobs back to the workers when their back-off has passed."""
+        while True:
+            now = time.monotonic()
+            due = [d for d, at in self._retry_at.items() if at <= now]
+            for digest in due:
+                del self._retry_at[digest]
+                self._pending.add(digest)
+            if due:
+                self._wake.set()
+            wait = min(self._retry_at.values(), default=now + 3600.0) - now
+            self._retry_added = anyio.Event()
+            with anyio.move_on_after(max(wait, 0.01)):
+                await self._retry_added.wait()
+
+    # ------------------------------------------------------------------ one blob
+    async def reconcile(self, digest: str) -> None:
+        state = self.metadata.model.blobs.get(digest)
+        if state is None or state.record is None:
+            return
+        blob_owners = self.owners_of(digest)
+        holders = set(state.nodes)
+        me = self.node_id
+        if me in blob_owners and me not in holders:
+            if await self.store.stat(parse_digest(digest)) != state.record.size:
+                await self.fetch(digest, state.record.size)
+            if await self.metadata.record_copy(digest):
+                self.stats.copies_made += 1
+                log.info("copy made: %s (%d bytes)", digest, state.record.size)
+        elif me not in blob_owners and me in holders and blob_owners and set(blob_owners) <= holders:
+            if await self.metadata.drop_copy(digest, blob_owners):
+                await self.store.delete(parse_digest(digest))
+                self.stats.copies_dropped += 1
+                log.info("copy dropped: %s now on %s", digest, ",".join(blob_owners))
+
+    async def _check_drained(self) -> None:
+        """A draining node is done when it holds no copy any more."""
+        member = self.metadata.members().get(self.node_id)
+        if member is None or member.state != "draining" or self.drained.is_set():
+            return
+        if self._in_progress or self._pending:
+            return
+        if any(self.node_id in s.nodes for s in self.metadata.model.blobs.values()):
+            return
+        await self.metadata.set_member_state(self.node_id, "left")
+        log.info("drained: every blob this node held has its copies elsewhere; leaving")
+        self.drained.set()
+
+    def held_count(self, node_id: str) -> tuple[int, int]:
+        count = size = 0
+        for state in self.metadata.model.blobs.values():
+            if node_id in state.nodes and state.record is not None:
+                count += 1
+                size += state.record.size
+        return count, size
+
+    # ------------------------------------------------------------------ transfers
+    def _sources(self, digest: str) -> list[Member]:
+        members = self.metadata.members()
+        alive = self.metadata.alive()
+        same_site = {m.node_id for m in members.values() if m.site == self.site}
+        holders = [n for n in self.metadata.holders(digest) if n in alive and n in members]
+        ordered = preference(digest, holders, me=self.node_id, same_site=same_site)
+        return [members[n] for n in ordered if n != self.node_id and members[n].grpc]
+
+    def can_read(self, digest: str) -> bool:
+        """Whether some live peer publishes a copy (checked before a response starts)."""
+        return bool(self._sources(digest))
+
+    async def fetch(self, digest: str, size: int) -> None:
+        """Copy a blob from a holder into the local store, verified. Resumes after drops."""
+        parsed = parse_digest(digest)
+        staging = self.store.staging_path()
+        hasher = hashlib.new(parsed.algorithm)
+        f = await anyio.to_thread.run_sync(open, staging, "wb")
+        try:
+            offset = await self._fetch_into(f, hasher, digest, size)
+            await anyio.to_thread.run_sync(_sync_close, f)
+            if offset != size or hasher.hexdigest() != parsed.hex:
+                raise ContentUnavailable(f"{digest}: fetched content does not match its digest")
+            await self.store.ingest(parsed, staging)
+        finally:
+            f.close()
+            staging.unlink(missing_ok=True)
+
+    async def _fetch_into(self, f, hasher, digest: str, size: int) -> int:
+        offset = 0
+        for attempt in range(FETCH_ATTEMPTS):
+            sources = self._sources(digest)
+            if not sources:
+                raise ContentUnavailable(f"no live node holds {digest}")
+            for source in sources:
+                try:
+                    async for data in self.peers.read(source.grpc, digest, offset):
+                        await anyio.to_thread.run_sync(_write_hash, f, hasher, data)
+                        offset += len(data)
+                        self.stats.bytes_fetched += len(data)
+                except PeerUnavailable as exc:
+                    log.info("transfer of %s from %s interrupted at %d: %s; resuming",
+                             digest, source.node_id, offset, exc)
+                    continue
+                if offset >= size:
+                    return offset
+            await anyio.sleep(RETRY_DELAY * (attempt + 1))
+        return offset
+
+    async def read_remote(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Stream part of a blob this node does not hold from the nearest holder, chunk by chunk
+        (never the whole blob in memory); switches holder and resumes if one drops."""
+        end = offset + length
+        position = offset
+        self.stats.remote_reads += 1
+        for attempt in range(FETCH_ATTEMPTS):
+            sources = self._sources(digest)
+            for source in sources:
+                try:
+                    async for data in self.peers.read(source.grpc, digest, position, end - position):
+                        position += len(data)
+                        yield data
+                except PeerUnavailable as exc:
+                    log.info("remote read of %s from %s interrupted at %d: %s", digest, source.node_id, position, exc)
+                    continue
+                if position >= end:
+                    return
+            if position == offset and not sources:
+                raise ContentUnavailable(f"no live node holds {digest}")
+            await anyio.sleep(RETRY_DELAY * (attempt + 1))
+        raise ContentUnavailable(f"{digest}: could not read from any holder")
+
+    async def read_remote_all(self, digest: str, size: int) -> bytes:
+        return b"".join([chunk async for chunk in self.read_remote(digest, 0, size)])
+
+    async def wait_for_copies(self, digest: str, copies: int, timeout: float) -> bool:
+        """Wait until `copies` nodes publish a copy of `digest` (for --min-copies)."""
+        if len(self.metadata.holders(digest)) >= copies:
+            return True
+        event = anyio.Event()
+
+        def listener(blobs, _membership):
+            if digest in blobs and len(self.metadata.holders(digest)) >= copies:
+                event.set()
+
+        self.metadata.subscribe(listener)
+        try:
+            with anyio.move_on_after(timeout):
+                await event.wait()
+        finally:
+            self.metadata.unsubscribe(listener)
+        return len(self.metadata.holders(digest)) >= copies
+
+
+def _write_hash(f, hasher, data: bytes) -> None:
+    f.write(data)
+    hasher.update(data)
+
+
+def _sync_close(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())

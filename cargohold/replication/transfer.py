@@ -1,0 +1,145 @@
+"""Blob transfer between nodes over gRPC: the servicer every node runs, and the client side.
+
+The server is grpcio's thread-pool server: each open stream holds one pool thread that reads
+the file and yields chunks, so the pool is sized for the concurrent streams it must carry.
+The client side bridges grpc calls into anyio tasks (cargohold.grpc_bridge): awaiting never
+blocks the loop, and cancelling the awaiting task cancels the call.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, BinaryIO, Callable
+
+import anyio
+import grpc
+
+from cargohold.grpc_bridge import await_future, next_message
+from cargohold.replication.v1 import replication_pb2 as pb
+from cargohold.replication.v1 import replication_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cargohold.replication")
+
+CHUNK_SIZE = 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+
+OpenBlob = Callable[[str], "BinaryIO | None"]
+
+
+class PeerUnavailable(Exception):
+    """The peer could not be reached or does not hold the blob."""
+
+
+class ReplicationService(pb_grpc.ReplicationServicer):
+    """Serves this node's blobs to peers. `open_blob(digest)` returns an open file or None."""
+
+    def __init__(self, open_blob: OpenBlob, is_valid_digest: Callable[[str], bool]):
+        self._open = open_blob
+        self._valid = is_valid_digest
+
+    def _file(self, digest: str, context) -> BinaryIO | None:
+        if not self._valid(digest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {digest[:80]!r}")
+        return self._open(digest)
+
+    def ReadBlob(self, request, context):
+        f = self._file(request.digest, context)
+        if f is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{request.digest} is not held here")
+        with f:
+            offset = request.offset
+            f.seek(offset)
+            remaining = request.length or None
+            while context.is_active():
+                want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
+                if want <= 0:
+                    return
+                data = f.read(want)
+                if not data:
+                    return
+                yield pb.BlobChunk(offset=offset, data=data)
+                offset += len(data)
+                if remaining is not None:
+                    remaining -= len(data)
+
+    def StatBlob(self, request, context):
+        f = self._file(request.digest, context)
+        if f is None:
+            return pb.StatBlobResponse(present=False, size=0)
+        with f:
+            f.seek(0, 2)
+            return pb.StatBlobResponse(present=True, size=f.tell())
+
+
+@asynccontextmanager
+async def grpc_server(address: str, service: ReplicationService, max_streams: int = 32) -> AsyncIterator[int]:
+    """Run the replication server on `address`; yields the bound port."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="grpc-repl"),
+                         options=_OPTIONS, maximum_concurrent_rpcs=max_streams * 4)
+    pb_grpc.add_ReplicationServicer_to_server(service, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind the gRPC server to {address}")
+    server.start()
+    try:
+        yield port
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(lambda: server.stop(grace=1).wait())
+
+
+class PeerClient:
+    """Client side of the replication service, one channel per peer address."""
+
+    def __init__(self, max_streams: int = 16):
+        self._stubs: dict[str, pb_grpc.ReplicationStub] = {}
+        self._channels: list[grpc.Channel] = []
+        self._readers = anyio.CapacityLimiter(max_streams)
+
+    def _stub(self, address: str) -> pb_grpc.ReplicationStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.insecure_channel(address, options=_OPTIONS)
+            self._channels.append(channel)
+            stub = self._stubs[address] = pb_grpc.ReplicationStub(channel)
+        return stub
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+    async def stat(self, address: str, digest: str, timeout: float = 5.0) -> int | None:
+        try:
+            reply = await await_future(self._stub(address).StatBlob.future(pb.StatBlobRequest(digest=digest),
+                                                                          timeout=timeout))
+        except grpc.RpcError as exc:
+            raise PeerUnavailable(f"{address}: {exc.code().name}") from None
+        return reply.size if reply.present else None
+
+    async def read(self, address: str, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+        """Stream `length` bytes (0: to the end) of a blob from `offset`. Raises PeerUnavailable."""
+        call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length))
+        expected = offset
+        try:
+            while True:
+                try:
+                    chunk = await next_message(call, self._readers)
+                except grpc.RpcError as exc:
+                    raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
+                if chunk is None:
+                    return
+                if chunk.offset != expected:
+                    raise PeerUnavailable(f"{address}: chunk at {chunk.offset}, expected {expected}")
+                expected += len(chunk.data)
+                yield chunk.data
+        finally:
+            call.cancel()
