@@ -542,3 +542,13 @@ async def test_large_blob_round_trip(client, repo):
         async for chunk in resp.aiter_bytes():
             h.update(chunk)
     assert "sha256:" + h.hexdigest() == d
+
+
+async def test_range_with_unknown_unit_is_ignored(client, repo):
+    """RFC 9110 14.2: "An origin server MUST ignore a Range header field that contains a
+    range unit it does not understand." -> the whole blob, 200."""
+    data = random_bytes(500, "range-unit")
+    d = await push_blob(client, repo, data)
+    r = await client.get(f"/v2/{repo}/blobs/{d}", headers={"Range": "lines=1-2"})
+    assert r.status_code == 200, describe(r)
+    assert r.content == data

@@ -493,3 +493,72 @@ async def test_traversal_attempts_are_refused_and_create_nothing(node, tmp_path_
     roots = [Path(tmp_path_factory.getbasetemp()), Path("/tmp")]
     leaked = [p for root in roots for p in _all_paths(root) if marker in p]
     assert leaked == []
+
+
+# -- more push rules -----------------------------------------------------------------------------------
+async def test_content_type_parameters_are_ignored(client, repo):
+    image = build_image("ctype-params")
+    await push_content(client, repo, image)
+    # "Registries SHOULD ignore any parameters if they are present."
+    r = await push_manifest(client, repo, "v1", image.manifest, image.media_type + "; charset=utf-8")
+    assert r.status_code == 201, describe(r)
+    assert_manifest_response(await client.get(f"/v2/{repo}/manifests/v1", headers=ACCEPT), image)
+
+
+async def test_manifest_without_media_type_field(client, repo):
+    base = build_image("no-media-type-field")
+    doc = base.json
+    del doc["mediaType"]  # optional in an OCI image manifest ("SHOULD" be present)
+    image = Image(canonical_json(doc), OCI_MANIFEST, base.blobs)
+    await push_content(client, repo, image)
+    r = await push_manifest(client, repo, "v1", image.manifest, OCI_MANIFEST)
+    assert r.status_code == 201, describe(r)
+    assert_manifest_response(await client.get(f"/v2/{repo}/manifests/v1", headers=ACCEPT), image)
+
+
+async def test_manifest_referring_to_deleted_blob_is_refused(client, repo):
+    await make_repo_exist(client, repo)
+    image = build_image("deleted-blob")
+    await push_content(client, repo, image)
+    layer = image.json["layers"][0]["digest"]
+    r = await client.delete(f"/v2/{repo}/blobs/{layer}")
+    assert r.status_code == 202, describe(r)
+    r = await push_manifest(client, repo, "v1", image.manifest, image.media_type)
+    assert r.status_code == 400, describe(r)
+    assert set(error_codes(r)) == {"MANIFEST_BLOB_UNKNOWN"}, describe(r)
+    await assert_manifest_absent(client, repo, "v1")
+
+
+async def test_manifest_blobs_must_be_in_the_repository_or_mountable(client, repo):
+    """Blobs pushed to another repository: the registry may accept the manifest (global
+    content store) but then every blob must be pullable through this repository."""
+    image = build_image("other-repo-blobs")
+    await push_content(client, repo + "-elsewhere", image)
+    await make_repo_exist(client, repo)
+    r = await push_manifest(client, repo, "v1", image.manifest, image.media_type)
+    if r.status_code == 201:
+        for d, data in image.blobs.items():
+            b = await client.get(f"/v2/{repo}/blobs/{d}")
+            assert b.status_code == 200 and b.content == data, describe(b)
+    else:
+        assert r.status_code == 400, describe(r)
+        assert set(error_codes(r)) == {"MANIFEST_BLOB_UNKNOWN"}, describe(r)
+
+
+async def test_head_of_unknown_manifest_has_no_body(client, repo):
+    await make_repo_exist(client, repo)
+    r = await client.head(f"/v2/{repo}/manifests/absent")
+    assert r.status_code == 404, describe(r)
+    assert r.content == b""
+
+
+async def test_docker_manifest_pulled_with_docker_accept(client, repo):
+    image = build_image("docker-accept", fmt="docker")
+    await push_image(client, repo, "v1", image)
+    r = await client.get(f"/v2/{repo}/manifests/v1", headers={"Accept": DOCKER_MANIFEST})
+    assert_manifest_response(r, image)
+    lst = build_index("docker-accept-list", fmt="docker")
+    await push_image(client, repo, "list", lst)
+    r = await client.get(f"/v2/{repo}/manifests/list",
+                         headers={"Accept": f"{DOCKER_LIST}, {DOCKER_MANIFEST}"})
+    assert_manifest_response(r, lst)
