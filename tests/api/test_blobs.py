@@ -215,6 +215,18 @@ async def test_out_of_order_chunk_is_416(client, repo, bad_start):
     await assert_blob_content(client, repo, digest(data), data)
 
 
+async def test_out_of_order_final_chunk_in_put_is_416(client, repo):
+    data = random_bytes(300, "ooo-put")
+    location = await start_upload(client, repo)
+    r = await patch_chunk(client, location, data[:100], 0)
+    assert r.status_code == 202, describe(r)
+    location = r.headers["Location"]
+    r = await client.put(with_query(location, digest=digest(data)), content=data[150:],
+                         headers={**OCTET, "Content-Range": f"150-{len(data) - 1}"})
+    assert r.status_code == 416, describe(r)
+    await assert_blob_absent(client, repo, digest(data))
+
+
 async def test_first_chunk_must_start_at_zero(client, repo):
     location = await start_upload(client, repo)
     r = await patch_chunk(client, location, b"z" * 10, 5)

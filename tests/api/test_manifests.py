@@ -489,9 +489,11 @@ async def test_traversal_attempts_are_refused_and_create_nothing(node, tmp_path_
         assert status in (400, 404), (method, path, status, body)
         assert b"root:" not in body, (method, path, body)
 
-    # nothing named after the marker anywhere under the test temp dirs or /tmp
-    roots = [Path(tmp_path_factory.getbasetemp()), Path("/tmp")]
-    leaked = [p for root in roots for p in _all_paths(root) if marker in p]
+    # nothing named after the marker anywhere under the test temp dirs, nor directly in
+    # any directory above the node's data dir (where a "../" walk would land)
+    leaked = [p for p in _all_paths(Path(tmp_path_factory.getbasetemp())) if marker in p]
+    for ancestor in Path(node.data_dir).resolve().parents:
+        leaked += [str(ancestor / n) for n in os.listdir(ancestor) if marker in n]
     assert leaked == []
 
 

@@ -210,6 +210,19 @@ async def test_copy_oci_artifact(client, node, layouts, repo):
     assert_same_blobs(artifact.blobs, dst)
 
 
+async def test_skopeo_delete(client, node, layouts, repo):
+    image = build_image("skopeo-delete", layers=1)
+    src = write_oci_layout(layouts("src"), {"v1": image})
+    await skopeo.copy(oci_ref(src, "v1"), docker_ref(node.host_port, repo, "v1"), "--preserve-digests")
+    await skopeo.copy(oci_ref(src, "v1"), docker_ref(node.host_port, repo, "keep"), "--preserve-digests")
+    # skopeo resolves the tag and deletes the manifest by digest: every tag on it goes
+    await skopeo.skopeo("delete", "--tls-verify=false", "--no-creds", "--authfile", "@AUTHFILE@",
+                        docker_ref(node.host_port, repo, "v1"))
+    for ref in ("v1", "keep", image.digest):
+        r = await client.get(f"/v2/{repo}/manifests/{ref}", headers={"Accept": ACCEPT_ALL})
+        assert r.status_code == 404, describe(r)
+
+
 async def test_skopeo_reports_missing_tag(node, repo):
     with pytest.raises(skopeo.SkopeoError) as err:
         await skopeo.inspect(docker_ref(node.host_port, repo, "absent"))
