@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ __all__ = ["embedded_etcd"]
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1
+_BOOTSTRAPPED = "bootstrapped"  # marker file: etcd's data dir was healthy once
 
 _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
@@ -184,7 +186,13 @@ def _load_ports(path: Path) -> list[int] | None:
 
 
 def _prepare(state_dir: Path) -> list[int]:
+    """Create the state dir, drop an unfinished bootstrap, and choose (and record) the ports."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    # etcd's first start is not atomic: one stopped while it bootstraps a new member leaves
+    # a data dir with an empty member list that never elects a leader again. A data dir that
+    # never got healthy holds no data of ours, so it is started afresh.
+    if not (state_dir / _BOOTSTRAPPED).exists():
+        shutil.rmtree(state_dir / "data", ignore_errors=True)
     ports_file = state_dir / "ports.json"
     ports = choose_ports(_load_ports(ports_file))
     ports_file.write_text(json.dumps({"client": ports[0], "peer": ports[1]}))
@@ -204,6 +212,7 @@ async def embedded_etcd(data_dir: Path, *, etcd_binary: str = "etcd") -> AsyncIt
     try:
         # Abandoned on cancellation: the thread ends as soon as the process is stopped below.
         await anyio.to_thread.run_sync(wait_until_healthy, proc, url, log_path, abandon_on_cancel=True)
+        await anyio.to_thread.run_sync((state_dir / _BOOTSTRAPPED).touch)
         yield url
     finally:
         with anyio.CancelScope(shield=True):

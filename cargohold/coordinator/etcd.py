@@ -4,7 +4,7 @@ It uses pyetcd (``etcd-sdk-python``) for its generated protobuf messages and gRP
 only, and builds its own grpcio channels (no endpoint blacklisting, short reconnect
 back-off). Everything here is written against anyio and works on trio and asyncio.
 
-How blocking grpcio is kept off the event loop:
+How blocking grpcio is kept off the event loop (helpers in ``cargohold.grpc_bridge``):
 
 * unary calls (Range, Put, DeleteRange, Txn, LeaseGrant, LeaseRevoke) use
   ``multicallable.future()``; the future's done-callback (run on a grpc thread) schedules
@@ -25,7 +25,6 @@ caller gets ``EtcdUnavailable`` and must treat the outcome as unknown.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -34,10 +33,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.lowlevel
 import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
+
+from cargohold.grpc_bridge import await_future, next_message
 
 __all__ = [
     "Compare",
@@ -326,48 +326,6 @@ class _Backoff:
         return delay * random.uniform(0.8, 1.2)
 
 
-def _loop_scheduler() -> Callable[[Callable[[], object]], object]:
-    """A non-blocking, thread-safe "run this soon on the current event loop".
-
-    Not ``anyio.from_thread.run_sync``: that blocks the calling thread until the loop ran
-    the function, and the caller here is grpc's completion thread, shared by all calls of
-    a channel.
-    """
-    native = anyio.lowlevel.current_token().native_token
-    if isinstance(native, asyncio.AbstractEventLoop):
-        return native.call_soon_threadsafe
-    return native.run_sync_soon  # trio.lowlevel.TrioToken
-
-
-async def _await_future(future: Any) -> Any:
-    """Wait for a grpc (or concurrent.futures) future without blocking the loop."""
-    done = anyio.Event()
-    schedule = _loop_scheduler()
-
-    def on_done(_: Any) -> None:
-        try:
-            schedule(done.set)
-        except RuntimeError:  # the loop has finished (trio.RunFinishedError is one too)
-            pass
-
-    future.add_done_callback(on_done)
-    try:
-        await done.wait()
-    except BaseException:
-        future.cancel()
-        raise
-    return future.result()
-
-
-async def _next_message(call: Any, limiter: anyio.CapacityLimiter) -> Any:
-    """The next message of a streaming call (None at its end), read in a worker thread."""
-    try:
-        return await anyio.to_thread.run_sync(next, call, None, abandon_on_cancel=True, limiter=limiter)
-    except BaseException:
-        call.cancel()  # wakes the (possibly abandoned) reader thread at once
-        raise
-
-
 class _Endpoint:
     def __init__(self, target: str, credentials: grpc.ChannelCredentials | None) -> None:
         self.target = target
@@ -482,7 +440,7 @@ class EtcdClient:
 
         async def attempt(endpoint: _Endpoint) -> Any:
             multicallable = getattr(getattr(endpoint, service), name)
-            return await _await_future(multicallable.future(request, timeout=self._request_timeout))
+            return await await_future(multicallable.future(request, timeout=self._request_timeout))
 
         return await self._retrying(attempt, name, idempotent=idempotent, revision=revision)
 
@@ -591,7 +549,7 @@ class EtcdClient:
                 iter([request]), timeout=self._request_timeout, metadata=_REQUIRE_LEADER
             )
             try:
-                return await _next_message(call, limiter)
+                return await next_message(call, limiter)
             finally:
                 call.cancel()
 
@@ -687,7 +645,7 @@ class Watch:
             if self._call is None:
                 self._subscribe()
             try:
-                resp = await _next_message(self._call, self._limiter)
+                resp = await next_message(self._call, self._limiter)
             except grpc.RpcError as err:
                 self._drop_stream()
                 if self._client._closed or _code(err) in _PERMANENT_FOR_WATCH:
