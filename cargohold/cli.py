@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from cargohold import __version__, config, logs
+from cargohold import __version__, config, logs, nodecmd
 
 
 def _serve_parser(sub) -> None:
@@ -22,6 +23,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--node-id", help="this node's id (default: generated once, kept in the data dir)")
     p.add_argument("--site", help="site (region) of this node (default 'default')")
     p.add_argument("--grpc-listen", help="gRPC address HOST:PORT for peers")
+    p.add_argument("--grpc-advertise", help="the HOST:PORT peers dial for gRPC (default: the bound address)")
     p.add_argument("--advertise-url", help="the URL other nodes and clients reach this node at")
     p.add_argument("--runtime", choices=["asyncio", "trio"], help="asyncio (uvicorn, default) or trio (hypercorn)")
     p.add_argument("--min-copies", type=int, help="copies a blob must have before its upload is acknowledged")
@@ -53,11 +55,48 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", default=os.environ.get("CARGOHOLD_ETCD"),
+                   help="etcd endpoints URL[,URL...] (env CARGOHOLD_ETCD)")
+    p.add_argument("--cluster", default=os.environ.get("CARGOHOLD_CLUSTER", "default"),
+                   help="cluster name (env CARGOHOLD_CLUSTER; default 'default')")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _node_parser(sub) -> None:
+    node = sub.add_parser("node", help="cluster members: list, join, leave")
+    actions = node.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("list", help="members: id, site, state, URL, alive, blobs held, bytes")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, nodecmd.node_list))
+    p = actions.add_parser("join", help="admit a new node, or re-activate one that left")
+    p.add_argument("node_id")
+    p.add_argument("--site", default="default", help="site of a node not seen before")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, nodecmd.node_join))
+    p = actions.add_parser("leave", help="drain a node: its blobs are copied elsewhere, then it is removed")
+    p.add_argument("node_id")
+    p.add_argument("--wait", action="store_true", help="wait until the node has left, showing progress")
+    p.add_argument("--replicas", type=int, default=2, help="the cluster's replicas_per_site (default 2)")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, nodecmd.node_leave))
+
+
+def _with_etcd(args: argparse.Namespace, command) -> int:
+    import anyio
+
+    if not args.etcd:
+        print("cargohold: --etcd (or CARGOHOLD_ETCD) is required", file=sys.stderr)
+        return 2
+    return anyio.run(command, args, backend="trio")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cargohold", description="A clustered OCI container image registry.")
     parser.add_argument("--version", action="version", version=f"cargohold {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _node_parser(sub)
     return parser
 
 

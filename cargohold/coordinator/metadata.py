@@ -76,8 +76,9 @@ ChangeListener = Callable[[set, bool], None]
 
 
 class ClusterMetadata:
-    def __init__(self, client: EtcdClient, cluster: str, node_id: str):
+    def __init__(self, client: EtcdClient, cluster: str, node_id: str, replicas_per_site: int = 2):
         self.client = client
+        self.replicas_per_site = replicas_per_site
         self.keys = Keys(cluster)
         self.node_id = node_id
         self.model = ReadModel(self.keys)
@@ -104,6 +105,10 @@ class ClusterMetadata:
                 listener(blobs, membership)
 
     # ------------------------------------------------------------------ lifecycle
+    async def load(self) -> int:
+        """Load one snapshot without following the watch (for commands that only read)."""
+        return await self._load_snapshot()
+
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Load a snapshot, report started, then follow the watch until cancelled."""
         revision = await self._load_snapshot()
@@ -207,8 +212,12 @@ class ClusterMetadata:
 
     async def drop_copy(self, digest: str, owners: list[str]) -> bool:
         """Withdraw this node's copy, only while every owner still publishes one."""
+        return await self.withdraw_copy(digest, self.node_id, owners)
+
+    async def withdraw_copy(self, digest: str, node_id: str, owners: list[str]) -> bool:
+        """Withdraw `node_id`'s copy record, only while every owner still publishes one."""
         compare = [Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners]
-        result = await self._txn(compare, [Delete(self.keys.blob_at(digest, self.node_id))])
+        result = await self._txn(compare, [Delete(self.keys.blob_at(digest, node_id))])
         return result.succeeded
 
     async def forget_copy(self, digest: str) -> None:

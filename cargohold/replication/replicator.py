@@ -175,6 +175,8 @@ class Replicator:
                     self._in_progress.discard(digest)
                     if self.stats.queued:
                         self.stats.queued -= 1
+                    if not self._in_progress:
+                        self._wake.set()   # idle again: lets the loop see whether a drain is complete
 
     def _retry_later(self, digest: str) -> None:
         failures = self._failures[digest] = self._failures.get(digest, 0) + 1
