@@ -359,7 +359,7 @@ async def test_kill_during_many_manifest_puts(asyncio_node):
     manifest is there, and every other one is either complete or absent."""
     node = asyncio_node
     repo = "faults/kill-many"
-    images = [build_image(f"many-{i}", layers=1) for i in range(60)]
+    images = [build_image(f"many-{i}", layers=1) for i in range(120)]
     acked: set[int] = set()
     async with new_client(node) as c:
         for img in images:  # blobs first, so only manifest PUTs are in flight at the kill
