@@ -104,6 +104,9 @@ def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int) 
         # database does not grow without bound.
         "--auto-compaction-mode", "periodic",
         "--auto-compaction-retention", "1h",
+        # A manifest PUT is one transaction with an operation per layer and reference; etcd's
+        # default of 128 operations per branch would refuse images with ~120+ layers.
+        "--max-txn-ops", "4096",
     ]  # fmt: skip
 
 

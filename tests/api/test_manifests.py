@@ -564,3 +564,18 @@ async def test_docker_manifest_pulled_with_docker_accept(client, repo):
     r = await client.get(f"/v2/{repo}/manifests/list",
                          headers={"Accept": f"{DOCKER_LIST}, {DOCKER_MANIFEST}"})
     assert_manifest_response(r, lst)
+
+
+async def test_manifest_with_many_layers_is_one_transaction(client, repo):
+    """200 layers: more operations than etcd's default --max-txn-ops (128) allows in one txn."""
+    from tests.support import oci
+    layers = [oci.random_bytes(64, seed=f"many-{i}") for i in range(200)]
+    for layer in layers:
+        await oci.push_blob(client, repo, layer)
+    config = b'{"architecture":"amd64","os":"linux"}'
+    await oci.push_blob(client, repo, config)
+    body = oci.oci_manifest(config, layers)
+    r = await oci.push_manifest(client, repo, "many", body, oci.OCI_MANIFEST)
+    assert r.status_code == 201, oci.describe(r)
+    r = await client.get(f"/v2/{repo}/manifests/many", headers={"Accept": oci.OCI_MANIFEST})
+    assert r.status_code == 200 and r.content == body
