@@ -1,0 +1,94 @@
+"""A TCP proxy on loopback that cuts connections after a number of bytes: a flaky network link."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class FaultProxy:
+    """Forwards 127.0.0.1:<port> to `target`. The first `cut_connections` connections are closed
+    after `cut_after` bytes have gone from the target to the client."""
+
+    def __init__(self, target_port: int, *, cut_after: int, cut_connections: int = 1):
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.cuts_left = cut_connections
+        self.cuts_made = 0
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        self._budget: int | None = None
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, cut_after: int) -> None:
+        """Cut whichever connection (open or new) next carries `cut_after` bytes to the client."""
+        with self._lock:
+            self._budget = cut_after
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+                cut = self.cuts_left > 0
+                if cut:
+                    self.cuts_left -= 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            limit = self.cut_after if cut else None
+            threading.Thread(target=self._pipe, args=(client, upstream, None, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, limit, True), daemon=True).start()
+
+    def _armed_cut(self, size: int) -> int | None:
+        """With the proxy armed, how many of the next `size` bytes may pass before the cut."""
+        with self._lock:
+            if self._budget is None:
+                return None
+            if size < self._budget:
+                self._budget -= size
+                return None
+            allowed, self._budget = self._budget, None
+            return allowed
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None, to_client: bool) -> None:
+        sent = 0
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                allowed = self._armed_cut(len(data)) if to_client else None
+                if allowed is not None:
+                    sink.sendall(data[:allowed])
+                    with self._lock:
+                        self.cuts_made += 1
+                    break
+                if limit is not None and sent + len(data) >= limit:
+                    sink.sendall(data[: max(limit - sent, 0)])
+                    with self._lock:
+                        self.cuts_made += 1
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
