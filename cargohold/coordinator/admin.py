@@ -108,8 +108,7 @@ async def follow_leave(client: EtcdClient, cluster: str, node_id: str, report: C
                 break
             if not alive:
                 await _settle_dead_node(metadata, member)
-            with anyio.move_on_after(5.0):   # also re-check now and then: liveness can change quietly
-                await changed.wait()
+            await changed.wait()
             changed = anyio.Event()
         tg.cancel_scope.cancel()
     return progress

@@ -18,7 +18,7 @@ from typing import Callable
 import anyio
 
 from cargohold.coordinator.etcd import (
-    Compare, Delete, EtcdClient, EtcdCompacted, Get, KeyValue, LeaseLost, Put,
+    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, Get, KeyValue, LeaseLost, Put,
 )
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.readmodel import ReadModel, page
@@ -105,6 +105,17 @@ class ClusterMetadata:
                 listener(blobs, membership)
 
     # ------------------------------------------------------------------ lifecycle
+    async def is_current(self, timeout: float = 2.0) -> bool:
+        """etcd answers, and the read model catches up with its current revision within `timeout`."""
+        if not self.loaded:
+            return False
+        try:
+            with anyio.fail_after(timeout):
+                revision = await self.client.current_revision()
+        except (TimeoutError, EtcdError):
+            return False
+        return await self.model.wait_for(revision, timeout)
+
     async def load(self) -> int:
         """Load one snapshot without following the watch (for commands that only read)."""
         return await self._load_snapshot()

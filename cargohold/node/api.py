@@ -61,7 +61,7 @@ class RegistryAPI:
         self.min_copies = min_copies
         self.copy_timeout = copy_timeout
         self.manifest_cache = ContentCache()
-        self._ready = ready or (lambda: metadata.loaded)
+        self._ready = ready or metadata.is_current
         self._handlers = {
             "uploads": self._uploads, "upload": self._upload, "blob": self._blob,
             "manifest": self._manifest, "tags": self._tags, "referrers": self._referrers,
@@ -116,7 +116,7 @@ class RegistryAPI:
         if request.path == "/healthz":
             return json_response(200, b'{"status":"ok"}')
         if request.path == "/readyz":
-            ready = self._ready()
+            ready = await self._ready()
             body = _json({"ready": ready, "revision": self.metadata.model.revision, "node": self.node_id})
             return json_response(200 if ready else 503, body)
         if request.path == "/metrics":
@@ -383,7 +383,7 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
     n = None
     if raw_n is not None and raw_n != "":
         if not raw_n.isdigit() or len(raw_n) > 9:
-            raise errors.RegistryError("PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", 400)
+            raise errors.unsupported("n must be a non-negative integer", status=400)
         n = int(raw_n)
     return n, request.query("last") or None
 
@@ -404,8 +404,8 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
 
 
 def _unsatisfiable(size: int) -> errors.RegistryError:
-    return errors.RegistryError("RANGE_INVALID", "requested range not satisfiable", 416,
-                                headers={"Content-Range": f"bytes */{size}"})
+    return errors.unsupported("requested range not satisfiable", status=416,
+                              headers={"Content-Range": f"bytes */{size}"})
 
 
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:

@@ -70,6 +70,7 @@ class Replicator:
         self._full_pass = True
         self._wake = anyio.Event()
         self._dead_since: dict[str, float] = {}
+        self._repairing: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._retry_added = anyio.Event()
@@ -87,11 +88,21 @@ class Replicator:
         """Note when members stopped being alive; return the next moment one becomes 'down'."""
         alive = self.metadata.alive()
         now = time.monotonic()
-        for node_id in self.metadata.members():
+        for node_id, member in self.metadata.members().items():
             if node_id in alive:
-                self._dead_since.pop(node_id, None)
-            else:
-                self._dead_since.setdefault(node_id, now)
+                if self._dead_since.pop(node_id, None) is not None:
+                    log.info("member %s is alive (%s)", node_id, member.state)
+            elif node_id not in self._dead_since:
+                self._dead_since[node_id] = now
+                if member.state != "left":
+                    log.warning("member %s is not alive: reads go to other holders; its blobs are "
+                                "re-replicated if it stays down for %.0fs", node_id, self.down_after)
+            elif now - self._dead_since[node_id] >= self.down_after and node_id not in self._repairing:
+                self._repairing.add(node_id)
+                if member.state == "active":
+                    log.warning("member %s down for %.0fs: repair started, its blobs get new owners",
+                                node_id, self.down_after)
+        self._repairing &= set(self._dead_since)
         deadlines = [since + self.down_after for since in self._dead_since.values() if since + self.down_after > now]
         return min(deadlines) if deadlines else None
 
