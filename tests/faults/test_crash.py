@@ -503,3 +503,26 @@ async def _has_tags(c, repo: str, expected: set[str]) -> bool:
     got = set(await tags_on(c, repo))
     assert expected <= got, f"missing {sorted(expected - got)}"
     return True
+
+
+# -- clusters sharing one etcd --------------------------------------------------------------------
+async def test_other_cluster_traffic_does_not_make_a_node_unready(local_etcd, tmp_path):
+    """Clusters are isolated by key prefix on one etcd: writes in cluster "beta" must not
+    turn a node of cluster "alpha" unready (its /readyz must stay 200 and fast)."""
+    a = NodeProcess(tmp_path / "alpha", etcd_url=local_etcd.url, cluster="alpha", node_id="a")
+    b = NodeProcess(tmp_path / "beta", etcd_url=local_etcd.url, cluster="beta", node_id="b")
+    await anyio.to_thread.run_sync(a.start)
+    try:
+        await anyio.to_thread.run_sync(b.start)
+        try:
+            async with new_client(a) as ca, new_client(b) as cb:
+                for i in range(20):
+                    await push_blob(cb, "beta/repo", f"beta blob {i}".encode())
+                    started = time.monotonic()
+                    r = await ca.get("/readyz")
+                    assert r.status_code == 200, describe(r)
+                    assert time.monotonic() - started < 1.0, "readyz took over a second"
+        finally:
+            b.kill()
+    finally:
+        a.kill()
