@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 import oci
+import profiling
 import servers
 
 MiB = 1 << 20
@@ -44,11 +45,9 @@ class Ctx:
     raw: dict = field(default_factory=dict)      # per-benchmark details for --json
     errors: dict = field(default_factory=dict)   # benchmark -> side -> message
 
-    def start_profile(self, srv, name: str):
-        if not self.profile_dir:
-            return None
-        import profiling
-        return profiling.start(self, srv, name)
+    def profile(self, srv, name: str):
+        """Context manager: py-spy the cargohold node during the block (with --profile)."""
+        return profiling.window(self, srv, name)
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -125,12 +124,7 @@ def ab_rounds(ctx: Ctx, name: str, fn, *, cpus: str | None = None) -> dict[str, 
                 with servers.running(kind, ctx.base, cpus=cpus,
                                      runtime=ctx.runtime if kind == "cargohold" else None) as srv:
                     ctx.log(f"{tag}: {srv.url} pid {srv.pid} ready in {srv.last_ready_s:.2f}s")
-                    stop_profile = ctx.start_profile(srv, name) if kind == "cargohold" else None
-                    try:
-                        out[side].append(fn(srv, side, tag))
-                    finally:
-                        if stop_profile:
-                            ctx.raw.setdefault("profiles", {})[f"{name}/{rnd}"] = stop_profile()
+                    out[side].append(fn(srv, side, tag))
             except Exception as e:  # noqa: BLE001 - one side failing must not hide the other
                 msg = f"{type(e).__name__}: {e}"
                 ctx.log(f"{tag}: FAILED: {msg}")
@@ -141,6 +135,28 @@ def ab_rounds(ctx: Ctx, name: str, fn, *, cpus: str | None = None) -> dict[str, 
 def side_error(ctx: Ctx, name: str) -> str | None:
     errs = ctx.errors.get(name)
     return "; ".join(f"{s}: {m}" for s, m in errs.items()) if errs else None
+
+
+class CpuMeter:
+    """Server CPU seconds (user + sys, whole process tree) spent inside the block."""
+
+    def __init__(self, srv: servers.Server):
+        self.srv = srv
+        self.user = self.sys = 0.0
+
+    def __enter__(self):
+        self._start = self.srv.tree_cpu()
+        return self
+
+    def __exit__(self, *exc):
+        end = self.srv.tree_cpu()
+        self.user += end["user"] - self._start["user"]
+        self.sys += end["sys"] - self._start["sys"]
+        return False
+
+    @property
+    def total(self) -> float:
+        return self.user + self.sys
 
 
 # =========================================================================== manifest_get
@@ -189,7 +205,8 @@ def manifest_get(ctx: Ctx) -> list[Row]:
             resp_bytes = len(r.content)
         url = srv.url
         run_wrk(url, 1, wrk_cpus)  # warm-up, discarded
-        res = run_wrk(url, seconds, wrk_cpus)
+        with ctx.profile(srv, "manifest_get" + ("" if wrk_cpus else "_unpinned")):
+            res = run_wrk(url, seconds, wrk_cpus)
         bad = {k: v for k, v in res["errors"].items() if v}
         if bad:
             raise RuntimeError(f"{side}: wrk saw errors {bad} (non-2xx are 'status')")
@@ -263,27 +280,35 @@ def blob_big(ctx: Ctx) -> list[Row]:
         with oci.client(srv.url) as c:
             single = oci.supports_single_post(c, repo)
             flows[side] = "POST ?digest= + body" if single else "202, then PUT ?digest= + body"
-            for i in range(reps):   # interleave the three flows
-                p, dg = mono[i]
-                out["push_mono_s"].append(oci.push_blob_file(c, repo, p, dg, single))
-                p, dg = postput[i]
-                out["push_postput_s"].append(oci.push_blob_file_post_put(c, repo, p, dg))
-                p, dg = chunked[i]
-                out["push_chunked_s"].append(
-                    oci.push_blob_file_chunked(c, repo, p, dg, chunk))
+            push_cpu, pull_cpu = CpuMeter(srv), CpuMeter(srv)
+            with ctx.profile(srv, "blob_big-push"), push_cpu:
+                for i in range(reps):   # interleave the three flows
+                    p, dg = mono[i]
+                    out["push_mono_s"].append(oci.push_blob_file(c, repo, p, dg, single))
+                    p, dg = postput[i]
+                    out["push_postput_s"].append(oci.push_blob_file_post_put(c, repo, p, dg))
+                    p, dg = chunked[i]
+                    out["push_chunked_s"].append(
+                        oci.push_blob_file_chunked(c, repo, p, dg, chunk))
             # every pushed blob is read back once and its sha256 checked (untimed; this
             # also warms both servers' page cache the same way before the timed pulls)
             for p, dg in (*mono, *postput, *chunked):
                 oci.verify_blob(c, repo, dg, size)
             # timed pulls: curl to /dev/null, the cheapest client (bytes already verified)
-            for i in range(reps):
-                out["pull_s"].append(curl_get(f"{srv.url}/v2/{repo}/blobs/{mono[i][1]}", size)[0])
+            with ctx.profile(srv, "blob_big-pull"), pull_cpu:
+                for i in range(reps):
+                    out["pull_s"].append(
+                        curl_get(f"{srv.url}/v2/{repo}/blobs/{mono[i][1]}", size)[0])
             # informational: a Python client hashing while it reads (client-bound near 1-1.5 GB/s)
             out["pull_httpx_s"] = [oci.pull_blob_hashed(c, repo, mono[i][1], size)
                                    for i in range(reps)]
         mbps = {k.replace("_s", "_MBps"): [size / MB / t for t in v] for k, v in out.items()}
         out.update(mbps)
         out["monolithic_flow"] = flows[side]
+        out["push_cpu_s_per_GB"] = push_cpu.total / (3 * reps * size / 1e9)
+        out["pull_cpu_s_per_GB"] = pull_cpu.total / (reps * size / 1e9)
+        out["push_cpu"] = {"user": push_cpu.user, "sys": push_cpu.sys}
+        out["pull_cpu"] = {"user": pull_cpu.user, "sys": pull_cpu.sys}
         ctx.log(f"{tag}: MB/s push mono {_fmt(mbps['push_mono_MBps'])} ({flows[side]}), "
                 f"POST+PUT {_fmt(mbps['push_postput_MBps'])}, "
                 f"chunked {_fmt(mbps['push_chunked_MBps'])}, pull {_fmt(mbps['pull_MBps'])}, "
@@ -296,6 +321,9 @@ def blob_big(ctx: Ctx) -> list[Row]:
 
     def med(key):
         return {s: median(x for r in res[s] for x in r[key]) for s in SIDES}
+
+    def med1(key):
+        return {s: median(r[key] for r in res[s]) for s in SIDES}
 
     n = f"{size // MiB} MiB, median of {reps * ctx.rounds}"
     flow_note = "; ".join(f"{s}: {f}" for s, f in flows.items())
@@ -312,6 +340,11 @@ def blob_big(ctx: Ctx) -> list[Row]:
         Row("blob_big", "pull GET, httpx + sha256", "MB/s", med("pull_httpx_MBps"), True,
             note=n + "; hashed in a 2nd client thread while reading; client-bound, info only",
             error=err),
+        Row("blob_big", "server CPU per GB pushed", "cpu-s/GB", med1("push_cpu_s_per_GB"),
+            False, note="user+sys of the registry process tree (incl. cargohold's etcd) "
+                        "over all pushes; lower is better", error=err),
+        Row("blob_big", "server CPU per GB pulled", "cpu-s/GB", med1("pull_cpu_s_per_GB"),
+            False, note="same, over the timed curl pulls", error=err),
     ]
 
 
@@ -364,42 +397,66 @@ def blob_parallel(ctx: Ctx) -> list[Row]:
             for p, dg in files:        # content check, untimed
                 oci.verify_blob(c, repo, dg, size)
         out = {"aggregate_MBps": [], "wall_s": [], "per_client": []}
-        for _ in range(reps):
-            procs = []
-            t0 = time.perf_counter()
-            for p, dg in files:
-                url = f"{srv.url}/v2/{repo}/blobs/{dg}"
-                cmd = ["curl", "-s", "-S", "--fail", "--noproxy", "*",
-                       "-w", "%{http_code} %{size_download} %{time_total}\\n"]
-                for _ in range(loops):
-                    cmd += ["-o", "/dev/null", url]
-                procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True))
-            outs = [pr.communicate(timeout=300) for pr in procs]
-            wall = time.perf_counter() - t0
-            total = 0
-            per = []
-            for pr, (so, se) in zip(procs, outs):
-                if pr.returncode != 0:
-                    raise RuntimeError(f"{side}: curl failed ({pr.returncode}): {se.strip()}")
-                for secs in _parse_curl(so, size):
-                    total += size
-                    per.append(size / MB / secs)
-            out["aggregate_MBps"].append(total / MB / wall)
-            out["wall_s"].append(wall)
-            out["per_client"].append(statistics.mean(per))
+        cpu = CpuMeter(srv)
+        with ctx.profile(srv, "blob_parallel"), cpu:
+            for _ in range(reps):
+                _parallel_rep(srv, repo, side, out)
+        out["cpu_s_per_GB"] = cpu.total / (reps * clients * loops * size / 1e9)
+        out["cpu"] = {"user": cpu.user, "sys": cpu.sys}
+        out["machine_idle_pct"] = out.pop("idle")
         ctx.log(f"{tag}: aggregate {_fmt(out['aggregate_MBps'])} MB/s "
                 f"({clients} curl x {loops} x {size // MiB} MiB per rep)")
         return out
+
+    def _parallel_rep(srv, repo, side, out):
+        procs = []
+        idle0 = _cpu_idle()
+        t0 = time.perf_counter()
+        for p, dg in files:
+            url = f"{srv.url}/v2/{repo}/blobs/{dg}"
+            cmd = ["curl", "-s", "-S", "--fail", "--noproxy", "*",
+                   "-w", "%{http_code} %{size_download} %{time_total}\\n"]
+            for _ in range(loops):
+                cmd += ["-o", "/dev/null", url]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        outs = [pr.communicate(timeout=300) for pr in procs]
+        wall = time.perf_counter() - t0
+        idle1 = _cpu_idle()
+        out.setdefault("idle", []).append(
+            round(100.0 * (idle1[0] - idle0[0]) / max(1, idle1[1] - idle0[1]), 1))
+        total = 0
+        per = []
+        for pr, (so, se) in zip(procs, outs):
+            if pr.returncode != 0:
+                raise RuntimeError(f"{side}: curl failed ({pr.returncode}): {se.strip()}")
+            for secs in _parse_curl(so, size):
+                total += size
+                per.append(size / MB / secs)
+        out["aggregate_MBps"].append(total / MB / wall)
+        out["wall_s"].append(wall)
+        out["per_client"].append(statistics.mean(per))
 
     res = ab_rounds(ctx, "blob_parallel", one)
     err = side_error(ctx, "blob_parallel")
     ctx.raw["blob_parallel"] = res
     agg = {s: median(x for r in res[s] for x in r["aggregate_MBps"]) for s in SIDES}
+    cpu = {s: median(r["cpu_s_per_GB"] for r in res[s]) for s in SIDES}
+    idle = median(x for s in SIDES for r in res[s] for x in r["machine_idle_pct"])
     return [Row("blob_parallel", f"{clients} clients x {size // MiB} MiB pull, aggregate",
                 "MB/s", agg, True, 1.0,
                 note=f"curl -o /dev/null, {loops} GETs/client/rep on one connection, "
-                     f"median of {reps * ctx.rounds}", error=err)]
+                     f"median of {reps * ctx.rounds}; machine idle during the pulls: "
+                     f"{idle}% (0 = CPU-bound box)", error=err),
+            Row("blob_parallel", "server CPU per GB pulled", "cpu-s/GB", cpu, False,
+                note="user+sys of the registry process tree; lower is better", error=err)]
+
+
+def _cpu_idle() -> tuple[int, int]:
+    """(idle+iowait jiffies, all jiffies) of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)
 
 
 # =========================================================================== memory

@@ -8,10 +8,13 @@ the most samples on top of the stack (self) and anywhere on it (total).
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+RATE = 250  # samples/s per thread
 
 
 def start(ctx, srv, name: str):
@@ -20,14 +23,16 @@ def start(ctx, srv, name: str):
     raw = ctx.profile_dir / f"{stem}.txt"
     svg = ctx.profile_dir / f"{stem}.svg"
     log = open(ctx.profile_dir / f"{stem}.log", "wb")
-    cmd = [ctx.pyspy, "record", "--pid", str(srv.pid), "--rate", "250", "--format", "raw",
+    cmd = [ctx.pyspy, "record", "--pid", str(srv.pid), "--rate", str(RATE), "--format", "raw",
            "--output", str(raw), "--duration", "3600", "--nonblocking", "--threads"]
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     log.close()
-    time.sleep(1.0)  # let py-spy attach before the load starts
+    time.sleep(1.5)  # let py-spy attach before the measured part starts
     ctx.log(f"[profile] py-spy pid {p.pid} sampling node pid {srv.pid} -> {raw}")
+    t0 = time.perf_counter()
 
     def stop() -> dict:
+        window = time.perf_counter() - t0
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
             try:
@@ -37,7 +42,7 @@ def start(ctx, srv, name: str):
                 p.wait(10)
         if not raw.exists():
             return {"error": f"py-spy wrote nothing; see {raw.with_suffix('.log')}"}
-        summary = summarize(raw)
+        summary = summarize(raw, window)
         summary["raw"] = str(raw)
         # a flame graph too, from the same samples, if the tool can convert (best effort)
         summary["svg"] = str(svg) if _to_svg(raw, svg) else None
@@ -45,6 +50,19 @@ def start(ctx, srv, name: str):
         return summary
 
     return stop
+
+
+@contextlib.contextmanager
+def window(ctx, srv, name: str):
+    """Profile the node only while the block runs (no-op unless --profile)."""
+    if not ctx.profile_dir or srv.kind != "cargohold":
+        yield
+        return
+    stop = start(ctx, srv, name)
+    try:
+        yield
+    finally:
+        ctx.raw.setdefault("profiles", {})[f"{name}-{len(ctx.raw.get('profiles', {}))}"] = stop()
 
 
 def _to_svg(raw: Path, svg: Path) -> bool:
@@ -71,49 +89,58 @@ def _short(frame: str) -> str:
     return f"{fn} ({path})" if path else fn
 
 
-def summarize(raw: Path, top: int = 25) -> dict:
-    self_c: collections.Counter = collections.Counter()
-    total_c: collections.Counter = collections.Counter()
-    files_c: collections.Counter = collections.Counter()
+def summarize(raw: Path, window_s: float, top: int = 25) -> dict:
+    """Per-thread busy time and the hottest functions, main (event loop) thread apart.
+
+    py-spy (without --idle) only records a thread while it runs or is runnable, so
+    samples / (RATE x window) is the share of wall time that thread was busy.
+    """
+    self_main: collections.Counter = collections.Counter()
+    self_other: collections.Counter = collections.Counter()
+    total_main: collections.Counter = collections.Counter()
+    threads: collections.Counter = collections.Counter()
     n = 0
-    idle = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         c = int(count)
-        frames = [_short(f) for f in stack.split(";")]
-        frames = [f for f in frames if not f.startswith("thread (") and not f.startswith("process ")]
+        parts = stack.split(";")
+        thread = parts[0] if parts[0].startswith("thread (") else "?"
+        frames = [_short(f) for f in parts if not f.startswith(("thread (", "process "))]
         if not frames:
             continue
         n += c
-        leaf = frames[-1]
-        self_c[leaf] += c
-        if any(k in leaf for k in ("select (", "epoll", "_run_once (asyncio", "poll (")) or \
-                leaf.startswith("wait (") or leaf.startswith("_worker (concurrent"):
-            idle += c
-        for f in set(frames):
-            total_c[f] += c
-        files = {f.rpartition(" (")[2].rstrip(")").split("/")[0] for f in frames}
-        for f in files:
-            files_c[f] += c
-    pct = (lambda c: round(100.0 * c / n, 1)) if n else (lambda c: 0.0)
+        main = thread.endswith("MainThread")
+        threads["MainThread" if main else thread.split(": ", 1)[-1]] += c
+        (self_main if main else self_other)[frames[-1]] += c
+        if main:
+            for f in set(frames):
+                total_main[f] += c
+    per_s = RATE * window_s
+    main_n = threads.get("MainThread", 0)
+    pct = (lambda c, d: round(100.0 * c / d, 1) if d else 0.0)
     return {
+        "window_s": round(window_s, 2),
         "samples": n,
-        "idle_pct": pct(idle),
-        "top_self": [(f, pct(c)) for f, c in self_c.most_common(top)],
-        "top_total": [(f, pct(c)) for f, c in total_c.most_common(top)],
-        "by_package": [(f, pct(c)) for f, c in files_c.most_common(15)],
+        "busy_pct_of_wall": {t: pct(c, per_s) for t, c in threads.most_common()},
+        "main_self": [(f, pct(c, main_n)) for f, c in self_main.most_common(top)],
+        "main_total": [(f, pct(c, main_n)) for f, c in total_main.most_common(top)],
+        "other_self": [(f, pct(c, n - main_n)) for f, c in self_other.most_common(top)],
     }
 
 
-def format_summary(name: str, s: dict, top: int = 20) -> str:
+def format_summary(name: str, s: dict, top: int = 15) -> str:
     if "error" in s:
         return f"[profile {name}] {s['error']}"
-    out = [f"[profile {name}] {s['samples']} samples (all threads), "
-           f"~{s['idle_pct']}% in idle/wait leaves; raw stacks {s.get('raw')}"]
-    out.append("  self %   function (top of stack)")
-    out += [f"  {p:6.1f}  {f}" for f, p in s["top_self"][:top]]
-    out.append("  total %  function (anywhere on the stack)")
-    out += [f"  {p:6.1f}  {f}" for f, p in s["top_total"][:top]]
+    busy = ", ".join(f"{t} {p}%" for t, p in s["busy_pct_of_wall"].items())
+    out = [f"[profile {name}] {s['window_s']}s window, {s['samples']} samples; "
+           f"busy share of wall time per thread kind: {busy}",
+           f"  raw stacks: {s.get('raw')}",
+           "  main (event loop) thread, self %  [native code shows as its Python caller]"]
+    out += [f"  {p:6.1f}  {f}" for f, p in s["main_self"][:top]]
+    out.append("  main thread, total % (on the stack)")
+    out += [f"  {p:6.1f}  {f}" for f, p in s["main_total"][:top] if p < 99.5]
+    out.append("  other threads, self %")
+    out += [f"  {p:6.1f}  {f}" for f, p in s["other_self"][:8]]
     return "\n".join(out)

@@ -49,8 +49,14 @@ def machine_info() -> dict:
                                  "HEAD"], capture_output=True, text=True).stdout.strip()
     except Exception:  # noqa: BLE001
         commit = "?"
+    try:
+        dirty = bool(subprocess.run(["git", "-C", str(servers.REPO_ROOT), "status", "--porcelain",
+                                     "--", "cargohold"], capture_output=True, text=True).stdout)
+    except Exception:  # noqa: BLE001
+        dirty = None
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cargohold_tree_dirty": dirty,
         "nproc": os.cpu_count(),
         "affinity": sorted(os.sched_getaffinity(0)),
         "cpu_model": model,
@@ -75,6 +81,8 @@ def _meminfo_mb() -> int:
 def fmt_val(v, unit) -> str:
     if v is None:
         return "-"
+    if unit == "cpu-s/GB":
+        return f"{v:.3f} {unit}"
     if unit in ("req/s", "MB/s"):
         return f"{v:,.0f} {unit}"
     return f"{v:,.2f} {unit}" if unit == "ms" else f"{v:,.1f} {unit}"
@@ -140,6 +148,8 @@ def main(argv=None) -> int:
     info = machine_info()
     print(f"machine: {info['nproc']} cpus ({info['cpu_model']}), load {info['loadavg_start']}, "
           f"{info['distribution']}, {info['wrk']}")
+    print(f"cargohold at commit {info['git_commit']}"
+          + (" + uncommitted changes under cargohold/" if info["cargohold_tree_dirty"] else ""))
     print(f"scratch: {base}")
     if args.self_compare:
         ctx.kinds["cargohold"] = "distribution"

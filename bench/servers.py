@@ -81,6 +81,17 @@ def proc_status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by ``pid`` (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(st[11]) / tck, int(st[12]) / tck
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -153,6 +164,15 @@ class Server:
             rss += proc_status_kib(p, "VmRSS") or 0
             hwm += proc_status_kib(p, "VmHWM") or 0
         return {"rss_kib": rss, "hwm_kib": hwm, "pids": len(self.node_pids())}
+
+    def tree_cpu(self) -> dict[str, float]:
+        """CPU seconds of the registry and everything it started (a private etcd too)."""
+        user = system = 0.0
+        for p in [self.pid, *descendants_of(self.pid)]:
+            u, s = cpu_seconds(p)
+            user += u
+            system += s
+        return {"user": user, "sys": system}
 
     def start(self) -> None:
         if not self.port:
