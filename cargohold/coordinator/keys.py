@@ -64,6 +64,10 @@ class Keys:
     def alive(self, node_id: str) -> str:
         return f"{self.prefix}alive/{node_id}"
 
+    def probe(self, node_id: str) -> str:
+        """Written by a node's readiness check; it comes back through the node's own watch."""
+        return f"{self.prefix}probes/{node_id}"
+
     def parse(self, key: str) -> ParsedKey:
         if not key.startswith(self.prefix):
             return ParsedKey("other")

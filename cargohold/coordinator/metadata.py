@@ -87,6 +87,8 @@ class ClusterMetadata:
         self.etcd_requests = 0
         self.etcd_seconds = 0.0
         self._listeners: list[ChangeListener] = []
+        self._ready = False
+        self._ready_checked_at = float("-inf")
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener(changed_blob_digests, membership_changed)` after each applied watch batch.
@@ -106,15 +108,25 @@ class ClusterMetadata:
 
     # ------------------------------------------------------------------ lifecycle
     async def is_current(self, timeout: float = 2.0) -> bool:
-        """etcd answers, and the read model catches up with its current revision within `timeout`."""
-        if not self.loaded:
-            return False
-        try:
-            with anyio.fail_after(timeout):
-                revision = await self.client.current_revision()
-        except (TimeoutError, EtcdError):
-            return False
-        return await self.model.wait_for(revision, timeout)
+        """etcd takes a write and the watch brings it back into the read model within `timeout`.
+
+        The probe key is under this cluster's prefix, so other clusters sharing the etcd (whose
+        writes advance etcd's global revision but never reach our watch) cannot make us unready.
+        Answers are reused for a second so that a probe storm is not a write storm.
+        """
+        now = time.monotonic()
+        if now - self._ready_checked_at < 1.0:
+            return self._ready
+        ready = False
+        if self.loaded:
+            try:
+                with anyio.fail_after(timeout):
+                    revision = await self.client.put(self.keys.probe(self.node_id), str(time.time()).encode())
+                ready = await self.model.wait_for(revision, timeout)
+            except (TimeoutError, EtcdError):
+                ready = False
+        self._ready, self._ready_checked_at = ready, time.monotonic()
+        return ready
 
     async def load(self) -> int:
         """Load one snapshot without following the watch (for commands that only read)."""

@@ -268,9 +268,9 @@ class RegistryAPI:
                    (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
         start, end = 0, size - 1
         status = 200
-        range_header = request.header("range")
-        if range_header:
-            start, end = _parse_range(range_header, size)
+        wanted = _parse_range(request.header("range"), size) if request.header("range") else None
+        if wanted is not None:
+            start, end = wanted
             status = 206
             headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
         length = end - start + 1
@@ -388,12 +388,22 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
     return n, request.query("last") or None
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int]:
-    match = _RANGE.match(header.strip())
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The byte range asked for, or None to serve the whole blob.
+
+    RFC 9110 14.2: a Range with a unit we do not know is ignored, and we may ignore a
+    multi-range request (serving all of it is always correct).
+    """
+    header = header.strip()
+    if not header.startswith("bytes=") or "," in header:
+        return None
+    match = _RANGE.match(header)
     if not match or (not match.group(1) and not match.group(2)):
         raise _unsatisfiable(size)
     first, last = match.groups()
     if first == "":  # suffix range: the last N bytes
+        if int(last) == 0:
+            raise _unsatisfiable(size)
         start, end = max(size - int(last), 0), size - 1
     else:
         start = int(first)
