@@ -161,6 +161,12 @@ class Compare:
     target: str  # "create" | "mod" | "version" | "value"
     result: str  # "==" | "!=" | "<" | ">"
     operand: int | bytes
+    prefix: bool = False  # compare every key under `key` (true for an empty range)
+
+    @classmethod
+    def none_with_prefix(cls, prefix: str) -> Compare:
+        """No key starts with `prefix` (etcd compares an empty range as one absent key)."""
+        return cls(prefix, "create", "==", 0, prefix=True)
 
     @classmethod
     def exists(cls, key: str) -> Compare:
@@ -181,6 +187,8 @@ class Compare:
     def _to_pb(self) -> Any:
         target, field = _CMP_TARGETS[self.target]
         pb = etcdrpc.Compare(key=_enc(self.key), result=_CMP_RESULTS[self.result], target=target)
+        if self.prefix:
+            pb.range_end = _prefix_end(_enc(self.key))
         setattr(pb, field, self.operand)
         return pb
 

@@ -361,3 +361,15 @@ async def test_mutual_tls(tmp_path):
                 await client.get("k")
     finally:
         await anyio.to_thread.run_sync(stop_process, proc)
+
+
+async def test_compare_none_with_prefix(etcd_client):
+    from cargohold.coordinator.etcd import Compare, Put
+
+    prefix = "/t/none-with-prefix/"
+    guard = [Compare.none_with_prefix(prefix + "refs/")]
+    assert (await etcd_client.txn(guard, [Put(prefix + "a", b"1")])).succeeded
+    await etcd_client.put(prefix + "refs/x", b"")
+    assert not (await etcd_client.txn(guard, [Put(prefix + "b", b"1")])).succeeded
+    await etcd_client.delete(prefix + "refs/x")
+    assert (await etcd_client.txn(guard, [Put(prefix + "c", b"1")])).succeeded
