@@ -59,14 +59,23 @@ class ManifestRecord:
 class BlobRecord:
     size: int
     created: float
+    touched: float = 0.0     # last HEAD/GET/mount/re-upload that refreshed the GC grace hold
+
+    @property
+    def held_since(self) -> float:
+        """The GC never sweeps a blob whose hold is younger than the grace period."""
+        return max(self.created, self.touched)
 
     def encode(self) -> bytes:
-        return json.dumps({"size": self.size, "created": self.created}, separators=(",", ":")).encode()
+        document = {"size": self.size, "created": self.created}
+        if self.touched:
+            document["touched"] = self.touched
+        return json.dumps(document, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> "BlobRecord":
         d = json.loads(raw)
-        return cls(int(d["size"]), float(d.get("created", 0.0)))
+        return cls(int(d["size"]), float(d.get("created", 0.0)), float(d.get("touched", 0.0)))
 
 
 def encode_repo(kind: str = "local") -> bytes:
