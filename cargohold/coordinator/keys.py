@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ParsedKey:
-    kind: str                 # "repo", "tag", "manifest", "blob", "blob_at", "blob_in", "member", "alive", "tombstone", "other"
+    kind: str                 # "repo", "tag", "manifest", "blob", "blob_at", "blob_in", "member", "alive",
+                              # "tombstone", "gc_run", "gc_leader", "policies", "other"
     repo: str | None = None
     name: str | None = None   # tag, digest or node id, by kind
     digest: str | None = None
@@ -54,8 +55,28 @@ class Keys:
         """The blob is linked into a repository: pushed, mounted or referenced there."""
         return f"{self.prefix}blobs/{digest}/in/{repo}"
 
+    def blob_in_prefix(self, digest: str) -> str:
+        return f"{self.prefix}blobs/{digest}/in/"
+
     def tombstone(self, digest: str) -> str:
         return f"{self.prefix}gc/tombstones/{digest}"
+
+    def tombstones_prefix(self) -> str:
+        return f"{self.prefix}gc/tombstones/"
+
+    # -- garbage collection and policies
+    def gc_leader(self) -> str:
+        return f"{self.prefix}gc/leader"
+
+    def gc_run(self, run_id: str) -> str:
+        return f"{self.prefix}gc/runs/{run_id}"
+
+    def policies(self) -> str:
+        return f"{self.prefix}policies/rules"
+
+    def section_prefix(self, section: str) -> str:
+        """`manifests/`, `tags/`, `blobs/`, ...: whole sections, for the GC's snapshot."""
+        return f"{self.prefix}{section}/"
 
     # -- membership
     def member(self, node_id: str) -> str:
@@ -67,6 +88,28 @@ class Keys:
     def probe(self, node_id: str) -> str:
         """Written by a node's readiness check; it comes back through the node's own watch."""
         return f"{self.prefix}probes/{node_id}"
+
+    # -- accounts and access (issue 6): read and written by coordinator/accounts.py only
+    def auth_prefix(self) -> str:
+        return f"{self.prefix}auth/"
+
+    def user(self, name: str) -> str:
+        return f"{self.prefix}auth/users/{name}"
+
+    def robot(self, name: str) -> str:
+        return f"{self.prefix}auth/robots/{name}"
+
+    def access_rules(self) -> str:
+        return f"{self.prefix}auth/rules"
+
+    def signing_key(self, key_id: str) -> str:
+        return f"{self.prefix}auth/keys/{key_id}"
+
+    def parse_auth(self, key: str) -> tuple[str, str]:
+        """(section, name) of a key under auth/: ("users", "alice"), ("rules", ""), ("keys", kid)."""
+        section, _, name = key[len(self.auth_prefix()):].partition("/")
+        return section, name
+    # -- end of accounts and access
 
     def parse(self, key: str) -> ParsedKey:
         if not key.startswith(self.prefix):
@@ -94,6 +137,13 @@ class Keys:
             return ParsedKey("member", name=rest)
         if section == "alive":
             return ParsedKey("alive", name=rest)
-        if section == "gc" and rest.startswith("tombstones/"):
-            return ParsedKey("tombstone", digest=rest[len("tombstones/"):])
+        if section == "gc":
+            if rest.startswith("tombstones/"):
+                return ParsedKey("tombstone", digest=rest[len("tombstones/"):])
+            if rest.startswith("runs/"):
+                return ParsedKey("gc_run", name=rest[len("runs/"):])
+            if rest == "leader":
+                return ParsedKey("gc_leader")
+        if section == "policies" and rest == "rules":
+            return ParsedKey("policies")
         return ParsedKey("other")
