@@ -326,8 +326,13 @@ class ClusterMetadata:
             names.extend(kv.key[len(prefix):] for kv in kvs if "/" not in kv.key[len(prefix):])
         return page(sorted(names), n, last)
 
-    def catalog(self, n: int | None, last: str | None) -> tuple[list[str], bool]:
-        return page(self.model.sorted_repos(), n, last)
+    def catalog(self, n: int | None, last: str | None,
+                visible: Callable[[str], bool] | None = None) -> tuple[list[str], bool]:
+        """A page of repository names; `visible` (access control) filters them before paging."""
+        names = self.model.sorted_repos()
+        if visible is not None:
+            names = [name for name in names if visible(name)]
+        return page(names, n, last)
 
     def referrers(self, repo: str, subject: str) -> list[tuple[str, ManifestRecord]]:
         digests = self.model.referrers.get((repo, subject), ())

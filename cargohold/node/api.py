@@ -10,10 +10,12 @@ from urllib.parse import quote
 
 import anyio
 
+from cargohold.audit import AuditLog
 from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences
 from cargohold.coordinator.records import ManifestRecord
 from cargohold.node import errors
+from cargohold.node.auth import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
     ClientDisconnected, Request, Response, error_response, json_response, send_response,
@@ -50,7 +52,7 @@ class RegistryAPI:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
                  *, node_id: str = "", ready=None, replicator: Replicator | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
-                 min_copies: int = 1, copy_timeout: float = 60.0):
+                 min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -60,6 +62,8 @@ class RegistryAPI:
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
         self.copy_timeout = copy_timeout
+        self.access = access            # issue 6: None means no access control at all
+        self.audit = access.audit if access is not None else AuditLog(None)
         self.manifest_cache = ContentCache()
         self._ready = ready or metadata.is_current
         self._handlers = {
@@ -94,25 +98,22 @@ class RegistryAPI:
             log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent, elapsed * 1000)
 
     async def handle(self, request: Request) -> Response:
-        path = request.path
-        if not path.startswith("/v2"):
+        kind, params = _route(request)
+        if self.access is not None:
+            await self.access.check(request, kind, params)
+        if kind == "service":
             return await self._service_route(request)
-        if path in ("/v2/", "/v2"):
+        if kind == "base":
             _allow(request, "GET", "HEAD")
             return json_response(200, b"{}")
-        if path == "/v2/_catalog":
+        if kind == "catalog":
             _allow(request, "GET")
             return self._catalog(request)
-        for pattern, kind in ROUTES:
-            match = pattern.match(path)
-            if match:
-                request.route = kind
-                params = match.groupdict()
-                params["name"] = validate_name(params["name"])
-                return await self._handlers[kind](request, **params)
-        raise errors.not_found()
+        return await self._handlers[kind](request, **params)
 
     async def _service_route(self, request: Request) -> Response:
+        if request.path == "/token" and self.access is not None:
+            return await self.access.token(request)
         if request.path == "/healthz":
             return json_response(200, b'{"status":"ok"}')
         if request.path == "/readyz":
@@ -126,7 +127,7 @@ class RegistryAPI:
     # ------------------------------------------------------------------ discovery
     def _catalog(self, request: Request) -> Response:
         n, last = _pagination(request)
-        names, more = self.metadata.catalog(n, last)
+        names, more = self.metadata.catalog(n, last, self.access.visible(request) if self.access else None)
         response = json_response(200, _json({"repositories": names}))
         if more and names:
             response.header("Link", f'</v2/_catalog?n={n}&last={quote(names[-1])}>; rel="next"')
@@ -169,7 +170,7 @@ class RegistryAPI:
         if method == "PUT":
             return await self._put_manifest(request, name, reference)
         if method == "DELETE":
-            return await self._delete_manifest(name, reference)
+            return await self._delete_manifest(request, name, reference)
         raise _method_not_allowed(request)
 
     async def _get_manifest(self, request: Request, name: str, reference: str) -> Response:
@@ -229,13 +230,14 @@ class RegistryAPI:
             raise errors.manifest_blob_unknown("manifest references manifests unknown to the repository",
                                                detail={"manifests": missing.manifests}) from None
         self.manifest_cache.put(str(digest), body)
+        self.audit.record("push", request, repository=name, reference=reference, digest=str(digest), tag=tag)
         response = Response(201).header("Location", f"/v2/{name}/manifests/{digest}")
         response.header("Docker-Content-Digest", str(digest))
         if parsed.subject is not None:
             response.header("OCI-Subject", str(parsed.subject))
         return response
 
-    async def _delete_manifest(self, name: str, reference: str) -> Response:
+    async def _delete_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, digest = parse_reference(reference)
         try:
             if digest is not None:
@@ -246,6 +248,7 @@ class RegistryAPI:
             raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
         if not found:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
+        self.audit.record("delete", request, repository=name, reference=reference)
         return Response(202)
 
     # ------------------------------------------------------------------ blobs
@@ -256,6 +259,7 @@ class RegistryAPI:
         if request.method == "DELETE":
             if not await self.metadata.unlink_blob(name, str(parsed)):
                 raise errors.blob_unknown(detail={"digest": str(parsed)})
+            self.audit.record("delete", request, repository=name, digest=str(parsed))
             return Response(202).header("Docker-Content-Digest", str(parsed))
         raise _method_not_allowed(request)
 
@@ -291,9 +295,12 @@ class RegistryAPI:
         _allow(request, "POST")
         mount, source = request.query("mount"), request.query("from")
         if mount is not None and source is not None:
-            mounted = await self._try_mount(name, parse_digest(mount), validate_name(source))
-            if mounted is not None:
-                return mounted
+            source = validate_name(source)
+            # Without pull on `from` this is a plain upload: the answer never reveals the blob.
+            if self.access is None or self.access.may(request, source, "pull"):
+                mounted = await self._try_mount(name, parse_digest(mount), source)
+                if mounted is not None:
+                    return mounted
         digest_param = request.query("digest")
         if digest_param is not None:
             digest = parse_digest(digest_param)
@@ -367,6 +374,25 @@ async def _lifespan(receive, send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+def _route(request: Request) -> tuple[str, dict]:
+    """The route's kind ("service", "base", "catalog" or a ROUTES kind) and its parameters."""
+    path = request.path
+    if not path.startswith("/v2"):
+        return "service", {}
+    if path in ("/v2/", "/v2"):
+        return "base", {}
+    if path == "/v2/_catalog":
+        return "catalog", {}
+    for pattern, kind in ROUTES:
+        match = pattern.match(path)
+        if match:
+            request.route = kind
+            params = match.groupdict()
+            params["name"] = validate_name(params["name"])
+            return kind, params
+    raise errors.not_found()
 
 
 def _allow(request: Request, *methods: str) -> None:

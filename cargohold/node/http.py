@@ -21,7 +21,8 @@ class ClientDisconnected(Exception):
 
 
 class Request:
-    __slots__ = ("scope", "receive", "method", "path", "route", "received", "_query", "_headers", "_consumed")
+    __slots__ = ("scope", "receive", "method", "path", "route", "received", "auth", "_query", "_headers",
+                 "_consumed")
 
     def __init__(self, scope, receive):
         self.scope = scope
@@ -32,6 +33,7 @@ class Request:
         self._headers: dict[str, str] | None = None
         self._consumed = False
         self.route = "other"
+        self.auth = None            # set by access control (node/auth.py): who is asking
         self.received = 0
 
     def header(self, name: str) -> str | None:
