@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cargohold import __version__, config, logs, nodecmd
+from cargohold import __version__, config, gccmd, logs, nodecmd
 
 
 def _serve_parser(sub) -> None:
@@ -82,6 +82,32 @@ def _node_parser(sub) -> None:
     p.set_defaults(handler=lambda a: _with_etcd(a, nodecmd.node_leave))
 
 
+def _gc_parser(sub) -> None:
+    gc = sub.add_parser("gc", help="garbage collection: run, status")
+    actions = gc.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("run", help="one cluster-wide mark-and-sweep (online: pushes go on)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be freed; free nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish, showing progress")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, gccmd.gc_run))
+    p = actions.add_parser("status", help="the leader and the latest run's progress")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, gccmd.gc_status))
+
+
+def _retention_parser(sub) -> None:
+    retention = sub.add_parser("retention", help="retention and immutable-tag rules")
+    rules = retention.add_subparsers(dest="what", required=True).add_parser("rules", help="the rules")
+    actions = rules.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("set", help="store the rules file (YAML or JSON: retention: [...], immutable: [...])")
+    p.add_argument("file")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, gccmd.retention_set))
+    p = actions.add_parser("list", help="show the stored rules")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, gccmd.retention_list))
+
+
 def _with_etcd(args: argparse.Namespace, command) -> int:
     import anyio
 
@@ -97,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _node_parser(sub)
+    _gc_parser(sub)
+    _retention_parser(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import secrets
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from cargohold.coordinator.policies import parse_duration
 
 ENV_PREFIX = "CARGOHOLD_"
 
@@ -42,6 +45,21 @@ class Settings:
     log_format: str = "plain"                           # plain or json
     access_log: bool = True
     upload_expiry: float = 7 * 24 * 3600.0              # abandoned upload sessions are removed after this
+    # -- access control (issue 6; README "Access control")
+    auth: str = "auto"                                  # auto, on or off
+    insecure_open: bool = False                         # let a node without access control listen on a public address
+    htpasswd: str | None = None                         # more users, from an htpasswd file (bcrypt only)
+    token_ttl: float = 300.0                            # lifetime of the tokens /token issues, seconds
+    auth_service: str | None = None                     # the tokens' audience; default cargohold-<cluster>
+    auth_realm: str | None = None                       # the token URL in challenges; default: from the Host header
+    audit_log: str | None = None                        # audit log file, or "-" for stdout
+    login_rate: str = "10/300"                          # failed logins allowed per account: N/SECONDS
+    login_rate_client: str = "30/60"                    # failed logins allowed per client address: N/SECONDS
+    gc_grace: str = "1h"                                # blobs younger than this are never swept
+    untagged_after: str | None = None                   # delete untagged manifests older than this (off)
+    gc_interval: str | None = None                      # scheduled collections every ... (off)
+    gc_window: str | None = None                        # only start scheduled runs in "HH:MM-HH:MM" (UTC)
+    gc_workers: int = 16                                # sweep transactions in flight at once
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -142,8 +160,61 @@ def validate(settings: Settings) -> None:
         raise ConfigError("node_id may use letters, digits, '.', '_' and '-' only")
     if not _valid_id(settings.cluster) or not _valid_id(settings.site):
         raise ConfigError("cluster and site names may use letters, digits, '.', '_' and '-' only")
+    for name in ("gc_grace", "untagged_after", "gc_interval"):
+        value = getattr(settings, name)
+        if value is not None:
+            try:
+                parse_duration(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    if settings.gc_window is not None:
+        try:
+            parse_window(settings.gc_window)
+        except ValueError:
+            raise ConfigError("gc_window must look like 01:00-05:00 (UTC)") from None
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    _validate_access(settings)
+
+
+def _validate_access(settings: Settings) -> None:
+    from cargohold.node.ratelimit import parse_rate
+
+    if settings.auth not in ("auto", "on", "off"):
+        raise ConfigError("auth must be auto, on or off")
+    for name in ("login_rate", "login_rate_client"):
+        try:
+            parse_rate(getattr(settings, name))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    if not 10 <= settings.token_ttl <= 86400:
+        raise ConfigError("token_ttl must be between 10 and 86400 seconds")
+    if settings.auth == "off" and not settings.insecure_open and not is_loopback(settings.host_port[0]):
+        raise ConfigError(f"auth is off and {settings.listen} is not a loopback address: anybody could push and "
+                          "delete. Configure access control, or pass --insecure-open if that is what you want")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """"HH:MM-HH:MM" as minutes of the day (the end may be before the start: over midnight)."""
+    start, _, end = text.partition("-")
+
+    def minutes(part: str) -> int:
+        hours, _, mins = part.strip().partition(":")
+        value = int(hours) * 60 + int(mins or 0)
+        if not 0 <= value < 1440:
+            raise ValueError(text)
+        return value
+
+    return minutes(start), minutes(end)
 
 
 def _valid_id(value: str) -> bool:

@@ -88,7 +88,7 @@ async def follow_leave(client: EtcdClient, cluster: str, node_id: str, report: C
     metadata = ClusterMetadata(client, cluster, node_id="cli", replicas_per_site=replicas)
     changed = anyio.Event()
 
-    def on_change(_blobs, _membership):
+    def on_change(_blobs, _sections):
         changed.set()
 
     metadata.subscribe(on_change)

@@ -46,6 +46,14 @@ class ConcurrentChange(Exception):
     """A transaction kept losing to concurrent writers."""
 
 
+class TagImmutable(Exception):
+    """An immutable-tag rule forbids overwriting or deleting this tag."""
+
+    def __init__(self, repo: str, tag: str, rule: str):
+        super().__init__(f"tag {repo}:{tag} is protected by the {rule}")
+        self.repo, self.tag, self.rule = repo, tag, rule
+
+
 MEMBER_STATES = ("active", "draining", "left")
 
 
@@ -72,7 +80,9 @@ class Member:
         return Member(self.node_id, self.site, self.url, self.grpc, state, self.version)
 
 
-ChangeListener = Callable[[set, bool], None]
+# listener(changed blob digests, changed sections among "members", "gc", "policies")
+ChangeListener = Callable[[set, set], None]
+ALL_SECTIONS = frozenset({"members", "gc", "policies"})
 
 
 class ClusterMetadata:
@@ -89,9 +99,12 @@ class ClusterMetadata:
         self._listeners: list[ChangeListener] = []
         self._ready = False
         self._ready_checked_at = float("-inf")
+        self.lease: int | None = None
+        self.lease_granted = anyio.Event()
+        self.grace = 3600.0           # the GC grace period; holds are refreshed at half of it
 
     def subscribe(self, listener: ChangeListener) -> None:
-        """Call `listener(changed_blob_digests, membership_changed)` after each applied watch batch.
+        """Call `listener(changed_blob_digests, changed_sections)` after each applied watch batch.
 
         Listeners must not block: they note the work and wake their own task.
         """
@@ -101,10 +114,10 @@ class ClusterMetadata:
         self._listeners.remove(listener)
 
     def _publish_changes(self) -> None:
-        blobs, membership = self.model.take_changes()
-        if blobs or membership:
+        blobs, sections = self.model.take_changes()
+        if blobs or sections:
             for listener in list(self._listeners):
-                listener(blobs, membership)
+                listener(blobs, sections)
 
     # ------------------------------------------------------------------ lifecycle
     async def is_current(self, timeout: float = 2.0) -> bool:
@@ -156,7 +169,7 @@ class ClusterMetadata:
         self.loaded = True
         model.take_changes()
         for listener in self._listeners:
-            listener(set(model.blobs), True)   # a reload may have changed anything
+            listener(set(model.blobs), set(ALL_SECTIONS))   # a reload may have changed anything
         log.info("read model loaded at revision %d: %d repositories, %d blobs",
                  revision, len(model.repos), len(model.blobs))
         return revision
@@ -184,15 +197,23 @@ class ClusterMetadata:
         return member
 
     async def keep_membership(self, member: Member, ttl: int = 10) -> None:
-        """Keep a lease-bound `alive` key for this node; renew until cancelled."""
+        """Keep a lease-bound `alive` key for this node; renew until cancelled.
+
+        The lease is also what a GC leader's key is bound to (`self.lease`): when this node
+        dies or loses its lease, its leadership ends with it.
+        """
         while True:
             lease = await self.client.grant_lease(ttl)
             await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
+            self.lease = lease
+            self.lease_granted.set()
             try:
                 await self.client.keep_alive(lease, ttl)
             except LeaseLost:
                 log.warning("membership lease lost; registering again")
             finally:
+                self.lease = None
+                self.lease_granted = anyio.Event()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     try:
                         await self.client.revoke_lease(lease)
@@ -246,6 +267,20 @@ class ClusterMetadata:
     async def forget_copy(self, digest: str) -> None:
         """The local copy is missing or corrupt: stop advertising it."""
         await self._txn([], [Delete(self.keys.blob_at(digest, self.node_id))])
+
+    async def release_tombstoned_copy(self, digest: str, run_id: str) -> bool:
+        """The GC condemned this blob: withdraw our copy record while the tombstone still stands
+        (a re-upload lifts it, and then our copy must stay)."""
+        result = await self._txn([Compare.value_equals(self.keys.tombstone(digest), run_id.encode())],
+                                 [Delete(self.keys.blob_at(digest, self.node_id))])
+        return result.succeeded
+
+    async def clear_tombstone(self, digest: str, run_id: str) -> bool:
+        """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
+        result = await self._txn([Compare.value_equals(self.keys.tombstone(digest), run_id.encode()),
+                                  Compare.none_with_prefix(self.keys.blob(digest) + "/")],
+                                 [Delete(self.keys.tombstone(digest))])
+        return result.succeeded
 
     def holders(self, digest: str) -> set[str]:
         state = self.model.blobs.get(digest)
@@ -344,13 +379,17 @@ class ClusterMetadata:
 
     # ------------------------------------------------------------------ writes
     async def record_blob(self, repo: str, digest: str, size: int) -> None:
-        """A verified, fsynced blob now exists on this node and belongs to `repo`. One transaction."""
+        """A verified, fsynced blob now exists on this node and belongs to `repo`. One transaction.
+
+        It (re)writes the blob record, which also refreshes the GC hold and changes the record's
+        revision, so a sweep decided before this upload fails its re-check; and it lifts a
+        tombstone if the GC had condemned the same content (the bytes are new and verified).
+        """
         keys = self.keys
-        links = [Put(keys.blob_at(digest, self.node_id), b""), Put(keys.blob_in(digest, repo), b""),
-                 *self._repo_registration(repo)]
-        await self._txn([Compare.missing(keys.blob(digest))],
-                        [Put(keys.blob(digest), BlobRecord(size, time.time()).encode()), *links],
-                        links)
+        now = time.time()
+        await self._txn([], [Put(keys.blob(digest), BlobRecord(size, now, now).encode()),
+                             Put(keys.blob_at(digest, self.node_id), b""), Put(keys.blob_in(digest, repo), b""),
+                             Delete(keys.tombstone(digest)), *self._repo_registration(repo)])
 
     async def link_blob(self, repo: str, from_repo: str, digest: str) -> BlobRecord | None:
         """Cross-repository mount: link a blob of `from_repo` into `repo`. None if it is not there."""
@@ -358,9 +397,23 @@ class ClusterMetadata:
         if record is None:
             return None
         keys = self.keys
+        touched = BlobRecord(record.size, record.created, time.time())
         result = await self._txn([Compare.exists(keys.blob_in(digest, from_repo))],
-                                 [Put(keys.blob_in(digest, repo), b""), *self._repo_registration(repo)])
+                                 [Put(keys.blob(digest), touched.encode()), Put(keys.blob_in(digest, repo), b""),
+                                  *self._repo_registration(repo)])
         return record if result.succeeded else None
+
+    async def touch(self, digest: str, record: BlobRecord) -> None:
+        """A HEAD or GET saw this blob: refresh its GC hold, at most once per half grace period.
+
+        docker skips the upload of a layer that HEAD answers 200 for and pushes the manifest
+        next; the refreshed record makes any sweep decided before this HEAD fail its re-check.
+        """
+        now = time.time()
+        if now - record.held_since < self.grace / 2:
+            return
+        key = self.keys.blob(digest)
+        await self._txn([Compare.exists(key)], [Put(key, BlobRecord(record.size, record.created, now).encode())])
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
         key = self.keys.blob_in(digest, repo)
@@ -383,17 +436,47 @@ class ClusterMetadata:
             *(Put(keys.ref(child, repo, digest), b"") for child in dict.fromkeys(record.references())),
             *self._repo_registration(repo),
         ]
+        success.append(Delete(keys.tombstone(digest)))
+        compare = [Compare.exists(k) for k in checked]
+        failure = [Get(k) for k in checked]
         if tag is not None:
             success.append(Put(keys.tag(repo, tag), digest.encode()))
-        result = await self._txn([Compare.exists(k) for k in checked], success, [Get(k) for k in checked])
+            guard = await self._immutable_guard(repo, tag, digest)
+            if guard is not None:
+                compare.append(guard)
+                failure.append(Get(keys.tag(repo, tag)))
+        result = await self._txn(compare, success, failure)
         if result.succeeded:
             return
-        present = [bool(r) for r in result.responses]
+        if tag is not None and len(result.responses) > len(checked):
+            current = result.responses[-1]
+            if current and current[0].value.decode() != digest:
+                raise TagImmutable(repo, tag, self.model.policies.immutable_rule(repo, tag).describe())
+        present = [bool(r) for r in result.responses[:len(checked)]]
         n_blobs = len(record.blobs)
         raise MissingReferences(
             [b for b, ok in zip(record.blobs, present[:n_blobs]) if not ok],
             [c for c, ok in zip(record.children, present[n_blobs:]) if not ok],
         )
+
+    async def _immutable_guard(self, repo: str, tag: str, digest: str) -> Compare | None:
+        """For a tag under an immutable rule: the txn guard that it is new or already `digest`."""
+        rule = self.model.policies.immutable_rule(repo, tag)
+        if rule is None:
+            return None
+        current = await self.resolve_tag(repo, tag)
+        if current is None:
+            return Compare.missing(self.keys.tag(repo, tag))
+        if current == digest:
+            return Compare.value_equals(self.keys.tag(repo, tag), digest.encode())
+        raise TagImmutable(repo, tag, rule.describe())
+
+    def _refuse_immutable(self, repo: str, tag_keys: list[str]) -> None:
+        for key in tag_keys:
+            tag = key.rpartition("/")[2]
+            rule = self.model.policies.immutable_rule(repo, tag)
+            if rule is not None:
+                raise TagImmutable(repo, tag, rule.describe())
 
     async def delete_manifest(self, repo: str, digest: str) -> bool:
         """Delete a manifest, its reverse references and every tag that points at it."""
@@ -404,6 +487,7 @@ class ClusterMetadata:
                 return False
             record = ManifestRecord.decode(kv.value)
             tag_keys = await self._tags_pointing_at(repo, digest)
+            self._refuse_immutable(repo, tag_keys)
             compare = [Compare.mod_revision_equals(kv.key, kv.mod_revision),
                        *(Compare.value_equals(k, digest.encode()) for k in tag_keys)]
             success = [Delete(kv.key), Delete(keys.blob_in(digest, repo)),
@@ -421,7 +505,17 @@ class ClusterMetadata:
                          if "/" not in kv.key[len(prefix):] and kv.value.decode() == digest)
         return found
 
-    async def delete_tag(self, repo: str, tag: str) -> bool:
+    async def delete_tag(self, repo: str, tag: str, expected_digest: str | None = None) -> bool:
+        """Delete a tag (only while it still points at `expected_digest`, when given)."""
         key = self.keys.tag(repo, tag)
-        result = await self._txn([Compare.exists(key)], [Delete(key)])
+        self._refuse_immutable(repo, [key])
+        guard = Compare.value_equals(key, expected_digest.encode()) if expected_digest else Compare.exists(key)
+        result = await self._txn([guard], [Delete(key)])
         return result.succeeded
+
+    # ------------------------------------------------------------------ policies
+    def policies(self):
+        return self.model.policies
+
+    async def set_policies(self, policies) -> None:
+        await self._txn([], [Put(self.keys.policies(), policies.encode())])

@@ -8,11 +8,13 @@ coordinator feeds it key-values and events (h11 style: protocol logic free of I/
 from __future__ import annotations
 
 import bisect
+import json
 import sys
 
 import anyio
 
 from cargohold.coordinator.keys import Keys
+from cargohold.coordinator.policies import Policies
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
 
 
@@ -61,20 +63,23 @@ class ReadModel:
         self.revision = 0
         self.repos: dict[str, RepoState] = {}
         self.blobs: dict[str, BlobState] = {}
-        self.tombstones: set[str] = set()
         self.members: dict[str, bytes] = {}
         self.alive: set[str] = set()
         # (repo, subject digest) -> manifests in that repo whose subject it is
         self.referrers: dict[tuple[str, str], set[str]] = {}
         self._sorted_repos: list[str] | None = None
         self._waiters: list[tuple[int, anyio.Event]] = []
-        # What changed since the last take_changes(): the replication side reacts to these.
+        self.tombstones: dict[str, str] = {}          # digest -> run id
+        self.gc_runs: dict[str, dict] = {}
+        self.gc_leader: str | None = None
+        self.policies = Policies()
+        # What changed since the last take_changes(): replication and GC react to these.
         self.changed_blobs: set[str] = set()
-        self.membership_changed = False
+        self.changed_sections: set[str] = set()       # "members", "gc", "policies"
 
-    def take_changes(self) -> tuple[set[str], bool]:
-        changes = (self.changed_blobs, self.membership_changed)
-        self.changed_blobs, self.membership_changed = set(), False
+    def take_changes(self) -> tuple[set[str], set[str]]:
+        changes = (self.changed_blobs, self.changed_sections)
+        self.changed_blobs, self.changed_sections = set(), set()
         return changes
 
     # ---- queries
@@ -97,7 +102,11 @@ class ReadModel:
         if kind.startswith("blob") or kind == "tombstone":
             self.changed_blobs.add(parsed.digest)
         elif kind in ("member", "alive"):
-            self.membership_changed = True
+            self.changed_sections.add("members")
+        elif kind in ("gc_run", "gc_leader"):
+            self.changed_sections.add("gc")
+        elif kind == "policies":
+            self.changed_sections.add("policies")
 
     def apply_put(self, key: str, value: bytes) -> None:
         parsed = self.keys.parse(key)
@@ -129,7 +138,13 @@ class ReadModel:
                 repo.registered = True
                 self._sorted_repos = None
         elif kind == "tombstone":
-            self.tombstones.add(parsed.digest)
+            self.tombstones[sys.intern(parsed.digest)] = value.decode()
+        elif kind == "gc_run":
+            self.gc_runs[parsed.name] = json.loads(value)
+        elif kind == "gc_leader":
+            self.gc_leader = value.decode()
+        elif kind == "policies":
+            self.policies = Policies.decode(value)
         elif kind == "member":
             self.members[parsed.name] = value
         elif kind == "alive":
@@ -165,7 +180,13 @@ class ReadModel:
                 repo.registered = False
                 self._sorted_repos = None
         elif kind == "tombstone":
-            self.tombstones.discard(parsed.digest)
+            self.tombstones.pop(parsed.digest, None)
+        elif kind == "gc_run":
+            self.gc_runs.pop(parsed.name, None)
+        elif kind == "gc_leader":
+            self.gc_leader = None
+        elif kind == "policies":
+            self.policies = Policies()
         elif kind == "member":
             self.members.pop(parsed.name, None)
         elif kind == "alive":

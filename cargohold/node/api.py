@@ -12,7 +12,7 @@ import anyio
 
 from cargohold.audit import AuditLog
 from cargohold.coordinator.etcd import EtcdError
-from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences
+from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences, TagImmutable
 from cargohold.coordinator.records import ManifestRecord
 from cargohold.node import errors
 from cargohold.node.auth import AccessControl
@@ -217,13 +217,16 @@ class RegistryAPI:
         digest = Digest.of(body, wanted.algorithm if wanted else "sha256")
         if wanted is not None and digest != wanted:
             raise errors.digest_invalid(detail={"reference": reference, "actual": str(digest)})
-        await self.store.write(digest, body)
         record = ManifestRecord(
             parsed.media_type, len(body), tuple(str(b) for b in parsed.blobs),
             tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
             parsed.artifact_type[:256] if parsed.artifact_type else None, time.time())
         try:
-            await self.metadata.put_manifest(name, str(digest), record, tag)
+            async with self.store.locked(digest):
+                await self.store.write(digest, body)
+                await self.metadata.put_manifest(name, str(digest), record, tag)
+        except TagImmutable as exc:
+            raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         except MissingReferences as missing:
             if missing.blobs:
                 raise errors.manifest_blob_unknown(detail={"blobs": missing.blobs}) from None
@@ -246,6 +249,8 @@ class RegistryAPI:
                 found = await self.metadata.delete_tag(name, tag)
         except ConcurrentChange as exc:
             raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
+        except TagImmutable as exc:
+            raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         if not found:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
         self.audit.record("delete", request, repository=name, reference=reference)
@@ -267,6 +272,7 @@ class RegistryAPI:
         record = await self.metadata.blob_in_repo(name, str(digest))
         if record is None:
             raise errors.blob_unknown(detail={"digest": str(digest)})
+        await self.metadata.touch(str(digest), record)   # refresh the GC hold (docker pushes after a HEAD)
         size = record.size
         headers = [(b"docker-content-digest", str(digest).encode()), (b"accept-ranges", b"bytes"),
                    (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
@@ -346,13 +352,14 @@ class RegistryAPI:
         try:
             start, length = _chunk_range(request)
             await self.uploads.append(session, request.body_chunks(), start=start, length=length)
-            size = await self.uploads.complete(session, digest)
+            async with self.store.locked(digest):   # against a GC deletion of the same content here
+                size = await self.uploads.complete(session, digest)
+                await self.metadata.record_blob(session.repo, str(digest), size)
         except BaseException:
             if monolithic:
                 with anyio.CancelScope(shield=True):
                     await self.uploads.cancel(session)
             raise
-        await self.metadata.record_blob(session.repo, str(digest), size)
         await self._wait_for_copies(str(digest))
         return _blob_created(session.repo, digest)
 

@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 import anyio
 
 from cargohold import __version__
-from cargohold.config import Settings, resolve_node_id
+from cargohold.config import Settings, parse_window, resolve_node_id
+from cargohold.coordinator.gc import GarbageCollector
+from cargohold.coordinator.policies import parse_duration
 from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
@@ -47,9 +49,16 @@ async def serve(settings: Settings) -> None:
         peers = PeerClient()
         stack.callback(peers.close)
         grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store)))
+        grace = parse_duration(settings.gc_grace)
         replicator = Replicator(metadata, store, peers, node_id=node_id, site=settings.site,
                                 replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
-                                workers=settings.replication_workers)
+                                workers=settings.replication_workers, gc_grace=grace)
+        collector = GarbageCollector(
+            metadata, grace=grace,
+            untagged_after=parse_duration(settings.untagged_after) if settings.untagged_after else None,
+            interval=parse_duration(settings.gc_interval) if settings.gc_interval else 0.0,
+            window=parse_window(settings.gc_window) if settings.gc_window else None,
+            workers=settings.gc_workers)
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
         metrics = _metrics(metadata, replicator, node_id)
@@ -62,6 +71,7 @@ async def serve(settings: Settings) -> None:
             member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
             tg.start_soon(replicator.run)
+            tg.start_soon(collector.run)
             tg.start_soon(_purge_uploads, uploads, settings.upload_expiry)
             tg.start_soon(_stop_when_drained, replicator, stop)
             log.info("node %s (site %s, cluster %s, %s) serving on %s, gRPC on %s", node_id, settings.site,
@@ -123,6 +133,15 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
                   lambda: [({}, replicator.stats.bytes_fetched)])
     metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
                   lambda: [({"stat": "count"}, metadata.etcd_requests), ({"stat": "sum"}, round(metadata.etcd_seconds, 6))])
+    def gc_progress():
+        runs = sorted(metadata.model.gc_runs.values(), key=lambda r: r.get("requested", 0))
+        if not runs:
+            return []
+        run = runs[-1]
+        return [({"run": run["id"], "stat": k}, run.get(k, 0)) for k in
+                ("marked", "candidates", "swept", "bytes_freed", "manifests_deleted", "tags_deleted")]
+
+    metrics.gauge("cargohold_gc_last_run", "Progress of the latest garbage collection run.", gc_progress)
     metrics.gauge("cargohold_read_model_revision", "etcd revision the read model has applied.",
                   lambda: [({}, metadata.model.revision)])
     return metrics

@@ -13,7 +13,8 @@ import errno
 import os
 import secrets
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterator, Protocol
 
 import anyio
 
@@ -46,6 +47,13 @@ class BlobStore(Protocol):
     def staging_path(self) -> Path:
         """A fresh path on the store's file system for content that is later ingested."""
 
+    def locked(self, digest: Digest):
+        """An async context manager serialising, on this node, changes to one digest's copy
+        (ingest and publish vs. a GC deletion)."""
+
+    def inventory(self) -> Iterator[tuple[Digest, float]]:
+        """Every blob held, with its modification time (a disk walk: for the scrub only)."""
+
 
 def fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -72,6 +80,7 @@ class FilesystemBlobStore:
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._staging.mkdir(parents=True, exist_ok=True)
         self._clear_staging()
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
 
     def _clear_staging(self) -> None:
         # Anything left in staging was never acknowledged: an interrupted write.
@@ -83,6 +92,32 @@ class FilesystemBlobStore:
 
     def staging_path(self) -> Path:
         return self._staging / secrets.token_hex(16)
+
+    @asynccontextmanager
+    async def locked(self, digest: Digest):
+        key = str(digest)
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def inventory(self) -> Iterator[tuple[Digest, float]]:
+        for algorithm_dir in self._blobs.iterdir():
+            for shard in algorithm_dir.iterdir():
+                for path in shard.iterdir():
+                    try:
+                        yield Digest(algorithm_dir.name, path.name), path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
 
     async def stat(self, digest: Digest) -> int | None:
         try:

@@ -45,6 +45,8 @@ class ReplicationStats:
     in_flight: int = 0
     copies_made: int = 0
     copies_dropped: int = 0
+    copies_deleted: int = 0
+    orphans_removed: int = 0
     bytes_fetched: int = 0
     failures: int = 0
     last_error: str = ""
@@ -55,7 +57,8 @@ class ReplicationStats:
 class Replicator:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, peers: PeerClient, *,
                  node_id: str, site: str, replicas_per_site: int = 2, down_after: float = 300.0,
-                 workers: int = 4):
+                 workers: int = 4, gc_grace: float = 3600.0):
+        self.gc_grace = gc_grace
         self.metadata = metadata
         self.store = store
         self.peers = peers
@@ -78,9 +81,9 @@ class Replicator:
         metadata.subscribe(self._on_change)
 
     # ------------------------------------------------------------------ events
-    def _on_change(self, blobs: set[str], membership: bool) -> None:
+    def _on_change(self, blobs: set[str], sections: set[str]) -> None:
         self._pending |= blobs
-        if membership:
+        if "members" in sections:
             self._full_pass = True
         self._wake.set()
 
@@ -124,6 +127,7 @@ class Replicator:
                 tg.start_soon(self._worker, receive.clone())
             tg.start_soon(self._down_timer)
             tg.start_soon(self._retry_timer)
+            tg.start_soon(self._scrub_after_gc_runs)
             async with send:
                 while True:
                     await self._wake.wait()
@@ -157,8 +161,8 @@ class Replicator:
     async def _membership_event(self) -> None:
         event = anyio.Event()
 
-        def listener(_blobs, membership):
-            if membership:
+        def listener(_blobs, sections):
+            if "members" in sections:
                 event.set()
 
         self.metadata.subscribe(listener)
@@ -212,23 +216,85 @@ class Replicator:
 
     # ------------------------------------------------------------------ one blob
     async def reconcile(self, digest: str) -> None:
+        run_id = self.metadata.model.tombstones.get(digest)
+        if run_id is not None:
+            await self._release_condemned(digest, run_id)
+            return
         state = self.metadata.model.blobs.get(digest)
         if state is None or state.record is None:
             return
         blob_owners = self.owners_of(digest)
         holders = set(state.nodes)
         me = self.node_id
+        parsed = parse_digest(digest)
         if me in blob_owners and me not in holders:
-            if await self.store.stat(parse_digest(digest)) != state.record.size:
-                await self.fetch(digest, state.record.size)
-            if await self.metadata.record_copy(digest):
-                self.stats.copies_made += 1
-                log.info("copy made: %s (%d bytes)", digest, state.record.size)
+            async with self.store.locked(parsed):
+                if await self.store.stat(parsed) != state.record.size:
+                    await self.fetch(digest, state.record.size)
+                if await self.metadata.record_copy(digest):
+                    self.stats.copies_made += 1
+                    log.info("copy made: %s (%d bytes)", digest, state.record.size)
+                elif me not in self.metadata.holders(digest):
+                    await self.store.delete(parsed)   # swept while we fetched: leave nothing behind
         elif me not in blob_owners and me in holders and blob_owners and set(blob_owners) <= holders:
-            if await self.metadata.drop_copy(digest, blob_owners):
-                await self.store.delete(parse_digest(digest))
-                self.stats.copies_dropped += 1
-                log.info("copy dropped: %s now on %s", digest, ",".join(blob_owners))
+            async with self.store.locked(parsed):
+                if await self.metadata.drop_copy(digest, blob_owners):
+                    await self.store.delete(parsed)
+                    self.stats.copies_dropped += 1
+                    log.info("copy dropped: %s now on %s", digest, ",".join(blob_owners))
+
+    async def _release_condemned(self, digest: str, run_id: str) -> None:
+        """The GC tombstoned this blob: delete our copy, unless a re-upload lifts the tombstone
+        first (the guarded transaction decides, under the digest's local lock)."""
+        if self.node_id not in self.metadata.holders(digest):
+            return
+        parsed = parse_digest(digest)
+        async with self.store.locked(parsed):
+            if await self.metadata.release_tombstoned_copy(digest, run_id):
+                await self.store.delete(parsed)
+                self.stats.copies_deleted += 1
+                log.info("copy deleted by gc run %s: %s", run_id, digest)
+        await self.metadata.clear_tombstone(digest, run_id)
+
+    async def _scrub_after_gc_runs(self) -> None:
+        """When a GC run finishes, every node scrubs its own disk (the leader cannot)."""
+        scrubbed = {r for r, run in self.metadata.model.gc_runs.items() if run.get("state") == "done"}
+        finished = anyio.Event()
+
+        def listener(_blobs, sections):
+            if "gc" in sections:
+                finished.set()
+
+        self.metadata.subscribe(listener)
+        try:
+            while True:
+                await finished.wait()
+                finished = anyio.Event()
+                done = {r for r, run in self.metadata.model.gc_runs.items()
+                        if run.get("state") == "done" and not run.get("dry_run")}
+                if done - scrubbed:
+                    scrubbed |= done
+                    self.stats.orphans_removed += await self.scrub(self.gc_grace)
+        finally:
+            self.metadata.unsubscribe(listener)
+
+    async def scrub(self, grace: float) -> int:
+        """Delete local files that etcd does not know this node holds and that are older than
+        the grace period (left by a crash between writing a file and publishing it)."""
+        known = {d for d, s in self.metadata.model.blobs.items() if self.node_id in s.nodes}
+        cutoff = time.time() - grace
+        inventory = await anyio.to_thread.run_sync(lambda: list(self.store.inventory()))
+        removed = 0
+        for digest, mtime in inventory:
+            text = str(digest)
+            if text in known or mtime >= cutoff or text in self._in_progress:
+                continue
+            async with self.store.locked(digest):
+                if self.node_id not in self.metadata.holders(text):
+                    await self.store.delete(digest)
+                    removed += 1
+                    log.warning("scrub: removed %s, a local file no etcd record accounts for", text)
+        return removed
 
     async def _check_drained(self) -> None:
         """A draining node is done when it holds no copy any more."""
@@ -333,7 +399,7 @@ class Replicator:
             return True
         event = anyio.Event()
 
-        def listener(blobs, _membership):
+        def listener(blobs, _sections):
             if digest in blobs and len(self.metadata.holders(digest)) >= copies:
                 event.set()
 

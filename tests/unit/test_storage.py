@@ -68,3 +68,23 @@ async def test_leftover_staging_files_are_cleared_on_open(tmp_path):
     leftover.write_bytes(b"half written")
     FilesystemBlobStore(tmp_path)
     assert not leftover.exists()
+
+
+async def test_inventory_and_per_digest_lock(store):
+    import anyio
+
+    digest = Digest.of(b"inventoried")
+    await store.write(digest, b"inventoried")
+    assert [d for d, _ in store.inventory()] == [digest]
+    order = []
+
+    async def holder(name):
+        async with store.locked(digest):
+            order.append(f"{name}-in")
+            await anyio.sleep(0.05)
+            order.append(f"{name}-out")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(holder, "a")
+        tg.start_soon(holder, "b")
+    assert order in (["a-in", "a-out", "b-in", "b-out"], ["b-in", "b-out", "a-in", "a-out"])

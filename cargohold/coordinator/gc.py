@@ -1,0 +1,307 @@
+"""Online, cluster-wide garbage collection (DESIGN.md, "Garbage collection").
+
+One node leads (its `gc/leader` key is bound to its membership lease, so leadership ends when
+the node does). Runs are records `gc/runs/<id>`: `cargohold gc run` writes one in state
+`requested`; the leader executes requested and interrupted (`running`) runs in order, so a
+run that lost its leader is resumed by the next one. A run:
+
+1. retention: deletes the tags that retention rules select (each guarded by its digest);
+2. mark: reads manifests, tags and blob records at one revision and computes the live set;
+3. sweep: deletes dead manifests (untagged_after), re-marks, then tombstones dead blobs, each
+   in its own transaction that re-checks what the mark saw (the record's revision, and that no
+   reverse reference exists), many at once. A tombstone removes the blob's record and its
+   repository links in the same transaction, so a manifest PUT that needs the blob fails
+   cleanly, and a re-upload lifts it. Every node deletes its own copy when it sees the
+   tombstone (cargohold/replication/replicator.py).
+
+Pushes and pulls go on throughout: nothing here takes a lock another request waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import anyio
+
+from cargohold.coordinator import gcmark
+from cargohold.coordinator.etcd import Compare, Delete, Put
+from cargohold.coordinator.metadata import ClusterMetadata, TagImmutable
+from cargohold.coordinator.policies import retention_deletions
+from cargohold.coordinator.records import BlobRecord, ManifestRecord
+
+log = logging.getLogger("cargohold.gc")
+
+SWEEP_WORKERS = 16
+PROGRESS_INTERVAL = 0.5
+MAX_MARK_ROUNDS = 4
+FINISHED = ("done", "failed")
+
+
+def new_run(dry_run: bool, reason: str = "requested") -> dict[str, Any]:
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    return {"id": run_id, "state": "requested", "dry_run": dry_run, "reason": reason,
+            "requested": time.time(), "phase": "queued", "marked": 0, "candidates": 0,
+            "candidate_bytes": 0, "swept": 0, "bytes_freed": 0, "manifests_deleted": 0,
+            "tags_deleted": 0, "retention": [], "leaders": []}
+
+
+class GarbageCollector:
+    def __init__(self, metadata: ClusterMetadata, *, grace: float = 3600.0, untagged_after: float | None = None,
+                 interval: float = 0.0, window: tuple[int, int] | None = None, workers: int = SWEEP_WORKERS):
+        self.metadata = metadata
+        self.keys = metadata.keys
+        self.client = metadata.client
+        self.node_id = metadata.node_id
+        self.grace = grace
+        self.untagged_after = untagged_after
+        self.interval = interval
+        self.window = window          # (start minute, end minute) of the UTC day for scheduled runs
+        self.workers = workers
+        metadata.grace = grace
+        self._gc_changed = anyio.Event()
+        metadata.subscribe(self._on_change)
+
+    def _on_change(self, _blobs, sections) -> None:
+        if "gc" in sections or "members" in sections:
+            self._gc_changed.set()
+
+    async def _changed(self, timeout: float | None = None) -> None:
+        with anyio.move_on_after(timeout if timeout is not None else float("inf")):
+            await self._gc_changed.wait()
+        self._gc_changed = anyio.Event()
+
+    # ------------------------------------------------------------------ leadership
+    async def run(self) -> None:
+        """Campaign for leadership whenever there is no leader; lead while we are it."""
+        while True:
+            if self.metadata.lease is None:
+                await self.metadata.lease_granted.wait()
+            lease = self.metadata.lease
+            if self.metadata.model.gc_leader is None and lease is not None and await self._campaign(lease):
+                log.info("this node leads garbage collection")
+                try:
+                    await self._lead(lease)
+                finally:
+                    log.info("this node no longer leads garbage collection")
+            else:
+                await self._changed(timeout=5.0 if self.metadata.model.gc_leader is None else None)
+
+    async def _campaign(self, lease: int) -> bool:
+        key = self.keys.gc_leader()
+        result = await self.client.txn([Compare.missing(key)], [Put(key, self.node_id.encode(), lease=lease)])
+        if result.succeeded:
+            await self.metadata.model.wait_for(result.revision, 2.0)
+        return result.succeeded
+
+    def _leading(self, lease: int) -> bool:
+        return self.metadata.model.gc_leader == self.node_id and self.metadata.lease == lease
+
+    async def _lead(self, lease: int) -> None:
+        while self._leading(lease):
+            run = self._next_run()
+            if run is not None:
+                await self.execute(run, lease)
+                continue
+            await self._changed(timeout=self._until_scheduled())
+            if self._scheduled_run_due():
+                await self._put_run(new_run(dry_run=False, reason="scheduled"))
+
+    def _next_run(self) -> dict | None:
+        pending = [r for r in self.metadata.model.gc_runs.values() if r.get("state") not in FINISHED]
+        return min(pending, key=lambda r: r.get("requested", 0), default=None)
+
+    def _last_finished(self) -> float:
+        return max((r.get("finished", 0) for r in self.metadata.model.gc_runs.values()), default=0.0)
+
+    def _scheduled_run_due(self) -> bool:
+        if not self.interval or time.time() - self._last_finished() < self.interval:
+            return False
+        if self.window is None:
+            return True
+        minute = int(time.time() // 60) % 1440
+        start, end = self.window
+        return start <= minute < end if start <= end else (minute >= start or minute < end)
+
+    def _until_scheduled(self) -> float | None:
+        if not self.interval:
+            return None
+        return max(self.interval - (time.time() - self._last_finished()), 1.0)
+
+    # ------------------------------------------------------------------ one run
+    async def _put_run(self, run: dict) -> None:
+        result = await self.client.txn([], [Put(self.keys.gc_run(run["id"]), _encode(run))])
+        await self.metadata.model.wait_for(result.revision, 2.0)
+
+    async def execute(self, run: dict, lease: int) -> dict:
+        run = dict(run)
+        resumed = run["state"] == "running"
+        run.update(state="running", leader=self.node_id, started=run.get("started") or time.time(),
+                   leaders=run.get("leaders", []) + [self.node_id])
+        log.info("gc run %s %s%s", run["id"], "resumed" if resumed else "started", " (dry run)" if run["dry_run"] else "")
+        try:
+            await self._phases(run, lease)
+            run.update(state="done", phase="done", finished=time.time())
+        except _LostLeadership:
+            log.warning("gc run %s: leadership lost; the next leader resumes it", run["id"])
+            return run
+        except Exception as exc:  # noqa: BLE001 - record why, keep the cluster serving
+            log.exception("gc run %s failed", run["id"])
+            run.update(state="failed", error=str(exc), finished=time.time())
+        run["duration"] = round(run["finished"] - run["started"], 3)
+        await self._put_run(run)
+        log.info("gc run %s %s: marked %d, candidates %d, swept %d blobs (%d bytes), %d manifests, %d tags",
+                 run["id"], run["state"], run["marked"], run["candidates"], run["swept"], run["bytes_freed"],
+                 run["manifests_deleted"], run["tags_deleted"])
+        return run
+
+    async def _phases(self, run: dict, lease: int) -> None:
+        progress = _Progress(self, run, lease)
+        run["phase"] = "retention"
+        await progress.flush(force=True)
+        await self._apply_retention(run)
+        for _ in range(MAX_MARK_ROUNDS):
+            run["phase"] = "mark"
+            await progress.flush(force=True)
+            result = gcmark.mark(await self.snapshot(), time.time(), self.grace, self.untagged_after)
+            run.update(marked=len(result.live_blobs), candidates=len(result.candidates),
+                       candidate_bytes=result.candidate_bytes, revision=result.revision,
+                       dead_manifests=len(result.dead_manifests))
+            if run["dry_run"]:
+                run["would_free"] = {"blobs": len(result.candidates), "bytes": result.candidate_bytes,
+                                     "manifests": len(result.dead_manifests)}
+                return
+            run["phase"] = "sweep"
+            await progress.flush(force=True)
+            if not result.dead_manifests:
+                await self._sweep(result.candidates, self._sweep_blob, run, progress)
+                break
+            # Dead manifests first; their blobs become candidates in the next mark.
+            await self._sweep(result.dead_manifests, self._sweep_manifest, run, progress)
+        run["phase"] = "cleanup"
+        await progress.flush(force=True)
+        await self._clear_tombstones()
+
+    async def _apply_retention(self, run: dict) -> None:
+        policies = self.metadata.model.policies
+        if not policies.retention:
+            return
+        snapshot = await self.snapshot()
+        by_repo: dict[str, dict[str, tuple[str, float]]] = {}
+        for (repo, tag), digest in snapshot.tags.items():
+            record = snapshot.manifests.get((repo, digest))
+            by_repo.setdefault(repo, {})[tag] = (digest, record[0].created if record else 0.0)
+        now = time.time()
+        planned = []
+        for repo, tags in sorted(by_repo.items()):
+            for tag, rule in retention_deletions(policies, repo, tags, now):
+                planned.append({"repository": repo, "tag": tag, "digest": tags[tag][0], "rule": rule.describe()})
+        run["retention"] = planned[:1000]
+        run["retention_planned"] = len(planned)
+        if run["dry_run"]:
+            return
+        for item in planned:
+            try:
+                if await self.metadata.delete_tag(item["repository"], item["tag"], expected_digest=item["digest"]):
+                    run["tags_deleted"] += 1
+            except TagImmutable:
+                continue
+
+    async def snapshot(self) -> gcmark.Snapshot:
+        """Manifests, tags and blob records, all read at one revision."""
+        revision = await self.client.current_revision()
+        snapshot = gcmark.Snapshot(revision)
+        for section in ("manifests", "tags", "blobs"):
+            async for kvs in self.client.iter_prefix(self.keys.section_prefix(section), revision=revision):
+                for kv in kvs:
+                    parsed = self.keys.parse(kv.key)
+                    if parsed.kind == "manifest":
+                        snapshot.manifests[(parsed.repo, parsed.digest)] = (ManifestRecord.decode(kv.value),
+                                                                             kv.mod_revision)
+                    elif parsed.kind == "tag":
+                        snapshot.tags[(parsed.repo, parsed.name)] = kv.value.decode()
+                    elif parsed.kind == "blob":
+                        snapshot.blobs[parsed.digest] = (BlobRecord.decode(kv.value), kv.mod_revision)
+        return snapshot
+
+    async def _sweep(self, items: list, sweep_one, run: dict, progress: "_Progress") -> None:
+        send, receive = anyio.create_memory_object_stream(self.workers * 2)
+
+        async def worker(items_in) -> None:
+            async with items_in:
+                async for item in items_in:
+                    await sweep_one(item, run)
+                    await progress.flush()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.workers):
+                tg.start_soon(worker, receive.clone())
+            receive.close()
+            async with send:
+                for item in items:
+                    progress.check()
+                    await send.send(item)
+
+    async def _sweep_manifest(self, item: tuple[str, str, int], run: dict) -> None:
+        repo, digest, revision = item
+        keys = self.keys
+        kv = await self.client.get(keys.manifest(repo, digest))
+        if kv is None or kv.mod_revision != revision:
+            return          # re-pushed or re-tagged since the mark: alive after all
+        record = ManifestRecord.decode(kv.value)
+        result = await self.client.txn(
+            [Compare.mod_revision_equals(kv.key, revision),
+             Compare.none_with_prefix(f"{keys.refs_prefix(digest)}{repo}@")],
+            [Delete(kv.key), Delete(keys.blob_in(digest, repo)),
+             *(Delete(keys.ref(child, repo, digest)) for child in dict.fromkeys(record.references()))])
+        if result.succeeded:
+            run["manifests_deleted"] += 1
+
+    async def _sweep_blob(self, item: tuple[str, int, int], run: dict) -> None:
+        digest, revision, size = item
+        keys = self.keys
+        result = await self.client.txn(
+            [Compare.mod_revision_equals(keys.blob(digest), revision), Compare.none_with_prefix(keys.refs_prefix(digest))],
+            [Put(keys.tombstone(digest), run["id"].encode()), Delete(keys.blob(digest)),
+             Delete(keys.blob_in_prefix(digest), prefix=True)])
+        if result.succeeded:
+            run["swept"] += 1
+            run["bytes_freed"] += size
+
+    async def _clear_tombstones(self) -> None:
+        """Remove tombstones whose copies every node has deleted."""
+        for digest, run_id in list(self.metadata.model.tombstones.items()):
+            await self.metadata.clear_tombstone(digest, run_id)
+
+
+class _LostLeadership(Exception):
+    pass
+
+
+class _Progress:
+    """Writes the run record now and then, and stops the run if leadership is lost."""
+
+    def __init__(self, collector: GarbageCollector, run: dict, lease: int):
+        self.collector = collector
+        self.run = run
+        self.lease = lease
+        self.last = 0.0
+
+    def check(self) -> None:
+        if not self.collector._leading(self.lease):
+            raise _LostLeadership()
+
+    async def flush(self, force: bool = False) -> None:
+        self.check()
+        now = time.monotonic()
+        if force or now - self.last >= PROGRESS_INTERVAL:
+            self.last = now
+            self.run["updated"] = time.time()
+            await self.collector.client.txn([], [Put(self.collector.keys.gc_run(self.run["id"]), _encode(self.run))])
+
+
+def _encode(run: dict) -> bytes:
+    return json.dumps(run, separators=(",", ":")).encode()

@@ -1,0 +1,147 @@
+"""`cargohold gc run|status` and `cargohold retention rules set|list`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import anyio
+import yaml
+
+from cargohold.coordinator import policies as policy_rules
+from cargohold.coordinator.etcd import EtcdClient, Put
+from cargohold.coordinator.gc import FINISHED, new_run
+from cargohold.coordinator.metadata import ClusterMetadata
+
+
+def _client(args) -> EtcdClient:
+    return EtcdClient([e.strip() for e in args.etcd.split(",") if e.strip()])
+
+
+def _latest(metadata: ClusterMetadata) -> dict | None:
+    runs = sorted(metadata.model.gc_runs.values(), key=lambda r: r.get("requested", 0))
+    return runs[-1] if runs else None
+
+
+def _describe(run: dict) -> str:
+    lines = [f"run {run['id']}: {run['state']} ({run.get('phase')}){' dry run' if run.get('dry_run') else ''}"
+             f", leader {run.get('leader', '-')}"]
+    lines.append(f"  marked {run.get('marked', 0)} live blobs, candidates {run.get('candidates', 0)} "
+                 f"({run.get('candidate_bytes', 0)} bytes)")
+    if run.get("dry_run"):
+        would = run.get("would_free", {})
+        lines.append(f"  would free {would.get('blobs', 0)} blobs, {would.get('bytes', 0)} bytes, "
+                     f"{would.get('manifests', 0)} untagged manifests; retention would delete "
+                     f"{run.get('retention_planned', 0)} tags")
+        for item in run.get("retention", [])[:50]:
+            lines.append(f"    {item['repository']}:{item['tag']}  ({item['rule']})")
+    else:
+        lines.append(f"  swept {run.get('swept', 0)} blobs, freed {run.get('bytes_freed', 0)} bytes, "
+                     f"deleted {run.get('manifests_deleted', 0)} manifests and {run.get('tags_deleted', 0)} tags")
+    if run.get("duration") is not None:
+        lines.append(f"  took {run['duration']:.1f}s")
+    if run.get("error"):
+        lines.append(f"  error: {run['error']}")
+    return "\n".join(lines)
+
+
+def _progress_line(run: dict, started: float) -> str:
+    done = run.get("swept", 0) + run.get("manifests_deleted", 0)
+    total = max(run.get("candidates", 0) + run.get("dead_manifests", 0), 1)
+    elapsed = max(time.monotonic() - started, 0.001)
+    rate = done / elapsed
+    eta = (total - done) / rate if rate > 0 and run.get("phase") == "sweep" else None
+    width = 30
+    filled = min(width, int(width * done / total))
+    eta_text = f", about {eta:.0f}s left" if eta is not None else ""
+    return (f"gc {run['id']} {run.get('phase'):>9} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done}/{total} swept, {run.get('bytes_freed', 0)} bytes freed, {rate:.0f}/s{eta_text}")
+
+
+async def gc_run(args) -> int:
+    async with _client(args) as client:
+        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
+        run = new_run(dry_run=args.dry_run)
+        await client.put(metadata.keys.gc_run(run["id"]), json.dumps(run).encode())
+        if not args.wait:
+            print(json.dumps({"run": run["id"], "state": "requested"}) if args.json
+                  else f"gc run {run['id']} requested; `cargohold gc status` shows its progress")
+            return 0
+        final = await _follow(metadata, run["id"], show=not args.json)
+    print(json.dumps(final, indent=2) if args.json else _describe(final))
+    return 0 if final["state"] == "done" else 1
+
+
+async def _follow(metadata: ClusterMetadata, run_id: str, show: bool) -> dict:
+    changed = anyio.Event()
+
+    def on_change(_blobs, sections):
+        if "gc" in sections:
+            changed.set()
+
+    metadata.subscribe(on_change)
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        await tg.start(metadata.run)
+        while True:
+            run = metadata.model.gc_runs.get(run_id, {"id": run_id, "state": "requested", "phase": "queued"})
+            if show:
+                line = _progress_line(run, started)
+                sys.stderr.write(("\r" + line) if sys.stderr.isatty() else (line + "\n"))
+                sys.stderr.flush()
+            if run.get("state") in FINISHED:
+                break
+            await changed.wait()
+            changed = anyio.Event()
+        tg.cancel_scope.cancel()
+    if show and sys.stderr.isatty():
+        sys.stderr.write("\n")
+    return run
+
+
+async def gc_status(args) -> int:
+    async with _client(args) as client:
+        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
+        await metadata.load()
+    run = _latest(metadata)
+    if args.json:
+        print(json.dumps({"leader": metadata.model.gc_leader, "latest": run}, indent=2))
+    elif run is None:
+        print(f"no gc run yet; leader: {metadata.model.gc_leader or 'none'}")
+    else:
+        print(f"leader: {metadata.model.gc_leader or 'none'}\n" + _describe(run))
+    return 0
+
+
+async def retention_set(args) -> int:
+    try:
+        with open(args.file) as f:
+            rules = policy_rules.parse(yaml.safe_load(f))
+    except (OSError, yaml.YAMLError, policy_rules.PolicyError) as exc:
+        print(f"cargohold: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    async with _client(args) as client:
+        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
+        await client.txn([], [Put(metadata.keys.policies(), rules.encode())])
+    print(json.dumps({"retention": len(rules.retention), "immutable": len(rules.immutable)}) if args.json else
+          f"stored {len(rules.retention)} retention and {len(rules.immutable)} immutable-tag rules; "
+          "`cargohold gc run --dry-run --wait` shows what retention would delete")
+    return 0
+
+
+async def retention_list(args) -> int:
+    async with _client(args) as client:
+        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
+        await metadata.load()
+    rules = metadata.model.policies
+    if args.json:
+        print(rules.encode().decode())
+    else:
+        for rule in rules.retention:
+            print(rule.describe())
+        for rule in rules.immutable:
+            print(rule.describe())
+        if not rules.retention and not rules.immutable:
+            print("no rules")
+    return 0

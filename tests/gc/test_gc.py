@@ -1,0 +1,178 @@
+"""Online garbage collection with real nodes: what is swept, what survives, and races."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import yaml
+
+from tests.cluster.conftest import client_for
+from tests.support import oci
+
+pytestmark = pytest.mark.anyio
+
+GRACE = {"gc_grace": "2s"}
+
+
+def gc(cluster, *extra: str) -> dict:
+    result = cluster.cli("gc", "run", "--wait", "--json", *extra, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def on_disk(node, digest: str) -> bool:
+    return (Path(node.data_dir) / "blobs" / "sha256" / digest[7:9] / digest[7:]).exists()
+
+
+async def pull_ok(node, repo: str, tag: str, image: oci.Image) -> None:
+    async with client_for(node) as c:
+        r = await c.get(f"/v2/{repo}/manifests/{tag}", headers={"Accept": image.media_type})
+        assert r.status_code == 200 and r.content == image.manifest, oci.describe(r)
+        for digest, data in image.all_blobs().items():
+            r = await c.get(f"/v2/{repo}/blobs/{digest}")
+            assert r.status_code == 200 and r.content == data, f"{node.node_id} {digest}: {r.status_code}"
+
+
+async def test_sweeps_unreferenced_blobs_everywhere_and_keeps_live_ones(cluster):
+    nodes = [cluster.add(n, settings=GRACE) for n in ("a", "b", "c")]
+    image = oci.build_image("live", layers=2)
+    orphans = [oci.random_bytes(5000, seed=f"orphan{i}") for i in range(5)]
+    async with client_for(nodes[0]) as client:
+        await oci.push_image(client, "gc/app", "v1", image)
+        orphan_digests = [await oci.push_blob(client, "gc/app", data) for data in orphans]
+    cluster.wait_until(lambda: all(len(cluster.holders().get(d, ())) == 2 for d in orphan_digests), what="placement")
+    time.sleep(2.5)                                   # older than the grace period
+    dry = gc(cluster, "--dry-run")
+    assert dry["state"] == "done" and dry["would_free"]["blobs"] == 5 and dry["swept"] == 0
+    assert all(any(on_disk(n, d) for n in nodes) for d in orphan_digests)
+    run = gc(cluster)
+    assert run["swept"] == 5 and run["bytes_freed"] == 5 * 5000
+    cluster.wait_until(lambda: not any(on_disk(n, d) for n in nodes for d in orphan_digests),
+                       what="every node to delete its copies")
+    holders = cluster.holders()
+    assert not set(orphan_digests) & set(holders)
+    for node in nodes:
+        await pull_ok(node, "gc/app", "v1", image)
+        async with client_for(node) as c:
+            r = await c.head(f"/v2/gc/app/blobs/{orphan_digests[0]}")
+            assert r.status_code == 404
+    # The tombstones are cleared once no copy is left anywhere.
+    status = json.loads(cluster.cli("gc", "status", "--json").stdout)
+    assert status["latest"]["id"] == run["id"] and status["leader"] in {"a", "b", "c"}
+
+
+async def test_head_refreshes_the_hold_and_a_reupload_resurrects(cluster):
+    a = cluster.add("a", settings=GRACE)
+    data = oci.random_bytes(4000, seed="held")
+    async with client_for(a) as client:
+        digest = await oci.push_blob(client, "hold/app", data)
+        time.sleep(2.5)
+        assert (await client.head(f"/v2/hold/app/blobs/{digest}")).status_code == 200
+        assert gc(cluster)["swept"] == 0                      # the HEAD renewed its hold
+        time.sleep(2.5)
+        assert gc(cluster)["swept"] == 1                      # nothing touched it since
+        assert (await client.head(f"/v2/hold/app/blobs/{digest}")).status_code == 404
+        assert await oci.push_blob(client, "hold/app", data) == digest   # re-upload after the sweep
+        r = await client.get(f"/v2/hold/app/blobs/{digest}")
+        assert r.status_code == 200 and r.content == data
+    assert "a" in cluster.holders()[digest]
+
+
+async def test_untagged_manifests_go_after_untagged_after(cluster):
+    a = cluster.add("a", settings={**GRACE, "untagged_after": "1s"})
+    keep, drop = oci.build_image("keep", layers=1), oci.build_image("drop", layers=1)
+    async with client_for(a) as client:
+        await oci.push_image(client, "ut/app", "keep", keep)
+        await oci.push_image(client, "ut/app", "drop", drop)
+        assert (await client.delete(f"/v2/ut/app/manifests/drop")).status_code == 202   # untag
+        time.sleep(2.5)
+        run = gc(cluster)
+        assert run["manifests_deleted"] == 1 and run["swept"] >= 3      # manifest bytes, config, layer
+        r = await client.get(f"/v2/ut/app/manifests/{drop.digest}", headers={"Accept": drop.media_type})
+        assert r.status_code == 404
+    await pull_ok(a, "ut/app", "keep", keep)
+
+
+async def test_retention_rules_and_immutable_tags(cluster, tmp_path):
+    a = cluster.add("a", settings=GRACE)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({
+        "retention": [{"repositories": "ret/*", "keep_last": 2, "keep_tags": "^release-"}],
+        "immutable": [{"repositories": "ret/*", "tags": "v*"}]}))
+    assert cluster.cli("retention", "rules", "set", str(rules)).returncode == 0
+    listed = cluster.cli("retention", "rules", "list").stdout
+    assert "keep_last=2" in listed and "immutable tag rule" in listed
+    images = {}
+    async with client_for(a) as client:
+        for i, tag in enumerate(["old1", "old2", "release-1", "new1", "new2", "v1"]):
+            images[tag] = oci.build_image(f"ret-{tag}", layers=1)
+            await oci.push_image(client, "ret/app", tag, images[tag])
+            time.sleep(0.05)
+        other = oci.build_image("ret-other", layers=1)
+        r = await oci.push_manifest(client, "ret/app", "v1", other.manifest, other.media_type)
+        assert r.status_code == 400 or r.status_code == 403
+        for blob in other.blobs.values():
+            await oci.push_blob(client, "ret/app", blob)
+        r = await oci.push_manifest(client, "ret/app", "v1", other.manifest, other.media_type)
+        assert r.status_code == 403 and oci.error_codes(r) == ["DENIED"]
+        assert "immutable tag rule" in r.json()["errors"][0]["message"]
+        r = await oci.push_manifest(client, "ret/app", "v1", images["v1"].manifest, images["v1"].media_type)
+        assert r.status_code == 201                                           # same content: allowed
+        assert (await client.delete("/v2/ret/app/manifests/v1")).status_code == 403
+        assert (await client.delete(f"/v2/ret/app/manifests/{images['v1'].digest}")).status_code == 403
+    dry = gc(cluster, "--dry-run")
+    planned = {item["tag"] for item in dry["retention"]}
+    assert planned == {"old1", "old2"}                 # v1 immutable, release-* kept, 2 newest kept
+    run = gc(cluster)
+    assert run["tags_deleted"] == 2
+    async with client_for(a) as client:
+        tags = (await client.get("/v2/ret/app/tags/list")).json()["tags"]
+    assert tags == ["new1", "new2", "release-1", "v1"]
+
+
+async def test_leader_killed_mid_sweep_another_node_finishes(cluster):
+    from cargohold.coordinator.etcd import EtcdClient
+
+    settings = {**GRACE, "gc_workers": 1}
+    nodes = {n: cluster.add(n, settings=settings) for n in ("a", "b", "c")}
+    live = oci.build_image("survivor", layers=2)
+    async with client_for(nodes["a"]) as client:
+        await oci.push_image(client, "kl/app", "v1", live)
+
+        async def push_many(offset):
+            async with client_for(nodes["a"]) as c:
+                for i in range(offset, 1500, 8):
+                    await oci.push_blob(c, "kl/app", oci.random_bytes(64, seed=f"dead{i}"))
+        async with anyio.create_task_group() as tg:
+            for k in range(8):
+                tg.start_soon(push_many, k)
+    time.sleep(2.5)
+    requested = json.loads(cluster.cli("gc", "run", "--json").stdout)["run"]
+    prefix = f"/cargohold/{cluster.name}/gc/"
+    async with EtcdClient([cluster.etcd_url]) as etcd:
+        with anyio.fail_after(60):
+            while True:                      # watch the run record closely: the sweep is quick
+                run_kv = await etcd.get(prefix + f"runs/{requested}")
+                run = json.loads(run_kv.value) if run_kv else {}
+                if run.get("phase") == "sweep" and run.get("swept", 0) > 0:
+                    break
+                await anyio.sleep(0.02)
+        leader = (await etcd.get(prefix + "leader")).value.decode()
+        nodes[leader].kill()
+        swept_before = run["swept"]
+        with anyio.fail_after(90):
+            while True:
+                run = json.loads((await etcd.get(prefix + f"runs/{requested}")).value)
+                if run["state"] == "done":
+                    break
+                await anyio.sleep(0.2)
+    assert run["leaders"][0] == leader and run["leaders"][-1] != leader
+    assert run["swept"] >= swept_before and run["candidates"] >= 1
+    survivors = [n for name, n in nodes.items() if name != leader]
+    for node in survivors:
+        await pull_ok(node, "kl/app", "v1", live)
