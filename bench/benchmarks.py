@@ -142,17 +142,28 @@ class CpuMeter:
 
     def __init__(self, srv: servers.Server):
         self.srv = srv
-        self.user = self.sys = 0.0
+        self.user = self.sys = self.main = self.wall = 0.0
 
     def __enter__(self):
         self._start = self.srv.tree_cpu()
+        self._main = self.srv.main_thread_cpu()
+        self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         end = self.srv.tree_cpu()
         self.user += end["user"] - self._start["user"]
         self.sys += end["sys"] - self._start["sys"]
+        self.main += self.srv.main_thread_cpu() - self._main
+        self.wall += time.perf_counter() - self._t0
         return False
+
+    def as_dict(self) -> dict:
+        """CPU seconds; main_thread_busy = share of wall time the main thread was on a CPU
+        (for cargohold the event loop: near 1.0 means the loop is the bottleneck)."""
+        return {"user": self.user, "sys": self.sys, "wall": self.wall,
+                "main_thread": self.main,
+                "main_thread_busy": self.main / self.wall if self.wall else None}
 
     @property
     def total(self) -> float:
@@ -307,8 +318,8 @@ def blob_big(ctx: Ctx) -> list[Row]:
         out["monolithic_flow"] = flows[side]
         out["push_cpu_s_per_GB"] = push_cpu.total / (3 * reps * size / 1e9)
         out["pull_cpu_s_per_GB"] = pull_cpu.total / (reps * size / 1e9)
-        out["push_cpu"] = {"user": push_cpu.user, "sys": push_cpu.sys}
-        out["pull_cpu"] = {"user": pull_cpu.user, "sys": pull_cpu.sys}
+        out["push_cpu"] = push_cpu.as_dict()
+        out["pull_cpu"] = pull_cpu.as_dict()
         ctx.log(f"{tag}: MB/s push mono {_fmt(mbps['push_mono_MBps'])} ({flows[side]}), "
                 f"POST+PUT {_fmt(mbps['push_postput_MBps'])}, "
                 f"chunked {_fmt(mbps['push_chunked_MBps'])}, pull {_fmt(mbps['pull_MBps'])}, "
@@ -402,10 +413,13 @@ def blob_parallel(ctx: Ctx) -> list[Row]:
             for _ in range(reps):
                 _parallel_rep(srv, repo, side, out)
         out["cpu_s_per_GB"] = cpu.total / (reps * clients * loops * size / 1e9)
-        out["cpu"] = {"user": cpu.user, "sys": cpu.sys}
+        out["cpu"] = cpu.as_dict()
         out["machine_idle_pct"] = out.pop("idle")
         ctx.log(f"{tag}: aggregate {_fmt(out['aggregate_MBps'])} MB/s "
-                f"({clients} curl x {loops} x {size // MiB} MiB per rep)")
+                f"({clients} curl x {loops} x {size // MiB} MiB per rep); server CPU "
+                f"{cpu.total:.2f}s (user {cpu.user:.2f}, sys {cpu.sys:.2f}) in {cpu.wall:.2f}s, "
+                f"main thread busy {cpu.main / cpu.wall:.0%}; "
+                f"machine idle {_fmt(out['machine_idle_pct'])}%")
         return out
 
     def _parallel_rep(srv, repo, side, out):

@@ -174,6 +174,15 @@ class Server:
             system += s
         return {"user": user, "sys": system}
 
+    def main_thread_cpu(self) -> float:
+        """CPU seconds (user + sys) of the registry's main thread (tid == pid) alone."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/stat") as f:
+                st = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+
     def start(self) -> None:
         if not self.port:
             self.port = free_port()
