@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cargohold import __version__, config, gccmd, logs, nodecmd
+from cargohold import __version__, authcmd, config, gccmd, logs, nodecmd
 
 
 def _serve_parser(sub) -> None:
@@ -32,6 +32,15 @@ def _serve_parser(sub) -> None:
     p.add_argument("--tls-key", help="TLS key for the HTTP API")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--log-format", choices=["plain", "json"], help="plain (default) or json lines")
+    p.add_argument("--auth", choices=["auto", "on", "off"],
+                   help="access control: auto (default: on once the cluster has accounts, always on a public address)")
+    p.add_argument("--insecure-open", action="store_true", default=None,
+                   help="allow serving without access control on a non-loopback address")
+    p.add_argument("--htpasswd", help="an htpasswd file (bcrypt) with more users")
+    p.add_argument("--token-ttl", type=float, help="lifetime of issued tokens in seconds (default 300)")
+    p.add_argument("--audit-log", help="audit log file, or - for stdout")
+    p.add_argument("--login-rate", help="failed logins allowed per account, N/SECONDS (default 10/300)")
+    p.add_argument("--login-rate-client", help="failed logins allowed per client address, N/SECONDS (default 30/60)")
     p.set_defaults(handler=_serve)
 
 
@@ -48,10 +57,14 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     node_id = config.resolve_node_id(settings)
     logs.configure(settings.log_level, settings.log_format, node_id, settings.access_log)
-    if settings.runtime == "trio":
-        anyio.run(serve, settings, backend="trio")
-    else:
-        anyio.run(serve, settings, backend="asyncio", backend_options={"use_uvloop": True})
+    try:
+        if settings.runtime == "trio":
+            anyio.run(serve, settings, backend="trio")
+        else:
+            anyio.run(serve, settings, backend="asyncio", backend_options={"use_uvloop": True})
+    except config.ConfigError as exc:    # found at start-up, e.g. an open registry on a public address
+        print(f"cargohold: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -123,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _node_parser(sub)
+    authcmd.register(sub)
     _gc_parser(sub)
     _retention_parser(sub)
     return parser

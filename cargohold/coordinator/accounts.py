@@ -114,6 +114,7 @@ class AccountStore:
         self._state = _State()
         self.version = 0            # changes whenever anything under auth/ changes
         self.loaded = False
+        self.revision = 0
         self._listeners: list[Callable[[ConfigChange], None]] = []
 
     def subscribe(self, listener: Callable[[ConfigChange], None]) -> None:
@@ -154,11 +155,12 @@ class AccountStore:
         self._state = state
         self.version += 1
         self.loaded = True
+        self.revision = revision
         return revision
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        """Load a snapshot, report started, then follow this node's own watch on auth/."""
-        revision = await self.load()
+        """Load a snapshot (unless one is loaded), report started, then follow this node's own watch on auth/."""
+        revision = self.revision if self.loaded else await self.load()
         task_status.started()
         while True:
             try:

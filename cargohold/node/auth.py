@@ -33,7 +33,9 @@ import bcrypt
 import jwt
 
 from cargohold.audit import AuditLog
+from cargohold.config import ConfigError, Settings, is_loopback
 from cargohold.coordinator.accounts import ROBOT_PREFIX, AccountStore, SigningKey, valid_account_name
+from cargohold.coordinator.etcd import EtcdClient
 from cargohold.node import errors
 from cargohold.node.http import Request, Response, json_response
 from cargohold.node.ratelimit import FailureLimiter
@@ -512,12 +514,16 @@ class AccessControl:
                  realm: str | None = None, default_realm: str = "", token_ttl: float = 300.0,
                  htpasswd: str | None = None, audit: AuditLog | None = None,
                  account_limiter: FailureLimiter | None = None, client_limiter: FailureLimiter | None = None,
-                 tags_of: Callable[[str, str], Iterable[str]] | None = None):
-        """`enforce`: "on", or "auto" (enforced once the cluster has any account or rules, or an
-        htpasswd file is given). `tags_of(repo, digest)` names the tags pointing at a manifest."""
+                 tags_of: Callable[[str, str], Iterable[str]] | None = None, loopback: bool = True,
+                 insecure_open: bool = False):
+        """`enforce`: "on"; "off" (only the audit log); or "auto": enforced once the cluster has any
+        account or rules, or the htpasswd file has users. `tags_of(repo, digest)` names the tags
+        pointing at a manifest (for tag protection of deletes by digest)."""
         self.accounts = accounts
         self.service = service
         self.mode = enforce
+        self.loopback = loopback
+        self.insecure_open = insecure_open
         self.realm = realm
         self.default_realm = default_realm
         self.token_ttl = token_ttl
@@ -535,11 +541,25 @@ class AccessControl:
         self._bcrypt_limiter: anyio.CapacityLimiter | None = None
         accounts.subscribe(self._config_changed)
 
+    async def prepare(self) -> None:
+        """Load accounts and rules before serving. Secure by default: in "auto" mode a node on a
+        non-loopback address enforces access control from the start, and refuses to start when
+        the cluster has nothing configured yet (unless insecure_open)."""
+        await self.accounts.load()
+        if self.mode != "auto" or self.loopback or self.insecure_open:
+            return
+        if not self.enforced:
+            raise ConfigError("this cluster has no accounts, access rules or htpasswd users, and the node would "
+                              "listen on a non-loopback address: anybody could push and delete. Add a user "
+                              "(cargohold user add NAME --admin --etcd ...), give --htpasswd FILE, or pass "
+                              "--insecure-open")
+        self.mode = "on"
+
     # ------------------------------------------------------------------ state
     @property
     def enforced(self) -> bool:
-        if self.mode == "on":
-            return True
+        if self.mode != "auto":
+            return self.mode == "on"
         return self.accounts.has_accounts() or self.accounts.rules is not None or bool(
             self.htpasswd and self.htpasswd.users)
 
@@ -792,6 +812,26 @@ class AccessControl:
         issued = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         document = {"token": token, "access_token": token, "expires_in": int(self.token_ttl), "issued_at": issued}
         return json_response(200, json.dumps(document).encode())
+
+
+def access_control(settings: Settings, client: EtcdClient, metadata, node_id: str,
+                   url: str) -> AccessControl | None:
+    """The node's access control from its settings; None when auth is off and there is no audit log."""
+    if settings.auth == "off" and not settings.audit_log:
+        return None
+
+    def tags_of(repo: str, digest: str) -> list[str]:
+        state = metadata.model.repo(repo)
+        return [tag for tag, target in state.tags.items() if target == digest] if state is not None else []
+
+    return AccessControl(
+        AccountStore(client, settings.cluster), service=settings.auth_service or f"cargohold-{settings.cluster}",
+        enforce=settings.auth, realm=settings.auth_realm, default_realm=f"{url}/token",
+        token_ttl=settings.token_ttl, htpasswd=settings.htpasswd,
+        audit=AuditLog(settings.audit_log, node_id) if settings.audit_log else None,
+        account_limiter=FailureLimiter.from_rate(settings.login_rate),
+        client_limiter=FailureLimiter.from_rate(settings.login_rate_client), tags_of=tags_of,
+        loopback=is_loopback(settings.host_port[0]), insecure_open=settings.insecure_open)
 
 
 def _token_allows(grants: dict, repo: str, action: str) -> bool:

@@ -18,6 +18,7 @@ from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
+from cargohold.node.auth import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.metrics import Metrics
 from cargohold.node.reference import parse_digest
@@ -62,12 +63,17 @@ async def serve(settings: Settings) -> None:
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
         metrics = _metrics(metadata, replicator, node_id)
+        access = access_control(settings, client, metadata, node_id, _http_url(settings))
+        if access is not None:
+            await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
-                          metrics=metrics, min_copies=settings.min_copies)
+                          metrics=metrics, min_copies=settings.min_copies, access=access)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
         async with anyio.create_task_group() as tg:
             await tg.start(metadata.run)
+            if access is not None:
+                tg.start_soon(access.accounts.run)
             member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
             tg.start_soon(replicator.run)
