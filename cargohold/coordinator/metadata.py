@@ -403,17 +403,19 @@ class ClusterMetadata:
                                   *self._repo_registration(repo)])
         return record if result.succeeded else None
 
-    async def touch(self, digest: str, record: BlobRecord) -> None:
+    async def touch(self, digest: str, record: BlobRecord) -> bool:
         """A HEAD or GET saw this blob: refresh its GC hold, at most once per half grace period.
 
         docker skips the upload of a layer that HEAD answers 200 for and pushes the manifest
         next; the refreshed record makes any sweep decided before this HEAD fail its re-check.
+        Returns False when the blob turns out to be gone (swept since our read model saw it).
         """
         now = time.time()
         if now - record.held_since < self.grace / 2:
-            return
+            return True   # a hold this fresh is younger than any sweep's cutoff
         key = self.keys.blob(digest)
-        await self._txn([Compare.exists(key)], [Put(key, BlobRecord(record.size, record.created, now).encode())])
+        result = await self._txn([Compare.exists(key)], [Put(key, BlobRecord(record.size, record.created, now).encode())])
+        return result.succeeded
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
         key = self.keys.blob_in(digest, repo)

@@ -272,7 +272,8 @@ class RegistryAPI:
         record = await self.metadata.blob_in_repo(name, str(digest))
         if record is None:
             raise errors.blob_unknown(detail={"digest": str(digest)})
-        await self.metadata.touch(str(digest), record)   # refresh the GC hold (docker pushes after a HEAD)
+        if not await self.metadata.touch(str(digest), record):   # refresh the GC hold: docker pushes after a HEAD
+            raise errors.blob_unknown(detail={"digest": str(digest)})
         size = record.size
         headers = [(b"docker-content-digest", str(digest).encode()), (b"accept-ranges", b"bytes"),
                    (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
