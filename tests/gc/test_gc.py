@@ -176,3 +176,27 @@ async def test_leader_killed_mid_sweep_another_node_finishes(cluster):
     survivors = [n for name, n in nodes.items() if name != leader]
     for node in survivors:
         await pull_ok(node, "kl/app", "v1", live)
+
+
+async def test_scheduled_runs_and_the_scrub_of_orphan_files(cluster):
+    a = cluster.add("a", settings={**GRACE, "gc_interval": "2s"})
+    # A file no etcd record accounts for (as a crash between write and publish would leave).
+    orphan = oci.random_bytes(1000, seed="orphan-file")
+    digest = oci.digest(orphan)
+    path = Path(a.data_dir) / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orphan)
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    async with client_for(a) as client:
+        young = oci.random_bytes(1000, seed="young-file")   # on disk and in etcd: never scrubbed
+        young_digest = await oci.push_blob(client, "scrub/app", young)
+
+    def scheduled_run_done():
+        status = json.loads(cluster.cli("gc", "status", "--json").stdout)
+        run = status["latest"]
+        return run is not None and run["reason"] == "scheduled" and run["state"] == "done" and run
+    cluster.wait_until(scheduled_run_done, timeout=30, what="a scheduled run")
+    cluster.wait_until(lambda: not path.exists(), timeout=15, what="the scrub to remove the orphan")
+    assert "scrub: removed" in a.log_path.read_text()
+    assert on_disk(a, young_digest) or young_digest not in cluster.holders()
