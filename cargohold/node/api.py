@@ -39,8 +39,8 @@ ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(rf"^/v2/{_NAME}/tags/list$"), "tags"),
     (re.compile(rf"^/v2/{_NAME}/referrers/(?P<digest>[^/]+)$"), "referrers"),
 ]
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$", re.ASCII)
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 OCTET = "application/octet-stream"
 
 
@@ -416,7 +416,7 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
     raw_n = request.query("n")
     n = None
     if raw_n is not None and raw_n != "":
-        if not raw_n.isdigit() or len(raw_n) > 9:
+        if not (raw_n.isascii() and raw_n.isdigit()) or len(raw_n) > 9:
             raise errors.unsupported("n must be a non-negative integer", status=400)
         n = int(raw_n)
     return n, request.query("last") or None
@@ -455,7 +455,7 @@ def _unsatisfiable(size: int) -> errors.RegistryError:
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:
     """(start, length) from Content-Range and Content-Length; 416 when malformed."""
     declared = request.header("content-length")
-    length = int(declared) if declared is not None and declared.isdigit() else None
+    length = int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
     header = request.header("content-range")
     if header is None:
         return None, length

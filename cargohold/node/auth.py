@@ -181,7 +181,8 @@ _SUBJECT = re.compile(r"anonymous|authenticated|(user|robot|group):([a-z0-9][a-z
 def compile_pattern(pattern: str, *, path: bool) -> re.Pattern:
     """A glob: `?` one character, `*` any run of characters (not '/' in repository patterns),
     `**` anything including '/'."""
-    if not (_REPO_PATTERN if path else _TAG_PATTERN).fullmatch(pattern):
+    if not (_REPO_PATTERN if path else _TAG_PATTERN).fullmatch(pattern) or (
+            path and any(part in ("", ".", "..") for part in pattern.split("/"))):
         raise RulesError(f"invalid {'repository' if path else 'tag'} pattern {pattern[:80]!r}")
     out, i = [], 0
     while i < len(pattern):
@@ -691,7 +692,7 @@ class AccessControl:
         return lambda repo: "pull" in self._actions(subject, repo)
 
     # ------------------------------------------------------------------ authentication
-    async def _authenticate(self, request: Request) -> Identity:
+    async def _authenticate(self, request: Request, record: bool = True) -> Identity:
         header = request.header("authorization")
         if not header:
             return Identity(ANONYMOUS)
@@ -701,7 +702,7 @@ class AccessControl:
             raise _unauthorized(str(exc), challenge(self._realm(request), self.service, error="invalid_request"))
         if credentials.scheme == "bearer":
             return self._verify(request, credentials.token)
-        return Identity(await self._login(request, credentials.username, credentials.password))
+        return Identity(await self._login(request, credentials.username, credentials.password, record))
 
     def _verify(self, request: Request, token: str) -> Identity:
         """A Bearer token: verified once, then cached (by its string) until it expires."""
@@ -730,7 +731,7 @@ class AccessControl:
                                 challenge(self._realm(request), self.service, error="invalid_token"))
         return Identity(subject, grants)
 
-    async def _login(self, request: Request, username: str, password: str) -> Subject:
+    async def _login(self, request: Request, username: str, password: str, record: bool = True) -> Subject:
         """Check Basic credentials: a recent success is remembered (keyed by a salted hash of the
         credentials, and only while the stored hash is unchanged); failures are rate-limited."""
         key = hashlib.blake2b(username.encode() + b"\0" + password.encode(), key=self._salt).digest()
@@ -756,7 +757,8 @@ class AccessControl:
         if len(self._logins) > 10_000:
             self._logins.clear()
         self._logins[key] = (time.monotonic() + min(self.token_ttl, 300.0), stored, subject)
-        self.audit.record("login", request, account=subject.login)
+        if record:
+            self.audit.record("login", request, subject=subject.label)
         return subject
 
     def _stored_hash(self, login: str) -> str | None:
@@ -802,10 +804,13 @@ class AccessControl:
         except ScopeError as exc:
             raise errors.unsupported(str(exc), status=400) from None
         if username is not None:
-            subject = await self._login(request, username, password)
+            subject = await self._login(request, username, password, record=False)
         else:
-            subject = (await self._authenticate(request)).subject
+            subject = (await self._authenticate(request, record=False)).subject
         access = grant(self.policy, subject, scopes)
+        if not subject.anonymous:
+            self.audit.record("login", request, subject=subject.label, via="token",
+                              scope=" ".join(str(s) for s in scopes)[:1000] or None)
         key = await self.accounts.ensure_signing_key()
         now = time.time()
         token = encode_token(token_claims(subject, access, self.service, self.token_ttl, now), key)

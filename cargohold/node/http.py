@@ -70,7 +70,7 @@ class Request:
 
     async def read_body(self, limit: int) -> bytes:
         declared = self.header("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise errors.RegistryError("SIZE_INVALID", f"body larger than {limit} bytes", 413)
         parts: list[bytes] = []
         total = 0
