@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from cargohold import __version__, authcmd, config, gccmd, logs, nodecmd
+from cargohold import __version__, authcmd, config, gccmd, logs, nodecmd, replcmd
 
 
 def _serve_parser(sub) -> None:
@@ -24,6 +24,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--site", help="site (region) of this node (default 'default')")
     p.add_argument("--grpc-listen", help="gRPC address HOST:PORT for peers")
     p.add_argument("--grpc-advertise", help="the HOST:PORT peers dial for gRPC (default: the bound address)")
+    p.add_argument("--grpc-tls-cert", help="this node's certificate for mutual TLS between nodes")
+    p.add_argument("--grpc-tls-key", help="this node's key for mutual TLS between nodes")
+    p.add_argument("--grpc-tls-ca", help="the CA that signs every node's certificate")
     p.add_argument("--advertise-url", help="the URL other nodes and clients reach this node at")
     p.add_argument("--runtime", choices=["asyncio", "trio"], help="asyncio (uvicorn, default) or trio (hypercorn)")
     p.add_argument("--min-copies", type=int, help="copies a blob must have before its upload is acknowledged")
@@ -121,6 +124,22 @@ def _retention_parser(sub) -> None:
     p.set_defaults(handler=lambda a: _with_etcd(a, gccmd.retention_list))
 
 
+def _replication_parser(sub) -> None:
+    replication = sub.add_parser("replication", help="which repositories reach which sites, and progress")
+    actions = replication.add_subparsers(dest="what", required=True)
+    rules = actions.add_parser("rules", help="replication rules").add_subparsers(dest="action", required=True)
+    p = rules.add_parser("set", help="store the rules file (YAML or JSON: replication: [{repositories, sites}])")
+    p.add_argument("file")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, replcmd.rules_set))
+    p = rules.add_parser("list", help="show the stored rules")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, replcmd.rules_list))
+    p = actions.add_parser("status", help="per site and rule: pending, lag, in flight, failures, bytes/s")
+    _cluster_options(p)
+    p.set_defaults(handler=lambda a: _with_etcd(a, replcmd.status))
+
+
 def _with_etcd(args: argparse.Namespace, command) -> int:
     import anyio
 
@@ -139,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     authcmd.register(sub)
     _gc_parser(sub)
     _retention_parser(sub)
+    _replication_parser(sub)
     return parser
 
 

@@ -37,6 +37,12 @@ class Settings:
     min_copies: int = 1
     sync_sites: int = 0
     replicas_per_site: int = 2
+    per_peer_streams: int = 4                           # concurrent transfers from one peer
+    site_bandwidth: dict | None = None                  # inbound limit per source site, e.g. {eu: 50M} (bytes/s)
+    storage_limit: str | None = None                    # refuse copies beyond this many bytes, e.g. 500G
+    grpc_tls_cert: str | None = None                    # node-to-node gRPC over mutual TLS
+    grpc_tls_key: str | None = None
+    grpc_tls_ca: str | None = None
     down_after: float = 300.0                           # a dead node's blobs are re-replicated after this
     replication_workers: int = 4
     tls_cert: str | None = None
@@ -75,6 +81,10 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
     text = str(kind)
     if value is None:
         return None
+    if "dict" in text:
+        if isinstance(value, str):      # from the environment: "eu=50M,us=20M"
+            return dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+        return dict(value)
     if "list" in text:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -167,6 +177,19 @@ def validate(settings: Settings) -> None:
                 parse_duration(value)
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
+    for site, rate in (settings.site_bandwidth or {}).items():
+        try:
+            parse_size(rate)
+        except ValueError:
+            raise ConfigError(f"site_bandwidth for {site!r}: {rate!r} is not a byte rate like 50M") from None
+    if settings.storage_limit is not None:
+        try:
+            parse_size(settings.storage_limit)
+        except ValueError:
+            raise ConfigError(f"storage_limit {settings.storage_limit!r} is not a size like 500G") from None
+    tls = [settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca]
+    if any(tls) and not all(tls):
+        raise ConfigError("--grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca go together")
     if settings.gc_window is not None:
         try:
             parse_window(settings.gc_window)
@@ -201,6 +224,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def parse_size(value: object) -> int:
+    """Bytes from 1048576, "512K", "50M", "2G", "1T" (powers of 1024)."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(float(text))
 
 
 def parse_window(text: str) -> tuple[int, int]:

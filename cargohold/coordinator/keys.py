@@ -74,6 +74,13 @@ class Keys:
     def policies(self) -> str:
         return f"{self.prefix}policies/rules"
 
+    def replication_rules(self) -> str:
+        return f"{self.prefix}policies/replication"
+
+    def node_status(self, node_id: str) -> str:
+        """A node's replication figures, bound to its lease (for `replication status`)."""
+        return f"{self.prefix}status/{node_id}"
+
     def section_prefix(self, section: str) -> str:
         """`manifests/`, `tags/`, `blobs/`, ...: whole sections, for the GC's snapshot."""
         return f"{self.prefix}{section}/"
@@ -146,4 +153,8 @@ class Keys:
                 return ParsedKey("gc_leader")
         if section == "policies" and rest == "rules":
             return ParsedKey("policies")
+        if section == "policies" and rest == "replication":
+            return ParsedKey("replication_rules")
+        if section == "status":
+            return ParsedKey("node_status", name=rest)
         return ParsedKey("other")

@@ -515,6 +515,25 @@ class ClusterMetadata:
         result = await self._txn([guard], [Delete(key)])
         return result.succeeded
 
+    async def publish_status(self, status: dict) -> None:
+        """This node's replication figures, bound to its lease so a dead node's vanish."""
+        lease = self.lease
+        if lease is not None:
+            await self.client.put(self.keys.node_status(self.node_id), json.dumps(status).encode(), lease=lease)
+
+    def manifest_dependencies(self, digest: str) -> tuple[str, ...] | None:
+        """If `digest` is a manifest in any repository: the blobs and manifests it references."""
+        state = self.model.blobs.get(digest)
+        for repo in (state.repos if state is not None else ()):
+            repo_state = self.model.repo(repo)
+            record = repo_state.manifests.get(digest) if repo_state is not None else None
+            if record is not None:
+                return record.blobs + record.children
+        return None
+
+    async def set_replication_rules(self, rules) -> None:
+        await self._txn([], [Put(self.keys.replication_rules(), rules.encode())])
+
     # ------------------------------------------------------------------ policies
     def policies(self):
         return self.model.policies

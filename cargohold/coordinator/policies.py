@@ -146,3 +146,74 @@ def retention_deletions(policies: Policies, repo: str, tags: dict[str, tuple[str
         cutoff = now - rule.delete_older_than
         candidates = [t for t in candidates if tags[t][1] < cutoff]
     return [(t, rule) for t in sorted(candidates)]
+
+
+# ---------------------------------------------------------------------- replication rules
+#
+#     replication:
+#       - repositories: "eu/*"      # glob over repository names
+#         sites: [eu]               # the sites that keep copies ("*": every site)
+#       - repositories: "*"
+#         sites: ["*"]
+#
+# The first rule that matches a repository decides; a repository no rule matches goes to
+# every site (the design's default). A blob goes to the union of the sites of the
+# repositories it is linked into.
+
+ALL_SITES = "*"
+
+
+@dataclass(frozen=True)
+class ReplicationRule:
+    repositories: str
+    sites: tuple[str, ...]
+
+    def matches(self, repo: str) -> bool:
+        return fnmatch.fnmatchcase(repo, self.repositories)
+
+    def describe(self) -> str:
+        return f"{self.repositories} -> {', '.join(self.sites)}"
+
+
+@dataclass(frozen=True)
+class ReplicationRules:
+    rules: tuple[ReplicationRule, ...] = ()
+
+    def rule_for(self, repo: str) -> ReplicationRule | None:
+        return next((rule for rule in self.rules if rule.matches(repo)), None)
+
+    def sites_for(self, repos, known_sites: set[str]) -> set[str]:
+        """The sites that must hold a blob linked into `repos` (every site when unconstrained)."""
+        sites: set[str] = set()
+        for repo in repos:
+            rule = self.rule_for(repo)
+            if rule is None or ALL_SITES in rule.sites:
+                return set(known_sites)
+            sites.update(rule.sites)
+        return sites & known_sites if repos else set(known_sites)
+
+    def encode(self) -> bytes:
+        return json.dumps({"replication": [{"repositories": r.repositories, "sites": list(r.sites)}
+                                           for r in self.rules]}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "ReplicationRules":
+        return parse_replication(json.loads(raw))
+
+
+def parse_replication(document: object) -> ReplicationRules:
+    if document is None:
+        return ReplicationRules()
+    if not isinstance(document, dict) or set(document) != {"replication"} or not isinstance(document["replication"], list):
+        raise PolicyError("the replication rules file has one list: replication")
+    rules = []
+    for i, raw in enumerate(document["replication"]):
+        if not isinstance(raw, dict) or not isinstance(raw.get("repositories"), str):
+            raise PolicyError(f"replication[{i}] needs 'repositories' (a glob)")
+        sites = raw.get("sites")
+        if not isinstance(sites, list) or not sites or not all(isinstance(s, str) and s for s in sites):
+            raise PolicyError(f"replication[{i}].sites must be a non-empty list of site names (or \"*\")")
+        if set(raw) - {"repositories", "sites"}:
+            raise PolicyError(f"replication[{i}]: unknown fields {sorted(set(raw) - {'repositories', 'sites'})}")
+        rules.append(ReplicationRule(raw["repositories"], tuple(sites)))
+    return ReplicationRules(tuple(rules))

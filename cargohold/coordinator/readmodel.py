@@ -14,7 +14,7 @@ import sys
 import anyio
 
 from cargohold.coordinator.keys import Keys
-from cargohold.coordinator.policies import Policies
+from cargohold.coordinator.policies import Policies, ReplicationRules
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
 
 
@@ -73,6 +73,8 @@ class ReadModel:
         self.gc_runs: dict[str, dict] = {}
         self.gc_leader: str | None = None
         self.policies = Policies()
+        self.replication_rules = ReplicationRules()
+        self.node_status: dict[str, dict] = {}
         # What changed since the last take_changes(): replication and GC react to these.
         self.changed_blobs: set[str] = set()
         self.changed_sections: set[str] = set()       # "members", "gc", "policies"
@@ -105,7 +107,7 @@ class ReadModel:
             self.changed_sections.add("members")
         elif kind in ("gc_run", "gc_leader"):
             self.changed_sections.add("gc")
-        elif kind == "policies":
+        elif kind in ("policies", "replication_rules"):
             self.changed_sections.add("policies")
 
     def apply_put(self, key: str, value: bytes) -> None:
@@ -145,6 +147,10 @@ class ReadModel:
             self.gc_leader = value.decode()
         elif kind == "policies":
             self.policies = Policies.decode(value)
+        elif kind == "replication_rules":
+            self.replication_rules = ReplicationRules.decode(value)
+        elif kind == "node_status":
+            self.node_status[parsed.name] = json.loads(value)
         elif kind == "member":
             self.members[parsed.name] = value
         elif kind == "alive":
@@ -187,6 +193,10 @@ class ReadModel:
             self.gc_leader = None
         elif kind == "policies":
             self.policies = Policies()
+        elif kind == "replication_rules":
+            self.replication_rules = ReplicationRules()
+        elif kind == "node_status":
+            self.node_status.pop(parsed.name, None)
         elif kind == "member":
             self.members.pop(parsed.name, None)
         elif kind == "alive":

@@ -52,7 +52,8 @@ class RegistryAPI:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
                  *, node_id: str = "", ready=None, replicator: Replicator | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
-                 min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None):
+                 min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
+                 sync_sites: int = 0):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -61,6 +62,7 @@ class RegistryAPI:
         self.forwarder = forwarder
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
+        self.sync_sites = sync_sites
         self.copy_timeout = copy_timeout
         self.access = access            # issue 6: None means no access control at all
         self.audit = access.audit if access is not None else AuditLog(None)
@@ -365,12 +367,17 @@ class RegistryAPI:
         return _blob_created(session.repo, digest)
 
     async def _wait_for_copies(self, digest: str) -> None:
-        """--min-copies: acknowledge only when that many nodes hold the blob."""
-        if self.min_copies <= 1 or self.replicator is None:
+        """--min-copies and --sync-sites: acknowledge only when that many nodes (and other
+        sites) hold the content. Past the timeout the client gets 503 and retries; the content
+        stays and keeps replicating."""
+        if self.replicator is None:
             return
-        if not await self.replicator.wait_for_copies(digest, self.min_copies, self.copy_timeout):
-            raise errors.unavailable(f"the blob is stored but fewer than {self.min_copies} nodes hold it yet; "
-                                     "retry the upload")
+        if self.min_copies > 1 and not await self.replicator.wait_for_copies(digest, self.min_copies,
+                                                                            self.copy_timeout):
+            raise errors.unavailable(f"stored, but fewer than {self.min_copies} nodes hold it yet; retry")
+        if self.sync_sites > 0 and not await self.replicator.wait_for_sites(digest, self.sync_sites,
+                                                                           self.copy_timeout):
+            raise errors.unavailable(f"stored, but fewer than {self.sync_sites} other sites hold it yet; retry")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from cargohold import __version__
-from cargohold.config import Settings, parse_window, resolve_node_id
+from cargohold.config import Settings, parse_size, parse_window, resolve_node_id
 from cargohold.coordinator.gc import GarbageCollector
 from cargohold.coordinator.policies import parse_duration
 from cargohold.coordinator.embedded import embedded_etcd
@@ -25,7 +25,8 @@ from cargohold.node.reference import parse_digest
 from cargohold.node.storage import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
 from cargohold.replication.replicator import Replicator
-from cargohold.replication.transfer import PeerClient, ReplicationService, grpc_server
+from cargohold.replication.status import replication_status
+from cargohold.replication.transfer import PeerClient, ReplicationService, TlsFiles, grpc_server
 
 log = logging.getLogger("cargohold.node")
 
@@ -47,13 +48,19 @@ async def serve(settings: Settings) -> None:
         metadata = ClusterMetadata(client, settings.cluster, node_id)
         store = FilesystemBlobStore(data_dir)
         uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id))
-        peers = PeerClient()
+        tls = (TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
+               if settings.grpc_tls_cert else None)
+        peers = PeerClient(tls=tls)
         stack.callback(peers.close)
-        grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store)))
+        grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store), tls=tls))
         grace = parse_duration(settings.gc_grace)
         replicator = Replicator(metadata, store, peers, node_id=node_id, site=settings.site,
                                 replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
-                                workers=settings.replication_workers, gc_grace=grace)
+                                workers=settings.replication_workers, gc_grace=grace,
+                                per_peer_streams=settings.per_peer_streams,
+                                site_bandwidth={site: parse_size(rate) for site, rate in
+                                                (settings.site_bandwidth or {}).items()},
+                                storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None)
         collector = GarbageCollector(
             metadata, grace=grace,
             untagged_after=parse_duration(settings.untagged_after) if settings.untagged_after else None,
@@ -67,7 +74,8 @@ async def serve(settings: Settings) -> None:
         if access is not None:
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
-                          metrics=metrics, min_copies=settings.min_copies, access=access)
+                          metrics=metrics, min_copies=settings.min_copies, access=access,
+                          sync_sites=settings.sync_sites)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
         async with anyio.create_task_group() as tg:
@@ -148,6 +156,17 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
                 ("marked", "candidates", "swept", "bytes_freed", "manifests_deleted", "tags_deleted")]
 
     metrics.gauge("cargohold_gc_last_run", "Progress of the latest garbage collection run.", gc_progress)
+    def replication_lag():
+        status = replication_status(metadata.model)
+        rows = []
+        for row in status["rules"]:
+            labels = {"site": row["site"], "rule": row["rule"]}
+            rows += [({**labels, "stat": "pending"}, row["pending"]), ({**labels, "stat": "lag_seconds"},
+                                                                       round(row["lag_seconds"], 3))]
+        return rows
+
+    metrics.gauge("cargohold_replication_site", "Blobs pending per target site and rule, and the lag.",
+                  replication_lag)
     metrics.gauge("cargohold_read_model_revision", "etcd revision the read model has applied.",
                   lambda: [({}, metadata.model.revision)])
     return metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import shutil
 from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Iterator, Protocol
@@ -109,6 +110,9 @@ class FilesystemBlobStore:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+    def free_bytes(self) -> int | None:
+        return shutil.disk_usage(self._blobs).free
 
     def inventory(self) -> Iterator[tuple[Digest, float]]:
         for algorithm_dir in self._blobs.iterdir():

@@ -39,6 +39,27 @@ class ContentUnavailable(Exception):
     """No reachable node holds the blob."""
 
 
+class StorageFull(Exception):
+    """This node has no room (or no allowance) for another copy: retried with back-off."""
+
+
+class TokenBucket:
+    """A bandwidth limit: `rate` bytes per second, bursts of up to one second's worth."""
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self.tokens = self.rate
+        self.updated = time.monotonic()
+
+    async def take(self, amount: int) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= amount
+        if self.tokens < 0:
+            await anyio.sleep(-self.tokens / self.rate)
+
+
 @dataclass
 class ReplicationStats:
     queued: int = 0
@@ -57,8 +78,18 @@ class ReplicationStats:
 class Replicator:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, peers: PeerClient, *,
                  node_id: str, site: str, replicas_per_site: int = 2, down_after: float = 300.0,
-                 workers: int = 4, gc_grace: float = 3600.0):
+                 workers: int = 4, gc_grace: float = 3600.0, per_peer_streams: int = 4,
+                 site_bandwidth: dict[str, float] | None = None, storage_limit: int | None = None,
+                 disk_reserve: int = 256 * 1024 * 1024):
         self.gc_grace = gc_grace
+        self.per_peer_streams = per_peer_streams
+        self._peer_limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._buckets = {site: TokenBucket(rate) for site, rate in (site_bandwidth or {}).items()}
+        self.storage_limit = storage_limit
+        self.disk_reserve = disk_reserve
+        self._waiting_on: dict[str, set[str]] = {}      # dependency digest -> manifests waiting for it
+        self._failed: dict[str, dict] = {}              # digest -> {reason, attempts, since}
+        self._rate = 0.0
         self.metadata = metadata
         self.store = store
         self.peers = peers
@@ -83,7 +114,9 @@ class Replicator:
     # ------------------------------------------------------------------ events
     def _on_change(self, blobs: set[str], sections: set[str]) -> None:
         self._pending |= blobs
-        if "members" in sections:
+        for digest in blobs:
+            self._pending |= self._waiting_on.pop(digest, set())
+        if "members" in sections or "policies" in sections:
             self._full_pass = True
         self._wake.set()
 
@@ -109,15 +142,25 @@ class Replicator:
         deadlines = [since + self.down_after for since in self._dead_since.values() if since + self.down_after > now]
         return min(deadlines) if deadlines else None
 
-    def placement_candidates(self) -> list[str]:
-        """Active members of this site that are alive, or dead for less than `down_after`."""
+    def placement_candidates(self, site: str | None = None) -> list[str]:
+        """Active members of `site` (default: ours) that are alive, or dead for less than `down_after`."""
+        site = site or self.site
         now = time.monotonic()
         return [m.node_id for m in self.metadata.members().values()
-                if m.site == self.site and m.state == "active"
+                if m.site == site and m.state == "active"
                 and now - self._dead_since.get(m.node_id, now) < self.down_after]
 
-    def owners_of(self, digest: str) -> list[str]:
-        return owners(digest, self.placement_candidates(), self.replicas)
+    def sites(self) -> set[str]:
+        return {m.site for m in self.metadata.members().values() if m.state != "left"}
+
+    def target_sites(self, digest: str) -> set[str]:
+        """The sites whose replication rules call for this blob (by the repositories it is in)."""
+        state = self.metadata.model.blobs.get(digest)
+        repos = state.repos if state is not None else ()
+        return self.metadata.model.replication_rules.sites_for(repos, self.sites())
+
+    def owners_of(self, digest: str, site: str | None = None) -> list[str]:
+        return owners(digest, self.placement_candidates(site), self.replicas)
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
@@ -128,6 +171,7 @@ class Replicator:
             tg.start_soon(self._down_timer)
             tg.start_soon(self._retry_timer)
             tg.start_soon(self._scrub_after_gc_runs)
+            tg.start_soon(self._publish_status)
             async with send:
                 while True:
                     await self._wake.wait()
@@ -178,11 +222,14 @@ class Replicator:
                 try:
                     await self.reconcile(digest)
                     self._failures.pop(digest, None)
+                    self._failed.pop(digest, None)
                 except anyio.get_cancelled_exc_class():
                     raise
                 except Exception as exc:  # noqa: BLE001 - one blob's failure must not stop the others
                     self.stats.failures += 1
                     self.stats.last_error = f"{digest}: {exc}"
+                    failure = self._failed.setdefault(digest, {"since": time.time(), "attempts": 0})
+                    failure.update(reason=str(exc)[:300], attempts=failure["attempts"] + 1)
                     log.warning("reconcile %s failed: %s; retrying later", digest, exc)
                     self._retry_later(digest)
                 finally:
@@ -223,25 +270,55 @@ class Replicator:
         state = self.metadata.model.blobs.get(digest)
         if state is None or state.record is None:
             return
-        blob_owners = self.owners_of(digest)
+        targets = self.target_sites(digest)
+        site_owners = {site: self.owners_of(digest, site) for site in targets}
+        my_owners = site_owners.get(self.site, [])
         holders = set(state.nodes)
         me = self.node_id
         parsed = parse_digest(digest)
-        if me in blob_owners and me not in holders:
+        if me in my_owners and me not in holders:
+            if not self._dependencies_here(digest):
+                return      # a manifest follows its blobs: woken again when they arrive here
             async with self.store.locked(parsed):
                 if await self.store.stat(parsed) != state.record.size:
+                    self._check_space(state.record.size)
                     await self.fetch(digest, state.record.size)
                 if await self.metadata.record_copy(digest):
                     self.stats.copies_made += 1
                     log.info("copy made: %s (%d bytes)", digest, state.record.size)
                 elif me not in self.metadata.holders(digest):
                     await self.store.delete(parsed)   # swept while we fetched: leave nothing behind
-        elif me not in blob_owners and me in holders and blob_owners and set(blob_owners) <= holders:
+            return
+        needed = [owner for owners_in_site in site_owners.values() for owner in owners_in_site]
+        if me in holders and me not in needed and needed and set(needed) <= holders:
             async with self.store.locked(parsed):
-                if await self.metadata.drop_copy(digest, blob_owners):
+                if await self.metadata.drop_copy(digest, needed):
                     await self.store.delete(parsed)
                     self.stats.copies_dropped += 1
-                    log.info("copy dropped: %s now on %s", digest, ",".join(blob_owners))
+                    log.info("copy dropped: %s now on %s", digest, ",".join(needed))
+
+    def _dependencies_here(self, digest: str) -> bool:
+        """For a manifest: whether every blob and child it references has a copy in this site."""
+        dependencies = self.metadata.manifest_dependencies(digest)
+        if not dependencies:
+            return True
+        members = self.metadata.members()
+        missing = [d for d in dependencies
+                   if self.site in self.target_sites(d)
+                   and not any(members.get(n) and members[n].site == self.site for n in self.metadata.holders(d))]
+        for dependency in missing:
+            self._waiting_on.setdefault(dependency, set()).add(digest)
+        return not missing
+
+    def _check_space(self, size: int) -> None:
+        if self.storage_limit is not None:
+            used = sum(s.record.size for s in self.metadata.model.blobs.values()
+                       if self.node_id in s.nodes and s.record is not None)
+            if used + size > self.storage_limit:
+                raise StorageFull(f"storage limit reached ({used} of {self.storage_limit} bytes used)")
+        free = self.store.free_bytes()
+        if free is not None and free - size < self.disk_reserve:
+            raise StorageFull(f"disk full ({free} bytes free, {self.disk_reserve} kept in reserve)")
 
     async def _release_condemned(self, digest: str, run_id: str) -> None:
         """The GC tombstoned this blob: delete our copy, unless a re-upload lifts the tombstone
@@ -326,6 +403,17 @@ class Replicator:
         ordered = preference(digest, holders, me=self.node_id, same_site=same_site)
         return [members[n] for n in ordered if n != self.node_id and members[n].grpc]
 
+    def _peer_limiter(self, node_id: str) -> anyio.CapacityLimiter:
+        limiter = self._peer_limiters.get(node_id)
+        if limiter is None:
+            limiter = self._peer_limiters[node_id] = anyio.CapacityLimiter(self.per_peer_streams)
+        return limiter
+
+    async def _throttle(self, source_site: str, size: int) -> None:
+        bucket = self._buckets.get(source_site) if source_site != self.site else None
+        if bucket is not None:
+            await bucket.take(size)
+
     def can_read(self, digest: str) -> bool:
         """Whether some live peer publishes a copy (checked before a response starts)."""
         return bool(self._sources(digest))
@@ -354,10 +442,12 @@ class Replicator:
                 raise ContentUnavailable(f"no live node holds {digest}")
             for source in sources:
                 try:
-                    async for data in self.peers.read(source.grpc, digest, offset):
-                        await anyio.to_thread.run_sync(_write_hash, f, hasher, data)
-                        offset += len(data)
-                        self.stats.bytes_fetched += len(data)
+                    async with self._peer_limiter(source.node_id):
+                        async for data in self.peers.read(source.grpc, digest, offset):
+                            await self._throttle(source.site, len(data))
+                            await anyio.to_thread.run_sync(_write_hash, f, hasher, data)
+                            offset += len(data)
+                            self.stats.bytes_fetched += len(data)
                 except PeerUnavailable as exc:
                     log.info("transfer of %s from %s interrupted at %d: %s; resuming",
                              digest, source.node_id, offset, exc)
@@ -393,14 +483,28 @@ class Replicator:
     async def read_remote_all(self, digest: str, size: int) -> bytes:
         return b"".join([chunk async for chunk in self.read_remote(digest, 0, size)])
 
+    def sites_holding(self, digest: str) -> set[str]:
+        members = self.metadata.members()
+        return {members[n].site for n in self.metadata.holders(digest) if n in members}
+
     async def wait_for_copies(self, digest: str, copies: int, timeout: float) -> bool:
         """Wait until `copies` nodes publish a copy of `digest` (for --min-copies)."""
-        if len(self.metadata.holders(digest)) >= copies:
+        return await self._wait_until(digest, lambda: len(self.metadata.holders(digest)) >= copies, timeout)
+
+    async def wait_for_sites(self, digest: str, other_sites: int, timeout: float) -> bool:
+        """Wait until `other_sites` sites besides ours hold `digest` (for --sync-sites), or as
+        many as the replication rules send it to, if that is fewer."""
+        other_sites = min(other_sites, len(self.target_sites(digest) - {self.site}))
+        return await self._wait_until(digest, lambda: len(self.sites_holding(digest) - {self.site}) >= other_sites,
+                                      timeout)
+
+    async def _wait_until(self, digest: str, satisfied, timeout: float) -> bool:
+        if satisfied():
             return True
         event = anyio.Event()
 
         def listener(blobs, _sections):
-            if digest in blobs and len(self.metadata.holders(digest)) >= copies:
+            if digest in blobs and satisfied():
                 event.set()
 
         self.metadata.subscribe(listener)
@@ -409,7 +513,38 @@ class Replicator:
                 await event.wait()
         finally:
             self.metadata.unsubscribe(listener)
-        return len(self.metadata.holders(digest)) >= copies
+        return satisfied()
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict:
+        now = time.time()
+        failed = sorted(self._failed.items(), key=lambda item: item[1]["since"])
+        return {
+            "node": self.node_id, "site": self.site, "time": now,
+            "queued": len(self._pending) + self.stats.queued, "in_flight": self.stats.in_flight,
+            "waiting_for_dependencies": sum(len(v) for v in self._waiting_on.values()),
+            "failed": len(failed),
+            "failures": [{"digest": d, **f} for d, f in failed[:20]],
+            "bytes_fetched": self.stats.bytes_fetched, "copies_made": self.stats.copies_made,
+            "copies_dropped": self.stats.copies_dropped, "rate": round(self._rate, 1),
+        }
+
+    async def _publish_status(self, interval: float = 2.0) -> None:
+        """Report this node's figures in etcd for `cargohold replication status` (a report, not a poll)."""
+        last_bytes, last_time, last = self.stats.bytes_fetched, time.monotonic(), None
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            self._rate = (self.stats.bytes_fetched - last_bytes) / max(now - last_time, 1e-6)
+            last_bytes, last_time = self.stats.bytes_fetched, now
+            status = self.status()
+            comparable = {k: v for k, v in status.items() if k != "time"}
+            if comparable != last or status["queued"] or status["in_flight"]:
+                try:
+                    await self.metadata.publish_status(status)
+                    last = comparable
+                except Exception as exc:  # noqa: BLE001 - status is best effort
+                    log.debug("could not publish replication status: %s", exc)
 
 
 def _write_hash(f, hasher, data: bytes) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, BinaryIO, Callable
 
 import anyio
@@ -31,6 +33,17 @@ _OPTIONS = [
 ]
 
 OpenBlob = Callable[[str], "BinaryIO | None"]
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Mutual TLS between nodes: this node's certificate and key, and the CA that signs peers'."""
+    cert: str
+    key: str
+    ca: str
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return Path(self.cert).read_bytes(), Path(self.key).read_bytes(), Path(self.ca).read_bytes()
 
 
 class PeerUnavailable(Exception):
@@ -79,12 +92,19 @@ class ReplicationService(pb_grpc.ReplicationServicer):
 
 
 @asynccontextmanager
-async def grpc_server(address: str, service: ReplicationService, max_streams: int = 32) -> AsyncIterator[int]:
-    """Run the replication server on `address`; yields the bound port."""
+async def grpc_server(address: str, service: ReplicationService, max_streams: int = 32,
+                      tls: TlsFiles | None = None) -> AsyncIterator[int]:
+    """Run the replication server on `address`; yields the bound port. With `tls`, peers must
+    present a certificate signed by the CA."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="grpc-repl"),
                          options=_OPTIONS, maximum_concurrent_rpcs=max_streams * 4)
     pb_grpc.add_ReplicationServicer_to_server(service, server)
-    port = server.add_insecure_port(address)
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert, key, ca = tls.read()
+        credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot bind the gRPC server to {address}")
     server.start()
@@ -98,7 +118,12 @@ async def grpc_server(address: str, service: ReplicationService, max_streams: in
 class PeerClient:
     """Client side of the replication service, one channel per peer address."""
 
-    def __init__(self, max_streams: int = 16):
+    def __init__(self, max_streams: int = 16, tls: TlsFiles | None = None):
+        self._credentials = None
+        if tls is not None:
+            cert, key, ca = tls.read()
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                                             certificate_chain=cert)
         self._stubs: dict[str, pb_grpc.ReplicationStub] = {}
         self._channels: list[grpc.Channel] = []
         self._readers = anyio.CapacityLimiter(max_streams)
@@ -106,7 +131,10 @@ class PeerClient:
     def _stub(self, address: str) -> pb_grpc.ReplicationStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.insecure_channel(address, options=_OPTIONS)
+            if self._credentials is None:
+                channel = grpc.insecure_channel(address, options=_OPTIONS)
+            else:
+                channel = grpc.secure_channel(address, self._credentials, options=_OPTIONS)
             self._channels.append(channel)
             stub = self._stubs[address] = pb_grpc.ReplicationStub(channel)
         return stub

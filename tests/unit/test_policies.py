@@ -47,3 +47,20 @@ def test_roundtrip_and_invalid_files():
                 {"immutable": [{"repositories": "x"}]}, {"other": []}, [1]):
         with pytest.raises(PolicyError):
             parse(bad)
+
+
+def test_replication_rules_pick_sites_per_repository():
+    from cargohold.coordinator.policies import ReplicationRules, parse_replication
+
+    rules = parse_replication({"replication": [{"repositories": "eu/*", "sites": ["eu"]},
+                                               {"repositories": "both/*", "sites": ["eu", "us"]}]})
+    known = {"eu", "us", "ap"}
+    assert rules.sites_for(["eu/app"], known) == {"eu"}
+    assert rules.sites_for(["eu/app", "both/x"], known) == {"eu", "us"}
+    assert rules.sites_for(["other"], known) == known                 # no rule: every site
+    assert rules.sites_for([], known) == known
+    assert ReplicationRules.decode(rules.encode()) == rules
+    for bad in ({"replication": [{"repositories": "x"}]}, {"replication": [{"repositories": "x", "sites": []}]},
+                {"rules": []}):
+        with pytest.raises(PolicyError):
+            parse_replication(bad)

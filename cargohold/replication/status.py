@@ -1,0 +1,73 @@
+"""The cluster's replication picture, derived from the read model (no I/O).
+
+Per site and rule: how many blobs the rules send to that site still lack a copy there, and
+the age of the oldest of them (the lag). Per site: what its nodes report doing (in flight,
+failed with reasons, bytes/s), from the `status/<node>` records they publish.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from cargohold.coordinator.readmodel import ReadModel
+
+
+@dataclass
+class SiteRuleStatus:
+    site: str
+    rule: str
+    blobs: int = 0              # blobs the rule sends to this site
+    pending: int = 0            # of which the site holds no copy yet
+    pending_bytes: int = 0
+    lag_seconds: float = 0.0    # age of the oldest pending blob
+
+
+@dataclass
+class SiteStatus:
+    site: str
+    nodes: list[str] = field(default_factory=list)
+    queued: int = 0
+    in_flight: int = 0
+    failed: int = 0
+    rate: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+
+def replication_status(model: ReadModel, now: float | None = None) -> dict:
+    now = time.time() if now is None else now
+    members = {node: _site(raw) for node, raw in model.members.items()}
+    live_sites = {site for node, (site, state) in members.items() if state != "left"}
+    rules = model.replication_rules
+    rows: dict[tuple[str, str], SiteRuleStatus] = {}
+    for digest, state in model.blobs.items():
+        if state.record is None:
+            continue
+        repo_rules = {(r.describe() if (r := rules.rule_for(repo)) else "* -> * (default)") for repo in state.repos}
+        targets = rules.sites_for(state.repos, live_sites)
+        held_in = {members[n][0] for n in state.nodes if n in members}
+        for site in targets:
+            for rule in repo_rules or {"* -> * (default)"}:
+                row = rows.setdefault((site, rule), SiteRuleStatus(site, rule))
+                row.blobs += 1
+                if site not in held_in:
+                    row.pending += 1
+                    row.pending_bytes += state.record.size
+                    row.lag_seconds = max(row.lag_seconds, now - state.record.created)
+    sites: dict[str, SiteStatus] = {site: SiteStatus(site) for site in sorted(live_sites)}
+    for node, status in model.node_status.items():
+        site = sites.setdefault(status.get("site", "?"), SiteStatus(status.get("site", "?")))
+        site.nodes.append(node)
+        site.queued += status.get("queued", 0)
+        site.in_flight += status.get("in_flight", 0)
+        site.failed += status.get("failed", 0)
+        site.rate += status.get("rate", 0.0)
+        site.failures += [{"node": node, **f} for f in status.get("failures", [])]
+    return {"rules": [asdict(r) for r in sorted(rows.values(), key=lambda r: (r.site, r.rule))],
+            "sites": [asdict(s) for s in sites.values()]}
+
+
+def _site(raw: bytes) -> tuple[str, str]:
+    document = json.loads(raw)
+    return document.get("site", "default"), document.get("state", "active")
