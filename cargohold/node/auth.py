@@ -312,9 +312,6 @@ class Policy:
                 return False
         return True
 
-    def anonymous_may_pull(self) -> bool:
-        return any("pull" in r.actions or "admin" in r.actions for r in self.rules if "anonymous" in r.subjects)
-
 
 # Without stored rules: any authenticated account may pull, push and delete everywhere (as
 # CNCF Distribution with htpasswd); anonymous may do nothing; admin accounts are admins.
@@ -333,9 +330,6 @@ class OpenPolicy(Policy):
         return frozenset(RULE_ACTIONS)
 
     def is_admin(self, subject: Subject) -> bool:
-        return True
-
-    def anonymous_may_pull(self) -> bool:
         return True
 
 
@@ -623,12 +617,8 @@ class AccessControl:
         identity = await self._authenticate(request)
         request.auth = identity
         subject, grants = identity.subject, identity.grants
-        if need.what == "login":
+        if need.what in ("login", "catalog"):     # the catalog is filtered by what the subject may pull
             if subject.anonymous and grants is None:
-                raise self._deny(request, need, by_rules=False)
-            return subject
-        if need.what == "catalog":
-            if subject.anonymous and grants is None and not self.policy.anonymous_may_pull():
                 raise self._deny(request, need, by_rules=False)
             return subject
         if need.what == "admin":

@@ -92,7 +92,6 @@ def test_rules_decide_actions():
     assert policy.actions(OPS, "anything/at/all") == {"pull", "push", "delete", "admin"}
     assert policy.is_admin(OPS) and policy.is_admin(ROOT) and not policy.is_admin(ALICE)
     assert policy.actions(ROOT, "x") == {"pull", "push", "delete", "admin"}
-    assert policy.anonymous_may_pull() and not Policy.parse({"rules": []}).anonymous_may_pull()
 
 
 def test_tag_protection():
