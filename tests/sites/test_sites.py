@@ -175,3 +175,17 @@ async def test_grpc_between_nodes_over_mutual_tls(cluster, tmp_path):
             await plain.stat(f"127.0.0.1:{a.grpc_port}", digest, timeout=3)
     finally:
         plain.close()
+
+
+async def test_bandwidth_limit_between_sites(cluster):
+    import time
+
+    a1 = cluster.add("a1", settings={"site": "A", "replicas_per_site": 1})
+    data = os.urandom(3 * 1024 * 1024)
+    async with client_for(a1) as client:
+        digest = await oci.push_blob(client, "bw/app", data)
+    started = time.monotonic()
+    cluster.add("b1", settings={"site": "B", "replicas_per_site": 1, "site_bandwidth": {"A": "1M"}})
+    cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), timeout=30, what="B's copy")
+    # 3 MiB at 1 MiB/s with a one-second burst: at least about two seconds.
+    assert time.monotonic() - started >= 1.8
