@@ -124,13 +124,17 @@ def read_file(path: Path) -> dict[str, Any]:
 
 def from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """CARGOHOLD_<SETTING> variables (nested keys joined by __) as flat settings."""
-    found = {}
+    found: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(Settings)}
+    maps = _map_settings()
     for key, value in environ.items():
         if key.startswith(ENV_PREFIX):
             name = key[len(ENV_PREFIX):].lower()
+            setting, _, entry = name.partition("__")
             if name in names:
                 found[name] = value
+            elif setting in maps and entry:          # CARGOHOLD_SITE_BANDWIDTH__EU=50M
+                found.setdefault(setting, {})[key[len(ENV_PREFIX) + len(setting) + 2:]] = value
     return found
 
 
@@ -146,11 +150,15 @@ def load(config_file: Path | None, flags: Mapping[str, Any], environ: Mapping[st
     return settings
 
 
+def _map_settings() -> set[str]:
+    return {f.name for f in dataclasses.fields(Settings) if "dict" in str(f.type)}
+
+
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}__{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and name not in _map_settings():
             flat.update(_flatten(value, name))
         else:
             flat[name] = value

@@ -35,3 +35,14 @@ def test_node_id_is_generated_once(tmp_path):
     s = config.load(None, {"data_dir": tmp_path}, {})
     first = config.resolve_node_id(s)
     assert first == config.resolve_node_id(s) and "/" not in first
+
+
+def test_map_settings_from_file_and_environment(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("site_bandwidth:\n  eu: 50M\n")
+    assert config.load(f, {}, {}).site_bandwidth == {"eu": "50M"}
+    s = config.load(None, {}, {"CARGOHOLD_SITE_BANDWIDTH__us": "20M"})
+    assert s.site_bandwidth == {"us": "20M"}
+    assert config.parse_size("50M") == 50 * 2**20 and config.parse_size("1.5K") == 1536
+    with pytest.raises(config.ConfigError):
+        config.load(None, {"site_bandwidth": {"eu": "fast"}}, {})
