@@ -531,7 +531,7 @@ class AccessControl:
         self._policy: Policy = DEFAULT_POLICY
         self._decisions: dict[tuple[Subject, str], frozenset] = {}
         self._tokens: dict[str, tuple[float, str, dict, Subject | None, int]] = {}
-        self._logins: dict[bytes, tuple[float, str, Subject]] = {}
+        self._logins: dict[bytes, tuple[float, str, Subject, int]] = {}
         self._salt = secrets.token_bytes(16)
         self._bcrypt_limiter: anyio.CapacityLimiter | None = None
         accounts.subscribe(self._config_changed)
@@ -579,7 +579,6 @@ class AccessControl:
                 log.error("stored access rules are invalid (%s): denying everything but admins", exc)
                 policy = Policy([], [])
         self._policy, self._decisions, self._version = policy, {}, version
-        self._logins.clear()
 
     def _actions(self, subject: Subject, repo: str) -> frozenset:
         self._refresh()
@@ -728,7 +727,9 @@ class AccessControl:
         stored = self._stored_hash(username)
         remembered = self._logins.get(key)
         if remembered is not None and remembered[0] > time.monotonic() and remembered[1] == stored:
-            return remembered[2]
+            subject = remembered[2] if remembered[3] == self.accounts.version else self.subject_for(username)
+            if subject is not None:
+                return subject
         client = request.client
         wait = max(self.client_limiter.retry_after(client) or 0, self.account_limiter.retry_after(username) or 0)
         if wait:
@@ -746,7 +747,7 @@ class AccessControl:
             raise _unauthorized("invalid username or password", challenge(self._realm(request), self.service))
         if len(self._logins) > 10_000:
             self._logins.clear()
-        self._logins[key] = (time.monotonic() + min(self.token_ttl, 300.0), stored, subject)
+        self._logins[key] = (time.monotonic() + min(self.token_ttl, 300.0), stored, subject, self.accounts.version)
         if record:
             self.audit.record("login", request, subject=subject.label)
         return subject
