@@ -476,6 +476,16 @@ class Identity:
 
 
 OPEN_IDENTITY = Identity(ANONYMOUS)
+
+
+@dataclass(slots=True)
+class _VerifiedToken:
+    expires: float
+    login: str
+    grants: dict
+    key_id: str
+    subject: Subject | None = None
+    version: int = -1
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
@@ -530,7 +540,7 @@ class AccessControl:
         self._version: tuple | None = None
         self._policy: Policy = DEFAULT_POLICY
         self._decisions: dict[tuple[Subject, str], frozenset] = {}
-        self._tokens: dict[str, tuple[float, str, dict, Subject | None, int]] = {}
+        self._tokens: dict[str, _VerifiedToken] = {}
         self._logins: dict[bytes, tuple[float, str, Subject, int]] = {}
         self._salt = secrets.token_bytes(16)
         self._bcrypt_limiter: anyio.CapacityLimiter | None = None
@@ -694,31 +704,35 @@ class AccessControl:
         return Identity(await self._login(request, credentials.username, credentials.password, record))
 
     def _verify(self, request: Request, token: str) -> Identity:
-        """A Bearer token: verified once, then cached (by its string) until it expires."""
+        """A Bearer token: verified once, then cached (by its string) until it expires. After any
+        change under auth/ a cached token is checked again for its signing key and its account."""
         now = time.time()
         cached = self._tokens.get(token)
-        version = self.accounts.version
-        if cached is None or cached[0] <= now:
+        if cached is None or cached.expires <= now:
             try:
                 claims = decode_token(token, self.accounts.signing_key, self.service)
             except TokenError as exc:
                 self._tokens.pop(token, None)
-                raise _unauthorized(f"invalid token: {exc}",
-                                    challenge(self._realm(request), self.service, error="invalid_token")) from None
+                raise self._invalid_token(request, f"invalid token: {exc}") from None
             if len(self._tokens) > 50_000:
-                self._tokens = {t: e for t, e in self._tokens.items() if e[0] > now}
+                self._tokens = {t: e for t, e in self._tokens.items() if e.expires > now}
                 if len(self._tokens) > 50_000:
                     self._tokens.clear()
-            cached = (float(claims["exp"]) + TOKEN_LEEWAY, str(claims["sub"]), access_map(claims), None, -1)
-            self._tokens[token] = cached
-        expires, login, grants, subject, seen = cached
-        if seen != version:
-            subject = self.subject_for(login)
-            self._tokens[token] = (expires, login, grants, subject, version)
-        if subject is None:
-            raise _unauthorized("the token's account no longer exists",
-                                challenge(self._realm(request), self.service, error="invalid_token"))
-        return Identity(subject, grants)
+            cached = self._tokens[token] = _VerifiedToken(
+                float(claims["exp"]) + TOKEN_LEEWAY, str(claims["sub"]), access_map(claims),
+                str(jwt.get_unverified_header(token)["kid"]))
+        version = self.accounts.version
+        if cached.version != version:
+            if self.accounts.signing_key(cached.key_id) is None:
+                del self._tokens[token]
+                raise self._invalid_token(request, "the token's signing key was withdrawn")
+            cached.subject, cached.version = self.subject_for(cached.login), version
+        if cached.subject is None:
+            raise self._invalid_token(request, "the token's account no longer exists")
+        return Identity(cached.subject, cached.grants)
+
+    def _invalid_token(self, request: Request, message: str) -> errors.RegistryError:
+        return _unauthorized(message, challenge(self._realm(request), self.service, error="invalid_token"))
 
     async def _login(self, request: Request, username: str, password: str, record: bool = True) -> Subject:
         """Check Basic credentials: a recent success is remembered (keyed by a salted hash of the
