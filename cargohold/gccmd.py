@@ -7,16 +7,12 @@ import sys
 import time
 
 import anyio
-import yaml
 
+from cargohold.cmdutil import etcd_client, load_metadata, read_rules_file
 from cargohold.coordinator import policies as policy_rules
-from cargohold.coordinator.etcd import EtcdClient, Put
+from cargohold.coordinator.etcd import Put
 from cargohold.coordinator.gc import FINISHED, new_run
 from cargohold.coordinator.metadata import ClusterMetadata
-
-
-def _client(args) -> EtcdClient:
-    return EtcdClient([e.strip() for e in args.etcd.split(",") if e.strip()])
 
 
 def _latest(metadata: ClusterMetadata) -> dict | None:
@@ -60,7 +56,7 @@ def _progress_line(run: dict, started: float) -> str:
 
 
 async def gc_run(args) -> int:
-    async with _client(args) as client:
+    async with etcd_client(args) as client:
         metadata = ClusterMetadata(client, args.cluster, node_id="cli")
         run = new_run(dry_run=args.dry_run)
         await client.put(metadata.keys.gc_run(run["id"]), json.dumps(run).encode())
@@ -101,9 +97,7 @@ async def _follow(metadata: ClusterMetadata, run_id: str, show: bool) -> dict:
 
 
 async def gc_status(args) -> int:
-    async with _client(args) as client:
-        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
-        await metadata.load()
+    metadata = await load_metadata(args)
     run = _latest(metadata)
     if args.json:
         print(json.dumps({"leader": metadata.model.gc_leader, "latest": run}, indent=2))
@@ -115,13 +109,10 @@ async def gc_status(args) -> int:
 
 
 async def retention_set(args) -> int:
-    try:
-        with open(args.file) as f:
-            rules = policy_rules.parse(yaml.safe_load(f))
-    except (OSError, yaml.YAMLError, policy_rules.PolicyError) as exc:
-        print(f"cargohold: {args.file}: {exc}", file=sys.stderr)
+    rules = read_rules_file(args.file, policy_rules.parse, (policy_rules.PolicyError,))
+    if rules is None:
         return 2
-    async with _client(args) as client:
+    async with etcd_client(args) as client:
         metadata = ClusterMetadata(client, args.cluster, node_id="cli")
         await client.txn([], [Put(metadata.keys.policies(), rules.encode())])
     print(json.dumps({"retention": len(rules.retention), "immutable": len(rules.immutable)}) if args.json else
@@ -131,9 +122,7 @@ async def retention_set(args) -> int:
 
 
 async def retention_list(args) -> int:
-    async with _client(args) as client:
-        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
-        await metadata.load()
+    metadata = await load_metadata(args)
     rules = metadata.model.policies
     if args.json:
         print(rules.encode().decode())

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from cargohold.cmdutil import etcd_client
 from cargohold.coordinator import admin
-from cargohold.coordinator.etcd import EtcdClient
-
-
-def _client(args) -> EtcdClient:
-    return EtcdClient([e.strip() for e in args.etcd.split(",") if e.strip()])
 
 
 def _human(size: int) -> str:
@@ -22,7 +18,7 @@ def _human(size: int) -> str:
 
 
 async def node_list(args) -> int:
-    async with _client(args) as client:
+    async with etcd_client(args) as client:
         rows = await admin.list_nodes(client, args.cluster)
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
@@ -37,7 +33,7 @@ async def node_list(args) -> int:
 
 
 async def node_join(args) -> int:
-    async with _client(args) as client:
+    async with etcd_client(args) as client:
         member = await admin.join(client, args.cluster, args.node_id, args.site)
     _report(args, {"node": member.node_id, "site": member.site, "state": member.state},
             f"node {member.node_id} is active in site {member.site}")
@@ -45,7 +41,7 @@ async def node_join(args) -> int:
 
 
 async def node_leave(args) -> int:
-    async with _client(args) as client:
+    async with etcd_client(args) as client:
         try:
             member = await admin.leave(client, args.cluster, args.node_id)
         except KeyError:

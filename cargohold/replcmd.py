@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import json
-import sys
 
-import yaml
-
-from cargohold.coordinator.etcd import EtcdClient
+from cargohold.cmdutil import etcd_client, load_metadata, read_rules_file
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.policies import PolicyError, parse_replication
 from cargohold.replication.status import replication_status
 
 
-def _client(args) -> EtcdClient:
-    return EtcdClient([e.strip() for e in args.etcd.split(",") if e.strip()])
-
-
 async def rules_set(args) -> int:
-    try:
-        with open(args.file) as f:
-            rules = parse_replication(yaml.safe_load(f))
-    except (OSError, yaml.YAMLError, PolicyError) as exc:
-        print(f"cargohold: {args.file}: {exc}", file=sys.stderr)
+    rules = read_rules_file(args.file, parse_replication, (PolicyError,))
+    if rules is None:
         return 2
-    async with _client(args) as client:
+    async with etcd_client(args) as client:
         await ClusterMetadata(client, args.cluster, node_id="cli").set_replication_rules(rules)
     print(json.dumps({"rules": len(rules.rules)}) if args.json else
           f"stored {len(rules.rules)} replication rules; repositories no rule matches go to every site")
@@ -32,9 +22,7 @@ async def rules_set(args) -> int:
 
 
 async def rules_list(args) -> int:
-    async with _client(args) as client:
-        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
-        await metadata.load()
+    metadata = await load_metadata(args)
     rules = metadata.model.replication_rules
     if args.json:
         print(rules.encode().decode())
@@ -46,9 +34,7 @@ async def rules_list(args) -> int:
 
 
 async def status(args) -> int:
-    async with _client(args) as client:
-        metadata = ClusterMetadata(client, args.cluster, node_id="cli")
-        await metadata.load()
+    metadata = await load_metadata(args)
     report = replication_status(metadata.model)
     if args.json:
         print(json.dumps(report, indent=2))

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 
 import anyio
 import pytest
 
 from tests.cluster.conftest import client_for
 from tests.support import oci
-from tests.support.node import REPO_ROOT
 from tests.support.skopeo import copy, docker_ref, oci_ref
 
 pytestmark = pytest.mark.anyio

@@ -89,7 +89,7 @@ async def test_untagged_manifests_go_after_untagged_after(cluster):
     async with client_for(a) as client:
         await oci.push_image(client, "ut/app", "keep", keep)
         await oci.push_image(client, "ut/app", "drop", drop)
-        assert (await client.delete(f"/v2/ut/app/manifests/drop")).status_code == 202   # untag
+        assert (await client.delete("/v2/ut/app/manifests/drop")).status_code == 202   # untag
         time.sleep(2.5)
         run = gc(cluster)
         assert run["manifests_deleted"] == 1 and run["swept"] >= 3      # manifest bytes, config, layer
