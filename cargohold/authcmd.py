@@ -15,12 +15,12 @@ import secrets
 import socket
 import sys
 import time
-from pathlib import Path
 
 import yaml
 
 from cargohold import audit
-from cargohold.nodecmd import _client, _report
+from cargohold.cmdutil import etcd_client, read_rules_file
+from cargohold.nodecmd import _report
 from cargohold.coordinator.accounts import Account, AccountStore, valid_account_name
 
 DEFAULT_COST = 10
@@ -73,7 +73,7 @@ def register(sub) -> None:
     what = access.add_subparsers(dest="what", required=True)
     rules = what.add_parser("rules", help="who may do what: set FILE, list").add_subparsers(dest="action", required=True)
     p = command(rules, "set", "validate and store an access rules file (YAML or JSON)", rules_set)
-    p.add_argument("file", type=Path)
+    p.add_argument("file")
     command(rules, "list", "show the access rules in force", rules_list)
     p = command(what, "rotate-key", "sign tokens with a new key from now on", rotate_key)
     p.add_argument("--drop-old", action="store_true",
@@ -92,7 +92,7 @@ def _password_options(p: argparse.ArgumentParser) -> None:
 
 
 def _store(args) -> tuple[AccountStore, object]:
-    client = _client(args)
+    client = etcd_client(args)
     return AccountStore(client, args.cluster), client
 
 
@@ -246,11 +246,9 @@ async def account_list(args) -> int:
 async def rules_set(args) -> int:
     from cargohold.node.auth import Policy, RulesError
 
-    try:
-        document = yaml.safe_load(args.file.read_text())
-        Policy.parse(document)
-    except (OSError, yaml.YAMLError, RulesError) as exc:
-        return _fail(f"{args.file}: {exc}", 2)
+    document = read_rules_file(args.file, lambda d: (Policy.parse(d), d)[1], (RulesError,))
+    if document is None:
+        return 2
     store, client = _store(args)
     async with client:
         await store.set_rules({k: document[k] for k in ("rules", "protected_tags") if k in document}, _actor())
