@@ -473,6 +473,7 @@ class Identity:
     """Who made a request (set on `request.auth`), and the token's grants if it came with one."""
     subject: Subject
     grants: dict | None = None         # None: not a token (Basic or anonymous): rules alone decide
+    allowed: set | None = None         # a cached token's (method, route, repository) already allowed
 
 
 OPEN_IDENTITY = Identity(ANONYMOUS)
@@ -484,7 +485,7 @@ class _VerifiedToken:
     login: str
     grants: dict
     key_id: str
-    subject: Subject | None = None
+    identity: Identity | None = None   # None: the account is gone
     version: int = -1
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
@@ -619,11 +620,20 @@ class AccessControl:
     # ------------------------------------------------------------------ the one call from RegistryAPI.handle
     async def check(self, request: Request, kind: str, params: dict) -> Subject:
         """Authenticate and authorize a request before it is routed; raises 401, 403 or 429."""
-        need = required(request.method, kind, request.path, params)
-        if need is None or not self.enforced:
+        if not self.enforced:
             request.auth = OPEN_IDENTITY
             return ANONYMOUS
-        identity = await self._authenticate(request)
+        identity = self._cached_identity(request)
+        if identity is not None:   # the hot path: a known token, doing what it was allowed to a moment ago
+            seen = (request.method, kind, params.get("name"))
+            if seen in identity.allowed:
+                request.auth = identity
+                return identity.subject
+        need = required(request.method, kind, request.path, params)
+        if need is None:
+            request.auth = OPEN_IDENTITY
+            return ANONYMOUS
+        identity = identity or await self._authenticate(request)
         request.auth = identity
         subject, grants = identity.subject, identity.grants
         if need.what in ("login", "catalog"):     # the catalog is filtered by what the subject may pull
@@ -639,6 +649,8 @@ class AccessControl:
         if by_rules and by_token:
             if kind == "manifest" and need.what in ("push", "delete"):
                 self._check_tags(request, subject, need, params.get("reference", ""))
+            elif identity.allowed is not None and need.what != "admin" and len(identity.allowed) < 256:
+                identity.allowed.add((request.method, kind, params.get("name")))
             if need.what == "admin":
                 self.audit.record("admin", request, method=request.method, path=request.path[:300])
             return subject
@@ -691,6 +703,20 @@ class AccessControl:
         return lambda repo: "pull" in self._actions(subject, repo)
 
     # ------------------------------------------------------------------ authentication
+    def _cached_identity(self, request: Request) -> Identity | None:
+        """The hot path: a Bearer token verified before, and nothing changed under auth/ since."""
+        for name, value in request.scope["headers"]:    # ASGI header names are lower case
+            if name == b"authorization":
+                break
+        else:
+            return None
+        if not value.startswith(b"Bearer "):
+            return None
+        cached = self._tokens.get(value[7:].decode("latin-1"))
+        if cached is None or cached.version != self.accounts.version or cached.expires <= time.time():
+            return None
+        return cached.identity
+
     async def _authenticate(self, request: Request, record: bool = True) -> Identity:
         header = request.header("authorization")
         if not header:
@@ -726,10 +752,12 @@ class AccessControl:
             if self.accounts.signing_key(cached.key_id) is None:
                 del self._tokens[token]
                 raise self._invalid_token(request, "the token's signing key was withdrawn")
-            cached.subject, cached.version = self.subject_for(cached.login), version
-        if cached.subject is None:
+            subject = self.subject_for(cached.login)
+            cached.identity = Identity(subject, cached.grants, set()) if subject is not None else None
+            cached.version = version
+        if cached.identity is None:
             raise self._invalid_token(request, "the token's account no longer exists")
-        return Identity(cached.subject, cached.grants)
+        return cached.identity
 
     def _invalid_token(self, request: Request, message: str) -> errors.RegistryError:
         return _unauthorized(message, challenge(self._realm(request), self.service, error="invalid_token"))

@@ -107,7 +107,7 @@ def test_content_range(content_range, content_length):
     except errors.RegistryError as exc:
         assert exc.status == 416 and exc.code == "BLOB_UPLOAD_INVALID"
         return
-    declared = int(content_length) if content_length is not None and content_length.isdigit() else None
+    declared = int(content_length) if content_length is not None and content_length.isascii() and content_length.isdigit() else None
     if content_range is None:
         assert start is None and length == declared
     else:
