@@ -862,11 +862,15 @@ def access_control(settings: Settings, client: EtcdClient, metadata, node_id: st
         state = metadata.model.repo(repo)
         return [tag for tag, target in state.tags.items() if target == digest] if state is not None else []
 
+    try:
+        audit = AuditLog(settings.audit_log, node_id) if settings.audit_log else None
+    except OSError as exc:
+        raise ConfigError(f"audit_log {settings.audit_log}: {exc}") from None
     return AccessControl(
         AccountStore(client, settings.cluster), service=settings.auth_service or f"cargohold-{settings.cluster}",
         enforce=settings.auth, realm=settings.auth_realm, default_realm=f"{url}/token",
         token_ttl=settings.token_ttl, htpasswd=settings.htpasswd,
-        audit=AuditLog(settings.audit_log, node_id) if settings.audit_log else None,
+        audit=audit,
         account_limiter=FailureLimiter.from_rate(settings.login_rate),
         client_limiter=FailureLimiter.from_rate(settings.login_rate_client), tags_of=tags_of,
         loopback=is_loopback(settings.host_port[0]), insecure_open=settings.insecure_open)
