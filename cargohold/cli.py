@@ -73,7 +73,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _cluster_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--etcd", default=os.environ.get("CARGOHOLD_ETCD"),
-                   help="etcd endpoints URL[,URL...] (env CARGOHOLD_ETCD)")
+                   help="etcd endpoints URL[,URL...] (env CARGOHOLD_ETCD); default: the private etcd "
+                        "of a single node under --data-dir")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CARGOHOLD_DATA_DIR", "./data")),
+                   help="a single node's data dir, to find its private etcd (default ./data)")
     p.add_argument("--cluster", default=os.environ.get("CARGOHOLD_CLUSTER", "default"),
                    help="cluster name (env CARGOHOLD_CLUSTER; default 'default')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -144,7 +147,11 @@ def _with_etcd(args: argparse.Namespace, command) -> int:
     import anyio
 
     if not args.etcd:
-        print("cargohold: --etcd (or CARGOHOLD_ETCD) is required", file=sys.stderr)
+        from cargohold.coordinator.embedded import private_etcd_url
+
+        args.etcd = private_etcd_url(args.data_dir)
+    if not args.etcd:
+        print(f"cargohold: give --etcd (or CARGOHOLD_ETCD); no private etcd under {args.data_dir}", file=sys.stderr)
         return 2
     return anyio.run(command, args, backend="trio")
 

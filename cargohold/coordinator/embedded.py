@@ -220,3 +220,12 @@ async def embedded_etcd(data_dir: Path, *, etcd_binary: str = "etcd") -> AsyncIt
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(stop_process, proc)
+
+
+def private_etcd_url(data_dir: Path) -> str | None:
+    """The client URL of the private etcd a node started under `data_dir`, if there is one."""
+    try:
+        ports = json.loads((Path(data_dir) / "etcd" / "ports.json").read_text())
+        return f"http://127.0.0.1:{int(ports['client'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

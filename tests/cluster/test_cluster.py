@@ -217,3 +217,24 @@ async def test_metrics_health_and_json_logs(cluster):
     lines = [json.loads(l) for l in a.log_path.read_text().splitlines() if l.startswith("{")]
     assert any(l["logger"] == "cargohold.access" and "POST /v2/m/app/blobs/uploads/ 201" in l["message"]
                and l["node"] == "a" for l in lines)
+
+
+async def test_admin_commands_find_a_single_nodes_private_etcd(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.node import REPO_ROOT, NodeProcess
+
+    node = NodeProcess(tmp_path / "solo", node_id="solo").start()      # no --etcd: a private etcd
+    try:
+        result = subprocess.run([sys.executable, "-m", "cargohold", "node", "list", "--json",
+                                 "--data-dir", str(tmp_path / "solo")], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert [row["id"] for row in json.loads(result.stdout)] == ["solo"]
+    finally:
+        node.stop()
+    result = subprocess.run([sys.executable, "-m", "cargohold", "node", "list", "--data-dir", str(tmp_path / "none")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no private etcd" in result.stderr
