@@ -107,12 +107,12 @@ def test_access_rules(empty, tmp_path):
     wait_status(empty, 404, "/v2/gina/x/tags/list", auth=("gina", "gina-password"))
 
 
-def test_commands_need_etcd(empty):
+def test_commands_need_etcd(empty, tmp_path):
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("CARGOHOLD_ETCD", "CARGOHOLD_CLUSTER")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARGOHOLD_")}
     result = subprocess.run([sys.executable, "-m", "cargohold", "user", "list"], capture_output=True, text=True,
-                            env=env, timeout=60)
+                            env=env, timeout=60, cwd=tmp_path)          # no --etcd, no private etcd in ./data
     assert result.returncode == 2 and "--etcd" in result.stderr
