@@ -556,9 +556,9 @@ class AccessControl:
             return
         if not self.enforced:
             raise ConfigError("this cluster has no accounts, access rules or htpasswd users, and the node would "
-                              "listen on a non-loopback address: anybody could push and delete. Add a user "
-                              "(cargohold user add NAME --admin --etcd ...), give --htpasswd FILE, or pass "
-                              "--insecure-open")
+                              "listen on a non-loopback address: anybody could push and delete. Add an admin "
+                              "first (`cargohold user add NAME --admin`, against the cluster's etcd or a "
+                              "loopback node's data dir), give --htpasswd FILE, or pass --insecure-open")
         self.mode = "on"
 
     # ------------------------------------------------------------------ state
