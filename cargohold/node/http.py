@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 from urllib.parse import parse_qs
 
+import anyio
+
 from cargohold.node import errors
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
+PREFETCH_CHUNKS = 2
 
 
 class ClientDisconnected(Exception):
@@ -121,9 +124,20 @@ async def send_response(send, response: Response, head: bool) -> int:
         headers.append((b"content-length", str(response.length).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     sent = 0
-    async with aclosing(response.stream) as stream:  # close the file even if the client left
-        async for chunk in stream:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            sent += len(chunk)
+    # Read ahead while sending: the server drains each chunk before `send` returns, and without a
+    # chunk already in hand the socket would idle for every file read (a worker-thread trip).
+    chunks_in, chunks_out = anyio.create_memory_object_stream[bytes](PREFETCH_CHUNKS)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_pump, response.stream, chunks_in)
+        async with chunks_out:
+            async for chunk in chunks_out:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
     await send({"type": "http.response.body", "body": b""})
     return sent
+
+
+async def _pump(stream: AsyncIterator[bytes], chunks_in) -> None:
+    async with chunks_in, aclosing(stream) as source:   # close the file even if the client left
+        async for chunk in source:
+            await chunks_in.send(chunk)
