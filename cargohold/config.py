@@ -44,7 +44,7 @@ class Settings:
     grpc_tls_key: str | None = None
     grpc_tls_ca: str | None = None
     down_after: float = 300.0                           # a dead node's blobs are re-replicated after this
-    replication_workers: int = 4
+    replication_workers: int = 8
     tls_cert: str | None = None
     tls_key: str | None = None
     log_level: str = "info"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,6 +385,8 @@ class EtcdClient:
         self._endpoints = [_Endpoint(target, credentials if tls else None) for target, tls in parsed]
         self._current = random.randrange(len(self._endpoints))
         self._closed = False
+        self.requests = 0              # unary round trips made (including retries)
+        self.request_seconds = 0.0
 
     # -- lifecycle
 
@@ -429,6 +432,7 @@ class EtcdClient:
         backoff = _Backoff()
         while True:
             endpoint = self._pick()
+            started = time.perf_counter()
             try:
                 return await attempt(endpoint)
             except grpc.RpcError as err:
@@ -442,6 +446,10 @@ class EtcdClient:
                     targets = ", ".join(e.target for e in self._endpoints)
                     raise EtcdUnavailable(f"etcd {what}: no answer from {targets}: {_details(err)}") from err
                 await anyio.sleep(min(backoff.next(), remaining))
+            finally:
+                # Every unary round trip, whoever asked for it (for /metrics).
+                self.requests += 1
+                self.request_seconds += time.perf_counter() - started
 
     async def _unary(self, method: str, request: Any, *, idempotent: bool = True, revision: int = 0) -> Any:
         service, name = method.split(".")

@@ -94,8 +94,6 @@ class ClusterMetadata:
         self.model = ReadModel(self.keys)
         self.loaded = False
         self.txn_count = 0
-        self.etcd_requests = 0
-        self.etcd_seconds = 0.0
         self._listeners: list[ChangeListener] = []
         self._ready = False
         self._ready_checked_at = float("-inf")
@@ -251,7 +249,7 @@ class ClusterMetadata:
     async def record_copy(self, digest: str) -> bool:
         """This node now holds a verified copy: publish it, unless the blob is gone meanwhile."""
         result = await self._txn([Compare.exists(self.keys.blob(digest))],
-                                 [Put(self.keys.blob_at(digest, self.node_id), b"")])
+                                 [Put(self.keys.blob_at(digest, self.node_id), b"")], visible=False)
         return result.succeeded
 
     async def drop_copy(self, digest: str, owners: list[str]) -> bool:
@@ -261,7 +259,7 @@ class ClusterMetadata:
     async def withdraw_copy(self, digest: str, node_id: str, owners: list[str]) -> bool:
         """Withdraw `node_id`'s copy record, only while every owner still publishes one."""
         compare = [Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners]
-        result = await self._txn(compare, [Delete(self.keys.blob_at(digest, node_id))])
+        result = await self._txn(compare, [Delete(self.keys.blob_at(digest, node_id))], visible=False)
         return result.succeeded
 
     async def forget_copy(self, digest: str) -> None:
@@ -287,24 +285,16 @@ class ClusterMetadata:
         return set(state.nodes) if state is not None else set()
 
     # ------------------------------------------------------------------ helpers
-    async def _txn(self, compare, success, failure=None):
-        started = time.perf_counter()
+    async def _txn(self, compare, success, failure=None, *, visible: bool = True):
+        """One transaction; with `visible`, return once our read model has applied it."""
         result = await self.client.txn(compare, success, failure or [])
-        self._count_request(started)
         self.txn_count += 1
-        if result.succeeded:
+        if result.succeeded and visible:
             await self.model.wait_for(result.revision, VISIBILITY_TIMEOUT)
         return result
 
     async def _get(self, key: str) -> KeyValue | None:
-        started = time.perf_counter()
-        kv = await self.client.get(key)
-        self._count_request(started)
-        return kv
-
-    def _count_request(self, started: float) -> None:
-        self.etcd_requests += 1
-        self.etcd_seconds += time.perf_counter() - started
+        return await self.client.get(key)
 
     def _repo_registration(self, repo: str) -> list:
         state = self.model.repo(repo)

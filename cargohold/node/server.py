@@ -146,7 +146,8 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
     metrics.gauge("cargohold_replication_bytes_fetched", "Bytes copied from peers since start.",
                   lambda: [({}, replicator.stats.bytes_fetched)])
     metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
-                  lambda: [({"stat": "count"}, metadata.etcd_requests), ({"stat": "sum"}, round(metadata.etcd_seconds, 6))])
+                  lambda: [({"stat": "count"}, metadata.client.requests),
+                           ({"stat": "sum"}, round(metadata.client.request_seconds, 6))])
     def gc_progress():
         runs = sorted(metadata.model.gc_runs.values(), key=lambda r: r.get("requested", 0))
         if not runs:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -78,7 +77,7 @@ class ReplicationStats:
 class Replicator:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, peers: PeerClient, *,
                  node_id: str, site: str, replicas_per_site: int = 2, down_after: float = 300.0,
-                 workers: int = 4, gc_grace: float = 3600.0, per_peer_streams: int = 4,
+                 workers: int = 8, gc_grace: float = 3600.0, per_peer_streams: int = 4,
                  site_bandwidth: dict[str, float] | None = None, storage_limit: int | None = None,
                  disk_reserve: int = 256 * 1024 * 1024):
         self.gc_grace = gc_grace
@@ -426,7 +425,7 @@ class Replicator:
         f = await anyio.to_thread.run_sync(open, staging, "wb")
         try:
             offset = await self._fetch_into(f, hasher, digest, size)
-            await anyio.to_thread.run_sync(_sync_close, f)
+            await anyio.to_thread.run_sync(f.flush)   # the store fsyncs when it ingests (once)
             if offset != size or hasher.hexdigest() != parsed.hex:
                 raise ContentUnavailable(f"{digest}: fetched content does not match its digest")
             await self.store.ingest(parsed, staging)
@@ -552,6 +551,3 @@ def _write_hash(f, hasher, data: bytes) -> None:
     hasher.update(data)
 
 
-def _sync_close(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
