@@ -77,6 +77,9 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                         "of a single node under --data-dir")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CARGOHOLD_DATA_DIR", "./data")),
                    help="a single node's data dir, to find its private etcd (default ./data)")
+    p.add_argument("--etcd-ca", default=os.environ.get("CARGOHOLD_ETCD_CA"), help="CA bundle for TLS to etcd")
+    p.add_argument("--etcd-cert", default=os.environ.get("CARGOHOLD_ETCD_CERT"), help="client certificate for etcd")
+    p.add_argument("--etcd-key", default=os.environ.get("CARGOHOLD_ETCD_KEY"), help="client key for etcd")
     p.add_argument("--cluster", default=os.environ.get("CARGOHOLD_CLUSTER", "default"),
                    help="cluster name (env CARGOHOLD_CLUSTER; default 'default')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -14,7 +14,9 @@ T = TypeVar("T")
 
 
 def etcd_client(args) -> EtcdClient:
-    return EtcdClient([e.strip() for e in args.etcd.split(",") if e.strip()])
+    return EtcdClient([e.strip() for e in args.etcd.split(",") if e.strip()],
+                      ca_file=getattr(args, "etcd_ca", None), cert_file=getattr(args, "etcd_cert", None),
+                      key_file=getattr(args, "etcd_key", None))
 
 
 async def load_metadata(args) -> ClusterMetadata:

@@ -51,6 +51,8 @@ class Settings:
     log_format: str = "plain"                           # plain or json
     access_log: bool = True
     upload_expiry: float = 7 * 24 * 3600.0              # abandoned upload sessions are removed after this
+    body_timeout: float = 60.0                          # a client silent this long mid-body is cut off (408)
+    max_blob_size: str | None = None                    # larger uploads are refused with 413, e.g. 20G
     # -- access control (issue 6; README "Access control")
     auth: str = "auto"                                  # auto, on or off
     insecure_open: bool = False                         # let a node without access control listen on a public address
@@ -190,6 +192,11 @@ def validate(settings: Settings) -> None:
             parse_size(rate)
         except ValueError:
             raise ConfigError(f"site_bandwidth for {site!r}: {rate!r} is not a byte rate like 50M") from None
+    if settings.max_blob_size is not None:
+        try:
+            parse_size(settings.max_blob_size)
+        except ValueError:
+            raise ConfigError(f"max_blob_size {settings.max_blob_size!r} is not a size like 20G") from None
     if settings.storage_limit is not None:
         try:
             parse_size(settings.storage_limit)

@@ -53,7 +53,7 @@ class RegistryAPI:
                  *, node_id: str = "", ready=None, replicator: Replicator | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
-                 sync_sites: int = 0):
+                 sync_sites: int = 0, body_timeout: float = 60.0):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -63,6 +63,7 @@ class RegistryAPI:
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
         self.sync_sites = sync_sites
+        self.body_timeout = body_timeout
         self.copy_timeout = copy_timeout
         self.access = access            # issue 6: None means no access control at all
         self.audit = access.audit if access is not None else AuditLog(None)
@@ -81,6 +82,7 @@ class RegistryAPI:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
+        request.body_timeout = self.body_timeout
         started = time.perf_counter()
         try:
             response = await self.handle(request)

@@ -23,9 +23,14 @@ class ClientDisconnected(Exception):
     """The client went away before sending the whole body."""
 
 
+# A client that sends nothing of its body for this long is cut off (slow-client protection);
+# RegistryAPI sets it from the `body_timeout` setting.
+BODY_IDLE_TIMEOUT = 60.0
+
+
 class Request:
-    __slots__ = ("scope", "receive", "method", "path", "route", "received", "auth", "_query", "_headers",
-                 "_consumed")
+    __slots__ = ("scope", "receive", "method", "path", "route", "received", "auth", "body_timeout", "_query",
+                 "_headers", "_consumed")
 
     def __init__(self, scope, receive):
         self.scope = scope
@@ -35,6 +40,7 @@ class Request:
         self._query: dict[str, list[str]] | None = None
         self._headers: dict[str, str] | None = None
         self._consumed = False
+        self.body_timeout = BODY_IDLE_TIMEOUT
         self.route = "other"
         self.auth = None            # set by access control (node/auth.py): who is asking
         self.received = 0
@@ -60,7 +66,12 @@ class Request:
         if self._consumed:
             return
         while True:
-            message = await self.receive()
+            with anyio.move_on_after(self.body_timeout) as idle:
+                message = await self.receive()
+            if idle.cancelled_caught:
+                raise errors.RegistryError("BLOB_UPLOAD_INVALID",
+                                           f"no request body received for {self.body_timeout:.0f}s", 408,
+                                           headers={"Connection": "close"})
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected()
             chunk = message.get("body", b"")

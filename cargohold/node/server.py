@@ -47,7 +47,8 @@ async def serve(settings: Settings) -> None:
             endpoints, ca_file=settings.etcd_ca, cert_file=settings.etcd_cert, key_file=settings.etcd_key))
         metadata = ClusterMetadata(client, settings.cluster, node_id)
         store = FilesystemBlobStore(data_dir)
-        uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id))
+        uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id),
+                                max_blob_size=parse_size(settings.max_blob_size) if settings.max_blob_size else None)
         tls = (TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
                if settings.grpc_tls_cert else None)
         peers = PeerClient(tls=tls)
@@ -75,7 +76,7 @@ async def serve(settings: Settings) -> None:
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
-                          sync_sites=settings.sync_sites)
+                          sync_sites=settings.sync_sites, body_timeout=settings.body_timeout)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
         async with anyio.create_task_group() as tg:

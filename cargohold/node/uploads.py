@@ -47,8 +47,10 @@ class UploadSession:
 
 
 class UploadManager:
-    def __init__(self, root: Path, store: BlobStore, node_id: str = "", id_suffix: str = "0" * 8):
+    def __init__(self, root: Path, store: BlobStore, node_id: str = "", id_suffix: str = "0" * 8,
+                 max_blob_size: int | None = None):
         self.id_suffix = id_suffix
+        self.max_blob_size = max_blob_size
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = store
@@ -112,14 +114,16 @@ class UploadManager:
             running = self._hashes.get(session.id)
             if running is not None and running.offset != offset:
                 running = None  # out of step (e.g. an earlier write failed): rehash at the end
-            written = await self._write_body(session, body, running, length)
+            if self.max_blob_size is not None and offset + (length or 0) > self.max_blob_size:
+                raise _too_large(self.max_blob_size)
+            written = await self._write_body(session, body, running, length, offset)
             self._hashes[session.id] = running if running is not None else _RunningHash(-1)
             if length is not None and written != length:
                 raise errors.size_invalid(f"received {written} bytes, expected {length}")
             return offset + written
 
     async def _write_body(self, session: UploadSession, body: AsyncIterator[bytes],
-                          running: _RunningHash | None, limit: int | None) -> int:
+                          running: _RunningHash | None, limit: int | None, offset: int = 0) -> int:
         f = await anyio.to_thread.run_sync(open, session.data_path, "ab")
         written = 0
         try:
@@ -128,6 +132,8 @@ class UploadManager:
             async for chunk in body:
                 if limit is not None and written + batched + len(chunk) > limit:
                     raise errors.size_invalid("body is longer than the declared length")
+                if self.max_blob_size is not None and offset + written + batched + len(chunk) > self.max_blob_size:
+                    raise _too_large(self.max_blob_size)
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= WRITE_BATCH:
@@ -181,6 +187,10 @@ class UploadManager:
                 await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
                 removed += 1
         return removed
+
+
+def _too_large(limit: int) -> errors.RegistryError:
+    return errors.RegistryError("SIZE_INVALID", f"blobs are limited to {limit} bytes here", 413)
 
 
 def _write_and_hash(f, batch: list[bytes], running: _RunningHash | None) -> None:

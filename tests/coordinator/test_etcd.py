@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -359,6 +360,12 @@ async def test_mutual_tls(tmp_path):
         async with EtcdClient([tls], ca_file=certs["ca"], retry_timeout=0.3) as client:
             with pytest.raises(EtcdError):  # etcd wants a client certificate
                 await client.get("k")
+        # The admin commands speak TLS to etcd too.
+        cli = [sys.executable, "-m", "cargohold", "gc", "status", "--json", "--etcd", tls,
+               "--etcd-ca", certs["ca"], "--etcd-cert", certs["host"], "--etcd-key", certs["key"]]
+        result = await anyio.to_thread.run_sync(lambda: subprocess.run(cli, capture_output=True, text=True,
+                                                                       timeout=60))
+        assert result.returncode == 0 and '"latest": null' in result.stdout, result.stderr
     finally:
         await anyio.to_thread.run_sync(stop_process, proc)
 
