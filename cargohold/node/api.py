@@ -88,6 +88,8 @@ class RegistryAPI:
             response = await self.handle(request)
         except errors.RegistryError as exc:
             response = error_response(exc)
+            if exc.status == 408 or not await request.discard_body():
+                response.header("Connection", "close")
         except ClientDisconnected:
             log.info("%s %s client disconnected", request.method, request.path)
             return

@@ -82,6 +82,22 @@ class Request:
                 self._consumed = True
                 return
 
+    async def discard_body(self, limit: int = 8 * 1024 * 1024) -> bool:
+        """Before an early error answer: read and drop a small unread body so that the connection
+        stays usable (HTTP/1.1 clients send the whole body before they read the answer).
+        Returns False when the body is too large to drain, or cannot be: then close the connection."""
+        if self._consumed:
+            return True
+        declared = self.header("content-length")
+        if declared is None or not (declared.isascii() and declared.isdigit()) or int(declared) - self.received > limit:
+            return self.header("transfer-encoding") is None and declared is None and self.method in ("GET", "HEAD")
+        try:
+            async for _ in self.body_chunks():
+                pass
+        except (ClientDisconnected, errors.RegistryError):
+            return False
+        return True
+
     async def read_body(self, limit: int) -> bytes:
         declared = self.header("content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:

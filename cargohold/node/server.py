@@ -240,7 +240,6 @@ async def _hypercorn(app, settings: Settings, stop: anyio.Event) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 30
-    config.read_timeout = settings.body_timeout     # also bounds a client that stalls in its headers
     config.include_server_header = False
     if settings.tls_cert:
         config.certfile, config.keyfile = settings.tls_cert, settings.tls_key

@@ -16,13 +16,13 @@ from tests.support.node import NodeProcess
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def limited_node(etcd, tmp_path_factory):
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def limited_node(request, etcd, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("limited")
     config = data_dir / "config.yaml"
     config.write_text(json.dumps({"body_timeout": 1, "max_blob_size": "1M"}))
     node = NodeProcess(data_dir, etcd_url=etcd.url, cluster=f"limits-{uuid.uuid4().hex[:6]}",
-                       node_id="lim", extra_args=["--config", str(config)]).start()
+                       node_id="lim", runtime=request.param, extra_args=["--config", str(config)]).start()
     yield node
     node.stop()
 
