@@ -145,6 +145,13 @@ def main(argv=None) -> int:
               profile_dir=Path(args.profile).resolve() if args.profile else None,
               pyspy=args.py_spy)
 
+    need_gb = 2 if args.quick else 8
+    free_gb = shutil.disk_usage(base).free / 1e9
+    if free_gb < need_gb:
+        print(f"only {free_gb:.1f} GB free under {base}; this run needs about {need_gb} GB "
+              f"(generated blobs + one server's data at a time). Free space or use --workdir.")
+        shutil.rmtree(base, ignore_errors=True) if not args.workdir else None
+        return 2
     info = machine_info()
     print(f"machine: {info['nproc']} cpus ({info['cpu_model']}), load {info['loadavg_start']}, "
           f"{info['distribution']}, {info['wrk']}")

@@ -365,7 +365,8 @@ class Cargohold(Server):
 # --------------------------------------------------------------------------- factories
 
 @contextlib.contextmanager
-def running(kind: str, base: Path, *, cpus: str | None = None, runtime: str | None = None):
+def running(kind: str, base: Path, *, cpus: str | None = None, runtime: str | None = None,
+            keep_data: bool = False):
     """Start a fresh server of ``kind`` with its own empty data dir under ``base``."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
     if kind == "distribution":
@@ -379,3 +380,7 @@ def running(kind: str, base: Path, *, cpus: str | None = None, runtime: str | No
         yield srv
     finally:
         srv.stop()
+        if not keep_data:
+            # blobs are big and the disk is shared: drop the data now, keep the logs
+            for d in ("distribution-data", "cargohold-data"):
+                shutil.rmtree(workdir / d, ignore_errors=True)
