@@ -104,6 +104,7 @@ class Replicator:
         self._wake = anyio.Event()
         self._dead_since: dict[str, float] = {}
         self._repairing: set[str] = set()
+        self._seen_alive: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._retry_added = anyio.Event()
@@ -125,11 +126,14 @@ class Replicator:
         now = time.monotonic()
         for node_id, member in self.metadata.members().items():
             if node_id in alive:
+                self._seen_alive.add(node_id)
                 if self._dead_since.pop(node_id, None) is not None:
                     log.info("member %s is alive (%s)", node_id, member.state)
             elif node_id not in self._dead_since:
                 self._dead_since[node_id] = now
-                if member.state != "left":
+                # A starting node writes its member record just before its alive key: only a
+                # member we saw alive and then lost is news.
+                if member.state != "left" and node_id in self._seen_alive:
                     log.warning("member %s is not alive: reads go to other holders; its blobs are "
                                 "re-replicated if it stays down for %.0fs", node_id, self.down_after)
             elif now - self._dead_since[node_id] >= self.down_after and node_id not in self._repairing:
