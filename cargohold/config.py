@@ -68,6 +68,7 @@ class Settings:
     gc_interval: str | None = None                      # scheduled collections every ... (off)
     gc_window: str | None = None                        # only start scheduled runs in "HH:MM-HH:MM" (UTC)
     gc_workers: int = 16                                # sweep transactions in flight at once
+    gc_batch: int = 64                                  # dead blobs tombstoned per transaction
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 from cargohold.coordinator import gcmark
-from cargohold.coordinator.etcd import Compare, Delete, Put
+from cargohold.coordinator.etcd import Compare, Delete, EtcdError, Put
 from cargohold.coordinator.metadata import ClusterMetadata, TagImmutable
 from cargohold.coordinator.policies import retention_deletions
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
@@ -36,6 +36,7 @@ from cargohold.coordinator.records import BlobRecord, ManifestRecord
 log = logging.getLogger("cargohold.gc")
 
 SWEEP_WORKERS = 16
+SWEEP_BATCH = 64           # dead blobs per sweep transaction (3 ops and 2 guards each, under 4096)
 PROGRESS_INTERVAL = 0.5
 MAX_MARK_ROUNDS = 4
 FINISHED = ("done", "failed")
@@ -51,7 +52,9 @@ def new_run(dry_run: bool, reason: str = "requested") -> dict[str, Any]:
 
 class GarbageCollector:
     def __init__(self, metadata: ClusterMetadata, *, grace: float = 3600.0, untagged_after: float | None = None,
-                 interval: float = 0.0, window: tuple[int, int] | None = None, workers: int = SWEEP_WORKERS):
+                 interval: float = 0.0, window: tuple[int, int] | None = None, workers: int = SWEEP_WORKERS,
+                 batch: int = SWEEP_BATCH):
+        self.batch = max(batch, 1)
         self.metadata = metadata
         self.keys = metadata.keys
         self.client = metadata.client
@@ -177,7 +180,9 @@ class GarbageCollector:
             run["phase"] = "sweep"
             await progress.flush(force=True)
             if not result.dead_manifests:
-                await self._sweep(result.candidates, self._sweep_blob, run, progress)
+                size = self.batch
+                batches = [result.candidates[i:i + size] for i in range(0, len(result.candidates), size)]
+                await self._sweep(batches, self._sweep_blobs, run, progress)
                 break
             # Dead manifests first; their blobs become candidates in the next mark.
             await self._sweep(result.dead_manifests, self._sweep_manifest, run, progress)
@@ -260,16 +265,40 @@ class GarbageCollector:
         if result.succeeded:
             run["manifests_deleted"] += 1
 
-    async def _sweep_blob(self, item: tuple[str, int, int], run: dict) -> None:
-        digest, revision, size = item
+    def _tombstone_ops(self, item: tuple[str, int, int], run_id: str) -> tuple[list, list]:
+        """The re-check and the tombstone of one dead blob (see the module docstring)."""
+        digest, revision, _ = item
         keys = self.keys
-        result = await self.client.txn(
-            [Compare.mod_revision_equals(keys.blob(digest), revision), Compare.none_with_prefix(keys.refs_prefix(digest))],
-            [Put(keys.tombstone(digest), run["id"].encode()), Delete(keys.blob(digest)),
-             Delete(keys.blob_in_prefix(digest), prefix=True)])
+        guard = [Compare.mod_revision_equals(keys.blob(digest), revision), Compare.none_with_prefix(keys.refs_prefix(digest))]
+        ops = [Put(keys.tombstone(digest), run_id.encode()), Delete(keys.blob(digest)),
+               Delete(keys.blob_in_prefix(digest), prefix=True)]
+        return guard, ops
+
+    async def _sweep_blobs(self, batch: list[tuple[str, int, int]], run: dict) -> None:
+        """Tombstone a batch in one transaction; if any blob's re-check fails (it was touched,
+        re-uploaded or referenced since the mark), sweep the batch blob by blob instead."""
+        compare, success = [], []
+        for item in batch:
+            guard, ops = self._tombstone_ops(item, run["id"])
+            compare += guard
+            success += ops
+        try:
+            result = await self.client.txn(compare, success)
+        except EtcdError:          # e.g. an etcd with a low --max-txn-ops: one at a time still works
+            result = None
+        if result is not None and result.succeeded:
+            run["swept"] += len(batch)
+            run["bytes_freed"] += sum(size for _, _, size in batch)
+            return
+        for item in batch:
+            await self._sweep_blob(item, run)
+
+    async def _sweep_blob(self, item: tuple[str, int, int], run: dict) -> None:
+        guard, ops = self._tombstone_ops(item, run["id"])
+        result = await self.client.txn(guard, ops)
         if result.succeeded:
             run["swept"] += 1
-            run["bytes_freed"] += size
+            run["bytes_freed"] += item[2]
 
     async def _clear_tombstones(self) -> None:
         """Remove tombstones whose copies every node has deleted."""

@@ -67,7 +67,7 @@ async def serve(settings: Settings) -> None:
             untagged_after=parse_duration(settings.untagged_after) if settings.untagged_after else None,
             interval=parse_duration(settings.gc_interval) if settings.gc_interval else 0.0,
             window=parse_window(settings.gc_window) if settings.gc_window else None,
-            workers=settings.gc_workers)
+            workers=settings.gc_workers, batch=settings.gc_batch)
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
         metrics = _metrics(metadata, replicator, node_id)

@@ -138,7 +138,7 @@ async def test_retention_rules_and_immutable_tags(cluster, tmp_path):
 async def test_leader_killed_mid_sweep_another_node_finishes(cluster):
     from cargohold.coordinator.etcd import EtcdClient
 
-    settings = {**GRACE, "gc_workers": 1}
+    settings = {**GRACE, "gc_workers": 1, "gc_batch": 1}
     nodes = {n: cluster.add(n, settings=settings) for n in ("a", "b", "c")}
     live = oci.build_image("survivor", layers=2)
     async with client_for(nodes["a"]) as client:
