@@ -239,6 +239,7 @@ class RegistryAPI:
             raise errors.manifest_blob_unknown("manifest references manifests unknown to the repository",
                                                detail={"manifests": missing.manifests}) from None
         self.manifest_cache.put(str(digest), body)
+        await self._wait_for_copies(str(digest))   # --min-copies / --sync-sites hold the 201
         self.audit.record("push", request, repository=name, reference=reference, digest=str(digest), tag=tag)
         response = Response(201).header("Location", f"/v2/{name}/manifests/{digest}")
         response.header("Docker-Content-Digest", str(digest))

@@ -65,11 +65,19 @@ async def test_push_twenty_images_at_a_pull_them_all_at_b(cluster):
 
 
 async def test_sync_sites_then_site_a_is_lost_and_comes_back(cluster):
-    nodes = two_sites(cluster, a_args=["--sync-sites", "1"])
-    images = {f"s{i}": oci.build_image(f"sync{i}", layers=2) for i in range(5)}
-    async with client_for(nodes["a1"]) as client:
+    from cargohold.coordinator.etcd import EtcdClient
+
+    # B receives slowly (about a second per image), so an acknowledgement that did not wait
+    # for site B would be caught by the check right after it.
+    nodes = two_sites(cluster, a_args=["--sync-sites", "1"], b_settings={"site_bandwidth": {"A": "100K"}})
+    images = {f"s{i}": oci.build_image(f"sync{i}", layers=2, layer_size=40_000) for i in range(4)}
+    prefix = f"/cargohold/{cluster.name}/blobs/"
+    async with client_for(nodes["a1"]) as client, EtcdClient([cluster.etcd_url]) as etcd:
         for tag, image in images.items():
             await oci.push_image(client, "sync/app", tag, image)   # each 201 waited for site B
+            kvs, _, _ = await etcd.get_prefix(f"{prefix}{image.digest}/at/", keys_only=True)
+            holders = {kv.key.rpartition("/")[2] for kv in kvs}
+            assert holders & {"b1", "b2"}, f"{tag} was acknowledged before site B held it ({holders})"
     for name in ("a1", "a2"):
         nodes[name].kill()                                           # right after the acknowledgements
     for tag, image in images.items():
