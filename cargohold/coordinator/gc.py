@@ -36,6 +36,7 @@ from cargohold.coordinator.records import BlobRecord, ManifestRecord
 log = logging.getLogger("cargohold.gc")
 
 SWEEP_WORKERS = 16
+ETCD_RETRY_DELAY = 2.0
 SWEEP_BATCH = 64           # dead blobs per sweep transaction (3 ops and 2 guards each, under 4096)
 PROGRESS_INTERVAL = 0.5
 MAX_MARK_ROUNDS = 4
@@ -79,7 +80,19 @@ class GarbageCollector:
 
     # ------------------------------------------------------------------ leadership
     async def run(self) -> None:
-        """Campaign for leadership whenever there is no leader; lead while we are it."""
+        """Campaign and lead; an etcd outage costs this node the GC role for a while, never its life."""
+        while True:
+            try:
+                await self._campaign_and_lead()
+            except Exception as error:  # noqa: BLE001 - only etcd outages are handled here
+                exc = _etcd_failure(error)
+                if exc is None:
+                    raise
+                # An interrupted run stays `running` in etcd and is resumed by whoever leads next.
+                log.warning("garbage collection paused: etcd is unavailable (%s); retrying", exc)
+                await anyio.sleep(ETCD_RETRY_DELAY)
+
+    async def _campaign_and_lead(self) -> None:
         while True:
             if self.metadata.lease is None:
                 await self.metadata.lease_granted.wait()
@@ -152,8 +165,11 @@ class GarbageCollector:
             log.warning("gc run %s: leadership lost; the next leader resumes it", run["id"])
             return run
         except Exception as exc:  # noqa: BLE001 - record why, keep the cluster serving
+            etcd_failure = _etcd_failure(exc)
+            if etcd_failure is not None:
+                raise etcd_failure from exc   # not the run's fault: it stays `running` and is resumed
             log.exception("gc run %s failed", run["id"])
-            run.update(state="failed", error=str(exc), finished=time.time())
+            run.update(state="failed", error=_describe_error(exc), finished=time.time())
         run["duration"] = round(run["finished"] - run["started"], 3)
         await self._put_run(run)
         log.info("gc run %s %s: marked %d, candidates %d, swept %d blobs (%d bytes), %d manifests, %d tags",
@@ -330,6 +346,23 @@ class _Progress:
             self.last = now
             self.run["updated"] = time.time()
             await self.collector.client.txn([], [Put(self.collector.keys.gc_run(self.run["id"]), _encode(self.run))])
+
+
+def _etcd_failure(exc: BaseException) -> EtcdError | None:
+    """The EtcdError behind `exc`, also when task groups wrapped it; None for anything else."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_etcd_failure(e) for e in exc.exceptions]
+        return found[0] if all(found) else None
+    return exc if isinstance(exc, EtcdError) else None
+
+
+def _describe_error(exc: BaseException) -> str:
+    """Name the real failure, not the task group that carried it."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _encode(run: dict) -> bytes:

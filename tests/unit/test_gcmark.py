@@ -63,3 +63,15 @@ def test_touch_refreshes_the_hold():
     record, rev = s.blobs[d("b")]
     s.blobs[d("b")] = (BlobRecord(record.size, record.created, touched=NOW - 5), rev)
     assert mark(s, NOW, grace=60, untagged_after=None).candidates == []
+
+
+def test_etcd_failures_are_found_inside_task_group_errors():
+    from cargohold.coordinator.etcd import EtcdUnavailable
+    from cargohold.coordinator.gc import _describe_error, _etcd_failure
+
+    outage = EtcdUnavailable("no answer")
+    assert _etcd_failure(outage) is outage
+    assert _etcd_failure(ExceptionGroup("tg", [ExceptionGroup("inner", [outage])])) is outage
+    assert _etcd_failure(ExceptionGroup("tg", [outage, ValueError("bug")])) is None
+    assert _etcd_failure(ValueError("bug")) is None
+    assert _describe_error(ExceptionGroup("tg", [ValueError("bad record")])) == "ValueError: bad record"
