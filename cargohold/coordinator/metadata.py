@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import anyio
@@ -22,7 +21,7 @@ from cargohold.coordinator.etcd import (
 )
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.readmodel import ReadModel, page
-from cargohold.coordinator.records import BlobRecord, ManifestRecord, encode_repo
+from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, encode_repo
 
 log = logging.getLogger("cargohold.coordinator")
 
@@ -55,29 +54,6 @@ class TagImmutable(Exception):
 
 
 MEMBER_STATES = ("active", "draining", "left")
-
-
-@dataclass(frozen=True)
-class Member:
-    node_id: str
-    site: str
-    url: str
-    grpc: str
-    state: str
-    version: str = ""
-
-    def encode(self) -> bytes:
-        return json.dumps({"site": self.site, "url": self.url, "grpc": self.grpc,
-                           "state": self.state, "version": self.version}).encode()
-
-    @classmethod
-    def decode(cls, node_id: str, raw: bytes) -> "Member":
-        d = json.loads(raw)
-        return cls(node_id, d.get("site", "default"), d.get("url", ""), d.get("grpc", ""),
-                   d.get("state", "active"), d.get("version", ""))
-
-    def with_state(self, state: str) -> "Member":
-        return Member(self.node_id, self.site, self.url, self.grpc, state, self.version)
 
 
 # listener(changed blob digests, changed sections among "members", "gc", "policies")
@@ -220,7 +196,7 @@ class ClusterMetadata:
 
     # ------------------------------------------------------------------ membership
     def members(self) -> dict[str, Member]:
-        return {node_id: Member.decode(node_id, raw) for node_id, raw in self.model.members.items()}
+        return dict(self.model.members)   # decoded once, when the watch delivered them
 
     def alive(self) -> set[str]:
         return set(self.model.alive)

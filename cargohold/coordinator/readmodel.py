@@ -15,7 +15,7 @@ import anyio
 
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import Policies, ReplicationRules
-from cargohold.coordinator.records import BlobRecord, ManifestRecord
+from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member
 
 
 class RepoState:
@@ -63,7 +63,7 @@ class ReadModel:
         self.revision = 0
         self.repos: dict[str, RepoState] = {}
         self.blobs: dict[str, BlobState] = {}
-        self.members: dict[str, bytes] = {}
+        self.members: dict[str, Member] = {}
         self.alive: set[str] = set()
         # (repo, subject digest) -> manifests in that repo whose subject it is
         self.referrers: dict[tuple[str, str], set[str]] = {}
@@ -152,7 +152,7 @@ class ReadModel:
         elif kind == "node_status":
             self.node_status[parsed.name] = json.loads(value)
         elif kind == "member":
-            self.members[parsed.name] = value
+            self.members[parsed.name] = Member.decode(parsed.name, value)
         elif kind == "alive":
             self.alive.add(parsed.name)
 

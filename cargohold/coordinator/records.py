@@ -80,3 +80,26 @@ class BlobRecord:
 
 def encode_repo(kind: str = "local") -> bytes:
     return json.dumps({"kind": kind}).encode()
+
+
+@dataclass(frozen=True)
+class Member:
+    node_id: str
+    site: str
+    url: str
+    grpc: str
+    state: str
+    version: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps({"site": self.site, "url": self.url, "grpc": self.grpc,
+                           "state": self.state, "version": self.version}).encode()
+
+    @classmethod
+    def decode(cls, node_id: str, raw: bytes) -> "Member":
+        d = json.loads(raw)
+        return cls(node_id, d.get("site", "default"), d.get("url", ""), d.get("grpc", ""),
+                   d.get("state", "active"), d.get("version", ""))
+
+    def with_state(self, state: str) -> "Member":
+        return Member(self.node_id, self.site, self.url, self.grpc, state, self.version)

@@ -7,7 +7,6 @@ failed with reasons, bytes/s), from the `status/<node>` records they publish.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -37,8 +36,8 @@ class SiteStatus:
 
 def replication_status(model: ReadModel, now: float | None = None) -> dict:
     now = time.time() if now is None else now
-    members = {node: _site(raw) for node, raw in model.members.items()}
-    live_sites = {site for node, (site, state) in members.items() if state != "left"}
+    members = model.members
+    live_sites = {m.site for m in members.values() if m.state != "left"}
     rules = model.replication_rules
     rows: dict[tuple[str, str], SiteRuleStatus] = {}
     for digest, state in model.blobs.items():
@@ -46,7 +45,7 @@ def replication_status(model: ReadModel, now: float | None = None) -> dict:
             continue
         repo_rules = {(r.describe() if (r := rules.rule_for(repo)) else "* -> * (default)") for repo in state.repos}
         targets = rules.sites_for(state.repos, live_sites)
-        held_in = {members[n][0] for n in state.nodes if n in members}
+        held_in = {members[n].site for n in state.nodes if n in members}
         for site in targets:
             for rule in repo_rules or {"* -> * (default)"}:
                 row = rows.setdefault((site, rule), SiteRuleStatus(site, rule))
@@ -67,7 +66,3 @@ def replication_status(model: ReadModel, now: float | None = None) -> dict:
     return {"rules": [asdict(r) for r in sorted(rows.values(), key=lambda r: (r.site, r.rule))],
             "sites": [asdict(s) for s in sites.values()]}
 
-
-def _site(raw: bytes) -> tuple[str, str]:
-    document = json.loads(raw)
-    return document.get("site", "default"), document.get("state", "active")
