@@ -70,13 +70,11 @@ async def gc_run(args) -> int:
 
 
 async def _follow(metadata: ClusterMetadata, run_id: str, show: bool) -> dict:
-    changed = anyio.Event()
+    with metadata.changes(lambda _blobs, sections: "gc" in sections) as changed:
+        return await _show_run(metadata, run_id, show, changed)
 
-    def on_change(_blobs, sections):
-        if "gc" in sections:
-            changed.set()
 
-    metadata.subscribe(on_change)
+async def _show_run(metadata: ClusterMetadata, run_id: str, show: bool, changed) -> dict:
     started = time.monotonic()
     async with anyio.create_task_group() as tg:
         await tg.start(metadata.run)
@@ -89,7 +87,6 @@ async def _follow(metadata: ClusterMetadata, run_id: str, show: bool) -> dict:
             if run.get("state") in FINISHED:
                 break
             await changed.wait()
-            changed = anyio.Event()
         tg.cancel_scope.cancel()
     if show and sys.stderr.isatty():
         sys.stderr.write("\n")

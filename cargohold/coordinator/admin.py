@@ -86,12 +86,11 @@ async def follow_leave(client: EtcdClient, cluster: str, node_id: str, report: C
     from other holders), its copy records are withdrawn here and it is marked `left`.
     """
     metadata = ClusterMetadata(client, cluster, node_id="cli", replicas_per_site=replicas)
-    changed = anyio.Event()
+    with metadata.changes() as changed:
+        return await _follow_leave(metadata, node_id, report, changed)
 
-    def on_change(_blobs, _sections):
-        changed.set()
 
-    metadata.subscribe(on_change)
+async def _follow_leave(metadata: ClusterMetadata, node_id: str, report, changed) -> LeaveProgress:
     async with anyio.create_task_group() as tg:
         await tg.start(metadata.run)
         total = None
@@ -109,7 +108,6 @@ async def follow_leave(client: EtcdClient, cluster: str, node_id: str, report: C
             if not alive:
                 await _settle_dead_node(metadata, member)
             await changed.wait()
-            changed = anyio.Event()
         tg.cancel_scope.cancel()
     return progress
 

@@ -29,7 +29,7 @@ import anyio
 
 from cargohold.coordinator import gcmark
 from cargohold.coordinator.etcd import Compare, Delete, EtcdError, Put
-from cargohold.coordinator.metadata import ClusterMetadata, TagImmutable
+from cargohold.coordinator.metadata import ChangeSignal, ClusterMetadata, TagImmutable
 from cargohold.coordinator.policies import retention_deletions
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
 
@@ -66,17 +66,8 @@ class GarbageCollector:
         self.window = window          # (start minute, end minute) of the UTC day for scheduled runs
         self.workers = workers
         metadata.grace = grace
-        self._gc_changed = anyio.Event()
-        metadata.subscribe(self._on_change)
-
-    def _on_change(self, _blobs, sections) -> None:
-        if "gc" in sections or "members" in sections:
-            self._gc_changed.set()
-
-    async def _changed(self, timeout: float | None = None) -> None:
-        with anyio.move_on_after(timeout if timeout is not None else float("inf")):
-            await self._gc_changed.wait()
-        self._gc_changed = anyio.Event()
+        self._changes = ChangeSignal(lambda _blobs, sections: "gc" in sections or "members" in sections)
+        metadata.subscribe(self._changes)
 
     # ------------------------------------------------------------------ leadership
     async def run(self) -> None:
@@ -104,7 +95,7 @@ class GarbageCollector:
                 finally:
                     log.info("this node no longer leads garbage collection")
             else:
-                await self._changed(timeout=5.0 if self.metadata.model.gc_leader is None else None)
+                await self._changes.wait(5.0 if self.metadata.model.gc_leader is None else None)
 
     async def _campaign(self, lease: int) -> bool:
         key = self.keys.gc_leader()
@@ -122,7 +113,7 @@ class GarbageCollector:
             if run is not None:
                 await self.execute(run, lease)
                 continue
-            await self._changed(timeout=self._until_scheduled())
+            await self._changes.wait(self._until_scheduled())
             if self._scheduled_run_due():
                 await self._put_run(new_run(dry_run=False, reason="scheduled"))
 

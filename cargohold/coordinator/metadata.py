@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import anyio
 
@@ -61,6 +62,32 @@ ChangeListener = Callable[[set, set], None]
 ALL_SECTIONS = frozenset({"members", "gc", "policies"})
 
 
+class ChangeSignal:
+    """Wakes a task when a watch batch brings a change it cares about.
+
+    Subscribe it (or use `ClusterMetadata.changes`); `wait()` returns at the next accepted
+    change, including one that came since the previous `wait()`, so nothing slips between
+    looking at the read model and waiting.
+    """
+
+    def __init__(self, accept: Callable[[set, set], bool] = lambda blobs, sections: True):
+        self._accept = accept
+        self._event = anyio.Event()
+
+    def __call__(self, blobs: set, sections: set) -> None:
+        if self._accept(blobs, sections):
+            self._event.set()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until the next accepted change, or `timeout` seconds; True if a change came."""
+        with anyio.move_on_after(float("inf") if timeout is None else timeout):
+            await self._event.wait()
+        fired = self._event.is_set()
+        if fired:
+            self._event = anyio.Event()
+        return fired
+
+
 class ClusterMetadata:
     def __init__(self, client: EtcdClient, cluster: str, node_id: str, replicas_per_site: int = 2):
         self.client = client
@@ -86,6 +113,16 @@ class ClusterMetadata:
 
     def unsubscribe(self, listener: ChangeListener) -> None:
         self._listeners.remove(listener)
+
+    @contextmanager
+    def changes(self, accept: Callable[[set, set], bool] = lambda blobs, sections: True) -> Iterator[ChangeSignal]:
+        """A ChangeSignal subscribed for the duration of the block."""
+        signal = ChangeSignal(accept)
+        self.subscribe(signal)
+        try:
+            yield signal
+        finally:
+            self.unsubscribe(signal)
 
     def _publish_changes(self) -> None:
         blobs, sections = self.model.take_changes()

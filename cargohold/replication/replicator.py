@@ -197,26 +197,13 @@ class Replicator:
 
     async def _down_timer(self) -> None:
         """Wake a full pass when a dead member has been dead for `down_after`."""
-        while True:
-            deadline = self._track_liveness()
-            wait = (deadline - time.monotonic() + 0.05) if deadline else 3600.0
-            with anyio.move_on_after(max(wait, 0.05)):
-                await self._membership_event()
-            self._full_pass = True
-            self._wake.set()
-
-    async def _membership_event(self) -> None:
-        event = anyio.Event()
-
-        def listener(_blobs, sections):
-            if "members" in sections:
-                event.set()
-
-        self.metadata.subscribe(listener)
-        try:
-            await event.wait()
-        finally:
-            self.metadata.unsubscribe(listener)
+        with self.metadata.changes(lambda _blobs, sections: "members" in sections) as membership:
+            while True:
+                deadline = self._track_liveness()
+                wait = (deadline - time.monotonic() + 0.05) if deadline else 3600.0
+                await membership.wait(max(wait, 0.05))
+                self._full_pass = True
+                self._wake.set()
 
     async def _worker(self, receive) -> None:
         async with receive:
@@ -339,24 +326,14 @@ class Replicator:
     async def _scrub_after_gc_runs(self) -> None:
         """When a GC run finishes, every node scrubs its own disk (the leader cannot)."""
         scrubbed = {r for r, run in self.metadata.model.gc_runs.items() if run.get("state") == "done"}
-        finished = anyio.Event()
-
-        def listener(_blobs, sections):
-            if "gc" in sections:
-                finished.set()
-
-        self.metadata.subscribe(listener)
-        try:
+        with self.metadata.changes(lambda _blobs, sections: "gc" in sections) as gc_changes:
             while True:
-                await finished.wait()
-                finished = anyio.Event()
+                await gc_changes.wait()
                 done = {r for r, run in self.metadata.model.gc_runs.items()
                         if run.get("state") == "done" and not run.get("dry_run")}
                 if done - scrubbed:
                     scrubbed |= done
                     self.stats.orphans_removed += await self.scrub(self.gc_grace)
-        finally:
-            self.metadata.unsubscribe(listener)
 
     async def scrub(self, grace: float) -> int:
         """Delete local files that etcd does not know this node holds and that are older than
@@ -504,18 +481,8 @@ class Replicator:
     async def _wait_until(self, digest: str, satisfied, timeout: float) -> bool:
         if satisfied():
             return True
-        event = anyio.Event()
-
-        def listener(blobs, _sections):
-            if digest in blobs and satisfied():
-                event.set()
-
-        self.metadata.subscribe(listener)
-        try:
-            with anyio.move_on_after(timeout):
-                await event.wait()
-        finally:
-            self.metadata.unsubscribe(listener)
+        with self.metadata.changes(lambda blobs, _sections: digest in blobs and satisfied()) as done:
+            await done.wait(timeout)
         return satisfied()
 
     # ------------------------------------------------------------------ status
