@@ -26,8 +26,3 @@ class ContentCache:
         while self._bytes > self.max_bytes:
             _, evicted = self._items.popitem(last=False)
             self._bytes -= len(evicted)
-
-    def discard(self, key: str) -> None:
-        data = self._items.pop(key, None)
-        if data is not None:
-            self._bytes -= len(data)

@@ -47,7 +47,6 @@ range_invalid = _factory("BLOB_UPLOAD_INVALID", 416, "requested range not satisf
 unsupported = _factory("UNSUPPORTED", 405, "the operation is unsupported")
 denied = _factory("DENIED", 403, "requested access to the resource is denied")
 unavailable = _factory("UNAVAILABLE", 503, "the registry's metadata store is unavailable")
-tag_invalid = _factory("TAG_INVALID", 400, "manifest tag did not match URI")
 # No spec code names "no such route"; UNSUPPORTED ("missing implementation or invalid set of
 # parameters") is the spec's closest, and clients only look at the status anyway.
 not_found = _factory("UNSUPPORTED", 404, "no such route")

@@ -146,6 +146,8 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
                   lambda: [({}, replicator.stats.queued + len(replicator._pending))])
     metrics.gauge("cargohold_replication_bytes_fetched", "Bytes copied from peers since start.",
                   lambda: [({}, replicator.stats.bytes_fetched)])
+    metrics.gauge("cargohold_remote_reads", "Blob reads served by streaming from a peer (no local copy).",
+                  lambda: [({}, replicator.stats.remote_reads)])
     metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
                   lambda: [({"stat": "count"}, metadata.client.requests),
                            ({"stat": "sum"}, round(metadata.client.request_seconds, 6))])

@@ -195,8 +195,13 @@ class FilesystemBlobStore:
         fsync_directory(target.parent)
 
     async def delete(self, digest: Digest) -> bool:
+        # Unlinking a large file frees its extents and can take a while: not on the event loop.
+        return await anyio.to_thread.run_sync(self._unlink, self.path_of(digest))
+
+    @staticmethod
+    def _unlink(path: Path) -> bool:
         try:
-            os.unlink(self.path_of(digest))
+            os.unlink(path)
             return True
         except FileNotFoundError:
             return False

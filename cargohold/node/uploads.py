@@ -110,7 +110,7 @@ class UploadManager:
             if start is not None and start != offset:
                 raise errors.range_invalid(
                     f"chunk starts at {start} but the upload has {offset} bytes",
-                    headers=_range_headers(session, offset))
+                    headers=range_headers(session, offset))
             running = self._hashes.get(session.id)
             if running is not None and running.offset != offset:
                 running = None  # out of step (e.g. an earlier write failed): rehash at the end
@@ -176,17 +176,24 @@ class UploadManager:
     async def purge_older_than(self, max_age: float) -> int:
         """Remove sessions abandoned for longer than `max_age` seconds (by last write)."""
         cutoff = time.time() - max_age
+        stale = await anyio.to_thread.run_sync(self._stale_sessions, cutoff)
         removed = 0
-        for directory in list(self.root.iterdir()):
-            data = directory / "data"
-            try:
-                last_write = os.stat(data).st_mtime
-            except FileNotFoundError:
-                last_write = 0.0
-            if last_write < cutoff and directory.name not in self._locks:
+        for directory in stale:
+            if directory.name not in self._locks:      # in use right now: not abandoned
                 await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
                 removed += 1
         return removed
+
+    def _stale_sessions(self, cutoff: float) -> list[Path]:
+        stale = []
+        for directory in self.root.iterdir():
+            try:
+                last_write = os.stat(directory / "data").st_mtime
+            except FileNotFoundError:
+                last_write = 0.0
+            if last_write < cutoff:
+                stale.append(directory)
+        return stale
 
 
 def _too_large(limit: int) -> errors.RegistryError:
@@ -208,13 +215,10 @@ def _flush_and_sync(f) -> None:
     os.fsync(f.fileno())
 
 
-def _range_headers(session: UploadSession, size: int) -> dict[str, str]:
+def range_headers(session: UploadSession, size: int) -> dict[str, str]:
+    """Where the upload is and how much of it the node holds (OCI: `Range: 0-<last byte>`)."""
     return {
         "Location": f"/v2/{session.repo}/blobs/uploads/{session.id}",
         "Range": f"0-{max(size - 1, 0)}",
         "Docker-Upload-UUID": session.id,
     }
-
-
-def range_headers(session: UploadSession, size: int) -> dict[str, str]:
-    return _range_headers(session, size)

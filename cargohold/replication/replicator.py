@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import anyio
@@ -69,9 +69,7 @@ class ReplicationStats:
     orphans_removed: int = 0
     bytes_fetched: int = 0
     failures: int = 0
-    last_error: str = ""
     remote_reads: int = 0
-    held: dict = field(default_factory=dict)
 
 
 class Replicator:
@@ -106,7 +104,6 @@ class Replicator:
         self._repairing: set[str] = set()
         self._seen_alive: set[str] = set()
         self._retry_at: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
         self._retry_added = anyio.Event()
         self.drained = anyio.Event()
         metadata.subscribe(self._on_change)
@@ -211,13 +208,11 @@ class Replicator:
                 self.stats.in_flight += 1
                 try:
                     await self.reconcile(digest)
-                    self._failures.pop(digest, None)
                     self._failed.pop(digest, None)
                 except anyio.get_cancelled_exc_class():
                     raise
                 except Exception as exc:  # noqa: BLE001 - one blob's failure must not stop the others
                     self.stats.failures += 1
-                    self.stats.last_error = f"{digest}: {exc}"
                     failure = self._failed.setdefault(digest, {"since": time.time(), "attempts": 0})
                     failure.update(reason=str(exc)[:300], attempts=failure["attempts"] + 1)
                     log.warning("reconcile %s failed: %s; retrying later", digest, exc)
@@ -231,8 +226,7 @@ class Replicator:
                         self._wake.set()   # idle again: lets the loop see whether a drain is complete
 
     def _retry_later(self, digest: str) -> None:
-        failures = self._failures[digest] = self._failures.get(digest, 0) + 1
-        delay = min(RETRY_DELAY * 2 ** failures, MAX_RETRY_DELAY)
+        delay = min(RETRY_DELAY * 2 ** self._failed[digest]["attempts"], MAX_RETRY_DELAY)
         self._retry_at[digest] = time.monotonic() + delay
         self._retry_added.set()
 
@@ -497,6 +491,7 @@ class Replicator:
             "failures": [{"digest": d, **f} for d, f in failed[:20]],
             "bytes_fetched": self.stats.bytes_fetched, "copies_made": self.stats.copies_made,
             "copies_dropped": self.stats.copies_dropped, "rate": round(self._rate, 1),
+            "remote_reads": self.stats.remote_reads,
         }
 
     async def _publish_status(self, interval: float = 2.0) -> None:
