@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -399,7 +400,12 @@ class Replicator:
         hasher = hashlib.new(parsed.algorithm)
         f = await anyio.to_thread.run_sync(open, staging, "wb")
         try:
-            offset = await self._fetch_into(f, hasher, digest, size)
+            offset = 0
+            async with aclosing(self._from_holders(digest, 0, size, replicating=True)) as chunks:
+                async for data in chunks:
+                    await anyio.to_thread.run_sync(_write_hash, f, hasher, data)
+                    offset += len(data)
+                    self.stats.bytes_fetched += len(data)
             await anyio.to_thread.run_sync(f.flush)   # the store fsyncs when it ingests (once)
             if offset != size or hasher.hexdigest() != parsed.hex:
                 raise ContentUnavailable(f"{digest}: fetched content does not match its digest")
@@ -408,49 +414,37 @@ class Replicator:
             f.close()
             staging.unlink(missing_ok=True)
 
-    async def _fetch_into(self, f, hasher, digest: str, size: int) -> int:
-        offset = 0
+    async def read_remote(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
+        """Stream part of a blob this node does not hold from the nearest holder, chunk by chunk
+        (never the whole blob in memory)."""
+        self.stats.remote_reads += 1
+        async with aclosing(self._from_holders(digest, offset, offset + length, replicating=False)) as chunks:
+            async for data in chunks:
+                yield data
+
+    async def _from_holders(self, digest: str, offset: int, end: int, *, replicating: bool) -> AsyncIterator[bytes]:
+        """Bytes [offset, end) of a blob from the nearest live holder. When a stream drops, go on
+        from the reached offset with the next holder, backing off between rounds. Replication
+        (not client reads) observes the per-peer stream limit and the site bandwidth limits."""
+        position = offset
         for attempt in range(FETCH_ATTEMPTS):
             sources = self._sources(digest)
-            if not sources:
+            if not sources and position == offset:
                 raise ContentUnavailable(f"no live node holds {digest}")
             for source in sources:
                 try:
-                    async with self._peer_limiter(source.node_id):
-                        async for data in self.peers.read(source.grpc, digest, offset):
-                            await self._throttle(source.site, len(data))
-                            await anyio.to_thread.run_sync(_write_hash, f, hasher, data)
-                            offset += len(data)
-                            self.stats.bytes_fetched += len(data)
+                    async with self._peer_limiter(source.node_id) if replicating else nullcontext():
+                        async for data in self.peers.read(source.grpc, digest, position, end - position):
+                            if replicating:
+                                await self._throttle(source.site, len(data))
+                            position += len(data)
+                            yield data
                 except PeerUnavailable as exc:
-                    log.info("transfer of %s from %s interrupted at %d: %s; resuming",
-                             digest, source.node_id, offset, exc)
-                    continue
-                if offset >= size:
-                    return offset
-            await anyio.sleep(RETRY_DELAY * (attempt + 1))
-        return offset
-
-    async def read_remote(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
-        """Stream part of a blob this node does not hold from the nearest holder, chunk by chunk
-        (never the whole blob in memory); switches holder and resumes if one drops."""
-        end = offset + length
-        position = offset
-        self.stats.remote_reads += 1
-        for attempt in range(FETCH_ATTEMPTS):
-            sources = self._sources(digest)
-            for source in sources:
-                try:
-                    async for data in self.peers.read(source.grpc, digest, position, end - position):
-                        position += len(data)
-                        yield data
-                except PeerUnavailable as exc:
-                    log.info("remote read of %s from %s interrupted at %d: %s", digest, source.node_id, position, exc)
+                    log.info("%s of %s from %s interrupted at %d: %s; resuming",
+                             "transfer" if replicating else "remote read", digest, source.node_id, position, exc)
                     continue
                 if position >= end:
                     return
-            if position == offset and not sources:
-                raise ContentUnavailable(f"no live node holds {digest}")
             await anyio.sleep(RETRY_DELAY * (attempt + 1))
         raise ContentUnavailable(f"{digest}: could not read from any holder")
 
