@@ -17,6 +17,8 @@ This starts a private etcd on loopback, writes `--keys` keys shaped like cargoho
 `blobs/` section (a record, two `at/` and one `in/` key per digest), then measures:
 1. reading the prefix the way cargohold does (one range end, `limit=page`), alone;
 2. the same keys read as 16 bounded sub-ranges (`blobs/sha256:0` .. `blobs/sha256:f`);
+   2b. the same keys through `EtcdClient.iter_prefix`, which bounds each read to about a page
+   (since this repro; `--reads-only` stops here);
 3. one small txn at a time: its latency alone, then while (1) runs again;
 4. (1) after as many keys again were written into the range and deleted (their index
    entries stay until a compaction), then after a compaction.
@@ -102,6 +104,14 @@ async def main(args) -> None:
                     n += m
                 print(f"2. 16 bounded sub-ranges, limit {args.page}: {n} keys in {time.perf_counter() - t:.1f} s")
 
+                t = time.perf_counter()
+                reads = client.requests
+                n = sum([len(kvs) async for kvs in client.iter_prefix(PREFIX, revision=rev, page_size=args.page)])
+                print(f"2b. EtcdClient.iter_prefix (each read bounded to about a page), limit {args.page}: {n} keys, "
+                      f"{client.requests - reads} reads in {time.perf_counter() - t:.1f} s")
+                if args.reads_only:
+                    return
+
                 def stats(latencies: list[float]) -> str:
                     latencies = sorted(latencies)
                     p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
@@ -159,4 +169,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="etcd 3.4 paged-range cost repro")
     parser.add_argument("--keys", type=int, default=480000)
     parser.add_argument("--page", type=int, default=1000)
+    parser.add_argument("--reads-only", action="store_true", help="stop after the read comparisons (1, 2, 2b)")
     anyio.run(main, parser.parse_args())
