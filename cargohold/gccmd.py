@@ -35,6 +35,9 @@ def _describe(run: dict) -> str:
     else:
         lines.append(f"  swept {run.get('swept', 0)} blobs, freed {run.get('bytes_freed', 0)} bytes, "
                      f"deleted {run.get('manifests_deleted', 0)} manifests and {run.get('tags_deleted', 0)} tags")
+        if run.get("tombstones_left"):
+            lines.append(f"  {run['tombstones_left']} condemned copies not yet released (on nodes that are "
+                         "down or slow); their tombstones stay until they are")
     if run.get("duration") is not None:
         lines.append(f"  took {run['duration']:.1f}s")
     if run.get("error"):
@@ -51,6 +54,8 @@ def _progress_line(run: dict, started: float) -> str:
     width = 30
     filled = min(width, int(width * done / total))
     eta_text = f", about {eta:.0f}s left" if eta is not None else ""
+    if run.get("phase") == "cleanup" and run.get("tombstones_left") is not None:
+        eta_text += f", {run['tombstones_left']} copies left to release"
     return (f"gc {run['id']} {run.get('phase'):>9} [{'#' * filled}{'.' * (width - filled)}] "
             f"{done}/{total} swept, {run.get('bytes_freed', 0)} bytes freed, {rate:.0f}/s{eta_text}")
 

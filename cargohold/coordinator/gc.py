@@ -12,7 +12,9 @@ run that lost its leader is resumed by the next one. A run:
    reverse reference exists), many at once. A tombstone removes the blob's record and its
    repository links in the same transaction, so a manifest PUT that needs the blob fails
    cleanly, and a re-upload lifts it. Every node deletes its own copy when it sees the
-   tombstone (cargohold/replication/replicator.py).
+   tombstone (cargohold/replication/replicator.py);
+4. cleanup: clears the tombstones whose copies are all released, many per transaction,
+   until no live node holds a copy the run condemned.
 
 Pushes and pulls go on throughout: nothing here takes a lock another request waits for.
 """
@@ -40,6 +42,8 @@ ETCD_RETRY_DELAY = 2.0
 SWEEP_BATCH = 64           # dead blobs per sweep transaction (3 ops and 2 guards each, under 4096)
 PROGRESS_INTERVAL = 0.5
 MAX_MARK_ROUNDS = 4
+CLEANUP_PATIENCE = 60.0    # how long cleanup waits for live holders that release nothing
+CLEANUP_TICK = 0.25
 FINISHED = ("done", "failed")
 
 
@@ -195,7 +199,7 @@ class GarbageCollector:
             await self._sweep(result.dead_manifests, self._sweep_manifest, run, progress)
         run["phase"] = "cleanup"
         await progress.flush(force=True)
-        await self._clear_tombstones()
+        await self._cleanup(run, progress)
 
     async def _apply_retention(self, run: dict) -> None:
         policies = self.metadata.model.policies
@@ -307,10 +311,40 @@ class GarbageCollector:
             run["swept"] += 1
             run["bytes_freed"] += item[2]
 
-    async def _clear_tombstones(self) -> None:
-        """Remove tombstones whose copies every node has deleted."""
-        for digest, run_id in list(self.metadata.model.tombstones.items()):
-            await self.metadata.clear_tombstone(digest, run_id)
+    async def _cleanup(self, run: dict, progress: "_Progress") -> None:
+        """Clear tombstones as their copies are released, until every copy this run condemned
+        on a live node is gone. Holders release on their own (each node, for its copies); the
+        last one usually clears the tombstone too, and what holders released at the same moment
+        is cleared here, many per transaction. A copy on a node that is down keeps its
+        tombstone until the node is back and releases it (cleared then, or by a later run)."""
+        model = self.metadata.model
+        last_change, last_left = time.monotonic(), None
+        with self.metadata.changes(lambda blobs, sections: bool(blobs) or "members" in sections) as changed:
+            while True:
+                progress.check()
+                released = {d: r for d, r in model.tombstones.items()
+                            if (state := model.blobs.get(d)) is None or state.empty()}
+                if released:
+                    await self.metadata.clear_tombstones(released)
+                alive = model.alive
+                left = [d for d, r in model.tombstones.items() if r == run["id"]]
+                waiting = [d for d in left if (state := model.blobs.get(d)) is not None and state.nodes & alive]
+                run["tombstones_left"] = len(left)
+                await progress.flush()
+                if not waiting:
+                    return
+                if left != last_left:
+                    last_change, last_left = time.monotonic(), left
+                elif time.monotonic() - last_change > CLEANUP_PATIENCE:
+                    log.warning("gc run %s: %d copies on live nodes still not released after %.0fs; "
+                                "their tombstones stay (cleared when released)", run["id"], len(waiting),
+                                CLEANUP_PATIENCE)
+                    return
+                # Releases come in a stream; look again at most every CLEANUP_TICK, so each
+                # look clears a batch, not one tombstone.
+                waited = time.monotonic()
+                await changed.wait(PROGRESS_INTERVAL)
+                await anyio.sleep(max(0.0, CLEANUP_TICK - (time.monotonic() - waited)))
 
 
 class _LostLeadership(Exception):

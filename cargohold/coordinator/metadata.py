@@ -20,6 +20,7 @@ import anyio
 from cargohold.coordinator.etcd import (
     Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, Get, KeyValue, LeaseLost, Put,
 )
+from cargohold.coordinator.groupcommit import GroupCommit
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.readmodel import ReadModel, page
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, encode_repo
@@ -97,6 +98,9 @@ class ClusterMetadata:
         self.model = ReadModel(self.keys)
         self.loaded = False
         self.txn_count = 0
+        # Copy records, releases and tombstone clears come in bursts (a join, a GC run): they
+        # share transactions (see groupcommit.py).
+        self.group = GroupCommit(client)
         self._listeners: list[ChangeListener] = []
         self._ready = False
         self._ready_checked_at = float("-inf")
@@ -261,9 +265,8 @@ class ClusterMetadata:
     # ------------------------------------------------------------------ copies
     async def record_copy(self, digest: str) -> bool:
         """This node now holds a verified copy: publish it, unless the blob is gone meanwhile."""
-        result = await self._txn([Compare.exists(self.keys.blob(digest))],
-                                 [Put(self.keys.blob_at(digest, self.node_id), b"")], visible=False)
-        return result.succeeded
+        return await self._grouped([Compare.exists(self.keys.blob(digest))],
+                                   [Put(self.keys.blob_at(digest, self.node_id), b"")])
 
     async def drop_copy(self, digest: str, owners: list[str]) -> bool:
         """Withdraw this node's copy, only while every owner still publishes one."""
@@ -271,9 +274,8 @@ class ClusterMetadata:
 
     async def withdraw_copy(self, digest: str, node_id: str, owners: list[str]) -> bool:
         """Withdraw `node_id`'s copy record, only while every owner still publishes one."""
-        compare = [Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners]
-        result = await self._txn(compare, [Delete(self.keys.blob_at(digest, node_id))], visible=False)
-        return result.succeeded
+        return await self._grouped([Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners],
+                                   [Delete(self.keys.blob_at(digest, node_id))])
 
     async def forget_copy(self, digest: str) -> None:
         """The local copy is missing or corrupt: stop advertising it."""
@@ -282,16 +284,38 @@ class ClusterMetadata:
     async def release_tombstoned_copy(self, digest: str, run_id: str) -> bool:
         """The GC condemned this blob: withdraw our copy record while the tombstone still stands
         (a re-upload lifts it, and then our copy must stay)."""
-        result = await self._txn([Compare.value_equals(self.keys.tombstone(digest), run_id.encode())],
-                                 [Delete(self.keys.blob_at(digest, self.node_id))])
-        return result.succeeded
+        return await self._grouped([Compare.value_equals(self.keys.tombstone(digest), run_id.encode())],
+                                   [Delete(self.keys.blob_at(digest, self.node_id))])
 
     async def clear_tombstone(self, digest: str, run_id: str) -> bool:
         """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
-        result = await self._txn([Compare.value_equals(self.keys.tombstone(digest), run_id.encode()),
-                                  Compare.none_with_prefix(self.keys.blob(digest) + "/")],
-                                 [Delete(self.keys.tombstone(digest))])
-        return result.succeeded
+        return (await self.group.submit(*self._tombstone_clearing(digest, run_id))).succeeded
+
+    async def clear_tombstones(self, tombstones: dict[str, str], concurrency: int = 256) -> int:
+        """`clear_tombstone` for many (digest -> run id), sharing transactions; returns how many
+        were cleared, once the read model has seen them go."""
+        items = iter(list(tombstones.items()))
+        cleared, latest = 0, 0
+
+        async def clear_some() -> None:
+            nonlocal cleared, latest
+            for digest, run_id in items:          # one iterator shared by the workers
+                result = await self.group.submit(*self._tombstone_clearing(digest, run_id))
+                if result.succeeded:
+                    cleared += 1
+                    latest = max(latest, result.revision)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(concurrency, len(tombstones))):
+                tg.start_soon(clear_some)
+        if latest:
+            await self.model.wait_for(latest, VISIBILITY_TIMEOUT)
+        return cleared
+
+    def _tombstone_clearing(self, digest: str, run_id: str) -> tuple[list, list]:
+        return ([Compare.value_equals(self.keys.tombstone(digest), run_id.encode()),
+                 Compare.none_with_prefix(self.keys.blob(digest) + "/")],
+                [Delete(self.keys.tombstone(digest))])
 
     def holders(self, digest: str) -> set[str]:
         state = self.model.blobs.get(digest)
@@ -305,6 +329,13 @@ class ClusterMetadata:
         if result.succeeded and visible:
             await self.model.wait_for(result.revision, VISIBILITY_TIMEOUT)
         return result
+
+    async def _grouped(self, compare, success) -> bool:
+        """A guarded write that may share its transaction with concurrent ones; the caller does
+        not need to read it back (no wait for the watch)."""
+        result = await self.group.submit(compare, success)
+        self.txn_count += 1
+        return result.succeeded
 
     async def _get(self, key: str) -> KeyValue | None:
         return await self.client.get(key)

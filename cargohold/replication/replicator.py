@@ -31,6 +31,9 @@ from cargohold.replication.transfer import PeerClient, PeerUnavailable
 log = logging.getLogger("cargohold.replication")
 
 FETCH_ATTEMPTS = 6
+# Condemned copies are released by many light tasks at once, so that their etcd writes share
+# transactions (ClusterMetadata.group): a GC run condemns tens of thousands together.
+RELEASE_WORKERS = 64
 RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 
@@ -166,22 +169,28 @@ class Replicator:
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
         send, receive = anyio.create_memory_object_stream[str](self.workers * 4)
+        release, released = anyio.create_memory_object_stream[str](RELEASE_WORKERS * 2)
         async with anyio.create_task_group() as tg:
             for _ in range(self.workers):
                 tg.start_soon(self._worker, receive.clone())
+            for _ in range(RELEASE_WORKERS):
+                tg.start_soon(self._worker, released.clone())
+            receive.close()
+            released.close()
             tg.start_soon(self._down_timer)
             tg.start_soon(self._retry_timer)
             tg.start_soon(self._scrub_after_gc_runs)
             tg.start_soon(self._publish_status)
-            async with send:
+            async with send, release:
                 while True:
                     await self._wake.wait()
                     self._wake = anyio.Event()
                     batch = self._take_batch()
                     self.stats.queued = len(batch)
+                    tombstones = self.metadata.model.tombstones
                     for digest in batch:
                         self._in_progress.add(digest)
-                        await send.send(digest)
+                        await (release if digest in tombstones else send).send(digest)
                     await self._check_drained()
 
     def _take_batch(self) -> list[str]:
@@ -316,7 +325,10 @@ class Replicator:
                 await self.store.delete(parsed)
                 self.stats.copies_deleted += 1
                 log.info("copy deleted by gc run %s: %s", run_id, digest)
-        await self.metadata.clear_tombstone(digest, run_id)
+        if not self.metadata.holders(digest) - {self.node_id}:
+            # The last copy: the tombstone has done its work. (When holders release at the
+            # same moment, none of them is last here; the GC leader clears those.)
+            await self.metadata.clear_tombstone(digest, run_id)
 
     async def _scrub_after_gc_runs(self) -> None:
         """When a GC run finishes, every node scrubs its own disk (the leader cannot)."""
