@@ -156,6 +156,12 @@ class ClusterMetadata:
         self._ready, self._ready_checked_at = ready, time.monotonic()
         return ready
 
+    async def catch_up(self, timeout: float) -> bool:
+        """Wait until the read model is at least as new as etcd is now: a write made now (to
+        this node's probe key, under the cluster's prefix) has come back through the watch."""
+        revision = await self.client.put(self.keys.probe(self.node_id), str(time.time()).encode())
+        return await self.model.wait_for(revision, timeout)
+
     async def load(self) -> int:
         """Load one snapshot without following the watch (for commands that only read)."""
         return await self._load_snapshot()
@@ -177,7 +183,7 @@ class ClusterMetadata:
         model = ReadModel(self.keys)
         async for kvs in self.client.iter_prefix(self.keys.prefix, revision=revision, page_size=SNAPSHOT_PAGE):
             for kv in kvs:
-                model.apply_put(kv.key, kv.value)
+                model.apply_put(kv.key, kv.value, kv.mod_revision)
         model.adopt_waiters(self.model)
         self.model = model
         model.advance(revision)
@@ -195,7 +201,7 @@ class ClusterMetadata:
                 model = self.model
                 for event in batch.events:
                     if event.type == "put":
-                        model.apply_put(event.key, event.value)
+                        model.apply_put(event.key, event.value, event.mod_revision)
                     else:
                         model.apply_delete(event.key)
                 model.advance(batch.revision)

@@ -13,18 +13,20 @@ import sys
 
 import anyio
 
+from cargohold.coordinator.gcmark import Snapshot
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import Policies, ReplicationRules
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member
 
 
 class RepoState:
-    __slots__ = ("registered", "tags", "manifests", "_sorted_tags")
+    __slots__ = ("registered", "tags", "manifests", "revisions", "_sorted_tags")
 
     def __init__(self) -> None:
         self.registered = False
         self.tags: dict[str, str] = {}
         self.manifests: dict[str, ManifestRecord] = {}
+        self.revisions: dict[str, int] = {}        # manifest digest -> its record's mod revision
         self._sorted_tags: list[str] | None = None
 
     def sorted_tags(self) -> list[str]:
@@ -37,10 +39,11 @@ class RepoState:
 
 
 class BlobState:
-    __slots__ = ("record", "nodes", "repos")
+    __slots__ = ("record", "revision", "nodes", "repos")
 
     def __init__(self) -> None:
         self.record: BlobRecord | None = None
+        self.revision = 0                          # the record's mod revision
         self.nodes: set[str] = set()
         self.repos: set[str] = set()
 
@@ -110,7 +113,7 @@ class ReadModel:
         elif kind in ("policies", "replication_rules"):
             self.changed_sections.add("policies")
 
-    def apply_put(self, key: str, value: bytes) -> None:
+    def apply_put(self, key: str, value: bytes, mod_revision: int = 0) -> None:
         parsed = self.keys.parse(key)
         kind = parsed.kind
         self._note(kind, parsed)
@@ -126,10 +129,13 @@ class ReadModel:
             digest = sys.intern(parsed.digest)
             self._forget_referrer(parsed.repo, digest, repo.manifests.get(digest))
             repo.manifests[digest] = record
+            repo.revisions[digest] = mod_revision
             if record.subject:
                 self.referrers.setdefault((parsed.repo, record.subject), set()).add(digest)
         elif kind == "blob":
-            self._blob(parsed.digest).record = BlobRecord.decode(value)
+            state = self._blob(parsed.digest)
+            state.record = BlobRecord.decode(value)
+            state.revision = mod_revision
         elif kind == "blob_at":
             self._blob(parsed.digest).nodes.add(sys.intern(parsed.name))
         elif kind == "blob_in":
@@ -168,6 +174,7 @@ class ReadModel:
             repo = self.repos.get(parsed.repo)
             if repo is not None:
                 self._forget_referrer(parsed.repo, parsed.digest, repo.manifests.pop(parsed.digest, None))
+                repo.revisions.pop(parsed.digest, None)
         elif kind in ("blob", "blob_at", "blob_in"):
             state = self.blobs.get(parsed.digest)
             if state is None:
@@ -201,6 +208,20 @@ class ReadModel:
             self.members.pop(parsed.name, None)
         elif kind == "alive":
             self.alive.discard(parsed.name)
+
+    def gc_snapshot(self) -> Snapshot:
+        """Manifests, tags and blob records as of `revision`, for the GC's mark. Built without
+        yielding, so no watch batch lands halfway through."""
+        snapshot = Snapshot(self.revision)
+        for name, repo in self.repos.items():
+            for digest, record in repo.manifests.items():
+                snapshot.manifests[(name, digest)] = (record, repo.revisions.get(digest, 0))
+            for tag, digest in repo.tags.items():
+                snapshot.tags[(name, tag)] = digest
+        for digest, state in self.blobs.items():
+            if state.record is not None:
+                snapshot.blobs[digest] = (state.record, state.revision)
+        return snapshot
 
     def advance(self, revision: int) -> None:
         """All events up to `revision` are applied: wake those waiting for it."""
