@@ -23,6 +23,7 @@ from cargohold.node.http import (
 from cargohold.node.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
 from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import Metrics
+from cargohold.pacing import Foreground
 from cargohold.node.reference import Digest, parse_digest, parse_reference, validate_name, validate_upload_id
 from cargohold.replication.replicator import ContentUnavailable, Replicator
 from cargohold.node.storage import FilesystemBlobStore
@@ -53,7 +54,7 @@ class RegistryAPI:
                  *, node_id: str = "", ready=None, replicator: Replicator | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
-                 sync_sites: int = 0, body_timeout: float = 60.0):
+                 sync_sites: int = 0, body_timeout: float = 60.0, foreground: Foreground | None = None):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -66,6 +67,7 @@ class RegistryAPI:
         self.body_timeout = body_timeout
         self.copy_timeout = copy_timeout
         self.access = access            # issue 6: None means no access control at all
+        self.foreground = foreground or Foreground()   # background work paces itself while this is busy
         self.audit = access.audit if access is not None else AuditLog(None)
         self.manifest_cache = ContentCache()
         self._ready = ready or metadata.is_current
@@ -83,6 +85,16 @@ class RegistryAPI:
             return
         request = Request(scope, receive)
         request.body_timeout = self.body_timeout
+        if not request.path.startswith("/v2"):      # probes and scrapes are not client work
+            await self._respond(request, send)
+            return
+        self.foreground.started()
+        try:
+            await self._respond(request, send)
+        finally:
+            self.foreground.finished()
+
+    async def _respond(self, request: Request, send) -> None:
         started = time.perf_counter()
         try:
             response = await self.handle(request)

@@ -24,6 +24,7 @@ from cargohold.node.metrics import Metrics
 from cargohold.node.reference import parse_digest
 from cargohold.node.storage import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
+from cargohold.pacing import BackgroundPace, Foreground
 from cargohold.replication.replicator import Replicator
 from cargohold.replication.status import replication_status
 from cargohold.replication.transfer import PeerClient, ReplicationService, TlsFiles, grpc_server
@@ -55,19 +56,22 @@ async def serve(settings: Settings) -> None:
         stack.callback(peers.close)
         grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store), tls=tls))
         grace = parse_duration(settings.gc_grace)
+        foreground = Foreground()
         replicator = Replicator(metadata, store, peers, node_id=node_id, site=settings.site,
                                 replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
                                 workers=settings.replication_workers, gc_grace=grace,
                                 per_peer_streams=settings.per_peer_streams,
                                 site_bandwidth={site: parse_size(rate) for site, rate in
                                                 (settings.site_bandwidth or {}).items()},
-                                storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None)
+                                storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None,
+                                release_pace=BackgroundPace(foreground, settings.gc_busy_rate))
         collector = GarbageCollector(
             metadata, grace=grace,
             untagged_after=parse_duration(settings.untagged_after) if settings.untagged_after else None,
             interval=parse_duration(settings.gc_interval) if settings.gc_interval else 0.0,
             window=parse_window(settings.gc_window) if settings.gc_window else None,
-            workers=settings.gc_workers, batch=settings.gc_batch)
+            workers=settings.gc_workers, batch=settings.gc_batch,
+            pace=BackgroundPace(foreground, settings.gc_busy_rate))
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
         metrics = _metrics(metadata, replicator, node_id)
@@ -76,7 +80,8 @@ async def serve(settings: Settings) -> None:
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
-                          sync_sites=settings.sync_sites, body_timeout=settings.body_timeout)
+                          sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
+                          foreground=foreground)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
         async with anyio.create_task_group() as tg:

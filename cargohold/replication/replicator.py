@@ -25,6 +25,7 @@ import anyio
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.reference import parse_digest
 from cargohold.node.storage import FilesystemBlobStore
+from cargohold.pacing import BackgroundPace
 from cargohold.replication.placement import owners, preference
 from cargohold.replication.transfer import PeerClient, PeerUnavailable
 
@@ -81,7 +82,8 @@ class Replicator:
                  node_id: str, site: str, replicas_per_site: int = 2, down_after: float = 300.0,
                  workers: int = 8, gc_grace: float = 3600.0, per_peer_streams: int = 4,
                  site_bandwidth: dict[str, float] | None = None, storage_limit: int | None = None,
-                 disk_reserve: int = 256 * 1024 * 1024):
+                 disk_reserve: int = 256 * 1024 * 1024, release_pace: BackgroundPace | None = None):
+        self.release_pace = release_pace or BackgroundPace(None, 0)   # GC releases give way to clients
         self.gc_grace = gc_grace
         self.per_peer_streams = per_peer_streams
         self._peer_limiters: dict[str, anyio.CapacityLimiter] = {}
@@ -319,6 +321,7 @@ class Replicator:
         first (the guarded transaction decides, under the digest's local lock)."""
         if self.node_id not in self.metadata.holders(digest):
             return
+        await self.release_pace.take()
         parsed = parse_digest(digest)
         async with self.store.locked(parsed):
             if await self.metadata.release_tombstoned_copy(digest, run_id):

@@ -135,6 +135,34 @@ async def test_retention_rules_and_immutable_tags(cluster, tmp_path):
     assert tags == ["new1", "new2", "release-1", "v1"]
 
 
+async def test_a_collection_gives_way_to_clients(cluster):
+    """While the node serves registry requests, sweeping and releasing go at `gc_busy_rate`
+    dead blobs per second; with no client, at full speed."""
+    node = cluster.add("a", settings={**GRACE, "gc_busy_rate": 20})
+
+    async def orphans(tag: str) -> None:
+        async with client_for(node) as client:
+            for i in range(40):
+                await oci.push_blob(client, "pace/app", oci.random_bytes(100, seed=f"{tag}{i}"))
+        time.sleep(2.5)                                 # past the grace period
+
+    await orphans("idle")
+    idle = gc(cluster)
+    await orphans("busy")
+    async with anyio.create_task_group() as tg:
+        async def client_traffic() -> None:
+            async with client_for(node) as client:
+                while True:
+                    await client.get("/v2/")
+                    await anyio.sleep(0.05)
+        tg.start_soon(client_traffic)
+        busy = await anyio.to_thread.run_sync(gc, cluster)
+        tg.cancel_scope.cancel()
+    assert idle["swept"] == busy["swept"] == 40
+    assert busy["duration"] >= 1.5, busy             # 40 blobs at 20/s, less a 0.1 s burst
+    assert idle["duration"] < busy["duration"] / 2, (idle["duration"], busy["duration"])
+
+
 async def test_leader_killed_mid_sweep_another_node_finishes(cluster):
     from cargohold.coordinator.etcd import EtcdClient
 

@@ -1,0 +1,52 @@
+"""Background pacing: free while the node is idle, at the set rate while it serves clients."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from cargohold.pacing import BackgroundPace, Foreground
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    return request.param
+
+
+async def take_many(pace: BackgroundPace, workers: int, units: int) -> float:
+    started = time.monotonic()
+
+    async def worker() -> None:
+        for _ in range(units // workers):
+            await pace.take()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(workers):
+            tg.start_soon(worker)
+    return time.monotonic() - started
+
+
+async def test_idle_node_is_not_paced():
+    foreground = Foreground(linger=0.2)
+    assert await take_many(BackgroundPace(foreground, rate=100), workers=8, units=400) < 0.5
+
+
+async def test_busy_node_paces_all_workers_together():
+    foreground = Foreground(linger=0.2)
+    foreground.started()                     # a request in flight
+    elapsed = await take_many(BackgroundPace(foreground, rate=200), workers=16, units=160)
+    assert 0.6 < elapsed < 1.5, elapsed      # 160 units at 200/s, less the 0.1 s burst
+    foreground.finished()
+    assert foreground.busy()                 # lingers a moment after the last request
+    await anyio.sleep(0.25)
+    assert not foreground.busy()
+
+
+async def test_rate_zero_means_no_pacing():
+    foreground = Foreground()
+    foreground.started()
+    assert await take_many(BackgroundPace(foreground, rate=0), workers=4, units=400) < 0.5
