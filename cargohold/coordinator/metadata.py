@@ -9,6 +9,7 @@ client reads its own writes from the same node without a second etcd round trip.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -186,6 +187,9 @@ class ClusterMetadata:
                 model.apply_put(kv.key, kv.value, kv.mod_revision)
         model.adopt_waiters(self.model)
         self.model = model
+        # The snapshot's objects live as long as the model: out of the cycle collector's
+        # sight, a full collection no longer walks them all (0.1-0.2 s with 600,000 keys).
+        gc.freeze()
         model.advance(revision)
         self.loaded = True
         model.take_changes()
