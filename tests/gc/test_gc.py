@@ -159,7 +159,7 @@ async def test_a_collection_gives_way_to_clients(cluster):
         busy = await anyio.to_thread.run_sync(gc, cluster)
         tg.cancel_scope.cancel()
     assert idle["swept"] == busy["swept"] == 40
-    assert busy["duration"] >= 1.5, busy             # 40 blobs at 20/s, less a 0.1 s burst
+    assert busy["duration"] >= 1.5, busy             # 40 blobs at 20/s, less a 0.25 s burst
     assert idle["duration"] < busy["duration"] / 2, (idle["duration"], busy["duration"])
 
 
