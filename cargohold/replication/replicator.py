@@ -26,7 +26,7 @@ import anyio
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.grpc_bridge import StreamStopped
 from cargohold.node.reference import parse_digest
-from cargohold.node.storage import FilesystemBlobStore
+from cargohold.node.storage import FilesystemBlobStore, WriteBehind
 from cargohold.replication.placement import owners, preference
 from cargohold.replication.transfer import PeerClient, PeerUnavailable
 
@@ -526,7 +526,9 @@ class Replicator:
 
 class _Download:
     """A fetch's staging file and running digest. `sink()` callbacks run in the worker thread
-    that consumes a holder's stream; the file is opened there too, at the first chunk."""
+    that consumes a holder's stream; the file is opened there too, at the first chunk. A large
+    blob is written behind (storage.WriteBehind): on disk and out of the page cache as it
+    arrives, two 8 MiB windows at a time."""
 
     def __init__(self, path, hasher, size: int):
         self.path = path
@@ -534,9 +536,11 @@ class _Download:
         self.size = size
         self.position = 0
         self.file = None
+        self.behind = None
 
     def open(self) -> None:
         self.file = open(self.path, "wb")
+        self.behind = WriteBehind(self.file.fileno())
 
     def sink(self, bucket: TokenBucket | None):
         def write(data: bytes, stopping: threading.Event) -> None:
@@ -549,6 +553,8 @@ class _Download:
             self.position += len(data)
             if self.position >= self.size:
                 self.file.flush()   # complete: the store fsyncs it when it ingests (once)
+            else:
+                self.behind.written(self.position)
         return write
 
     def discard(self) -> None:
