@@ -121,7 +121,10 @@ class WriteBehind:
             self.started += self.window
             if self.started - self.dropped > self.window:   # the window before the one just started
                 _SYNC_FILE_RANGE(self.fd, self.dropped, self.window, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-                os.posix_fadvise(self.fd, self.dropped, self.window, os.POSIX_FADV_DONTNEED)
+                try:
+                    os.posix_fadvise(self.fd, self.dropped, self.window, os.POSIX_FADV_DONTNEED)
+                except OSError:      # advice only: a file system that refuses it keeps its cache
+                    pass
                 self.dropped += self.window
 
 
