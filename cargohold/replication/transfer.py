@@ -9,11 +9,11 @@ blocks the loop, and cancelling the awaiting task cancels the call.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-import threading
 from typing import AsyncIterator, BinaryIO, Callable
 
 import anyio
@@ -179,8 +179,8 @@ class PeerClient:
         which runs in the one worker thread that consumes the whole stream (see
         `grpc_bridge.consume_stream`: cancelling the awaiting task cancels the call, sets
         `stopping` and returns once the thread has). The chunks' offsets are checked. Raises
-        PeerUnavailable when the stream fails or ends early; the bytes sunk so far stay sunk,
-        so the caller resumes from where its sink got to."""
+        PeerUnavailable when the stream fails; a stream that ends early just returns. Either
+        way the bytes sunk so far stay sunk, and the caller goes on from where its sink got to."""
         call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length))
         expected = offset
 
