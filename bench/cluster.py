@@ -998,7 +998,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write rows + raw measurements as JSON")
     ap.add_argument("--source", metavar="DIR",
                     help="the tree whose cargohold package the nodes run (default: this repository; "
-                         "e.g. a `git worktree` of a commit)")
+                         "e.g. a `git worktree` of a commit); its root or its cargohold/ directory")
     ap.add_argument("--commit", metavar="REF",
                     help="run the nodes from `git archive REF` of this repository (extracted into the scratch "
                          "dir) instead of the working tree, e.g. --commit HEAD when others have uncommitted edits")
@@ -1033,7 +1033,15 @@ def main(argv=None) -> int:
     if args.commit and args.source:
         ap.error("--commit and --source are exclusive")
     if args.source:
-        H.SOURCE["dir"] = Path(args.source).resolve()
+        source = Path(args.source).resolve()
+        # The tree root goes on the nodes' PYTHONPATH. Given the package directory itself, the
+        # nodes would not find `cargohold` there and silently import the venv's editable install.
+        if not (source / "cargohold" / "__init__.py").exists() and (source / "__init__.py").exists() \
+                and source.name == "cargohold":
+            source = source.parent
+        if not (source / "cargohold" / "__init__.py").exists():
+            ap.error(f"--source {args.source}: no cargohold package there")
+        H.SOURCE["dir"] = source
     base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cargohold-cluster-bench-"))
     base.mkdir(parents=True, exist_ok=True)
     if args.commit:

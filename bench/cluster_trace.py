@@ -8,9 +8,10 @@ exits and every 0.5 s while it runs. The wrapped steps of fetching one blob for 
 
     reconcile                    the whole step for one blob (no-ops included)
       fetch                        copy from a peer into the store
-        fetch.stream_and_write       gRPC stream + write + hash (Replicator._fetch_into)
-        fetch.fsync_staging          replicator._sync_close (flush + fsync of the staging file)
-        store.ingest                 FilesystemBlobStore.ingest (fsync again, rename, fsync dir)
+        fetch.stream_and_write       gRPC stream + write + hash (PeerClient.copy: one worker
+                                     thread per holder stream; Replicator._fetch_into in older trees)
+        fetch.fsync_staging          older trees only: replicator._sync_close (flush + fsync)
+        store.ingest                 FilesystemBlobStore.ingest (fsync, rename, fsync dir)
       record_copy                  ClusterMetadata.record_copy
         etcd.txn                     EtcdClient.txn (the round trip)
         readmodel.wait_for           waiting for the watch to bring the txn's revision back
@@ -111,14 +112,21 @@ def _dumper() -> None:
 def install() -> None:
     from cargohold.coordinator import etcd, metadata, readmodel
     from cargohold.node import storage
-    from cargohold.replication import replicator
+    from cargohold.replication import replicator, transfer
 
     R = replicator.Replicator
     R.reconcile = _async("reconcile", R.reconcile)
     R.fetch = _async("fetch", R.fetch)
-    R._fetch_into = _async("fetch.stream_and_write", R._fetch_into)
-    replicator._sync_close = _sync("fetch.fsync_staging", replicator._sync_close)
-    replicator._write_hash = _sync("fetch.write_hash_chunk", replicator._write_hash)
+    # older trees: stream, then write+hash per chunk, then flush+fsync; newer: one thread per
+    # holder stream writes and hashes as it goes (PeerClient.copy)
+    if hasattr(R, "_fetch_into"):
+        R._fetch_into = _async("fetch.stream_and_write", R._fetch_into)
+    if hasattr(replicator, "_sync_close"):
+        replicator._sync_close = _sync("fetch.fsync_staging", replicator._sync_close)
+    if hasattr(replicator, "_write_hash"):
+        replicator._write_hash = _sync("fetch.write_hash_chunk", replicator._write_hash)
+    if hasattr(transfer.PeerClient, "copy"):
+        transfer.PeerClient.copy = _async("fetch.stream_and_write", transfer.PeerClient.copy)
     S = storage.FilesystemBlobStore
     S.ingest = _async("store.ingest", S.ingest)
     S.delete = _async("store.delete", S.delete)

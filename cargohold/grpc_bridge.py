@@ -8,6 +8,7 @@ grpc call is async and cancellable from the event loop's point of view.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Callable
 
 import anyio
@@ -53,4 +54,56 @@ async def next_message(call: Any, limiter: anyio.CapacityLimiter | None = None) 
         return await anyio.to_thread.run_sync(next, call, None, abandon_on_cancel=True, limiter=limiter)
     except BaseException:
         call.cancel()  # wakes the (possibly abandoned) reader thread at once
+        raise
+
+
+class StreamStopped(Exception):
+    """Raised inside a `consume_stream` worker thread when its awaiting task was cancelled."""
+
+
+async def consume_stream(call: Any, consume: Callable[[Any, threading.Event], None],
+                         limiter: anyio.CapacityLimiter | None = None) -> None:
+    """Iterate a streaming call to its end in ONE worker thread, handing every message to
+    `consume(message, stopping)` in that thread (the whole stream is a single hop off the loop,
+    not one or two per message).
+
+    `stopping` is set when the awaiting task is cancelled: a consumer that waits (a bandwidth
+    limit) waits on it and raises StreamStopped. Cancellation also cancels the call, which
+    wakes a thread blocked on the next message, and then waits (shielded) until the thread has
+    returned, so the consumer's resources are never used after this returns. grpc errors
+    (grpc.RpcError) and the consumer's exceptions propagate.
+    """
+    stopping = threading.Event()
+    done = anyio.Event()
+    schedule = loop_scheduler()
+    state = {"running": False, "stopped": False}
+    lock = threading.Lock()
+
+    def drain() -> None:
+        with lock:
+            if state["stopped"]:
+                return
+            state["running"] = True
+        try:
+            for message in call:
+                if stopping.is_set():
+                    raise StreamStopped()
+                consume(message, stopping)
+        finally:
+            try:
+                schedule(done.set)
+            except RuntimeError:  # the loop has finished
+                pass
+
+    try:
+        await anyio.to_thread.run_sync(drain, abandon_on_cancel=True, limiter=limiter)
+    except BaseException:
+        stopping.set()
+        call.cancel()
+        with lock:
+            state["stopped"] = True
+            running = state["running"]
+        if running:
+            with anyio.CancelScope(shield=True):
+                await done.wait()
         raise

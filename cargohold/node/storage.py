@@ -73,6 +73,61 @@ def hash_file(path: Path, digest: Digest) -> str:
     return hasher.hexdigest()
 
 
+WRITE_BEHIND_WINDOW = 8 * 1024 * 1024
+
+
+def _sync_file_range():
+    """libc's sync_file_range (Linux), or None. Python's os module does not expose it."""
+    try:
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _sync_file_range() if hasattr(os, "posix_fadvise") else None
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+
+
+class WriteBehind:
+    """Write-behind and drop-behind for a large file written front to back (call from the
+    writing thread): whenever another `window` bytes are written, start writing them to disk,
+    wait until the window before them is on disk and drop its pages from the page cache.
+
+    So a large blob passes through two windows of page cache instead of occupying its whole
+    size in it. Fresh page-cache pages are what costs on VMs whose balloon hands free memory
+    back to the host (a fault per page, ~1.8 CPU-s per GiB written here, against ~0.3 CPU-s
+    when the pages are reused), and the final fsync finds little left to write. Nothing
+    changes for durability: the caller still fsyncs before the file is published. A no-op
+    where sync_file_range is not available (not Linux)."""
+
+    def __init__(self, fd: int, window: int = WRITE_BEHIND_WINDOW):
+        self.fd = fd
+        self.window = window
+        self.started = 0      # writeback started for [0, started)
+        self.dropped = 0      # on disk and out of the page cache: [0, dropped)
+
+    def written(self, size: int) -> None:
+        """The file now has `size` bytes."""
+        if _SYNC_FILE_RANGE is None:
+            return
+        while size - self.started >= self.window:
+            _SYNC_FILE_RANGE(self.fd, self.started, self.window, _WRITE)
+            self.started += self.window
+            if self.started - self.dropped > self.window:   # the window before the one just started
+                _SYNC_FILE_RANGE(self.fd, self.dropped, self.window, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
+                try:
+                    os.posix_fadvise(self.fd, self.dropped, self.window, os.POSIX_FADV_DONTNEED)
+                except OSError:      # advice only: a file system that refuses it keeps its cache
+                    pass
+                self.dropped += self.window
+
+
 class FilesystemBlobStore:
     def __init__(self, root: Path):
         self.root = Path(root)

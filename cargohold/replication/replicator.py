@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
-from contextlib import aclosing, nullcontext
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import anyio
 
 from cargohold.coordinator.metadata import ClusterMetadata, Member
+from cargohold.grpc_bridge import StreamStopped
 from cargohold.node.reference import parse_digest
-from cargohold.node.storage import FilesystemBlobStore
+from cargohold.node.storage import FilesystemBlobStore, WriteBehind
 from cargohold.pacing import BackgroundPace
 from cargohold.replication.placement import owners, preference
 from cargohold.replication.transfer import PeerClient, PeerUnavailable
@@ -48,20 +50,26 @@ class StorageFull(Exception):
 
 
 class TokenBucket:
-    """A bandwidth limit: `rate` bytes per second, bursts of up to one second's worth."""
+    """A bandwidth limit: `rate` bytes per second, bursts of up to one second's worth.
+
+    Taken from the worker threads that consume fetch streams (several at once), so it is
+    thread-safe and its wait is a blocking one, cut short by the fetch's `stopping` event."""
 
     def __init__(self, rate: float):
         self.rate = float(rate)
         self.tokens = self.rate
         self.updated = time.monotonic()
+        self._lock = threading.Lock()
 
-    async def take(self, amount: int) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        self.tokens -= amount
-        if self.tokens < 0:
-            await anyio.sleep(-self.tokens / self.rate)
+    def take(self, amount: int, stopping: threading.Event) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            self.tokens -= amount
+            debt = -self.tokens
+        if debt > 0 and stopping.wait(debt / self.rate):
+            raise StreamStopped()
 
 
 @dataclass
@@ -399,67 +407,77 @@ class Replicator:
             limiter = self._peer_limiters[node_id] = anyio.CapacityLimiter(self.per_peer_streams)
         return limiter
 
-    async def _throttle(self, source_site: str, size: int) -> None:
-        bucket = self._buckets.get(source_site) if source_site != self.site else None
-        if bucket is not None:
-            await bucket.take(size)
+    def _bucket(self, source: Member) -> TokenBucket | None:
+        """The bandwidth limit for fetches from `source`'s site (none within our own site)."""
+        return self._buckets.get(source.site) if source.site != self.site else None
 
     def can_read(self, digest: str) -> bool:
         """Whether some live peer publishes a copy (checked before a response starts)."""
         return bool(self._sources(digest))
 
     async def fetch(self, digest: str, size: int) -> None:
-        """Copy a blob from a holder into the local store, verified. Resumes after drops."""
+        """Copy a blob from a holder into the local store, verified. Resumes after drops.
+
+        A holder's whole stream is consumed in one worker thread, which also writes, hashes and
+        (for another site) waits for the bandwidth limit, chunk by chunk: one hop off the event
+        loop per stream instead of two per chunk. A dropped stream goes on from the reached
+        offset with the next holder; the digest is checked before the store ingests the file
+        (which fsyncs it, once)."""
         parsed = parse_digest(digest)
-        staging = self.store.staging_path()
-        hasher = hashlib.new(parsed.algorithm)
-        f = await anyio.to_thread.run_sync(open, staging, "wb")
+        download = _Download(self.store.staging_path(), hashlib.new(parsed.algorithm), size)
         try:
-            offset = 0
-            async with aclosing(self._from_holders(digest, 0, size, replicating=True)) as chunks:
-                async for data in chunks:
-                    await anyio.to_thread.run_sync(_write_hash, f, hasher, data)
-                    offset += len(data)
-                    self.stats.bytes_fetched += len(data)
-            await anyio.to_thread.run_sync(f.flush)   # the store fsyncs when it ingests (once)
-            if offset != size or hasher.hexdigest() != parsed.hex:
+            async with aclosing(self._holders_in_turn(digest, lambda: download.position > 0)) as sources:
+                async for source in sources:
+                    start = download.position
+                    try:
+                        async with self._peer_limiter(source.node_id):
+                            await self.peers.copy(source.grpc, digest, start, size - start,
+                                                  download.sink(self._bucket(source)))
+                    except PeerUnavailable as exc:
+                        log.info("transfer of %s from %s interrupted at %d: %s; resuming",
+                                 digest, source.node_id, download.position, exc)
+                    finally:
+                        self.stats.bytes_fetched += download.position - start
+                    if download.position >= size:
+                        break
+            if download.file is None:      # an empty blob: nothing was written
+                await anyio.to_thread.run_sync(download.open)
+            if download.position != size or download.hasher.hexdigest() != parsed.hex:
                 raise ContentUnavailable(f"{digest}: fetched content does not match its digest")
-            await self.store.ingest(parsed, staging)
+            await self.store.ingest(parsed, download.path)
         finally:
-            f.close()
-            staging.unlink(missing_ok=True)
+            download.discard()
 
     async def read_remote(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
         """Stream part of a blob this node does not hold from the nearest holder, chunk by chunk
-        (never the whole blob in memory)."""
+        (never the whole blob in memory), going on from the reached offset with the next
+        holder when a stream drops."""
         self.stats.remote_reads += 1
-        async with aclosing(self._from_holders(digest, offset, offset + length, replicating=False)) as chunks:
-            async for data in chunks:
-                yield data
-
-    async def _from_holders(self, digest: str, offset: int, end: int, *, replicating: bool) -> AsyncIterator[bytes]:
-        """Bytes [offset, end) of a blob from the nearest live holder. When a stream drops, go on
-        from the reached offset with the next holder, backing off between rounds. Replication
-        (not client reads) observes the per-peer stream limit and the site bandwidth limits."""
-        position = offset
-        for attempt in range(FETCH_ATTEMPTS):
-            sources = self._sources(digest)
-            if not sources and position == offset:
-                raise ContentUnavailable(f"no live node holds {digest}")
-            for source in sources:
+        position, end = offset, offset + length
+        async with aclosing(self._holders_in_turn(digest, lambda: position > offset)) as sources:
+            async for source in sources:
                 try:
-                    async with self._peer_limiter(source.node_id) if replicating else nullcontext():
-                        async for data in self.peers.read(source.grpc, digest, position, end - position):
-                            if replicating:
-                                await self._throttle(source.site, len(data))
+                    async with aclosing(self.peers.read(source.grpc, digest, position, end - position)) as chunks:
+                        async for data in chunks:
                             position += len(data)
                             yield data
                 except PeerUnavailable as exc:
-                    log.info("%s of %s from %s interrupted at %d: %s; resuming",
-                             "transfer" if replicating else "remote read", digest, source.node_id, position, exc)
-                    continue
+                    log.info("remote read of %s from %s interrupted at %d: %s; resuming",
+                             digest, source.node_id, position, exc)
                 if position >= end:
                     return
+
+    async def _holders_in_turn(self, digest: str, started) -> AsyncIterator[Member]:
+        """The live holders of a blob, nearest first, round after round with a growing pause in
+        between, until the caller has what it needs and stops iterating. ContentUnavailable
+        when no live node holds it before anything was read (`started()` false), or after
+        FETCH_ATTEMPTS rounds."""
+        for attempt in range(FETCH_ATTEMPTS):
+            sources = self._sources(digest)
+            if not sources and not started():
+                raise ContentUnavailable(f"no live node holds {digest}")
+            for source in sources:
+                yield source
             await anyio.sleep(RETRY_DELAY * (attempt + 1))
         raise ContentUnavailable(f"{digest}: could not read from any holder")
 
@@ -521,8 +539,43 @@ class Replicator:
                     log.debug("could not publish replication status: %s", exc)
 
 
-def _write_hash(f, hasher, data: bytes) -> None:
-    f.write(data)
-    hasher.update(data)
+class _Download:
+    """A fetch's staging file and running digest. `sink()` callbacks run in the worker thread
+    that consumes a holder's stream; the file is opened there too, at the first chunk. A large
+    blob is written behind (storage.WriteBehind): on disk and out of the page cache as it
+    arrives, two 8 MiB windows at a time."""
+
+    def __init__(self, path, hasher, size: int):
+        self.path = path
+        self.hasher = hasher
+        self.size = size
+        self.position = 0
+        self.file = None
+        self.behind = None
+
+    def open(self) -> None:
+        self.file = open(self.path, "wb")
+        self.behind = WriteBehind(self.file.fileno())
+
+    def sink(self, bucket: TokenBucket | None):
+        def write(data: bytes, stopping: threading.Event) -> None:
+            if bucket is not None:
+                bucket.take(len(data), stopping)
+            if self.file is None:
+                self.open()
+            self.file.write(data)
+            self.hasher.update(data)
+            self.position += len(data)
+            if self.position >= self.size:
+                self.file.flush()   # complete: the store fsyncs it when it ingests (once)
+            else:
+                self.behind.written(self.position)
+        return write
+
+    def discard(self) -> None:
+        """Close and remove the staging file (gone already when the store ingested it)."""
+        if self.file is not None:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
 
 

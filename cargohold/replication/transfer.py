@@ -9,6 +9,7 @@ blocks the loop, and cancelling the awaiting task cancels the call.
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import AsyncIterator, BinaryIO, Callable
 import anyio
 import grpc
 
-from cargohold.grpc_bridge import await_future, next_message
+from cargohold.grpc_bridge import await_future, consume_stream, next_message
 from cargohold.replication.v1 import replication_pb2 as pb
 from cargohold.replication.v1 import replication_pb2_grpc as pb_grpc
 
@@ -171,3 +172,26 @@ class PeerClient:
                 yield chunk.data
         finally:
             call.cancel()
+
+    async def copy(self, address: str, digest: str, offset: int, length: int,
+                   sink: Callable[[bytes, threading.Event], None]) -> None:
+        """Stream `length` bytes (0: to the end) of a blob from `offset` into `sink(data, stopping)`,
+        which runs in the one worker thread that consumes the whole stream (see
+        `grpc_bridge.consume_stream`: cancelling the awaiting task cancels the call, sets
+        `stopping` and returns once the thread has). The chunks' offsets are checked. Raises
+        PeerUnavailable when the stream fails; a stream that ends early just returns. Either
+        way the bytes sunk so far stay sunk, and the caller goes on from where its sink got to."""
+        call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length))
+        expected = offset
+
+        def consume(chunk, stopping: threading.Event) -> None:
+            nonlocal expected
+            if chunk.offset != expected:
+                raise PeerUnavailable(f"{address}: chunk at {chunk.offset}, expected {expected}")
+            expected += len(chunk.data)
+            sink(chunk.data, stopping)
+
+        try:
+            await consume_stream(call, consume, self._readers)
+        except grpc.RpcError as exc:
+            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None

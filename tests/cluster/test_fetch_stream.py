@@ -1,0 +1,160 @@
+"""The fetch path's stream: one worker thread consumes a holder's whole gRPC stream. Cancelling the
+task that awaits it cancels the call and ends the thread at once, also while the thread waits
+for a bandwidth limit; the site bandwidth bucket throttles several streams together.
+
+Real gRPC: the replication server and client as the nodes run them, in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+
+import anyio
+import pytest
+
+from cargohold.grpc_bridge import StreamStopped
+from cargohold.replication.replicator import TokenBucket
+from cargohold.replication.transfer import PeerClient, PeerUnavailable, ReplicationService, grpc_server
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    return request.param
+
+
+class TrackedFile:
+    """A served blob file that records when the server closes it (its stream has ended), and
+    that can stall (a holder whose disk hangs) after some bytes until `resume` is set."""
+
+    def __init__(self, path, closed: threading.Event, stall_after: int | None = None,
+                 resume: threading.Event | None = None):
+        self._f = open(path, "rb")
+        self._closed = closed
+        self._stall_after = stall_after
+        self._resume = resume
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def read(self, size: int = -1) -> bytes:
+        if self._stall_after is not None and self._f.tell() >= self._stall_after:
+            self._resume.wait(30)
+        return self._f.read(size)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+        self._closed.set()
+
+
+@pytest.fixture
+def blob(tmp_path):
+    data = os.urandom(24 * MiB)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    return path, data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_copy_streams_every_chunk_in_order_into_one_thread(blob):
+    path, data, digest = blob
+    closed = threading.Event()
+    service = ReplicationService(lambda d: TrackedFile(path, closed) if d == digest else None, lambda d: True)
+    async with grpc_server("127.0.0.1:0", service) as port:
+        peers = PeerClient()
+        try:
+            received, threads = [], set()
+
+            def sink(chunk: bytes, stopping: threading.Event) -> None:
+                threads.add(threading.get_ident())
+                received.append(chunk)
+
+            await peers.copy(f"127.0.0.1:{port}", digest, 3 * MiB + 5, 0, sink)
+            assert b"".join(received) == data[3 * MiB + 5:]
+            assert len(threads) == 1 and threading.get_ident() not in threads
+            with pytest.raises(PeerUnavailable):
+                await peers.copy(f"127.0.0.1:{port}", "sha256:" + "0" * 64, 0, 0, sink)
+        finally:
+            peers.close()
+
+
+@pytest.mark.parametrize("blocked_in", ["bandwidth wait", "next message"])
+async def test_cancelling_a_copy_cancels_the_grpc_stream_and_ends_its_thread(blob, blocked_in):
+    path, data, digest = blob
+    closed, resume = threading.Event(), threading.Event()
+    stall_after = 2 * MiB if blocked_in == "next message" else None
+    service = ReplicationService(lambda d: TrackedFile(path, closed, stall_after, resume), lambda d: True)
+    async with grpc_server("127.0.0.1:0", service) as port:
+        peers = PeerClient()
+        try:
+            calls, returned, first = [], threading.Event(), anyio.Event()
+            bucket = TokenBucket(1 * MiB)       # 24 MiB at 1 MiB/s: 23 s unless cancelled
+            token = anyio.lowlevel.current_token()
+
+            def sink(chunk: bytes, stopping: threading.Event) -> None:
+                calls.append(len(chunk))
+                if len(calls) == 1:
+                    anyio.from_thread.run_sync(first.set, token=token)
+                try:
+                    if blocked_in == "bandwidth wait":
+                        bucket.take(len(chunk), stopping)
+                    # else: the holder stalls after 2 MiB and the thread waits in grpc's
+                    # iterator for a message that does not come
+                finally:
+                    returned.set()
+
+            started = time.monotonic()
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(peers.copy, f"127.0.0.1:{port}", digest, 0, 0, sink)
+                    await first.wait()
+                    await anyio.sleep(0.3)
+                    scope.cancel()
+            elapsed = time.monotonic() - started
+            assert elapsed < 3, f"cancelling took {elapsed:.1f}s"
+            seen = len(calls)
+            assert 1 <= seen <= (2 if stall_after else 8)
+            # The thread has returned before copy() did, and nothing is delivered afterwards.
+            assert returned.is_set()
+            await anyio.sleep(0.5)
+            assert len(calls) == seen
+            # The server's stream ends (it closes the file) instead of running to the end.
+            resume.set()
+            await anyio.to_thread.run_sync(closed.wait, 5)
+            assert closed.is_set()
+            assert len(calls) == seen
+        finally:
+            resume.set()
+            peers.close()
+
+
+def test_one_bandwidth_bucket_throttles_several_threads_together():
+    bucket = TokenBucket(4 * MiB)           # a burst of 4 MiB, then 4 MiB/s
+    stopping = threading.Event()
+
+    def take_four():
+        for _ in range(4):
+            bucket.take(MiB, stopping)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=take_four) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # 12 MiB: 4 MiB of burst, 8 MiB at 4 MiB/s: about two seconds, however the threads interleave.
+    assert 1.8 <= time.monotonic() - started < 4
+
+    stopping.set()
+    started = time.monotonic()
+    with pytest.raises(StreamStopped):
+        bucket.take(8 * MiB, stopping)      # would wait about two seconds
+    assert time.monotonic() - started < 0.5
