@@ -77,6 +77,7 @@ class Ctx:
     raw: dict = field(default_factory=dict)
     profile: bool = False
     rebalance_blobs: int | None = None
+    rebalance_size: int | None = None      # bytes per blob
     node_settings: dict = field(default_factory=dict)
     pyspy: str = "py-spy"
 
@@ -550,6 +551,7 @@ class PlacementPoller(threading.Thread):
 def bench_rebalance_join(ctx: Ctx) -> list[Row]:
     n_blobs, size = (60, 256 * 1024) if ctx.quick else (200, 1 * MiB)
     n_blobs = ctx.rebalance_blobs or n_blobs
+    size = ctx.rebalance_size or size
     disk_total = (256 if ctx.quick else 512) * MiB
     repo = "bench/rebalance"
     wd = Path(tempfile.mkdtemp(prefix="rebalance-", dir=ctx.base))
@@ -1010,6 +1012,8 @@ def main(argv=None) -> int:
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
     ap.add_argument("--rebalance-blobs", type=int, metavar="N",
                     help="rebalance_join: number of blobs (default 200 x 1 MiB; --quick 60 x 256 KiB)")
+    ap.add_argument("--rebalance-size", type=float, metavar="MIB",
+                    help="rebalance_join: size of each blob in MiB (default 1; --quick 0.25)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra node setting for every cluster (YAML value), e.g. replication_workers=16")
     ap.add_argument("--workdir", help="scratch directory (default: a new one in /tmp)")
@@ -1060,7 +1064,8 @@ def main(argv=None) -> int:
         H.TRACE["dir"] = base / "traces"
         H.TRACE["dir"].mkdir(parents=True, exist_ok=True)
     ctx = Ctx(base=base, quick=args.quick, profile=args.profile, pyspy=args.py_spy,
-              rebalance_blobs=args.rebalance_blobs)
+              rebalance_blobs=args.rebalance_blobs,
+              rebalance_size=int(args.rebalance_size * MiB) if args.rebalance_size else None)
     import yaml
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -69,7 +69,7 @@ class Settings:
     gc_window: str | None = None                        # only start scheduled runs in "HH:MM-HH:MM" (UTC)
     gc_workers: int = 16                                # sweep transactions in flight at once
     gc_batch: int = 64                                  # dead blobs tombstoned per transaction
-    gc_busy_rate: float = 200.0                         # dead blobs/s swept and released while serving clients (0: no limit)
+    gc_busy_rate: float = 100.0                         # dead blobs/s swept and released while serving clients (0: no limit)
 
     @property
     def host_port(self) -> tuple[str, int]:
