@@ -14,11 +14,6 @@ from cargohold.coordinator.etcd import EtcdClient
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["trio", "asyncio"])
-def anyio_backend(request):
-    return request.param
-
-
 async def test_starts_stops_and_reuses_ports(tmp_path):
     async with embedded_etcd(tmp_path) as url:
         assert url.startswith("http://127.0.0.1:")

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import anyio
@@ -32,22 +31,6 @@ from tests.support.etcd import EtcdProcess
 
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["trio", "asyncio"])
-def anyio_backend(request):
-    return request.param
-
-
-@pytest.fixture
-async def etcd_client(etcd):
-    async with EtcdClient([etcd.url], retry_timeout=5.0) as client:
-        yield client
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/test-etcd/{uuid.uuid4().hex[:12]}/"
 
 
 @pytest.fixture

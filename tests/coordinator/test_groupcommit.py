@@ -3,36 +3,18 @@ write still gets the answer its own guard gives."""
 
 from __future__ import annotations
 
-import uuid
-
 import anyio
 import pytest
 
-from cargohold.coordinator.etcd import Compare, Delete, EtcdClient, Put
+from cargohold.coordinator.etcd import Compare, Delete, Put
 from cargohold.coordinator.groupcommit import GroupCommit
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["trio", "asyncio"])
-def anyio_backend(request):
-    return request.param
-
-
-@pytest.fixture
-async def client(etcd):
-    async with EtcdClient([etcd.url], retry_timeout=5.0) as client:
-        yield client
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/test-group/{uuid.uuid4().hex[:12]}/"
-
-
-async def test_concurrent_writes_share_transactions(client, prefix):
-    group = GroupCommit(client, max_ops=16)
-    await client.put(prefix + "blob", b"")
+async def test_concurrent_writes_share_transactions(etcd_client, prefix):
+    group = GroupCommit(etcd_client, max_ops=16)
+    await etcd_client.put(prefix + "blob", b"")
     results = {}
 
     async def publish(i: int) -> None:
@@ -43,7 +25,7 @@ async def test_concurrent_writes_share_transactions(client, prefix):
             tg.start_soon(publish, i)
 
     assert all(r.succeeded for r in results.values()) and len(results) == 200
-    kvs, _, _ = await client.get_prefix(prefix + "at/")
+    kvs, _, _ = await etcd_client.get_prefix(prefix + "at/")
     assert [kv.key for kv in kvs] == [f"{prefix}at/{i:03d}" for i in range(200)]
     assert group.writes == 200
     assert group.transactions <= 200 // 8 + 2, group.transactions      # 16 ops a txn: 16 writes each
@@ -51,11 +33,11 @@ async def test_concurrent_writes_share_transactions(client, prefix):
     assert {r.revision for r in results.values()} == {kv.mod_revision for kv in kvs}
 
 
-async def test_a_failing_guard_fails_only_its_own_write(client, prefix):
-    group = GroupCommit(client)
+async def test_a_failing_guard_fails_only_its_own_write(etcd_client, prefix):
+    group = GroupCommit(etcd_client)
     for i in range(20):
         if i != 7:
-            await client.put(f"{prefix}blob/{i}", b"")
+            await etcd_client.put(f"{prefix}blob/{i}", b"")
     results = {}
 
     async def publish(i: int) -> None:
@@ -66,18 +48,18 @@ async def test_a_failing_guard_fails_only_its_own_write(client, prefix):
             tg.start_soon(publish, i)
 
     assert [i for i, r in results.items() if not r.succeeded] == [7]
-    kvs, _, _ = await client.get_prefix(prefix + "at/")
+    kvs, _, _ = await etcd_client.get_prefix(prefix + "at/")
     assert [kv.key for kv in kvs] == [f"{prefix}at/{i:02d}" for i in range(20) if i != 7]
 
 
-async def test_writes_guarding_each_other_never_share_a_transaction(client, prefix):
+async def test_writes_guarding_each_other_never_share_a_transaction(etcd_client, prefix):
     """Two copies of a blob, each withdrawn only while the other stands: at most one may go.
     In one transaction both guards would hold and both copies would be gone."""
-    group = GroupCommit(client)
+    group = GroupCommit(etcd_client)
     for _ in range(20):
         a, b = prefix + "at/a", prefix + "at/b"
-        await client.put(a, b"")
-        await client.put(b, b"")
+        await etcd_client.put(a, b"")
+        await etcd_client.put(b, b"")
         outcomes = []
 
         async def withdraw(mine: str, other: str) -> None:
@@ -89,12 +71,12 @@ async def test_writes_guarding_each_other_never_share_a_transaction(client, pref
             tg.start_soon(withdraw, prefix + "unrelated", a)   # keeps a round in flight to batch behind
 
         assert outcomes.count(True) >= 1
-        kvs, _, _ = await client.get_prefix(prefix + "at/")
+        kvs, _, _ = await etcd_client.get_prefix(prefix + "at/")
         assert len(kvs) == 1, [kv.key for kv in kvs]
 
 
-async def test_writes_to_one_key_go_in_separate_transactions(client, prefix):
-    group = GroupCommit(client)
+async def test_writes_to_one_key_go_in_separate_transactions(etcd_client, prefix):
+    group = GroupCommit(etcd_client)
     async with anyio.create_task_group() as tg:
         for i in range(10):
             tg.start_soon(group.submit, [], [Put(prefix + "same", str(i).encode())])
@@ -108,8 +90,8 @@ async def in_flight(group: GroupCommit) -> None:
         await anyio.sleep(0)
 
 
-async def test_a_write_cancelled_while_queued_is_not_sent(client, prefix):
-    group = GroupCommit(client)
+async def test_a_write_cancelled_while_queued_is_not_sent(etcd_client, prefix):
+    group = GroupCommit(etcd_client)
     async with anyio.create_task_group() as tg:
         tg.start_soon(group.submit, [], [Put(prefix + "first", b"")])
         await in_flight(group)
@@ -125,6 +107,6 @@ async def test_a_write_cancelled_while_queued_is_not_sent(client, prefix):
             tg.cancel_scope.cancel()
     # ... and the queue is left in order: the next writes go through.
     assert (await group.submit([], [Put(prefix + "after", b"")])).succeeded
-    assert await client.get(prefix + "first") is not None
-    assert await client.get(prefix + "cancelled") is None
-    assert await client.get(prefix + "after") is not None
+    assert await etcd_client.get(prefix + "first") is not None
+    assert await etcd_client.get(prefix + "cancelled") is None
+    assert await etcd_client.get(prefix + "after") is not None
