@@ -343,11 +343,11 @@ class GarbageCollector:
         last one usually clears the tombstone too, and what holders released at the same moment
         is cleared here, many per transaction. A copy on a node that is down keeps its
         tombstone until the node is back and releases it (cleared then, or by a later run)."""
-        model = self.metadata.model
         last_change, last_left = time.monotonic(), None
         with self.metadata.changes(lambda blobs, sections: bool(blobs) or "members" in sections) as changed:
             while True:
                 progress.check()
+                model = self.metadata.model          # (replaced when a compaction forces a reload)
                 released = {d: r for d, r in model.tombstones.items()
                             if (state := model.blobs.get(d)) is None or state.empty()}
                 if released:

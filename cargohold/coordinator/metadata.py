@@ -299,7 +299,7 @@ class ClusterMetadata:
 
     async def clear_tombstone(self, digest: str, run_id: str) -> bool:
         """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
-        return (await self.group.submit(*self._tombstone_clearing(digest, run_id))).succeeded
+        return await self._grouped(*self._tombstone_clearing(digest, run_id))
 
     async def clear_tombstones(self, tombstones: dict[str, str], concurrency: int = 256) -> int:
         """`clear_tombstone` for many (digest -> run id), sharing transactions; returns how many
