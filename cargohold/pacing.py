@@ -33,6 +33,28 @@ class Foreground:
         return self.in_flight > 0 or time.monotonic() - self._last_finished < self.linger
 
 
+class TokenAccount:
+    """The arithmetic of a token bucket, without waiting: `rate` tokens a second, at most
+    `capacity` saved up. `debit` takes tokens (the balance may go negative: concurrent takers
+    queue behind the deficit) and says how long the taker must wait for its share."""
+
+    def __init__(self, rate: float, capacity: float):
+        self.rate = float(rate)
+        self.capacity = float(capacity)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    def debit(self, amount: float) -> float:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= amount
+        return max(-self.tokens, 0.0) / self.rate
+
+    def refill(self) -> None:
+        self.tokens, self.updated = self.capacity, time.monotonic()
+
+
 class BackgroundPace:
     """At most `rate` units of work per second while `foreground` is busy (bursts of one
     tick's worth); no limit while it is idle, or when `rate` is 0.
@@ -48,18 +70,16 @@ class BackgroundPace:
     def __init__(self, foreground: Foreground | None, rate: float):
         self.foreground = foreground
         self.rate = float(rate)
-        self._tokens = 0.0
-        self._updated = time.monotonic()
+        self._account = TokenAccount(rate, rate * self.BURST) if rate else None
 
     async def take(self, units: int = 1) -> None:
-        now = time.monotonic()
-        if not self.rate or self.foreground is None or not self.foreground.busy():
-            self._tokens, self._updated = self.rate * self.BURST, now
+        if self._account is None or self.foreground is None:
             return
-        self._tokens = min(self.rate * self.BURST, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        self._tokens -= units          # concurrent takers queue up behind the deficit
-        if self._tokens < 0:
-            due = now + -self._tokens / self.rate
-            tick = -(-due // self.TICK) * self.TICK          # the first tick at or after `due`
+        if not self.foreground.busy():
+            self._account.refill()
+            return
+        wait = self._account.debit(units)
+        if wait > 0:
+            now = time.monotonic()
+            tick = -(-(now + wait) // self.TICK) * self.TICK     # the first tick at or after it is due
             await anyio.sleep(tick - now)

@@ -27,7 +27,7 @@ from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.grpc_bridge import StreamStopped
 from cargohold.node.reference import parse_digest
 from cargohold.node.storage import FilesystemBlobStore, WriteBehind
-from cargohold.pacing import BackgroundPace
+from cargohold.pacing import BackgroundPace, TokenAccount
 from cargohold.replication.placement import owners, preference
 from cargohold.replication.transfer import PeerClient, PeerUnavailable
 
@@ -56,19 +56,13 @@ class TokenBucket:
     thread-safe and its wait is a blocking one, cut short by the fetch's `stopping` event."""
 
     def __init__(self, rate: float):
-        self.rate = float(rate)
-        self.tokens = self.rate
-        self.updated = time.monotonic()
+        self._account = TokenAccount(rate, rate)
         self._lock = threading.Lock()
 
     def take(self, amount: int, stopping: threading.Event) -> None:
         with self._lock:
-            now = time.monotonic()
-            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-            self.tokens -= amount
-            debt = -self.tokens
-        if debt > 0 and stopping.wait(debt / self.rate):
+            wait = self._account.debit(amount)
+        if wait > 0 and stopping.wait(wait):
             raise StreamStopped()
 
 
