@@ -197,7 +197,7 @@ class GarbageCollector:
             if not result.dead_manifests:
                 size = self.batch
                 batches = [result.candidates[i:i + size] for i in range(0, len(result.candidates), size)]
-                await self._sweep(batches, self._sweep_blobs, run, progress)
+                await self._sweep(batches, self._sweep_blobs, run, progress, units=len)
                 break
             # Dead manifests first; their blobs become candidates in the next mark.
             await self._sweep(result.dead_manifests, self._sweep_manifest, run, progress)
@@ -246,7 +246,11 @@ class GarbageCollector:
         keys walks etcd's index for seconds while pushes queue behind it. Only when the watch
         lags is etcd read.
         """
-        if await self.metadata.catch_up(MODEL_CATCH_UP):
+        try:
+            caught_up = await self.metadata.catch_up(MODEL_CATCH_UP)
+        except TimeoutError:       # etcd too slow to take the probe: the read below says why
+            caught_up = False
+        if caught_up:
             return self.metadata.model.gc_snapshot()
         log.warning("gc: the read model lags etcd; reading the snapshot from etcd")
         return await self.read_snapshot()
@@ -268,13 +272,16 @@ class GarbageCollector:
                         snapshot.blobs[parsed.digest] = (BlobRecord.decode(kv.value), kv.mod_revision)
         return snapshot
 
-    async def _sweep(self, items: list, sweep_one, run: dict, progress: "_Progress") -> None:
+    async def _sweep(self, items: list, sweep_one, run: dict, progress: "_Progress",
+                     units=lambda _item: 1) -> None:
+        """`sweep_one` over `items`, `workers` at a time, each item paced as `units(item)` dead
+        blobs."""
         send, receive = anyio.create_memory_object_stream(self.workers * 2)
 
         async def worker(items_in) -> None:
             async with items_in:
                 async for item in items_in:
-                    await self.pace.take(len(item) if isinstance(item, list) else 1)
+                    await self.pace.take(units(item))
                     await sweep_one(item, run)
                     await progress.flush()
 

@@ -149,9 +149,7 @@ class ClusterMetadata:
         ready = False
         if self.loaded:
             try:
-                with anyio.fail_after(timeout):
-                    revision = await self.client.put(self.keys.probe(self.node_id), str(time.time()).encode())
-                ready = await self.model.wait_for(revision, timeout)
+                ready = await self.catch_up(timeout)
             except (TimeoutError, EtcdError):
                 ready = False
         self._ready, self._ready_checked_at = ready, time.monotonic()
@@ -160,7 +158,8 @@ class ClusterMetadata:
     async def catch_up(self, timeout: float) -> bool:
         """Wait until the read model is at least as new as etcd is now: a write made now (to
         this node's probe key, under the cluster's prefix) has come back through the watch."""
-        revision = await self.client.put(self.keys.probe(self.node_id), str(time.time()).encode())
+        with anyio.fail_after(timeout):
+            revision = await self.client.put(self.keys.probe(self.node_id), str(time.time()).encode())
         return await self.model.wait_for(revision, timeout)
 
     async def load(self) -> int:
