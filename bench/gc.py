@@ -185,13 +185,18 @@ def scale_phase(cluster: Cluster, params: dict, profiler: Profiler, deadline: fl
 
     if params["second_run"]:
         log(f"scale, second run: a fresh dead set of {params['dead']} blobs")
-        dead2 = gc_seed.generate(label="scale2", manifests=0, dead=params["dead"], nodes=NODES,
-                                 repo_prefix="gcbench/dead2")
         out["state2"] = {}
-        seed_state(cluster, dead2, out["state2"])
-        time.sleep(3.0)
+        dead2 = seed_dead_set(cluster, "scale2", params["dead"], "gcbench/dead2", out["state2"])
         out["run_polled"] = measured_run(cluster, profiler, "scale2", wait_cli=False, deadline=deadline)
         out["check2"] = verify(cluster, live_blobs(data), dead2.dead)
+
+
+def seed_dead_set(cluster: Cluster, label: str, count: int, repo_prefix: str, out: dict):
+    """Seed `count` new unreferenced blobs (no manifests), then let the nodes' watches settle."""
+    dead = gc_seed.generate(label=label, manifests=0, dead=count, nodes=NODES, repo_prefix=repo_prefix)
+    seed_state(cluster, dead, out)
+    time.sleep(3.0)
+    return dead
 
 
 def gc_loop(cluster: Cluster, stop: threading.Event, runs: list[dict], errors: list[str]) -> None:
@@ -219,11 +224,8 @@ def gc_loop(cluster: Cluster, stop: threading.Event, runs: list[dict], errors: l
 def push_phase(cluster: Cluster, params: dict, profiler: Profiler, deadline: float, out: dict) -> None:
     seconds = params["push_seconds"]
     log(f"push: a fresh dead set of {params['push_dead']} blobs")
-    dead = gc_seed.generate(label="push", manifests=0, dead=params["push_dead"], nodes=NODES,
-                            repo_prefix="gcbench/dead3")
     out["state"] = {}
-    seed_state(cluster, dead, out["state"])
-    time.sleep(3.0)
+    dead = seed_dead_set(cluster, "push", params["push_dead"], "gcbench/dead3", out["state"])
     leader = cluster.view.leader()
     out["leader"] = leader
     out["clients"] = {n: f"{node.url} ({'GC leader' if n == leader else 'follower'})"
