@@ -80,6 +80,7 @@ class Ctx:
     rebalance_size: int | None = None      # bytes per blob
     node_settings: dict = field(default_factory=dict)
     pyspy: str = "py-spy"
+    profile_gil: bool = False
 
     def log(self, msg: str) -> None:
         print(msg, flush=True)
@@ -211,6 +212,14 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) jiffies of all CPUs so far, from /proc/stat (every process on the machine)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]          # idle + iowait
+    return float(sum(fields) - idle), float(idle)
+
+
 def children_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -241,8 +250,8 @@ class Profiler:
         d.mkdir(exist_ok=True)
         out = d / f"{self.name}-{nid}.txt"
         p = subprocess.Popen([self.ctx.pyspy, "record", "--pid", str(pid), "--rate", "200",
-                              "--format", "raw", "--output", str(out), "--threads", "--idle",
-                              "--nonblocking"],
+                              "--format", "raw", "--output", str(out), "--threads",
+                              "--gil" if self.ctx.profile_gil else "--idle", "--nonblocking"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append((nid, p, out))
 
@@ -580,6 +589,9 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
         fetched_before = {nid: metric(s, "cargohold_replication_bytes_fetched") for nid, s in cl.samples().items()}
 
         trace_before = _read_traces(cl)
+        cpu_before = {nid: cpu_seconds(node.pid) for nid, node in cl.nodes.items()}
+        cpu_before["etcd"] = cpu_seconds(cl.etcd.proc.pid)
+        machine_before = machine_cpu()
         four = three + ["n4"]
         poller = PlacementPoller(cl, set(digests), four, "n4", 2)
         with H.WatchRecorder(cl.etcd, cl.prefix) as watch, Profiler(ctx, cl, "rebalance_join") as prof:
@@ -597,6 +609,10 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
             raise poller.error
         if poller.settled_at is None:
             raise TimeoutError(f"placement with n4 not settled after 600s: {poller.last}")
+        # CPU over the join (spawn -> settled + 0.5 s): where the 2 cores went
+        cpu_join = {nid: cpu_seconds(node.pid) - cpu_before.get(nid, 0.0) for nid, node in cl.nodes.items()}
+        cpu_join["etcd"] = cpu_seconds(cl.etcd.proc.pid) - cpu_before["etcd"]
+        busy, idle = (a - b for a, b in zip(machine_cpu(), machine_before))
         cl.wait_quiet(120, copies=2 * n_blobs)
         trace_after = _read_traces(cl)
         samples = cl.samples()
@@ -640,7 +656,8 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
         "t_first_copy_after_spawn": (poller.first_copy_at - t_spawn) if poller.first_copy_at else None,
         "t_settled_after_spawn": window_spawn, "window_ready_s": window_ready, "window_first_copy_s": window_first,
         "n4_etcd_requests": n4_etcd[0], "n4_etcd_mean_ms": 1000 * n4_etcd[1] / max(n4_etcd[0], 1),
-        "n4_cpu_s_total": n4_cpu, "node_settings": cl.settings,
+        "n4_cpu_s_total": n4_cpu, "node_settings": cl.settings, "cpu_s_join": cpu_join,
+        "machine_busy_share_join": busy / (busy + idle) if busy + idle else None,
         "polls": poller.polls, "rate_MBps": rate, "rate_watch_MBps": rate_watch,
         "timeline_after_spawn": {k: (v - t_spawn if v else None) for k, v in tl.items()}, "node_list_before": list_before, "node_list_after": list_after,
     })
@@ -650,6 +667,8 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
             f"{poller.confirmations} confirmed in etcd)")
     ctx.log(f"[rebalance_join] n4: {n4_etcd[0]} etcd requests, mean {1000 * n4_etcd[1] / max(n4_etcd[0], 1):.1f} ms; "
             f"CPU {n4_cpu:.1f}s since spawn (startup included)")
+    ctx.log("[rebalance_join] CPU-s over the join: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_join.items())
+            + f"; the machine's CPUs were {100 * busy / max(busy + idle, 1e-9):.0f}% busy (all tenants)")
     ctx.log(f"[rebalance_join] fetched per node {fetched}; moved {moved / MiB:.1f} MiB, ideal {ideal / MiB:.1f} MiB, "
             f"rendezvous share {necessary / MiB:.1f} MiB ({len(must_move)} blobs)")
     ctx.log("[rebalance_join] node list before: " + ", ".join(f"{r['id']} {r['blobs']} blobs {r['bytes'] / MiB:.0f} MiB"
@@ -1009,6 +1028,8 @@ def main(argv=None) -> int:
                          "steps, cargohold unchanged) and print where the rebalance time goes")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy record every node during the rebalance (needs py-spy)")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="like --profile, but only samples of threads holding the GIL (where Python CPU goes)")
     ap.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
     ap.add_argument("--rebalance-blobs", type=int, metavar="N",
                     help="rebalance_join: number of blobs (default 200 x 1 MiB; --quick 60 x 256 KiB)")
@@ -1063,7 +1084,8 @@ def main(argv=None) -> int:
     if args.trace:
         H.TRACE["dir"] = base / "traces"
         H.TRACE["dir"].mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(base=base, quick=args.quick, profile=args.profile, pyspy=args.py_spy,
+    ctx = Ctx(base=base, quick=args.quick, profile=args.profile or args.profile_gil,
+              profile_gil=args.profile_gil, pyspy=args.py_spy,
               rebalance_blobs=args.rebalance_blobs,
               rebalance_size=int(args.rebalance_size * MiB) if args.rebalance_size else None)
     import yaml

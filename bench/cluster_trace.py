@@ -12,6 +12,8 @@ exits and every 0.5 s while it runs. The wrapped steps of fetching one blob for 
                                      thread per holder stream; Replicator._fetch_into in older trees)
         fetch.fsync_staging          older trees only: replicator._sync_close (flush + fsync)
         store.ingest                 FilesystemBlobStore.ingest (fsync, rename, fsync dir)
+          store.ingest.in_thread       its worker-thread part (the rest: waiting for a thread)
+          store.ingest.fsync_dir       the directory fsync after the rename
       record_copy                  ClusterMetadata.record_copy
         etcd.txn                     EtcdClient.txn (the round trip)
         readmodel.wait_for           waiting for the watch to bring the txn's revision back
@@ -129,6 +131,9 @@ def install() -> None:
         transfer.PeerClient.copy = _async("fetch.stream_and_write", transfer.PeerClient.copy)
     S = storage.FilesystemBlobStore
     S.ingest = _async("store.ingest", S.ingest)
+    # the part of ingest that runs in the worker thread; the rest is waiting for a thread
+    S._ingest = _sync("store.ingest.in_thread", S._ingest)
+    storage.fsync_directory = _sync("store.ingest.fsync_dir", storage.fsync_directory)
     S.delete = _async("store.delete", S.delete)
     M = metadata.ClusterMetadata
     M.record_copy = _async("record_copy", M.record_copy)

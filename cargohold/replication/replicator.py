@@ -26,7 +26,7 @@ import anyio
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.grpc_bridge import StreamStopped
 from cargohold.node.reference import parse_digest
-from cargohold.node.storage import FilesystemBlobStore, WriteBehind
+from cargohold.node.storage import FilesystemBlobStore, StagingWriter
 from cargohold.pacing import BackgroundPace, TokenAccount
 from cargohold.replication.placement import owners, preference
 from cargohold.replication.transfer import PeerClient, PeerUnavailable
@@ -443,8 +443,9 @@ class Replicator:
                         self.stats.bytes_fetched += download.position - start
                     if download.position >= size:
                         break
-            if download.file is None:      # an empty blob: nothing was written
+            if download.writer is None:    # an empty blob: nothing was written
                 await anyio.to_thread.run_sync(download.open)
+            download.close()
             if download.position != size or download.hasher.hexdigest() != parsed.hex:
                 raise ContentUnavailable(f"{digest}: fetched content does not match its digest")
             await self.store.ingest(parsed, download.path)
@@ -544,41 +545,38 @@ class Replicator:
 
 class _Download:
     """A fetch's staging file and running digest. `sink()` callbacks run in the worker thread
-    that consumes a holder's stream; the file is opened there too, at the first chunk. A large
-    blob is written behind (storage.WriteBehind): on disk and out of the page cache as it
-    arrives, two 8 MiB windows at a time."""
+    that consumes a holder's stream; the file is created there too, at the first chunk, by a
+    storage.StagingWriter (O_DIRECT where the file system allows it: the blob goes to the disk
+    without passing through the page cache)."""
 
     def __init__(self, path, hasher, size: int):
         self.path = path
         self.hasher = hasher
         self.size = size
         self.position = 0
-        self.file = None
-        self.behind = None
+        self.writer: StagingWriter | None = None
 
     def open(self) -> None:
-        self.file = open(self.path, "wb")
-        self.behind = WriteBehind(self.file.fileno())
+        self.writer = StagingWriter(self.path)
 
     def sink(self, bucket: TokenBucket | None):
         def write(data: bytes, stopping: threading.Event) -> None:
             if bucket is not None:
                 bucket.take(len(data), stopping)
-            if self.file is None:
+            if self.writer is None:
                 self.open()
-            self.file.write(data)
+            self.writer.write(data)
             self.hasher.update(data)
             self.position += len(data)
             if self.position >= self.size:
-                self.file.flush()   # complete: the store fsyncs it when it ingests (once)
-            else:
-                self.behind.written(self.position)
+                self.writer.finish()   # complete: the store fsyncs it when it ingests (once)
         return write
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
     def discard(self) -> None:
         """Close and remove the staging file (gone already when the store ingested it)."""
-        if self.file is not None:
-            self.file.close()
+        self.close()
         self.path.unlink(missing_ok=True)
-
-
