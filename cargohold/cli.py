@@ -50,6 +50,7 @@ def _serve_parser(sub) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import anyio
 
+    from cargohold.node import memory
     from cargohold.node.server import serve
 
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config", "command")}
@@ -60,6 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     node_id = config.resolve_node_id(settings)
     logs.configure(settings.log_level, settings.log_format, node_id, settings.access_log)
+    memory.keep_large_buffers()
     try:
         if settings.runtime == "trio":
             anyio.run(serve, settings, backend="trio")
