@@ -132,7 +132,9 @@ def install() -> None:
     S = storage.FilesystemBlobStore
     S.ingest = _async("store.ingest", S.ingest)
     # the part of ingest that runs in the worker thread; the rest is waiting for a thread
-    S._ingest = _sync("store.ingest.in_thread", S._ingest)
+    for name in ("ingest_blocking", "_ingest"):     # its name in newer and older trees
+        if hasattr(S, name):
+            setattr(S, name, _sync("store.ingest.in_thread", getattr(S, name)))
     storage.fsync_directory = _sync("store.ingest.fsync_dir", storage.fsync_directory)
     S.delete = _async("store.delete", S.delete)
     M = metadata.ClusterMetadata

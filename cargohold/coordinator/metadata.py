@@ -212,12 +212,14 @@ class ClusterMetadata:
 
     async def register(self, member: Member) -> Member:
         """Publish this node's member record. A node that was draining goes on draining, and one
-        that has left stays out until `cargohold node join` admits it again."""
+        that has left stays out until `cargohold node join` admits it again. Returns once the
+        record is in this node's read model, so that its first placement pass counts it."""
         existing = await self._get(self.keys.member(member.node_id))
         if existing is not None:
             state = Member.decode(member.node_id, existing.value).state
             member = member.with_state(state)
-        await self.client.put(self.keys.member(member.node_id), member.encode())
+        revision = await self.client.put(self.keys.member(member.node_id), member.encode())
+        await self.model.wait_for(revision, timeout=10.0)
         return member
 
     async def keep_membership(self, member: Member, ttl: int = 10) -> None:

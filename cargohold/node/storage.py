@@ -44,6 +44,9 @@ class BlobStore(Protocol):
     async def ingest(self, digest: Digest, source: Path) -> None:
         """Move a file whose content was verified against `digest` into the store (consumes it)."""
 
+    def ingest_blocking(self, digest: Digest, source: Path) -> None:
+        """The same, called from a worker thread that already does the blob's I/O."""
+
     async def delete(self, digest: Digest) -> bool:
         """Remove the local copy; True if there was one."""
 
@@ -350,9 +353,9 @@ class FilesystemBlobStore:
         self._publish(temp, target)
 
     async def ingest(self, digest: Digest, source: Path) -> None:
-        await anyio.to_thread.run_sync(self._ingest, digest, source)
+        await anyio.to_thread.run_sync(self.ingest_blocking, digest, source)
 
-    def _ingest(self, digest: Digest, source: Path) -> None:
+    def ingest_blocking(self, digest: Digest, source: Path) -> None:
         target = self.path_of(digest)
         if target.exists():
             source.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import threading
 import time
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -38,6 +38,11 @@ FETCH_ATTEMPTS = 6
 # transactions (ClusterMetadata.group): a GC run condemns tens of thousands together.
 RELEASE_WORKERS = 64
 RETRY_DELAY = 0.5
+# Small blobs that a node must fetch in bulk (a join, a repair) are read from one holder
+# several per stream: per-blob stream set-up and loop round trips cost more than their bytes.
+GROUP_BLOB_MAX = 8 * 1024 * 1024
+GROUP_MAX_BLOBS = 64
+GROUP_MAX_BYTES = 64 * 1024 * 1024
 MAX_RETRY_DELAY = 30.0
 
 
@@ -191,9 +196,12 @@ class Replicator:
                     self._wake = anyio.Event()
                     batch = self._take_batch()
                     self.stats.queued = len(batch)
+                    self._in_progress.update(batch)
                     tombstones = self.metadata.model.tombstones
-                    for digest in batch:
-                        self._in_progress.add(digest)
+                    singles, groups = self._group_fetches(batch, tombstones)
+                    for group in groups:
+                        await send.send(group)
+                    for digest in singles:
                         await (release if digest in tombstones else send).send(digest)
                     await self._check_drained()
 
@@ -216,28 +224,91 @@ class Replicator:
                 self._full_pass = True
                 self._wake.set()
 
+    def _group_fetches(self, batch: list[str], tombstones) -> tuple[list[str], list[tuple[str, ...]]]:
+        """Split a batch: small blobs this node must fetch, grouped by the holder they would
+        be read from (one ReadBlobs stream per group), and the rest one by one."""
+        by_source: dict[str, list[str]] = {}
+        singles = []
+        for digest in batch:
+            source = None if digest in tombstones else self._group_source(digest)
+            if source is None:
+                singles.append(digest)
+            else:
+                by_source.setdefault(source, []).append(digest)
+        groups = []
+        for digests in by_source.values():
+            group: list[str] = []
+            size = 0
+            for digest in digests:
+                blob_size = self.metadata.model.blobs[digest].record.size
+                if group and (len(group) == GROUP_MAX_BLOBS or size + blob_size > GROUP_MAX_BYTES):
+                    groups.append(tuple(group))
+                    group, size = [], 0
+                group.append(digest)
+                size += blob_size
+            if len(group) == 1:
+                singles.append(group[0])
+            elif group:
+                groups.append(tuple(group))
+        return singles, groups
+
+    def _group_source(self, digest: str) -> str | None:
+        """The holder to read `digest` from in a group, if it is a small blob this node must fetch."""
+        state = self.metadata.model.blobs.get(digest)
+        if state is None or state.record is None or not 0 < state.record.size <= GROUP_BLOB_MAX:
+            return None
+        if not self._should_fetch(digest, state) or not self._dependencies_here(digest):
+            return None
+        sources = self._sources(digest)
+        return sources[0].node_id if sources else None
+
+    def _should_fetch(self, digest: str, state) -> bool:
+        """This node is one of the blob's owners in its site and publishes no copy yet."""
+        if self.site not in self.target_sites(digest):
+            return False
+        return self.node_id in self.owners_of(digest) and self.node_id not in state.nodes
+
     async def _worker(self, receive) -> None:
         async with receive:
-            async for digest in receive:
-                self.stats.in_flight += 1
-                try:
-                    await self.reconcile(digest)
-                    self._failed.pop(digest, None)
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one blob's failure must not stop the others
-                    self.stats.failures += 1
-                    failure = self._failed.setdefault(digest, {"since": time.time(), "attempts": 0})
-                    failure.update(reason=str(exc)[:300], attempts=failure["attempts"] + 1)
-                    log.warning("reconcile %s failed: %s; retrying later", digest, exc)
-                    self._retry_later(digest)
-                finally:
-                    self.stats.in_flight -= 1
-                    self._in_progress.discard(digest)
-                    if self.stats.queued:
-                        self.stats.queued -= 1
-                    if not self._in_progress:
-                        self._wake.set()   # idle again: lets the loop see whether a drain is complete
+            async for item in receive:
+                if isinstance(item, tuple):
+                    self.stats.in_flight += len(item)
+                    try:
+                        leftovers = await self._reconcile_group(item)
+                    finally:
+                        self.stats.in_flight -= len(item)
+                    for digest in item:
+                        if digest not in leftovers:
+                            self._failed.pop(digest, None)
+                            self._done(digest)
+                    for digest in leftovers:     # fetched one by one, with retries
+                        await self._reconcile_one(digest)
+                else:
+                    await self._reconcile_one(item)
+
+    async def _reconcile_one(self, digest: str) -> None:
+        self.stats.in_flight += 1
+        try:
+            await self.reconcile(digest)
+            self._failed.pop(digest, None)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:  # noqa: BLE001 - one blob's failure must not stop the others
+            self.stats.failures += 1
+            failure = self._failed.setdefault(digest, {"since": time.time(), "attempts": 0})
+            failure.update(reason=str(exc)[:300], attempts=failure["attempts"] + 1)
+            log.warning("reconcile %s failed: %s; retrying later", digest, exc)
+            self._retry_later(digest)
+        finally:
+            self.stats.in_flight -= 1
+            self._done(digest)
+
+    def _done(self, digest: str) -> None:
+        self._in_progress.discard(digest)
+        if self.stats.queued:
+            self.stats.queued -= 1
+        if not self._in_progress:
+            self._wake.set()   # idle again: lets the loop see whether a drain is complete
 
     def _retry_later(self, digest: str) -> None:
         delay = min(RETRY_DELAY * 2 ** self._failed[digest]["attempts"], MAX_RETRY_DELAY)
@@ -274,7 +345,7 @@ class Replicator:
         holders = set(state.nodes)
         me = self.node_id
         parsed = parse_digest(digest)
-        if me in my_owners and me not in holders:
+        if me in my_owners and me not in holders:     # _should_fetch, with the owners at hand
             if not self._dependencies_here(digest):
                 return      # a manifest follows its blobs: woken again when they arrive here
             async with self.store.locked(parsed):
@@ -417,6 +488,88 @@ class Replicator:
     def can_read(self, digest: str) -> bool:
         """Whether some live peer publishes a copy (checked before a response starts)."""
         return bool(self._sources(digest))
+
+    async def _reconcile_group(self, group: tuple[str, ...]) -> set[str]:
+        """Fetch and record a group of small blobs read from one holder in one stream, under
+        every digest's local lock (taken in sorted order: no other path holds two). Returns the
+        digests still to reconcile one by one: those this node no longer needs to fetch (their
+        own reconcile decides what to do), those the stream did not deliver intact, and all of
+        them when something else failed."""
+        parsed = {digest: parse_digest(digest) for digest in group}
+        recorded: set[str] = set()
+        try:
+            async with AsyncExitStack() as locks:
+                for digest in sorted(group):
+                    await locks.enter_async_context(self.store.locked(parsed[digest]))
+                sizes = {}
+                for digest in group:
+                    state = self.metadata.model.blobs.get(digest)
+                    if (digest not in self.metadata.model.tombstones and state is not None
+                            and state.record is not None and self._should_fetch(digest, state)):
+                        sizes[digest] = state.record.size
+                present = {d for d in sizes if await self.store.stat(parsed[d]) == sizes[d]}
+                missing = {d: size for d, size in sizes.items() if d not in present}
+                self._check_space(sum(missing.values()))
+                have = present | (await self._fetch_group(missing) if missing else set())
+                async with anyio.create_task_group() as tg:
+                    for digest in have:     # concurrent: the copy records share transactions
+                        tg.start_soon(self._record_copy, digest, parsed[digest], sizes[digest], recorded)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:  # noqa: BLE001 - the blobs are retried one by one
+            log.info("group fetch of %d blobs stopped: %s; going on one by one", len(group), exc)
+        return set(group) - recorded
+
+    async def _record_copy(self, digest: str, parsed, size: int, recorded: set[str]) -> None:
+        if await self.metadata.record_copy(digest):
+            self.stats.copies_made += 1
+            log.info("copy made: %s (%d bytes)", digest, size)
+            recorded.add(digest)
+        elif self.node_id not in self.metadata.holders(digest):
+            await self.store.delete(parsed)   # swept while we fetched: leave nothing behind
+            recorded.add(digest)
+
+    async def _fetch_group(self, sizes: dict[str, int]) -> set[str]:
+        """Read several small blobs from their common preferred holder in one ReadBlobs stream.
+        One worker thread consumes the stream and, as each blob completes, checks its digest
+        and moves it into the store (fsync, rename, directory fsync): no hop back to the event
+        loop per blob. Returns the digests now in the store; the others (the holder lacks
+        them, the stream broke, the bytes were wrong) are left to the one-by-one fetch."""
+        digests = list(sizes)
+        sources = self._sources(digests[0])
+        if not sources:
+            return set()
+        source = sources[0]
+        parsed = [parse_digest(digest) for digest in digests]
+        downloads = [_Download(self.store.staging_path(), hashlib.new(p.algorithm), sizes[d])
+                     for p, d in zip(parsed, digests)]
+        sinks = [download.sink(self._bucket(source)) for download in downloads]
+        stored: set[str] = set()
+
+        def consume(index: int, offset: int, data: bytes | None, stopping: threading.Event) -> None:
+            download = downloads[index]
+            if data is None:
+                return                      # not held there after all
+            if download.position + len(data) > download.size:
+                raise PeerUnavailable(f"{source.node_id}: more bytes than {digests[index]} has")
+            sinks[index](data, stopping)
+            if download.position == download.size:
+                download.close()
+                if download.hasher.hexdigest() == parsed[index].hex:
+                    self.store.ingest_blocking(parsed[index], download.path)
+                    stored.add(digests[index])
+
+        try:
+            async with self._peer_limiter(source.node_id):
+                await self.peers.copy_many(source.grpc, digests, consume)
+        except PeerUnavailable as exc:
+            log.info("group transfer from %s interrupted: %s", source.node_id, exc)
+        finally:
+            for download in downloads:
+                download.discard()
+                self.stats.bytes_fetched += download.position
+        log.info("fetched %d of %d blobs from %s in one stream", len(stored), len(digests), source.node_id)
+        return stored
 
     async def fetch(self, digest: str, size: int) -> None:
         """Copy a blob from a holder into the local store, verified. Resumes after drops.

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, BinaryIO, Callable
+from typing import AsyncIterator, BinaryIO, Callable, Iterator
 
 import anyio
 import grpc
@@ -26,6 +26,7 @@ from cargohold.replication.v1 import replication_pb2_grpc as pb_grpc
 log = logging.getLogger("cargohold.replication")
 
 CHUNK_SIZE = 1024 * 1024
+MAX_BLOBS_PER_CALL = 256
 _OPTIONS = [
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
@@ -68,20 +69,26 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         if f is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"{request.digest} is not held here")
         with f:
-            offset = request.offset
-            f.seek(offset)
-            remaining = request.length or None
-            while context.is_active():
-                want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
-                if want <= 0:
-                    return
-                data = f.read(want)
-                if not data:
-                    return
+            for offset, data in _chunks(f, request.offset, request.length or None, context):
                 yield pb.BlobChunk(offset=offset, data=data)
-                offset += len(data)
-                if remaining is not None:
-                    remaining -= len(data)
+
+    def ReadBlobs(self, request, context):
+        digests = list(request.digests)
+        if len(digests) > MAX_BLOBS_PER_CALL:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(digests)} digests: at most {MAX_BLOBS_PER_CALL}")
+        for digest in digests:
+            if not self._valid(digest):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {digest[:80]!r}")
+        for index, digest in enumerate(digests):
+            if not context.is_active():
+                return
+            f = self._open(digest)
+            if f is None:
+                yield pb.BlobsChunk(index=index, missing=True)
+                continue
+            with f:
+                for offset, data in _chunks(f, 0, None, context):
+                    yield pb.BlobsChunk(index=index, offset=offset, data=data)
 
     def StatBlob(self, request, context):
         f = self._file(request.digest, context)
@@ -90,6 +97,23 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         with f:
             f.seek(0, 2)
             return pb.StatBlobResponse(present=True, size=f.tell())
+
+
+def _chunks(f: BinaryIO, offset: int, remaining: int | None, context) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) pieces of an open blob from `offset`, `remaining` bytes (None: to the end),
+    while the call is active."""
+    f.seek(offset)
+    while context.is_active():
+        want = CHUNK_SIZE if remaining is None else min(CHUNK_SIZE, remaining)
+        if want <= 0:
+            return
+        data = f.read(want)
+        if not data:
+            return
+        yield offset, data
+        offset += len(data)
+        if remaining is not None:
+            remaining -= len(data)
 
 
 @asynccontextmanager
@@ -193,5 +217,32 @@ class PeerClient:
 
         try:
             await consume_stream(call, consume, self._readers)
+        except grpc.RpcError as exc:
+            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
+
+    async def copy_many(self, address: str, digests: list[str],
+                        consume: Callable[[int, int, bytes | None, threading.Event], None]) -> None:
+        """Stream whole blobs (at most MAX_BLOBS_PER_CALL) in one call; `consume(index, offset,
+        data, stopping)` runs in the one worker thread that reads the stream, with data None
+        when the peer does not hold `digests[index]`. Blobs arrive in order, each from offset
+        0 with contiguous chunks (checked). Raises PeerUnavailable when the stream fails;
+        what was consumed before stays consumed."""
+        call = self._stub(address).ReadBlobs(pb.ReadBlobsRequest(digests=digests))
+        position = [-1, 0]      # the blob being received and the offset expected next
+
+        def receive(chunk, stopping: threading.Event) -> None:
+            index, expected = position
+            if chunk.index != index:
+                if chunk.index <= index or chunk.index >= len(digests) or chunk.offset != 0:
+                    raise PeerUnavailable(f"{address}: chunk of blob {chunk.index} at {chunk.offset} "
+                                          f"after blob {index}")
+                index, expected = chunk.index, 0
+            elif chunk.offset != expected or chunk.missing:
+                raise PeerUnavailable(f"{address}: blob {index}: chunk at {chunk.offset}, expected {expected}")
+            position[:] = [index, -1 if chunk.missing else expected + len(chunk.data)]
+            consume(index, chunk.offset, None if chunk.missing else chunk.data, stopping)
+
+        try:
+            await consume_stream(call, receive, self._readers)
         except grpc.RpcError as exc:
             raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None

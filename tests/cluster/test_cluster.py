@@ -180,11 +180,12 @@ async def test_node_join_takes_its_share_and_nothing_else_moves(cluster):
             await oci.push_blob(client, "j/app", oci.random_bytes(2048, seed=f"join{i}"))
     before = cluster.wait_until(lambda: (h := cluster.holders()) and len(h) == 40
                                 and all(len(v) == 2 for v in h.values()) and h, what="initial placement")
-    cluster.add("d")
+    d = cluster.add("d")
     after = cluster.wait_until(lambda: (h := cluster.holders()) and all(len(v) == 2 for v in h.values())
                                and sum("d" in v for v in h.values()) >= 10 and h, timeout=60, what="rebalance")
     share = sum("d" in v for v in after.values()) / len(after)
     assert 0.3 <= share <= 0.7, share                          # 2 of 4 owner slots: about half the blobs
+    assert "in one stream" in d.log_path.read_text()         # its share came in groups per holder
     for digest in before:
         gained = after[digest] - before[digest]
         assert gained <= {"d"}, (digest, before[digest], after[digest])   # old nodes never gain copies

@@ -158,3 +158,52 @@ def test_one_bandwidth_bucket_throttles_several_threads_together():
     with pytest.raises(StreamStopped):
         bucket.take(8 * MiB, stopping)      # would wait about two seconds
     assert time.monotonic() - started < 0.5
+
+
+async def test_copy_many_streams_whole_blobs_in_order_and_flags_the_ones_not_held(tmp_path):
+    """ReadBlobs: each requested blob whole, in the order asked, in one worker thread; a blob
+    the holder lacks is one `missing` chunk; a request over the limit or with a bad digest is
+    refused as a whole."""
+    from cargohold.replication.transfer import MAX_BLOBS_PER_CALL
+
+    blobs = {}
+    for size in (3 * MiB + 17, 1, MiB):
+        data = os.urandom(size)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        (tmp_path / digest[7:]).write_bytes(data)
+        blobs[digest] = data
+    absent = "sha256:" + "ab" * 32
+    held = list(blobs)
+    wanted = [held[0], absent, held[1], held[2]]
+
+    def open_blob(digest):
+        path = tmp_path / digest[7:]
+        return open(path, "rb") if path.exists() else None
+
+    service = ReplicationService(open_blob, lambda d: d.startswith("sha256:") and len(d) == 71)
+    async with grpc_server("127.0.0.1:0", service) as port:
+        peers = PeerClient()
+        try:
+            received: dict[int, list] = {}
+            order, threads = [], set()
+
+            def consume(index, offset, data, stopping):
+                threads.add(threading.get_ident())
+                if not order or order[-1] != index:
+                    order.append(index)
+                received.setdefault(index, []).append((offset, data))
+
+            await peers.copy_many(f"127.0.0.1:{port}", wanted, consume)
+            assert order == [0, 1, 2, 3]
+            assert received[1] == [(0, None)]
+            for index in (0, 2, 3):
+                pieces = received[index]
+                assert [offset for offset, _ in pieces] == [sum(len(d) for _, d in pieces[:i]) for i in range(len(pieces))]
+                assert b"".join(d for _, d in pieces) == blobs[wanted[index]]
+            assert len(threads) == 1 and threading.get_ident() not in threads
+            with pytest.raises(PeerUnavailable, match="INVALID_ARGUMENT"):
+                await peers.copy_many(f"127.0.0.1:{port}", [held[0]] * (MAX_BLOBS_PER_CALL + 1), consume)
+            with pytest.raises(PeerUnavailable, match="INVALID_ARGUMENT"):
+                await peers.copy_many(f"127.0.0.1:{port}", [held[0], "sha256:../etc"], consume)
+        finally:
+            peers.close()

@@ -39,6 +39,37 @@ async def test_a_dropped_grpc_stream_resumes_from_its_offset_and_is_verified(clu
         proxy.close()
 
 
+async def test_a_group_stream_cut_midway_keeps_what_it_completed_and_fetches_the_rest(cluster):
+    """A joining node reads many small blobs from one holder in one ReadBlobs stream. When the
+    link drops in the middle, the blobs already complete stay (verified and recorded), the
+    cut one and the rest are fetched one by one, and every copy is intact."""
+    grpc_port = free_port()
+    proxy = FaultProxy(grpc_port, cut_after=int(4.5 * 1024 * 1024), cut_connections=1)
+    try:
+        a = cluster.add("a", start=False, args=["--grpc-advertise", proxy.address])
+        a.grpc_port = grpc_port
+        a.start()
+        blobs = {}
+        async with client_for(a) as client:
+            for i in range(6):
+                data = os.urandom(1024 * 1024 + i)
+                blobs[await oci.push_blob(client, "group/app", data)] = data
+        b = cluster.add("b")          # two nodes, two replicas: b fetches all six from a
+        cluster.wait_until(lambda: all("b" in cluster.holders().get(d, ()) for d in blobs),
+                           timeout=60, what="b's copies")
+        assert proxy.cuts_made == 1
+        log = b.log_path.read_text()
+        assert "group transfer from a interrupted" in log
+        grouped = [line for line in log.splitlines() if "blobs from a in one stream" in line]
+        assert grouped and all("of 6 blobs" in line for line in grouped)
+        assert not any("fetched 6 of 6" in line for line in grouped)
+        for digest, data in blobs.items():
+            stored = (b.data_dir / "blobs" / "sha256" / digest[7:9] / digest[7:]).read_bytes()
+            assert stored == data
+    finally:
+        proxy.close()
+
+
 async def test_reads_on_a_node_without_a_copy_stream_from_a_holder_through_a_flaky_link(cluster):
     """b holds nothing (replicas 1, a owns the blob); its GET streams from a, resuming after the cut."""
     grpc_port = free_port()

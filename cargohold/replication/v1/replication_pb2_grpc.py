@@ -45,6 +45,11 @@ class ReplicationStub:
                 request_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.StatBlobRequest.SerializeToString,
                 response_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.StatBlobResponse.FromString,
                 _registered_method=True)
+        self.ReadBlobs = channel.unary_stream(
+                '/cargohold.replication.v1.Replication/ReadBlobs',
+                request_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.ReadBlobsRequest.SerializeToString,
+                response_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.BlobsChunk.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -66,6 +71,17 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadBlobs(self, request, context):
+        """Stream several whole blobs in one call, one after the other in the order asked (a node
+        that takes over many small blobs on a join or a repair). Each blob's chunks carry its
+        index in the request; a blob this node does not hold is one chunk with `missing` set.
+        At most 256 digests per call (INVALID_ARGUMENT beyond). A caller whose stream drops
+        keeps the blobs it completed and fetches the rest another way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +94,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.StatBlob,
                     request_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.StatBlobRequest.FromString,
                     response_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.StatBlobResponse.SerializeToString,
+            ),
+            'ReadBlobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadBlobs,
+                    request_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.ReadBlobsRequest.FromString,
+                    response_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.BlobsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +156,33 @@ class Replication:
             '/cargohold.replication.v1.Replication/StatBlob',
             cargohold_dot_replication_dot_v1_dot_replication__pb2.StatBlobRequest.SerializeToString,
             cargohold_dot_replication_dot_v1_dot_replication__pb2.StatBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadBlobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cargohold.replication.v1.Replication/ReadBlobs',
+            cargohold_dot_replication_dot_v1_dot_replication__pb2.ReadBlobsRequest.SerializeToString,
+            cargohold_dot_replication_dot_v1_dot_replication__pb2.BlobsChunk.FromString,
             options,
             channel_credentials,
             insecure,
