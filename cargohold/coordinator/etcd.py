@@ -443,6 +443,7 @@ class EtcdClient:
         self._closed = False
         self.requests = 0              # unary round trips made (including retries)
         self.request_seconds = 0.0
+        self.lease_refreshes = 0       # of which lease keepalives (background, every ttl/3)
 
     # -- lifecycle
 
@@ -636,6 +637,7 @@ class EtcdClient:
         request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
 
         async def attempt(endpoint: _Endpoint) -> Any:
+            self.lease_refreshes += 1
             call = endpoint.lease.LeaseKeepAlive(
                 iter([request]), timeout=self._request_timeout, metadata=_REQUIRE_LEADER
             )

@@ -156,6 +156,8 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
     metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
                   lambda: [({"stat": "count"}, metadata.client.requests),
                            ({"stat": "sum"}, round(metadata.client.request_seconds, 6))])
+    metrics.gauge("cargohold_etcd_lease_refreshes", "Lease keepalive round trips (counted in the requests above).",
+                  lambda: [({}, metadata.client.lease_refreshes)])
     def gc_progress():
         runs = sorted(metadata.model.gc_runs.values(), key=lambda r: r.get("requested", 0))
         if not runs:

@@ -214,6 +214,10 @@ async def test_metrics_health_and_json_logs(cluster):
     for name in ("cargohold_blobs_held", "cargohold_replication_queue_depth", "cargohold_etcd_request_seconds",
                  "cargohold_http_bytes_sent_total"):
         assert name in text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("cargohold_etcd_")}
+    # the keepalives of the membership lease are counted, apart and within all etcd requests
+    assert 1 <= values["cargohold_etcd_lease_refreshes"] < values['cargohold_etcd_request_seconds{stat="count"}']
     import json
     lines = [json.loads(l) for l in a.log_path.read_text().splitlines() if l.startswith("{")]
     assert any(l["logger"] == "cargohold.access" and "POST /v2/m/app/blobs/uploads/ 201" in l["message"]
