@@ -352,11 +352,7 @@ class Replicator:
                 if await self.store.stat(parsed) != state.record.size:
                     self._check_space(state.record.size)
                     await self.fetch(digest, state.record.size)
-                if await self.metadata.record_copy(digest):
-                    self.stats.copies_made += 1
-                    log.info("copy made: %s (%d bytes)", digest, state.record.size)
-                elif me not in self.metadata.holders(digest):
-                    await self.store.delete(parsed)   # swept while we fetched: leave nothing behind
+                await self._record_copy(digest, parsed, state.record.size)
             return
         needed = [owner for owners_in_site in site_owners.values() for owner in owners_in_site]
         if me in holders and me not in needed and needed and set(needed) <= holders:
@@ -511,23 +507,31 @@ class Replicator:
                 missing = {d: size for d, size in sizes.items() if d not in present}
                 self._check_space(sum(missing.values()))
                 have = present | (await self._fetch_group(missing) if missing else set())
+
+                async def record(digest: str) -> None:
+                    if await self._record_copy(digest, parsed[digest], sizes[digest]):
+                        recorded.add(digest)
+
                 async with anyio.create_task_group() as tg:
                     for digest in have:     # concurrent: the copy records share transactions
-                        tg.start_soon(self._record_copy, digest, parsed[digest], sizes[digest], recorded)
+                        tg.start_soon(record, digest)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # noqa: BLE001 - the blobs are retried one by one
             log.info("group fetch of %d blobs stopped: %s; going on one by one", len(group), exc)
         return set(group) - recorded
 
-    async def _record_copy(self, digest: str, parsed, size: int, recorded: set[str]) -> None:
+    async def _record_copy(self, digest: str, parsed, size: int) -> bool:
+        """Publish the copy now in the store (under the digest's lock). True when that is
+        settled: recorded, or the blob was swept meanwhile and the file is gone again."""
         if await self.metadata.record_copy(digest):
             self.stats.copies_made += 1
             log.info("copy made: %s (%d bytes)", digest, size)
-            recorded.add(digest)
-        elif self.node_id not in self.metadata.holders(digest):
+            return True
+        if self.node_id not in self.metadata.holders(digest):
             await self.store.delete(parsed)   # swept while we fetched: leave nothing behind
-            recorded.add(digest)
+            return True
+        return False
 
     async def _fetch_group(self, sizes: dict[str, int]) -> set[str]:
         """Read several small blobs from their common preferred holder in one ReadBlobs stream.
