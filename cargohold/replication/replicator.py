@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from contextlib import AsyncExitStack, aclosing
@@ -506,15 +507,17 @@ class Replicator:
                 present = {d for d in sizes if await self.store.stat(parsed[d]) == sizes[d]}
                 missing = {d: size for d, size in sizes.items() if d not in present}
                 self._check_space(sum(missing.values()))
-                have = present | (await self._fetch_group(missing) if missing else set())
 
                 async def record(digest: str) -> None:
                     if await self._record_copy(digest, parsed[digest], sizes[digest]):
                         recorded.add(digest)
 
-                async with anyio.create_task_group() as tg:
-                    for digest in have:     # concurrent: the copy records share transactions
-                        tg.start_soon(record, digest)
+                have = present | (await self._fetch_group(missing) if missing else set())
+                # all at once, after the stream: concurrent records share transactions, and the
+                # old holders' withdrawals come together too
+                async with anyio.create_task_group() as records:
+                    for digest in have:
+                        records.start_soon(record, digest)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # noqa: BLE001 - the blobs are retried one by one
@@ -534,11 +537,13 @@ class Replicator:
         return False
 
     async def _fetch_group(self, sizes: dict[str, int]) -> set[str]:
-        """Read several small blobs from their common preferred holder in one ReadBlobs stream.
-        One worker thread consumes the stream and, as each blob completes, checks its digest
-        and moves it into the store (fsync, rename, directory fsync): no hop back to the event
-        loop per blob. Returns the digests now in the store; the others (the holder lacks
-        them, the stream broke, the bytes were wrong) are left to the one-by-one fetch."""
+        """Read several small blobs from their common preferred holder in one ReadBlobs stream;
+        returns the digests now in the store. One worker
+        thread consumes the stream and writes each blob; a second one, as each blob completes,
+        checks its digest and moves it into the store (fsync, rename, directory fsync), so the
+        stream never waits for a disk flush and nothing hops back to the loop per chunk. The
+        blobs not stored (the holder lacks them, the stream broke, the bytes were wrong) are
+        left to the one-by-one fetch."""
         digests = list(sizes)
         sources = self._sources(digests[0])
         if not sources:
@@ -548,6 +553,7 @@ class Replicator:
         downloads = [_Download(self.store.staging_path(), hashlib.new(p.algorithm), sizes[d])
                      for p, d in zip(parsed, digests)]
         sinks = [download.sink(self._bucket(source)) for download in downloads]
+        complete: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         stored: set[str] = set()
 
         def consume(index: int, offset: int, data: bytes | None, stopping: threading.Event) -> None:
@@ -559,15 +565,24 @@ class Replicator:
             sinks[index](data, stopping)
             if download.position == download.size:
                 download.close()
-                if download.hasher.hexdigest() == parsed[index].hex:
-                    self.store.ingest_blocking(parsed[index], download.path)
+                complete.put(index)
+
+        def ingest_completed() -> None:
+            while (index := complete.get()) is not None:
+                if downloads[index].hasher.hexdigest() == parsed[index].hex:
+                    self.store.ingest_blocking(parsed[index], downloads[index].path)
                     stored.add(digests[index])
 
         try:
-            async with self._peer_limiter(source.node_id):
-                await self.peers.copy_many(source.grpc, digests, consume)
-        except PeerUnavailable as exc:
-            log.info("group transfer from %s interrupted: %s", source.node_id, exc)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, ingest_completed)
+                try:
+                    async with self._peer_limiter(source.node_id):
+                        await self.peers.copy_many(source.grpc, digests, consume)
+                except PeerUnavailable as exc:
+                    log.info("group transfer from %s interrupted: %s", source.node_id, exc)
+                finally:
+                    complete.put(None)      # the ingest thread ends after what is queued
         finally:
             for download in downloads:
                 download.discard()
