@@ -90,6 +90,9 @@ class ChangeSignal:
         return fired
 
 
+OWN_COPIES_KEPT = 4096     # unseen own copy records remembered before the seen ones are pruned
+
+
 class ClusterMetadata:
     def __init__(self, client: EtcdClient, cluster: str, node_id: str, replicas_per_site: int = 2):
         self.client = client
@@ -102,6 +105,7 @@ class ClusterMetadata:
         # Copy records, releases and tombstone clears come in bursts (a join, a GC run): they
         # share transactions (see groupcommit.py).
         self.group = GroupCommit(client)
+        self._own_copies: dict[str, int] = {}    # digest -> revision of this node's copy record
         self._listeners: list[ChangeListener] = []
         self._ready = False
         self._ready_checked_at = float("-inf")
@@ -276,8 +280,29 @@ class ClusterMetadata:
     # ------------------------------------------------------------------ copies
     async def record_copy(self, digest: str) -> bool:
         """This node now holds a verified copy: publish it, unless the blob is gone meanwhile."""
-        return await self._grouped([Compare.exists(self.keys.blob(digest))],
-                                   [Put(self.keys.blob_at(digest, self.node_id), b"")])
+        result = await self.group.submit([Compare.exists(self.keys.blob(digest))],
+                                         [Put(self.keys.blob_at(digest, self.node_id), b"")])
+        self.txn_count += 1
+        if result.succeeded:
+            if len(self._own_copies) >= OWN_COPIES_KEPT:
+                self._own_copies = {d: r for d, r in self._own_copies.items() if r > self.model.revision}
+            self._own_copies[digest] = result.revision
+        return result.succeeded
+
+    def publishes_copy(self, digest: str) -> bool:
+        """Whether this node's copy record of `digest` stands: in the read model, or written by
+        this node at a revision the model has not reached yet. (Copy records are not read back;
+        without this, a reconcile woken before the watch brings ours back writes it again.)"""
+        if self.node_id in self.holders(digest):
+            self._own_copies.pop(digest, None)
+            return True
+        revision = self._own_copies.get(digest)
+        if revision is None:
+            return False
+        if self.model.revision >= revision:     # seen, and withdrawn since
+            del self._own_copies[digest]
+            return False
+        return True
 
     async def drop_copy(self, digest: str, owners: list[str]) -> bool:
         """Withdraw this node's copy, only while every owner still publishes one."""

@@ -267,7 +267,7 @@ class Replicator:
         """This node is one of the blob's owners in its site and publishes no copy yet."""
         if self.site not in self.target_sites(digest):
             return False
-        return self.node_id in self.owners_of(digest) and self.node_id not in state.nodes
+        return self.node_id in self.owners_of(digest) and not self.metadata.publishes_copy(digest)
 
     async def _worker(self, receive) -> None:
         async with receive:
@@ -346,7 +346,7 @@ class Replicator:
         holders = set(state.nodes)
         me = self.node_id
         parsed = parse_digest(digest)
-        if me in my_owners and me not in holders:     # _should_fetch, with the owners at hand
+        if me in my_owners and not self.metadata.publishes_copy(digest):   # _should_fetch, owners at hand
             if not self._dependencies_here(digest):
                 return      # a manifest follows its blobs: woken again when they arrive here
             async with self.store.locked(parsed):
