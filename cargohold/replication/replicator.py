@@ -538,12 +538,11 @@ class Replicator:
 
     async def _fetch_group(self, sizes: dict[str, int]) -> set[str]:
         """Read several small blobs from their common preferred holder in one ReadBlobs stream;
-        returns the digests now in the store. One worker
-        thread consumes the stream and writes each blob; a second one, as each blob completes,
-        checks its digest and moves it into the store (fsync, rename, directory fsync), so the
-        stream never waits for a disk flush and nothing hops back to the loop per chunk. The
-        blobs not stored (the holder lacks them, the stream broke, the bytes were wrong) are
-        left to the one-by-one fetch."""
+        returns the digests now in the store. One worker thread consumes the stream and writes
+        each blob; a second one, as each blob completes, checks its digest and moves it into the
+        store (fsync, rename, directory fsync), so the stream never waits for a disk flush and
+        nothing hops back to the loop per chunk. The blobs not stored (the holder lacks them,
+        the stream broke, the bytes were wrong) are left to the one-by-one fetch."""
         digests = list(sizes)
         sources = self._sources(digests[0])
         if not sources:
