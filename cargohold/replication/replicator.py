@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.grpc_bridge import StreamStopped
@@ -44,6 +45,7 @@ RETRY_DELAY = 0.5
 GROUP_BLOB_MAX = 8 * 1024 * 1024
 GROUP_MAX_BLOBS = 64
 GROUP_MAX_BYTES = 64 * 1024 * 1024
+DISPATCH_YIELD = 256       # blobs classified between two yields to the event loop
 MAX_RETRY_DELAY = 30.0
 
 
@@ -178,7 +180,7 @@ class Replicator:
 
     # ------------------------------------------------------------------ main loop
     async def run(self) -> None:
-        send, receive = anyio.create_memory_object_stream[str](self.workers * 4)
+        send, receive = anyio.create_memory_object_stream[str | tuple[str, ...]](self.workers * 4)
         release, released = anyio.create_memory_object_stream[str](RELEASE_WORKERS * 2)
         async with anyio.create_task_group() as tg:
             for _ in range(self.workers):
@@ -198,12 +200,7 @@ class Replicator:
                     batch = self._take_batch()
                     self.stats.queued = len(batch)
                     self._in_progress.update(batch)
-                    tombstones = self.metadata.model.tombstones
-                    singles, groups = self._group_fetches(batch, tombstones)
-                    for group in groups:
-                        await send.send(group)
-                    for digest in singles:
-                        await (release if digest in tombstones else send).send(digest)
+                    await self._dispatch(batch, send, release)
                     await self._check_drained()
 
     def _take_batch(self) -> list[str]:
@@ -225,49 +222,50 @@ class Replicator:
                 self._full_pass = True
                 self._wake.set()
 
-    def _group_fetches(self, batch: list[str], tombstones) -> tuple[list[str], list[tuple[str, ...]]]:
-        """Split a batch: small blobs this node must fetch, grouped by the holder they would
-        be read from (one ReadBlobs stream per group), and the rest one by one."""
-        by_source: dict[str, list[str]] = {}
-        singles = []
-        for digest in batch:
-            source = None if digest in tombstones else self._group_source(digest)
+    async def _dispatch(self, batch: list[str], send, release) -> None:
+        """Hand a batch to the workers as it is classified (a full pass covers every blob, so
+        this yields to the loop every DISPATCH_YIELD blobs): condemned copies to the release
+        workers; small blobs this node must fetch grouped by the holder they would be read from
+        (one ReadBlobs stream per group, sent when full or at the end); the rest one by one."""
+        tombstones = self.metadata.model.tombstones
+        groups: dict[str, tuple[list[str], int]] = {}      # holder -> (digests, bytes)
+        for count, digest in enumerate(batch, 1):
+            if count % DISPATCH_YIELD == 0:
+                await anyio.lowlevel.checkpoint()
+            if digest in tombstones:
+                await release.send(digest)
+                continue
+            source, size = self._group_source(digest)
             if source is None:
-                singles.append(digest)
-            else:
-                by_source.setdefault(source, []).append(digest)
-        groups = []
-        for digests in by_source.values():
-            group: list[str] = []
-            size = 0
-            for digest in digests:
-                blob_size = self.metadata.model.blobs[digest].record.size
-                if group and (len(group) == GROUP_MAX_BLOBS or size + blob_size > GROUP_MAX_BYTES):
-                    groups.append(tuple(group))
-                    group, size = [], 0
-                group.append(digest)
-                size += blob_size
-            if len(group) == 1:
-                singles.append(group[0])
-            elif group:
-                groups.append(tuple(group))
-        return singles, groups
+                await send.send(digest)
+                continue
+            group, group_bytes = groups.get(source, ([], 0))
+            if group and (len(group) == GROUP_MAX_BLOBS or group_bytes + size > GROUP_MAX_BYTES):
+                await send.send(tuple(group))
+                group, group_bytes = [], 0
+            group.append(digest)
+            groups[source] = (group, group_bytes + size)
+        for group, _ in groups.values():
+            await send.send(tuple(group) if len(group) > 1 else group[0])
 
-    def _group_source(self, digest: str) -> str | None:
-        """The holder to read `digest` from in a group, if it is a small blob this node must fetch."""
-        state = self.metadata.model.blobs.get(digest)
-        if state is None or state.record is None or not 0 < state.record.size <= GROUP_BLOB_MAX:
-            return None
-        if not self._should_fetch(digest, state) or not self._dependencies_here(digest):
-            return None
+    def _group_source(self, digest: str) -> tuple[str | None, int]:
+        """The holder to read `digest` from in a group, and its size, if it is a small blob
+        this node must fetch now; (None, 0) otherwise."""
+        size = self._fetch_size(digest)
+        if size is None or not 0 < size <= GROUP_BLOB_MAX or not self._dependencies_here(digest):
+            return None, 0
         sources = self._sources(digest)
-        return sources[0].node_id if sources else None
+        return (sources[0].node_id, size) if sources else (None, 0)
 
-    def _should_fetch(self, digest: str, state) -> bool:
-        """This node is one of the blob's owners in its site and publishes no copy yet."""
-        if self.site not in self.target_sites(digest):
-            return False
-        return self.node_id in self.owners_of(digest) and not self.metadata.publishes_copy(digest)
+    def _fetch_size(self, digest: str) -> int | None:
+        """The blob's size if this node must fetch it: it is recorded and not condemned, and
+        this node is one of its owners in its site and publishes no copy yet."""
+        state = self.metadata.model.blobs.get(digest)
+        if state is None or state.record is None or digest in self.metadata.model.tombstones:
+            return None
+        if self.site not in self.target_sites(digest) or self.metadata.publishes_copy(digest):
+            return None
+        return state.record.size if self.node_id in self.owners_of(digest) else None
 
     async def _worker(self, receive) -> None:
         async with receive:
@@ -346,7 +344,7 @@ class Replicator:
         holders = set(state.nodes)
         me = self.node_id
         parsed = parse_digest(digest)
-        if me in my_owners and not self.metadata.publishes_copy(digest):   # _should_fetch, owners at hand
+        if me in my_owners and not self.metadata.publishes_copy(digest):   # _fetch_size, owners at hand
             if not self._dependencies_here(digest):
                 return      # a manifest follows its blobs: woken again when they arrive here
             async with self.store.locked(parsed):
@@ -498,12 +496,7 @@ class Replicator:
             async with AsyncExitStack() as locks:
                 for digest in sorted(group):
                     await locks.enter_async_context(self.store.locked(parsed[digest]))
-                sizes = {}
-                for digest in group:
-                    state = self.metadata.model.blobs.get(digest)
-                    if (digest not in self.metadata.model.tombstones and state is not None
-                            and state.record is not None and self._should_fetch(digest, state)):
-                        sizes[digest] = state.record.size
+                sizes = {digest: size for digest in group if (size := self._fetch_size(digest)) is not None}
                 present = {d for d in sizes if await self.store.stat(parsed[d]) == sizes[d]}
                 missing = {d: size for d, size in sizes.items() if d not in present}
                 self._check_space(sum(missing.values()))
