@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import anyio
 
 from cargohold.coordinator.etcd import (
-    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, Get, KeyValue, LeaseLost, Put,
+    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, Get, KeyValue, LeaseLost, Put, TxnResult,
 )
 from cargohold.coordinator.groupcommit import GroupCommit
 from cargohold.coordinator.keys import Keys
@@ -280,9 +280,8 @@ class ClusterMetadata:
     # ------------------------------------------------------------------ copies
     async def record_copy(self, digest: str) -> bool:
         """This node now holds a verified copy: publish it, unless the blob is gone meanwhile."""
-        result = await self.group.submit([Compare.exists(self.keys.blob(digest))],
-                                         [Put(self.keys.blob_at(digest, self.node_id), b"")])
-        self.txn_count += 1
+        result = await self._grouped([Compare.exists(self.keys.blob(digest))],
+                                     [Put(self.keys.blob_at(digest, self.node_id), b"")])
         if result.succeeded:
             if len(self._own_copies) >= OWN_COPIES_KEPT:
                 self._own_copies = {d: r for d, r in self._own_copies.items() if r > self.model.revision}
@@ -310,8 +309,9 @@ class ClusterMetadata:
 
     async def withdraw_copy(self, digest: str, node_id: str, owners: list[str]) -> bool:
         """Withdraw `node_id`'s copy record, only while every owner still publishes one."""
-        return await self._grouped([Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners],
-                                   [Delete(self.keys.blob_at(digest, node_id))])
+        result = await self._grouped([Compare.exists(self.keys.blob_at(digest, owner)) for owner in owners],
+                                     [Delete(self.keys.blob_at(digest, node_id))])
+        return result.succeeded
 
     async def forget_copy(self, digest: str) -> None:
         """The local copy is missing or corrupt: stop advertising it."""
@@ -320,12 +320,13 @@ class ClusterMetadata:
     async def release_tombstoned_copy(self, digest: str, run_id: str) -> bool:
         """The GC condemned this blob: withdraw our copy record while the tombstone still stands
         (a re-upload lifts it, and then our copy must stay)."""
-        return await self._grouped([Compare.value_equals(self.keys.tombstone(digest), run_id.encode())],
-                                   [Delete(self.keys.blob_at(digest, self.node_id))])
+        result = await self._grouped([Compare.value_equals(self.keys.tombstone(digest), run_id.encode())],
+                                     [Delete(self.keys.blob_at(digest, self.node_id))])
+        return result.succeeded
 
     async def clear_tombstone(self, digest: str, run_id: str) -> bool:
         """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
-        return await self._grouped(*self._tombstone_clearing(digest, run_id))
+        return (await self._grouped(*self._tombstone_clearing(digest, run_id))).succeeded
 
     async def clear_tombstones(self, tombstones: dict[str, str], concurrency: int = 256) -> int:
         """`clear_tombstone` for many (digest -> run id), sharing transactions; returns how many
@@ -336,7 +337,7 @@ class ClusterMetadata:
         async def clear_some() -> None:
             nonlocal cleared, latest
             for digest, run_id in items:          # one iterator shared by the workers
-                result = await self.group.submit(*self._tombstone_clearing(digest, run_id))
+                result = await self._grouped(*self._tombstone_clearing(digest, run_id))
                 if result.succeeded:
                     cleared += 1
                     latest = max(latest, result.revision)
@@ -366,12 +367,11 @@ class ClusterMetadata:
             await self.model.wait_for(result.revision, VISIBILITY_TIMEOUT)
         return result
 
-    async def _grouped(self, compare, success) -> bool:
+    async def _grouped(self, compare, success) -> TxnResult:
         """A guarded write that may share its transaction with concurrent ones; the caller does
         not need to read it back (no wait for the watch)."""
-        result = await self.group.submit(compare, success)
         self.txn_count += 1
-        return result.succeeded
+        return await self.group.submit(compare, success)
 
     async def _get(self, key: str) -> KeyValue | None:
         return await self.client.get(key)

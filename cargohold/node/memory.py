@@ -14,9 +14,10 @@ glibc's own knobs (GLIBC_TUNABLES, MALLOC_*_ variables) keeps them.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
+
+from cargohold.node import libc
 
 MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 64 * 1024 * 1024
@@ -32,11 +33,7 @@ def keep_large_buffers() -> bool:
     """Apply the thresholds; False where there is no glibc or the operator chose otherwise."""
     if not sys.platform.startswith("linux") or _operator_chose():
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):      # musl and others: no mallopt
+    mallopt = libc.function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:                    # musl and others
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))

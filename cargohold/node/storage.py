@@ -9,6 +9,7 @@ point leaves either nothing or the whole, verified blob.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -21,7 +22,7 @@ from typing import AsyncIterator, Iterator, Protocol
 
 import anyio
 
-from cargohold.node import errors
+from cargohold.node import errors, libc
 from cargohold.node.reference import Digest
 
 READ_CHUNK = 1024 * 1024
@@ -79,23 +80,9 @@ def hash_file(path: Path, digest: Digest) -> str:
 
 
 WRITE_BEHIND_WINDOW = 8 * 1024 * 1024
-
-
-def _sync_file_range():
-    """libc's sync_file_range (Linux), or None. Python's os module does not expose it."""
-    try:
-        import ctypes
-        import ctypes.util
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range() if hasattr(os, "posix_fadvise") else None
+_SYNC_FILE_RANGE = (libc.function("sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                                       ctypes.c_uint])
+                    if hasattr(os, "posix_fadvise") else None)
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 

@@ -215,10 +215,7 @@ class PeerClient:
             expected += len(chunk.data)
             sink(chunk.data, stopping)
 
-        try:
-            await consume_stream(call, consume, self._readers)
-        except grpc.RpcError as exc:
-            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
+        await self._consume(address, call, consume)
 
     async def copy_many(self, address: str, digests: list[str],
                         consume: Callable[[int, int, bytes | None, threading.Event], None]) -> None:
@@ -242,7 +239,12 @@ class PeerClient:
             position[:] = [index, -1 if chunk.missing else expected + len(chunk.data)]
             consume(index, chunk.offset, None if chunk.missing else chunk.data, stopping)
 
+        await self._consume(address, call, receive)
+
+    async def _consume(self, address: str, call, consume: Callable[[object, threading.Event], None]) -> None:
+        """The whole stream in one worker thread (`grpc_bridge.consume_stream`); a failed call
+        is PeerUnavailable."""
         try:
-            await consume_stream(call, receive, self._readers)
+            await consume_stream(call, consume, self._readers)
         except grpc.RpcError as exc:
             raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
