@@ -83,7 +83,7 @@ async def in_process(etcd_url: str, data_dir: Path, token: str, n: int = 20000) 
     from cargohold.coordinator.metadata import ClusterMetadata
     from cargohold.node.api import RegistryAPI
     from cargohold.node.auth import AccessControl
-    from cargohold.node.storage import FilesystemBlobStore
+    from cargohold.blobs.store import FilesystemBlobStore
     from cargohold.node.uploads import UploadManager
 
     async with EtcdClient([etcd_url]) as client:

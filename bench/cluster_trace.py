@@ -113,7 +113,7 @@ def _dumper() -> None:
 
 def install() -> None:
     from cargohold.coordinator import etcd, metadata, readmodel
-    from cargohold.node import storage
+    from cargohold.blobs import store as storage
     from cargohold.replication import replicator, transfer
 
     R = replicator.Replicator
@@ -155,7 +155,7 @@ if __name__ == "__main__":
     install()
     atexit.register(_dump)
     threading.Thread(target=_dumper, daemon=True).start()
-    from cargohold.cli import main
+    from cargohold.cli.main import main
     sys.argv = ["cargohold", *sys.argv[2:]]
     code = main()
     _dump()

@@ -1,3 +1,3 @@
-from cargohold.cli import main
+from cargohold.cli.main import main
 
 raise SystemExit(main())

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from cargohold.coordinator.policies import parse_duration
+from cargohold.units import parse_duration, parse_rate, parse_size, parse_window
 
 ENV_PREFIX = "CARGOHOLD_"
 
@@ -218,8 +218,6 @@ def validate(settings: Settings) -> None:
 
 
 def _validate_access(settings: Settings) -> None:
-    from cargohold.node.ratelimit import parse_rate
-
     if settings.auth not in ("auto", "on", "off"):
         raise ConfigError("auth must be auto, on or off")
     for name in ("login_rate", "login_rate_client"):
@@ -241,29 +239,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def parse_size(value: object) -> int:
-    """Bytes from 1048576, "512K", "50M", "2G", "1T" (powers of 1024)."""
-    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(float(text))
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """"HH:MM-HH:MM" as minutes of the day (the end may be before the start: over midnight)."""
-    start, _, end = text.partition("-")
-
-    def minutes(part: str) -> int:
-        hours, _, mins = part.strip().partition(":")
-        value = int(hours) * 60 + int(mins or 0)
-        if not 0 <= value < 1440:
-            raise ValueError(text)
-        return value
-
-    return minutes(start), minutes(end)
 
 
 def _valid_id(value: str) -> bool:

@@ -1,6 +1,7 @@
 """Blob GET reading the file on the event-loop thread (no thread hop per chunk).
 Blocking, so not a fix as such: it measures what the per-chunk thread round trip costs."""
-from cargohold.node import errors, storage
+from cargohold.oci import errors
+from cargohold.blobs import store as storage
 
 
 def apply():

@@ -4,7 +4,8 @@ the event-loop thread, like exp_inline; it measures the ceiling of a copy-avoidi
 import mmap
 import os
 
-from cargohold.node import errors, storage
+from cargohold.oci import errors
+from cargohold.blobs import store as storage
 
 
 def apply():

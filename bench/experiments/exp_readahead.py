@@ -4,7 +4,8 @@ import asyncio
 
 import anyio
 
-from cargohold.node import errors, storage
+from cargohold.oci import errors
+from cargohold.blobs import store as storage
 
 
 def apply():

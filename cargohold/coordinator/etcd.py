@@ -4,7 +4,7 @@ It uses pyetcd (``etcd-sdk-python``) for its generated protobuf messages and gRP
 only, and builds its own grpcio channels (no endpoint blacklisting, short reconnect
 back-off). Everything here is written against anyio and works on trio and asyncio.
 
-How blocking grpcio is kept off the event loop (helpers in ``cargohold.grpc_bridge``):
+How blocking grpcio is kept off the event loop (helpers in ``cargohold.runtime.grpc_bridge``):
 
 * unary calls (Range, Put, DeleteRange, Txn, LeaseGrant, LeaseRevoke) use
   ``multicallable.future()``; the future's done-callback (run on a grpc thread) schedules
@@ -38,7 +38,7 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
-from cargohold.grpc_bridge import await_future, next_message
+from cargohold.runtime.grpc_bridge import await_future, next_message
 
 __all__ = [
     "Compare",

@@ -19,21 +19,10 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
+from cargohold.units import parse_duration
 
 class PolicyError(ValueError):
     pass
-
-
-def parse_duration(value: object) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = _DURATION.match(str(value).strip())
-    if not match:
-        raise PolicyError(f"bad duration {value!r}: use e.g. 90s, 30m, 12h, 30d, 2w")
-    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -113,7 +102,10 @@ def _retention_rule(raw: object, index: int) -> RetentionRule:
         except (re.error, TypeError) as exc:
             raise PolicyError(f"{where}.keep_tags is not a regular expression: {exc}") from None
     older = raw.get("delete_older_than")
-    older = parse_duration(older) if older is not None else None
+    try:
+        older = parse_duration(older) if older is not None else None
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from None
     if keep_last is None and older is None:
         raise PolicyError(f"{where} deletes nothing: give keep_last and/or delete_older_than")
     return RetentionRule(raw["repositories"], keep_last, keep_tags, older)

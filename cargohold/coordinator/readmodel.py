@@ -16,10 +16,9 @@ from typing import Iterator
 
 import anyio
 
-from cargohold.coordinator.gcmark import Snapshot
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import Policies, ReplicationRules
-from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member
+from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot
 
 
 @contextmanager

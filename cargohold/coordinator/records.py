@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def _intern(value: str | None) -> str | None:
@@ -103,3 +103,13 @@ class Member:
 
     def with_state(self, state: str) -> "Member":
         return Member(self.node_id, self.site, self.url, self.grpc, state, self.version)
+
+
+@dataclass
+class Snapshot:
+    """The GC's view of the cluster at one etcd revision: manifests, tags and blobs with mod revisions."""
+
+    revision: int
+    manifests: dict[tuple[str, str], tuple[ManifestRecord, int]] = field(default_factory=dict)  # -> (record, mod rev)
+    tags: dict[tuple[str, str], str] = field(default_factory=dict)                              # (repo, tag) -> digest
+    blobs: dict[str, tuple[BlobRecord, int]] = field(default_factory=dict)                      # digest -> (record, mod rev)

@@ -10,23 +10,23 @@ from urllib.parse import quote
 
 import anyio
 
-from cargohold.audit import AuditLog
+from cargohold.auth.audit import AuditLog
 from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences, TagImmutable
 from cargohold.coordinator.records import ManifestRecord
-from cargohold.node import errors
+from cargohold.oci import errors
 from cargohold.node.auth import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
     ClientDisconnected, Request, Response, error_response, json_response, send_response,
 )
-from cargohold.node.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
+from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
 from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import Metrics
-from cargohold.pacing import Foreground
-from cargohold.node.reference import Digest, parse_digest, parse_reference, validate_name, validate_upload_id
+from cargohold.runtime.pacing import Foreground
+from cargohold.oci.reference import Digest, parse_digest, parse_reference, validate_name, validate_upload_id
 from cargohold.replication.replicator import ContentUnavailable, Replicator
-from cargohold.node.storage import FilesystemBlobStore
+from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
 
 log = logging.getLogger("cargohold.access")

@@ -32,14 +32,14 @@ import anyio
 import bcrypt
 import jwt
 
-from cargohold.audit import AuditLog
+from cargohold.auth.audit import AuditLog
 from cargohold.config import ConfigError, Settings, is_loopback
 from cargohold.coordinator.accounts import ROBOT_PREFIX, AccountStore, SigningKey, valid_account_name
 from cargohold.coordinator.etcd import EtcdClient
-from cargohold.node import errors
+from cargohold.oci import errors
 from cargohold.node.http import Request, Response, json_response
-from cargohold.node.ratelimit import FailureLimiter
-from cargohold.node.reference import MAX_NAME_LENGTH, NAME_RE, is_digest
+from cargohold.auth.ratelimit import FailureLimiter
+from cargohold.oci.reference import MAX_NAME_LENGTH, NAME_RE, is_digest
 
 log = logging.getLogger("cargohold.auth")
 

@@ -13,7 +13,7 @@ from typing import AsyncIterator, Callable
 
 import httpx
 
-from cargohold.node import errors
+from cargohold.oci import errors
 from cargohold.node.http import Request, Response
 
 FORWARDED_HEADER = "x-cargohold-forwarded-by"

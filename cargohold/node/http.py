@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 import anyio
 
-from cargohold.node import errors
+from cargohold.oci import errors
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 PREFETCH_CHUNKS = 2

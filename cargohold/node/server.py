@@ -11,9 +11,9 @@ from urllib.parse import urlsplit
 import anyio
 
 from cargohold import __version__
-from cargohold.config import Settings, parse_size, parse_window, resolve_node_id
-from cargohold.coordinator.gc import GarbageCollector
-from cargohold.coordinator.policies import parse_duration
+from cargohold.config import Settings, resolve_node_id
+from cargohold.units import parse_duration, parse_size, parse_window
+from cargohold.gc.collector import GarbageCollector
 from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
@@ -21,10 +21,10 @@ from cargohold.node.api import RegistryAPI
 from cargohold.node.auth import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.metrics import Metrics
-from cargohold.node.reference import parse_digest
-from cargohold.node.storage import FilesystemBlobStore
+from cargohold.oci.reference import parse_digest
+from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
-from cargohold.pacing import BackgroundPace, Foreground
+from cargohold.runtime.pacing import BackgroundPace, Foreground
 from cargohold.replication.replicator import Replicator
 from cargohold.replication.status import replication_status
 from cargohold.replication.transfer import PeerClient, ReplicationService, TlsFiles, grpc_server

@@ -20,9 +20,9 @@ from typing import AsyncIterator
 
 import anyio
 
-from cargohold.node import errors
-from cargohold.node.reference import Digest, validate_upload_id
-from cargohold.node.storage import BlobStore, fsync_directory, hash_file
+from cargohold.oci import errors
+from cargohold.oci.reference import Digest, validate_upload_id
+from cargohold.blobs.store import BlobStore, fsync_directory, hash_file
 
 # Body chunks are gathered to this size before one trip to a worker thread writes and hashes them.
 WRITE_BATCH = 1024 * 1024

@@ -26,10 +26,10 @@ import anyio
 import anyio.lowlevel
 
 from cargohold.coordinator.metadata import ClusterMetadata, Member
-from cargohold.grpc_bridge import StreamStopped
-from cargohold.node.reference import parse_digest
-from cargohold.node.storage import FilesystemBlobStore, StagingWriter
-from cargohold.pacing import BackgroundPace, TokenAccount
+from cargohold.runtime.grpc_bridge import StreamStopped
+from cargohold.oci.reference import parse_digest
+from cargohold.blobs.store import FilesystemBlobStore, StagingWriter
+from cargohold.runtime.pacing import BackgroundPace, TokenAccount
 from cargohold.replication.placement import owners, preference
 from cargohold.replication.transfer import PeerClient, PeerUnavailable
 

@@ -2,7 +2,7 @@
 
 The server is grpcio's thread-pool server: each open stream holds one pool thread that reads
 the file and yields chunks, so the pool is sized for the concurrent streams it must carry.
-The client side bridges grpc calls into anyio tasks (cargohold.grpc_bridge): awaiting never
+The client side bridges grpc calls into anyio tasks (cargohold.runtime.grpc_bridge): awaiting never
 blocks the loop, and cancelling the awaiting task cancels the call.
 """
 
@@ -19,7 +19,7 @@ from typing import AsyncIterator, BinaryIO, Callable, Iterator
 import anyio
 import grpc
 
-from cargohold.grpc_bridge import await_future, consume_stream, next_message
+from cargohold.runtime.grpc_bridge import await_future, consume_stream, next_message
 from cargohold.replication.v1 import replication_pb2 as pb
 from cargohold.replication.v1 import replication_pb2_grpc as pb_grpc
 

@@ -50,7 +50,7 @@ class Cluster:
         """blob digest -> nodes that publish a copy, read from etcd through the admin snapshot."""
         script = ("import anyio, json, sys\n"
                   "from cargohold.coordinator.etcd import EtcdClient\n"
-                  "from cargohold.coordinator.admin import snapshot\n"
+                  "from cargohold.replication.nodes import snapshot\n"
                   "async def main():\n"
                   "    async with EtcdClient([sys.argv[1]]) as c:\n"
                   "        m = await snapshot(c, sys.argv[2])\n"

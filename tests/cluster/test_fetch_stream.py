@@ -15,7 +15,7 @@ import time
 import anyio
 import pytest
 
-from cargohold.grpc_bridge import StreamStopped
+from cargohold.runtime.grpc_bridge import StreamStopped
 from cargohold.replication.replicator import TokenBucket
 from cargohold.replication.transfer import PeerClient, PeerUnavailable, ReplicationService, grpc_server
 

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from cargohold.coordinator.etcd import EtcdClient
-from cargohold.coordinator.gc import GarbageCollector
+from cargohold.gc.collector import GarbageCollector
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.records import ManifestRecord
 

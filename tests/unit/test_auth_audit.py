@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from cargohold.audit import AuditLog, verify
-from cargohold.node.ratelimit import FailureLimiter, parse_rate
+from cargohold.auth.audit import AuditLog, verify
+from cargohold.auth.ratelimit import FailureLimiter, parse_rate
 
 
 def _write(path, events=5):

@@ -7,14 +7,14 @@ from urllib.parse import quote
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cargohold.node import errors
+from cargohold.oci import errors
 from cargohold.node.api import _chunk_range, _pagination, _parse_range
 from cargohold.node.auth import (
     REPO_ACTIONS, RulesError, ScopeError, parse_authorization, parse_scope, Policy,
 )
 from cargohold.node.http import Request
-from cargohold.node.manifest import SUPPORTED_TYPES, parse_manifest
-from cargohold.node.reference import NAME_RE, TAG_RE, parse_digest, parse_reference, validate_name
+from cargohold.oci.manifest import SUPPORTED_TYPES, parse_manifest
+from cargohold.oci.reference import NAME_RE, TAG_RE, parse_digest, parse_reference, validate_name
 
 # Latin-1 (what a header can carry), with the digits that str.isdigit() accepts and int() refuses.
 LATIN1 = st.one_of(st.text(alphabet=st.characters(max_codepoint=255), max_size=80),

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cargohold import config
+from cargohold import config, units
 
 
 def test_precedence_file_env_flags(tmp_path):
@@ -43,6 +43,6 @@ def test_map_settings_from_file_and_environment(tmp_path):
     assert config.load(f, {}, {}).site_bandwidth == {"eu": "50M"}
     s = config.load(None, {}, {"CARGOHOLD_SITE_BANDWIDTH__us": "20M"})
     assert s.site_bandwidth == {"us": "20M"}
-    assert config.parse_size("50M") == 50 * 2**20 and config.parse_size("1.5K") == 1536
+    assert units.parse_size("50M") == 50 * 2**20 and units.parse_size("1.5K") == 1536
     with pytest.raises(config.ConfigError):
         config.load(None, {"site_bandwidth": {"eu": "fast"}}, {})

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cargohold import config
+from cargohold import config, units
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_example_config_loads():
     settings = config.load(ROOT / "deploy" / "cargohold.yaml", {}, {})
     assert settings.cluster == "prod" and settings.site == "eu" and len(settings.etcd) == 3
-    assert config.parse_window(settings.gc_window) == (60, 300)
+    assert units.parse_window(settings.gc_window) == (60, 300)
 
 
 def test_systemd_unit_runs_serve_with_that_config():

@@ -1,4 +1,4 @@
-from cargohold.coordinator.gcmark import Snapshot, mark
+from cargohold.gc.mark import Snapshot, mark
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
 
 NOW = 10_000.0
@@ -67,7 +67,7 @@ def test_touch_refreshes_the_hold():
 
 def test_etcd_failures_are_found_inside_task_group_errors():
     from cargohold.coordinator.etcd import EtcdUnavailable
-    from cargohold.coordinator.gc import _describe_error, _etcd_failure
+    from cargohold.gc.collector import _describe_error, _etcd_failure
 
     outage = EtcdUnavailable("no answer")
     assert _etcd_failure(outage) is outage

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from cargohold.node import errors
-from cargohold.node.manifest import (
+from cargohold.oci import errors
+from cargohold.oci.manifest import (
     DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST, parse_manifest,
 )
 

@@ -1,4 +1,4 @@
-"""The allocator settings of the node process (cargohold.node.memory), checked by what they are
+"""The allocator settings of the node process (cargohold.runtime.memory), checked by what they are
 for: freeing and allocating 1 MiB buffers again must not fault fresh pages in every time."""
 
 import json
@@ -10,7 +10,7 @@ import pytest
 
 PROBE = r"""
 import json, resource, sys
-from cargohold.node import memory
+from cargohold.runtime import memory
 applied = memory.keep_large_buffers() if sys.argv[1] == "tuned" else False
 def round():                        # eight 1 MiB pieces in flight, then all freed
     pieces = [bytearray(1 << 20) for _ in range(8)]
@@ -40,7 +40,7 @@ def test_freed_large_buffers_are_reused_without_new_page_faults():
 
 
 def test_an_operators_own_malloc_settings_are_kept(monkeypatch):
-    from cargohold.node import memory
+    from cargohold.runtime import memory
 
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1")
     assert memory.keep_large_buffers() is False

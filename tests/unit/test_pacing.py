@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 
-from cargohold.pacing import BackgroundPace, Foreground
+from cargohold.runtime.pacing import BackgroundPace, Foreground
 
 pytestmark = pytest.mark.anyio
 

@@ -3,8 +3,8 @@ import hashlib
 import pytest
 from hypothesis import given, strategies as st
 
-from cargohold.node import errors
-from cargohold.node.reference import (
+from cargohold.oci import errors
+from cargohold.oci.reference import (
     NAME_RE, Digest, parse_digest, parse_reference, validate_name, validate_tag, validate_upload_id,
 )
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from cargohold.node import errors
-from cargohold.node.reference import Digest
-from cargohold.node.storage import FilesystemBlobStore
+from cargohold.oci import errors
+from cargohold.oci.reference import Digest
+from cargohold.blobs.store import FilesystemBlobStore
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +93,7 @@ async def test_inventory_and_per_digest_lock(store):
 def test_write_behind_keeps_a_sequentially_written_file_intact(tmp_path):
     """WriteBehind only starts writeback and drops written pages from the cache: the file's
     content is unchanged, and at most two windows are ever outside the dropped range."""
-    from cargohold.node import storage
+    from cargohold.blobs import store as storage
 
     window = 1024 * 1024
     parts = [os.urandom(300 * 1024) for _ in range(40)]
@@ -124,7 +124,7 @@ def test_write_behind_keeps_a_sequentially_written_file_intact(tmp_path):
 def test_staging_writer_writes_exactly_the_bytes_given(tmp_path, direct, size, piece):
     """Whatever the split of the bytes and however they fall on blocks and on the direct
     buffer, the finished file holds exactly them (the direct tail is padded, then cut back)."""
-    from cargohold.node import storage
+    from cargohold.blobs import store as storage
 
     data = os.urandom(size)
     path = tmp_path / "staged"
@@ -143,7 +143,7 @@ def test_staging_writer_writes_exactly_the_bytes_given(tmp_path, direct, size, p
 def test_staging_writer_bypasses_the_page_cache_where_it_can(tmp_path):
     """On a file system with O_DIRECT (this test's tmp dir on Linux ext4/xfs) the writer uses
     it; asked not to, it writes an ordinary buffered file. Its aligned buffer is reused."""
-    from cargohold.node import storage
+    from cargohold.blobs import store as storage
 
     if not storage._O_DIRECT:
         pytest.skip("no O_DIRECT on this platform")

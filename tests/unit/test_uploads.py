@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from cargohold.node import errors
-from cargohold.node.reference import Digest
-from cargohold.node.storage import FilesystemBlobStore
+from cargohold.oci import errors
+from cargohold.oci.reference import Digest
+from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
 
 pytestmark = pytest.mark.anyio

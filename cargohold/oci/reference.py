@@ -10,7 +10,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from cargohold.node import errors
+from cargohold.oci import errors
 
 # OCI distribution-spec v1.1 grammar.
 _NAME_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"

@@ -17,7 +17,7 @@ import ctypes
 import os
 import sys
 
-from cargohold.node import libc
+from cargohold.runtime import libc
 
 MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 64 * 1024 * 1024

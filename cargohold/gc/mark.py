@@ -13,15 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from cargohold.coordinator.records import BlobRecord, ManifestRecord
-
-
-@dataclass
-class Snapshot:
-    revision: int
-    manifests: dict[tuple[str, str], tuple[ManifestRecord, int]] = field(default_factory=dict)  # -> (record, mod rev)
-    tags: dict[tuple[str, str], str] = field(default_factory=dict)                              # (repo, tag) -> digest
-    blobs: dict[str, tuple[BlobRecord, int]] = field(default_factory=dict)                      # digest -> (record, mod rev)
+from cargohold.coordinator.records import BlobRecord, ManifestRecord, Snapshot
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from cargohold.node import errors
-from cargohold.node.reference import Digest, parse_digest
+from cargohold.oci import errors
+from cargohold.oci.reference import Digest, parse_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from cargohold.cmdutil import etcd_client
-from cargohold.coordinator import admin
+from cargohold.cli.options import etcd_client
+from cargohold.replication import nodes as admin
 
 
 def _human(size: int) -> str:

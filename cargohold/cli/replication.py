@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cargohold.cmdutil import etcd_client, load_metadata, read_rules_file
+from cargohold.cli.options import etcd_client, load_metadata, read_rules_file
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.policies import PolicyError, parse_replication
 from cargohold.replication.status import replication_status

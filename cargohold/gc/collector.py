@@ -29,13 +29,13 @@ from typing import Any
 
 import anyio
 
-from cargohold.coordinator import gcmark
+from cargohold.gc import mark as gcmark
 from cargohold.coordinator.etcd import Compare, Delete, EtcdError, Put
 from cargohold.coordinator.metadata import ChangeSignal, ClusterMetadata, TagImmutable
 from cargohold.coordinator.policies import retention_deletions
 from cargohold.coordinator.readmodel import without_cycle_collection
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
-from cargohold.pacing import BackgroundPace
+from cargohold.runtime.pacing import BackgroundPace
 
 log = logging.getLogger("cargohold.gc")
 

@@ -8,10 +8,10 @@ import time
 
 import anyio
 
-from cargohold.cmdutil import etcd_client, load_metadata, read_rules_file
+from cargohold.cli.options import etcd_client, load_metadata, read_rules_file
 from cargohold.coordinator import policies as policy_rules
 from cargohold.coordinator.etcd import Put
-from cargohold.coordinator.gc import FINISHED, new_run
+from cargohold.gc.collector import FINISHED, new_run
 from cargohold.coordinator.metadata import ClusterMetadata
 
 

@@ -22,8 +22,9 @@ from typing import AsyncIterator, Iterator, Protocol
 
 import anyio
 
-from cargohold.node import errors, libc
-from cargohold.node.reference import Digest
+from cargohold.oci import errors
+from cargohold.runtime import libc
+from cargohold.oci.reference import Digest
 
 READ_CHUNK = 1024 * 1024
 HASH_CHUNK = 4 * 1024 * 1024

@@ -12,16 +12,7 @@ import time
 from collections import deque
 from typing import Callable
 
-
-def parse_rate(text: str) -> tuple[int, float]:
-    """"N/SECONDS" (e.g. "10/300": ten failures per five minutes); ValueError if malformed."""
-    count, sep, window = str(text).partition("/")
-    if not sep:
-        raise ValueError(f"a rate is N/SECONDS, not {text!r}")
-    limit, seconds = int(count), float(window)
-    if limit < 1 or not 0 < seconds <= 86400:
-        raise ValueError(f"a rate needs N >= 1 and 0 < SECONDS <= 86400, not {text!r}")
-    return limit, seconds
+from cargohold.units import parse_rate
 
 
 class FailureLimiter:

@@ -18,9 +18,9 @@ import time
 
 import yaml
 
-from cargohold import audit
-from cargohold.cmdutil import etcd_client, read_rules_file
-from cargohold.nodecmd import _report
+from cargohold.auth import audit
+from cargohold.cli.options import etcd_client, read_rules_file
+from cargohold.cli.nodes import _report
 from cargohold.coordinator.accounts import Account, AccountStore, valid_account_name
 
 DEFAULT_COST = 10
@@ -28,7 +28,7 @@ DEFAULT_COST = 10
 
 def register(sub) -> None:
     """Add the user, robot, access and audit commands to the top-level subparsers."""
-    from cargohold.cli import _cluster_options, _with_etcd
+    from cargohold.cli.main import _cluster_options, _with_etcd
 
     def command(actions, name: str, help: str, handler, *, cluster: bool = True) -> argparse.ArgumentParser:
         p = actions.add_parser(name, help=help)

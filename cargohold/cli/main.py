@@ -7,7 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from cargohold import __version__, authcmd, config, gccmd, logs, nodecmd, replcmd
+from cargohold import __version__, config
+from cargohold.cli import access as authcmd
+from cargohold.cli import gc as gccmd
+from cargohold.runtime import logs
+from cargohold.cli import nodes as nodecmd
+from cargohold.cli import replication as replcmd
 
 
 def _serve_parser(sub) -> None:
@@ -50,7 +55,7 @@ def _serve_parser(sub) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import anyio
 
-    from cargohold.node import memory
+    from cargohold.runtime import memory
     from cargohold.node.server import serve
 
     flags = {k: v for k, v in vars(args).items() if k not in ("handler", "config", "command")}
