@@ -10,13 +10,12 @@ import anyio
 
 from cargohold.cli.options import etcd_client, load_metadata, read_rules_file
 from cargohold.coordinator import policies as policy_rules
-from cargohold.coordinator.etcd import Put
 from cargohold.gc.collector import FINISHED, new_run
 from cargohold.coordinator.metadata import ClusterMetadata
 
 
 def _latest(metadata: ClusterMetadata) -> dict | None:
-    runs = sorted(metadata.model.gc_runs.values(), key=lambda r: r.get("requested", 0))
+    runs = sorted(metadata.gc_runs().values(), key=lambda r: r.get("requested", 0))
     return runs[-1] if runs else None
 
 
@@ -64,7 +63,7 @@ async def gc_run(args) -> int:
     async with etcd_client(args) as client:
         metadata = ClusterMetadata(client, args.cluster, node_id="cli")
         run = new_run(dry_run=args.dry_run)
-        await client.put(metadata.keys.gc_run(run["id"]), json.dumps(run).encode())
+        await metadata.request_gc_run(run)
         if not args.wait:
             print(json.dumps({"run": run["id"], "state": "requested"}) if args.json
                   else f"gc run {run['id']} requested; `cargohold gc status` shows its progress")
@@ -84,7 +83,7 @@ async def _show_run(metadata: ClusterMetadata, run_id: str, show: bool, changed)
     async with anyio.create_task_group() as tg:
         await tg.start(metadata.run)
         while True:
-            run = metadata.model.gc_runs.get(run_id, {"id": run_id, "state": "requested", "phase": "queued"})
+            run = metadata.gc_runs().get(run_id, {"id": run_id, "state": "requested", "phase": "queued"})
             if show:
                 line = _progress_line(run, started)
                 sys.stderr.write(("\r" + line) if sys.stderr.isatty() else (line + "\n"))
@@ -102,11 +101,11 @@ async def gc_status(args) -> int:
     metadata = await load_metadata(args)
     run = _latest(metadata)
     if args.json:
-        print(json.dumps({"leader": metadata.model.gc_leader, "latest": run}, indent=2))
+        print(json.dumps({"leader": metadata.gc_leader(), "latest": run}, indent=2))
     elif run is None:
-        print(f"no gc run yet; leader: {metadata.model.gc_leader or 'none'}")
+        print(f"no gc run yet; leader: {metadata.gc_leader() or 'none'}")
     else:
-        print(f"leader: {metadata.model.gc_leader or 'none'}\n" + _describe(run))
+        print(f"leader: {metadata.gc_leader() or 'none'}\n" + _describe(run))
     return 0
 
 
@@ -116,7 +115,7 @@ async def retention_set(args) -> int:
         return 2
     async with etcd_client(args) as client:
         metadata = ClusterMetadata(client, args.cluster, node_id="cli")
-        await client.txn([], [Put(metadata.keys.policies(), rules.encode())])
+        await metadata.set_policies(rules)
     print(json.dumps({"retention": len(rules.retention), "immutable": len(rules.immutable)}) if args.json else
           f"stored {len(rules.retention)} retention and {len(rules.immutable)} immutable-tag rules; "
           "`cargohold gc run --dry-run --wait` shows what retention would delete")
@@ -125,7 +124,7 @@ async def retention_set(args) -> int:
 
 async def retention_list(args) -> int:
     metadata = await load_metadata(args)
-    rules = metadata.model.policies
+    rules = metadata.policies()
     if args.json:
         print(rules.encode().decode())
     else:

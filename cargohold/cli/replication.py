@@ -23,7 +23,7 @@ async def rules_set(args) -> int:
 
 async def rules_list(args) -> int:
     metadata = await load_metadata(args)
-    rules = metadata.model.replication_rules
+    rules = metadata.replication_rules()
     if args.json:
         print(rules.encode().decode())
     else:
@@ -35,7 +35,7 @@ async def rules_list(args) -> int:
 
 async def status(args) -> int:
     metadata = await load_metadata(args)
-    report = replication_status(metadata.model)
+    report = replication_status(metadata)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

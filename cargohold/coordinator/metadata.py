@@ -14,7 +14,8 @@ import json
 import logging
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping
 
 import anyio
 
@@ -23,8 +24,9 @@ from cargohold.coordinator.etcd import (
 )
 from cargohold.coordinator.groupcommit import GroupCommit
 from cargohold.coordinator.keys import Keys
+from cargohold.coordinator.policies import ReplicationRules
 from cargohold.coordinator.readmodel import ReadModel, page
-from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, encode_repo
+from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot, encode_repo
 
 log = logging.getLogger("cargohold.coordinator")
 
@@ -101,6 +103,7 @@ class ClusterMetadata:
         self.node_id = node_id
         self.model = ReadModel(self.keys)
         self.loaded = False
+        self.following = False        # a watch feeds the read model (run() is going)
         self.txn_count = 0
         # Copy records, releases and tombstone clears come in bursts (a join, a GC run): they
         # share transactions (see groupcommit.py).
@@ -173,6 +176,7 @@ class ClusterMetadata:
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Load a snapshot, report started, then follow the watch until cancelled."""
         revision = await self._load_snapshot()
+        self.following = True
         task_status.started()
         while True:
             try:
@@ -363,7 +367,8 @@ class ClusterMetadata:
         """One transaction; with `visible`, return once our read model has applied it."""
         result = await self.client.txn(compare, success, failure or [])
         self.txn_count += 1
-        if result.succeeded and visible:
+        # Only a followed model can show the write; a one-shot reader (the CLI) need not wait.
+        if result.succeeded and visible and self.following:
             await self.model.wait_for(result.revision, VISIBILITY_TIMEOUT)
         return result
 
@@ -604,9 +609,54 @@ class ClusterMetadata:
     async def set_replication_rules(self, rules) -> None:
         await self._txn([], [Put(self.keys.replication_rules(), rules.encode())])
 
+    # ------------------------------------------------------------------ read-model views
+    # What other packages may read of the read model. Each call looks at the current model
+    # (a compaction reload replaces it), and mappings are read-only views, not copies.
+    def revision(self) -> int:
+        """The etcd revision the read model has applied."""
+        return self.model.revision
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        """Wait (at most `timeout` s) until the read model has applied `revision`."""
+        return await self.model.wait_for(revision, timeout)
+
+    def blob_states(self) -> Mapping:
+        """digest -> BlobState (record, nodes holding a copy, repositories linking it)."""
+        return MappingProxyType(self.model.blobs)
+
+    def tombstones(self) -> Mapping[str, str]:
+        """digest -> id of the GC run that condemned it."""
+        return MappingProxyType(self.model.tombstones)
+
+    def gc_runs(self) -> Mapping[str, dict]:
+        return MappingProxyType(self.model.gc_runs)
+
+    def gc_leader(self) -> str | None:
+        return self.model.gc_leader
+
+    def gc_snapshot(self) -> Snapshot:
+        """Manifests, tags and blobs as the read model has them now (the GC's mark input)."""
+        return self.model.gc_snapshot()
+
+    def replication_rules(self) -> ReplicationRules:
+        return self.model.replication_rules
+
+    def node_status(self) -> Mapping[str, dict]:
+        """node id -> the replication figures that node last published."""
+        return MappingProxyType(self.model.node_status)
+
+    def cached_tags_of(self, repo: str, digest: str) -> list[str]:
+        """The repository's tags that point at `digest`, as the read model has them (no etcd read)."""
+        state = self.model.repo(repo)
+        return [tag for tag, target in state.tags.items() if target == digest] if state is not None else []
+
     # ------------------------------------------------------------------ policies
     def policies(self):
         return self.model.policies
 
     async def set_policies(self, policies) -> None:
         await self._txn([], [Put(self.keys.policies(), policies.encode())])
+
+    async def request_gc_run(self, run: dict) -> None:
+        """Queue a GC run (the leader picks it up through its watch)."""
+        await self._txn([], [Put(self.keys.gc_run(run["id"]), json.dumps(run).encode())])

@@ -96,24 +96,24 @@ class GarbageCollector:
             if self.metadata.lease is None:
                 await self.metadata.lease_granted.wait()
             lease = self.metadata.lease
-            if self.metadata.model.gc_leader is None and lease is not None and await self._campaign(lease):
+            if self.metadata.gc_leader() is None and lease is not None and await self._campaign(lease):
                 log.info("this node leads garbage collection")
                 try:
                     await self._lead(lease)
                 finally:
                     log.info("this node no longer leads garbage collection")
             else:
-                await self._changes.wait(5.0 if self.metadata.model.gc_leader is None else None)
+                await self._changes.wait(5.0 if self.metadata.gc_leader() is None else None)
 
     async def _campaign(self, lease: int) -> bool:
         key = self.keys.gc_leader()
         result = await self.client.txn([Compare.missing(key)], [Put(key, self.node_id.encode(), lease=lease)])
         if result.succeeded:
-            await self.metadata.model.wait_for(result.revision, 2.0)
+            await self.metadata.wait_for_revision(result.revision, 2.0)
         return result.succeeded
 
     def _leading(self, lease: int) -> bool:
-        return self.metadata.model.gc_leader == self.node_id and self.metadata.lease == lease
+        return self.metadata.gc_leader() == self.node_id and self.metadata.lease == lease
 
     async def _lead(self, lease: int) -> None:
         while self._leading(lease):
@@ -126,11 +126,11 @@ class GarbageCollector:
                 await self._put_run(new_run(dry_run=False, reason="scheduled"))
 
     def _next_run(self) -> dict | None:
-        pending = [r for r in self.metadata.model.gc_runs.values() if r.get("state") not in FINISHED]
+        pending = [r for r in self.metadata.gc_runs().values() if r.get("state") not in FINISHED]
         return min(pending, key=lambda r: r.get("requested", 0), default=None)
 
     def _last_finished(self) -> float:
-        return max((r.get("finished", 0) for r in self.metadata.model.gc_runs.values()), default=0.0)
+        return max((r.get("finished", 0) for r in self.metadata.gc_runs().values()), default=0.0)
 
     def _scheduled_run_due(self) -> bool:
         if not self.interval or time.time() - self._last_finished() < self.interval:
@@ -149,7 +149,7 @@ class GarbageCollector:
     # ------------------------------------------------------------------ one run
     async def _put_run(self, run: dict) -> None:
         result = await self.client.txn([], [Put(self.keys.gc_run(run["id"]), _encode(run))])
-        await self.metadata.model.wait_for(result.revision, 2.0)
+        await self.metadata.wait_for_revision(result.revision, 2.0)
 
     async def execute(self, run: dict, lease: int) -> dict:
         run = dict(run)
@@ -206,7 +206,7 @@ class GarbageCollector:
         await self._cleanup(run, progress)
 
     async def _apply_retention(self, run: dict) -> None:
-        policies = self.metadata.model.policies
+        policies = self.metadata.policies()
         if not policies.retention:
             return
         snapshot = await self.snapshot()
@@ -251,7 +251,7 @@ class GarbageCollector:
         except TimeoutError:       # etcd too slow to take the probe: the read below says why
             caught_up = False
         if caught_up:
-            return self.metadata.model.gc_snapshot()
+            return self.metadata.gc_snapshot()
         log.warning("gc: the read model lags etcd; reading the snapshot from etcd")
         return await self.read_snapshot()
 
@@ -354,14 +354,14 @@ class GarbageCollector:
         with self.metadata.changes(lambda blobs, sections: bool(blobs) or "members" in sections) as changed:
             while True:
                 progress.check()
-                model = self.metadata.model          # (replaced when a compaction forces a reload)
-                released = {d: r for d, r in model.tombstones.items()
-                            if (state := model.blobs.get(d)) is None or state.empty()}
+                tombstones, blobs = self.metadata.tombstones(), self.metadata.blob_states()
+                released = {d: r for d, r in tombstones.items()
+                            if (state := blobs.get(d)) is None or state.empty()}
                 if released:
                     await self.metadata.clear_tombstones(released)
-                alive = model.alive
-                left = [d for d, r in model.tombstones.items() if r == run["id"]]
-                waiting = [d for d in left if (state := model.blobs.get(d)) is not None and state.nodes & alive]
+                alive = self.metadata.alive()
+                left = [d for d, r in tombstones.items() if r == run["id"]]
+                waiting = [d for d in left if (state := blobs.get(d)) is not None and state.nodes & alive]
                 run["tombstones_left"] = len(left)
                 await progress.flush()
                 if not waiting:

@@ -136,7 +136,7 @@ class RegistryAPI:
             return json_response(200, b'{"status":"ok"}')
         if request.path == "/readyz":
             ready = await self._ready()
-            body = _json({"ready": ready, "revision": self.metadata.model.revision, "node": self.node_id})
+            body = _json({"ready": ready, "revision": self.metadata.revision(), "node": self.node_id})
             return json_response(200 if ready else 503, body)
         if request.path == "/metrics":
             return Response(200, [(b"content-type", b"text/plain; version=0.0.4")], self.metrics.render())
@@ -216,7 +216,7 @@ class RegistryAPI:
         return data
 
     async def _read_remote_all(self, digest_text: str) -> bytes:
-        record = self.metadata.model.blobs.get(digest_text)
+        record = self.metadata.blob_states().get(digest_text)
         size = record.record.size if record is not None and record.record is not None else None
         if size is None:
             raise errors.blob_unknown(detail={"digest": digest_text})

@@ -858,10 +858,6 @@ def access_control(settings: Settings, client: EtcdClient, metadata, node_id: st
     if settings.auth == "off" and not settings.audit_log:
         return None
 
-    def tags_of(repo: str, digest: str) -> list[str]:
-        state = metadata.model.repo(repo)
-        return [tag for tag, target in state.tags.items() if target == digest] if state is not None else []
-
     try:
         audit = AuditLog(settings.audit_log, node_id) if settings.audit_log else None
     except OSError as exc:
@@ -872,7 +868,7 @@ def access_control(settings: Settings, client: EtcdClient, metadata, node_id: st
         token_ttl=settings.token_ttl, htpasswd=settings.htpasswd,
         audit=audit,
         account_limiter=FailureLimiter.from_rate(settings.login_rate),
-        client_limiter=FailureLimiter.from_rate(settings.login_rate_client), tags_of=tags_of,
+        client_limiter=FailureLimiter.from_rate(settings.login_rate_client), tags_of=metadata.cached_tags_of,
         loopback=is_loopback(settings.host_port[0]), insecure_open=settings.insecure_open)
 
 

@@ -159,7 +159,7 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
     metrics.gauge("cargohold_etcd_lease_refreshes", "Lease keepalive round trips (counted in the requests above).",
                   lambda: [({}, metadata.client.lease_refreshes)])
     def gc_progress():
-        runs = sorted(metadata.model.gc_runs.values(), key=lambda r: r.get("requested", 0))
+        runs = sorted(metadata.gc_runs().values(), key=lambda r: r.get("requested", 0))
         if not runs:
             return []
         run = runs[-1]
@@ -168,7 +168,7 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
 
     metrics.gauge("cargohold_gc_last_run", "Progress of the latest garbage collection run.", gc_progress)
     def replication_lag():
-        status = replication_status(metadata.model)
+        status = replication_status(metadata)
         rows = []
         for row in status["rules"]:
             labels = {"site": row["site"], "rule": row["rule"]}
@@ -179,7 +179,7 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
     metrics.gauge("cargohold_replication_site", "Blobs pending per target site and rule, and the lag.",
                   replication_lag)
     metrics.gauge("cargohold_read_model_revision", "etcd revision the read model has applied.",
-                  lambda: [({}, metadata.model.revision)])
+                  lambda: [({}, metadata.revision())])
     return metrics
 
 

@@ -46,7 +46,7 @@ async def snapshot(client: EtcdClient, cluster: str) -> ClusterMetadata:
 
 def _held(metadata: ClusterMetadata) -> dict[str, tuple[int, int]]:
     held: dict[str, list[int]] = {}
-    for state in metadata.model.blobs.values():
+    for state in metadata.blob_states().values():
         if state.record is None:
             continue
         for node in state.nodes:
@@ -98,7 +98,7 @@ async def _follow_leave(metadata: ClusterMetadata, node_id: str, report, changed
             member = metadata.members().get(node_id)
             if member is None:
                 raise KeyError(node_id)
-            remaining = sum(1 for s in metadata.model.blobs.values() if node_id in s.nodes)
+            remaining = sum(1 for s in metadata.blob_states().values() if node_id in s.nodes)
             total = remaining if total is None else max(total, remaining)
             alive = node_id in metadata.alive()
             progress = LeaveProgress(node_id, member.state, alive, remaining, total)
@@ -121,7 +121,7 @@ async def _settle_dead_node(metadata: ClusterMetadata, member: Member) -> None:
                   if m.site == member.site and m.state == "active" and m.node_id in alive]
     replicas = min(metadata.replicas_per_site, len(candidates))
     pending = 0
-    for digest, state in list(metadata.model.blobs.items()):
+    for digest, state in list(metadata.blob_states().items()):
         if member.node_id not in state.nodes:
             continue
         blob_owners = owners(digest, candidates, replicas)

@@ -171,9 +171,9 @@ class Replicator:
 
     def target_sites(self, digest: str) -> set[str]:
         """The sites whose replication rules call for this blob (by the repositories it is in)."""
-        state = self.metadata.model.blobs.get(digest)
+        state = self.metadata.blob_states().get(digest)
         repos = state.repos if state is not None else ()
-        return self.metadata.model.replication_rules.sites_for(repos, self.sites())
+        return self.metadata.replication_rules().sites_for(repos, self.sites())
 
     def owners_of(self, digest: str, site: str | None = None) -> list[str]:
         return owners(digest, self.placement_candidates(site), self.replicas)
@@ -207,7 +207,7 @@ class Replicator:
         if self._full_pass:
             self._full_pass = False
             self._pending.clear()
-            return [d for d in list(self.metadata.model.blobs) if d not in self._in_progress]
+            return [d for d in list(self.metadata.blob_states()) if d not in self._in_progress]
         batch = [d for d in self._pending if d not in self._in_progress]
         self._pending.difference_update(batch)
         return batch
@@ -227,7 +227,7 @@ class Replicator:
         this yields to the loop every DISPATCH_YIELD blobs): condemned copies to the release
         workers; small blobs this node must fetch grouped by the holder they would be read from
         (one ReadBlobs stream per group, sent when full or at the end); the rest one by one."""
-        tombstones = self.metadata.model.tombstones
+        tombstones = self.metadata.tombstones()
         groups: dict[str, tuple[list[str], int]] = {}      # holder -> (digests, bytes)
         for count, digest in enumerate(batch, 1):
             if count % DISPATCH_YIELD == 0:
@@ -260,8 +260,8 @@ class Replicator:
     def _fetch_size(self, digest: str) -> int | None:
         """The blob's size if this node must fetch it: it is recorded and not condemned, and
         this node is one of its owners in its site and publishes no copy yet."""
-        state = self.metadata.model.blobs.get(digest)
-        if state is None or state.record is None or digest in self.metadata.model.tombstones:
+        state = self.metadata.blob_states().get(digest)
+        if state is None or state.record is None or digest in self.metadata.tombstones():
             return None
         if self.site not in self.target_sites(digest) or self.metadata.publishes_copy(digest):
             return None
@@ -331,11 +331,11 @@ class Replicator:
 
     # ------------------------------------------------------------------ one blob
     async def reconcile(self, digest: str) -> None:
-        run_id = self.metadata.model.tombstones.get(digest)
+        run_id = self.metadata.tombstones().get(digest)
         if run_id is not None:
             await self._release_condemned(digest, run_id)
             return
-        state = self.metadata.model.blobs.get(digest)
+        state = self.metadata.blob_states().get(digest)
         if state is None or state.record is None:
             return
         targets = self.target_sites(digest)
@@ -376,7 +376,7 @@ class Replicator:
 
     def _check_space(self, size: int) -> None:
         if self.storage_limit is not None:
-            used = sum(s.record.size for s in self.metadata.model.blobs.values()
+            used = sum(s.record.size for s in self.metadata.blob_states().values()
                        if self.node_id in s.nodes and s.record is not None)
             if used + size > self.storage_limit:
                 raise StorageFull(f"storage limit reached ({used} of {self.storage_limit} bytes used)")
@@ -405,12 +405,12 @@ class Replicator:
         """When a GC run finishes, every node scrubs its own disk (the leader cannot); at most
         once per grace period, since a file younger than that is never removed anyway (a walk
         of 100,000 files after each of several back-to-back runs only costs the clients)."""
-        scrubbed = {r for r, run in self.metadata.model.gc_runs.items() if run.get("state") == "done"}
+        scrubbed = {r for r, run in self.metadata.gc_runs().items() if run.get("state") == "done"}
         last_scrub = float("-inf")
         with self.metadata.changes(lambda _blobs, sections: "gc" in sections) as gc_changes:
             while True:
                 await gc_changes.wait()
-                done = {r for r, run in self.metadata.model.gc_runs.items()
+                done = {r for r, run in self.metadata.gc_runs().items()
                         if run.get("state") == "done" and not run.get("dry_run")}
                 if done - scrubbed and time.monotonic() - last_scrub >= self.gc_grace:
                     scrubbed |= done
@@ -420,7 +420,7 @@ class Replicator:
     async def scrub(self, grace: float) -> int:
         """Delete local files that etcd does not know this node holds and that are older than
         the grace period (left by a crash between writing a file and publishing it)."""
-        known = {d for d, s in self.metadata.model.blobs.items() if self.node_id in s.nodes}
+        known = {d for d, s in self.metadata.blob_states().items() if self.node_id in s.nodes}
         cutoff = time.time() - grace
 
         def unaccounted() -> list:
@@ -447,7 +447,7 @@ class Replicator:
             return
         if self._in_progress or self._pending:
             return
-        if any(self.node_id in s.nodes for s in self.metadata.model.blobs.values()):
+        if any(self.node_id in s.nodes for s in self.metadata.blob_states().values()):
             return
         await self.metadata.set_member_state(self.node_id, "left")
         log.info("drained: every blob this node held has its copies elsewhere; leaving")
@@ -455,7 +455,7 @@ class Replicator:
 
     def held_count(self, node_id: str) -> tuple[int, int]:
         count = size = 0
-        for state in self.metadata.model.blobs.values():
+        for state in self.metadata.blob_states().values():
             if node_id in state.nodes and state.record is not None:
                 count += 1
                 size += state.record.size

@@ -1,4 +1,4 @@
-"""The cluster's replication picture, derived from the read model (no I/O).
+"""The cluster's replication picture, derived from ClusterMetadata's read-model views (no I/O).
 
 Per site and rule: how many blobs the rules send to that site still lack a copy there, and
 the age of the oldest of them (the lag). Per site: what its nodes report doing (in flight,
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from cargohold.coordinator.readmodel import ReadModel
+from cargohold.coordinator.metadata import ClusterMetadata
 
 
 @dataclass
@@ -34,13 +34,13 @@ class SiteStatus:
     failures: list[dict] = field(default_factory=list)
 
 
-def replication_status(model: ReadModel, now: float | None = None) -> dict:
+def replication_status(metadata: ClusterMetadata, now: float | None = None) -> dict:
     now = time.time() if now is None else now
-    members = model.members
+    members = metadata.members()
     live_sites = {m.site for m in members.values() if m.state != "left"}
-    rules = model.replication_rules
+    rules = metadata.replication_rules()
     rows: dict[tuple[str, str], SiteRuleStatus] = {}
-    for digest, state in model.blobs.items():
+    for digest, state in metadata.blob_states().items():
         if state.record is None:
             continue
         repo_rules = {(r.describe() if (r := rules.rule_for(repo)) else "* -> * (default)") for repo in state.repos}
@@ -55,7 +55,7 @@ def replication_status(model: ReadModel, now: float | None = None) -> dict:
                     row.pending_bytes += state.record.size
                     row.lag_seconds = max(row.lag_seconds, now - state.record.created)
     sites: dict[str, SiteStatus] = {site: SiteStatus(site) for site in sorted(live_sites)}
-    for node, status in model.node_status.items():
+    for node, status in metadata.node_status().items():
         site = sites.setdefault(status.get("site", "?"), SiteStatus(status.get("site", "?")))
         site.nodes.append(node)
         site.queued += status.get("queued", 0)

@@ -54,7 +54,7 @@ class Cluster:
                   "async def main():\n"
                   "    async with EtcdClient([sys.argv[1]]) as c:\n"
                   "        m = await snapshot(c, sys.argv[2])\n"
-                  "        print(json.dumps({d: sorted(s.nodes) for d, s in m.model.blobs.items() if s.record}))\n"
+                  "        print(json.dumps({d: sorted(s.nodes) for d, s in m.blob_states().items() if s.record}))\n"
                   "anyio.run(main, backend='trio')\n")
         out = subprocess.run([sys.executable, "-c", script, self.etcd_url, self.name], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True).stdout
