@@ -1,9 +1,9 @@
 """One way for tests to wait for something the system does in the background.
 
 A test waits for an outcome, never for a span of time: `until` (plain code) and `eventually`
-(async code) call the check again and again until it holds. A check "holds" when it returns
-something truthy (or None after finishing without an AssertionError), so both a predicate and
-a block of asserts work. The timeout only turns a hang into a readable failure: it is generous
+(async code) call the check again and again until it holds. A check holds when it returns
+something truthy; an AssertionError (or a refused connection) means "not yet", so a block of
+asserts works too if it ends with `return True`. The timeout only turns a hang into a readable failure: it is generous
 on purpose and never part of what a test asserts.
 """
 
@@ -33,10 +33,6 @@ class _Deadline:
         return AssertionError(f"not true within {self.timeout:.0f}s: {self.what} (last: {self.last!r})")
 
 
-def _holds(result: Any) -> bool:
-    return result is None or bool(result)
-
-
 def until(check: Callable[[], Any], *, timeout: float = PATIENCE, interval: float = 0.05,
           what: str = "condition") -> Any:
     """Call `check()` until it holds; return its last value."""
@@ -44,7 +40,7 @@ def until(check: Callable[[], Any], *, timeout: float = PATIENCE, interval: floa
     while True:
         try:
             deadline.last = check()
-            if _holds(deadline.last):
+            if deadline.last:
                 return deadline.last
         except RETRIED as exc:
             deadline.last = exc
@@ -61,7 +57,7 @@ async def eventually(check: Callable[[], Any], *, timeout: float = PATIENCE, int
         try:
             result = check()
             deadline.last = await result if inspect.isawaitable(result) else result
-            if _holds(deadline.last):
+            if deadline.last:
                 return deadline.last
         except RETRIED as exc:
             deadline.last = exc
