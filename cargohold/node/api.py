@@ -24,7 +24,9 @@ from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
 from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import Metrics
 from cargohold.runtime.pacing import Foreground
-from cargohold.oci.reference import Digest, parse_digest, parse_reference, validate_name, validate_upload_id
+from cargohold.oci.reference import (
+    Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_upload_id,
+)
 from cargohold.replication.replicator import ContentUnavailable, Replicator
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
@@ -192,7 +194,7 @@ class RegistryAPI:
         raise _method_not_allowed(request)
 
     async def _get_manifest(self, request: Request, name: str, reference: str) -> Response:
-        tag, digest = parse_reference(reference)
+        tag, digest = lookup_reference(reference)
         digest_text = str(digest) if digest else await self.metadata.resolve_tag(name, tag)
         record = await self.metadata.manifest(name, digest_text) if digest_text else None
         if record is None:
@@ -260,7 +262,7 @@ class RegistryAPI:
         return response
 
     async def _delete_manifest(self, request: Request, name: str, reference: str) -> Response:
-        tag, digest = parse_reference(reference)
+        tag, digest = lookup_reference(reference)
         try:
             if digest is not None:
                 found = await self.metadata.delete_manifest(name, str(digest))

@@ -75,7 +75,20 @@ def validate_upload_id(upload_id: str) -> str:
 
 
 def parse_reference(reference: str) -> tuple[str | None, Digest | None]:
-    """A manifest reference is a tag or a digest: returns (tag, None) or (None, digest)."""
+    """A manifest reference is a tag or a digest: returns (tag, None) or (None, digest).
+
+    For a PUT a malformed one is the client's error: 400 MANIFEST_INVALID for a tag (v1.1 lists
+    no TAG_INVALID code any more), DIGEST_INVALID for a digest."""
     if is_digest(reference):
         return None, parse_digest(reference)
     return validate_tag(reference), None
+
+
+def lookup_reference(reference: str) -> tuple[str | None, Digest | None]:
+    """`parse_reference` for reading or deleting: a reference that is neither a valid tag nor a
+    valid digest names no manifest, so it is 404 MANIFEST_UNKNOWN (as Distribution and zot
+    answer, and as the conformance suite expects), not a 400."""
+    try:
+        return parse_reference(reference)
+    except errors.RegistryError:
+        raise errors.manifest_unknown(detail={"reference": reference[:200]}) from None

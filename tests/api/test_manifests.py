@@ -366,6 +366,18 @@ async def test_invalid_tag_is_refused(client, repo, tag):
     assert sorted(r.json()["tags"]) == ["base"], describe(r)
 
 
+# The distribution-spec conformance suite asks for `.INVALID_MANIFEST_NAME`: a reference that
+# is neither a tag nor a digest names no manifest (404 MANIFEST_UNKNOWN, as Distribution and zot).
+@pytest.mark.parametrize("ref", [".INVALID_MANIFEST_NAME", "-leading-dash", "sha256:1234"])
+async def test_reading_a_reference_that_cannot_exist_is_manifest_unknown(client, repo, ref):
+    await make_repo_exist(client, repo)
+    for method in ("GET", "HEAD", "DELETE"):
+        r = await client.request(method, f"/v2/{repo}/manifests/{ref}", headers=ACCEPT)
+        assert r.status_code == 404, (method, describe(r))
+        if method != "HEAD":
+            assert error_codes(r) == ["MANIFEST_UNKNOWN"], (method, describe(r))
+
+
 @pytest.mark.parametrize("ref", ["sha256:1234", "sha256:" + "z" * 64, "md5:" + "a" * 32])
 async def test_malformed_digest_reference(client, repo, ref):
     await make_repo_exist(client, repo)

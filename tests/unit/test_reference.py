@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 
 from cargohold.oci import errors
 from cargohold.oci.reference import (
-    NAME_RE, Digest, parse_digest, parse_reference, validate_name, validate_tag, validate_upload_id,
+    NAME_RE, Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_tag, validate_upload_id,
 )
 
 
@@ -45,6 +45,16 @@ def test_tags_and_references():
     for bad in (".hidden", "-x", "a" * 129, "a/b", ""):
         with pytest.raises(errors.RegistryError):
             validate_tag(bad)
+
+
+@pytest.mark.parametrize("reference", [".INVALID_MANIFEST_NAME", "-x", "a" * 129, "sha256:1234", "md5:" + "a" * 32])
+def test_a_reference_that_cannot_exist_is_unknown_to_readers_and_invalid_to_writers(reference):
+    with pytest.raises(errors.RegistryError) as read:
+        lookup_reference(reference)
+    assert (read.value.code, read.value.status) == ("MANIFEST_UNKNOWN", 404)
+    with pytest.raises(errors.RegistryError) as write:
+        parse_reference(reference)
+    assert write.value.status == 400 and write.value.code in ("MANIFEST_INVALID", "DIGEST_INVALID")
 
 
 def test_upload_ids_refuse_traversal():
