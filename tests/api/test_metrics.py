@@ -4,6 +4,9 @@ bucketed; the figures other components own exposed with their types."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import anyio
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -93,3 +96,20 @@ async def test_replication_etcd_and_holdings_figures_on_a_real_node(client, repo
         assert types[gauge] == "gauge", gauge
     assert value(families, "cargohold_http_received_bytes", "_total", route="uploads") >= len(data)
     assert types["process_resident_memory_bytes"] == "gauge"
+
+
+def readme_metrics() -> dict[str, str]:
+    """name -> type, from the table of README.md's Metrics section."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `(cargohold_\w+)` \| (\w+) \|", section, re.M))
+
+
+async def test_the_readme_documents_every_metric_with_its_type(client):
+    documented = readme_metrics()
+    exposed = {name + ("_total" if family.type == "counter" else ""): family.type
+               for name, family in (await scrape(client)).items() if name.startswith("cargohold_")}
+    assert exposed.items() <= documented.items()
+    # The GC figures appear once a GC run exists; every other one is always there.
+    missing = {name for name in documented if name not in exposed and not name.startswith("cargohold_gc_")}
+    assert missing == set()
