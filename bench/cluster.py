@@ -436,8 +436,8 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
                                         status="200")
                                  - metric(before[nid], "cargohold_http_requests_total", route="blob", method="GET",
                                           status="200")) for nid in ids}
-        sent = {nid: int(metric(after[nid], "cargohold_http_bytes_sent_total")
-                         - metric(before[nid], "cargohold_http_bytes_sent_total")) for nid in ids}
+        sent = {nid: int(metric(after[nid], "cargohold_http_sent_bytes_total")
+                         - metric(before[nid], "cargohold_http_sent_bytes_total")) for nid in ids}
         res = {"nodes": n_nodes, "seconds": wall, "bytes": total, "MBps": total / wall / MB,
                "pulls": pulls, "remote_pulls": remote, "remote_share": remote / pulls,
                "planned_gets_per_node": planned_per_node, "metrics_gets_per_node": got_per_node,
@@ -445,7 +445,7 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
                "node_cpu_s": sum(node_cpu.values()), "node_cpu_per_node": node_cpu, "curl_cpu_s": ccpu,
                "placement_settle_s": settle_s,
                "mean_transfer_s": {k: (sum(v) / len(v) if v else None) for k, v in times.items()},
-               "held": {nid: int(metric(after[nid], "cargohold_blobs_held", unit="blobs")) for nid in ids}}
+               "held": {nid: int(metric(after[nid], "cargohold_blobs_held")) for nid in ids}}
         ctx.log(f"[aggregate_pull] {n_nodes} node(s): {total / MB:,.0f} MB in {wall:.2f}s = "
                 f"{res['MBps']:,.0f} MB/s; remote pulls {remote}/{pulls}; node CPU "
                 f"{res['node_cpu_s']:.1f}s, curl CPU {ccpu:.1f}s; GETs per node {got_per_node}")
@@ -564,7 +564,7 @@ class PlacementPoller(threading.Thread):
                             s = node.samples(c)
                         except httpx.HTTPError:
                             continue            # not listening yet
-                        held[nid] = int(metric(s, "cargohold_blobs_held", unit="blobs"))
+                        held[nid] = int(metric(s, "cargohold_blobs_held"))
                         queued += metric(s, "cargohold_replication_queue_depth")
                     mine = held.get(self.newcomer, 0)
                     if self.first_copy_at is None and mine > 0:
@@ -613,7 +613,7 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
         ctx.log(f"[rebalance_join] {n_blobs} x {size // 1024} KiB pushed round-robin in "
                 f"{time.perf_counter() - t0:.1f}s, on their 2 owners {settle_s:.1f}s later")
         list_before = cl.node_list()
-        fetched_before = {nid: metric(s, "cargohold_replication_bytes_fetched") for nid, s in cl.samples().items()}
+        fetched_before = {nid: metric(s, "cargohold_replication_fetched_bytes_total") for nid, s in cl.samples().items()}
 
         trace_before = _read_traces(cl)
         cpu_before = {nid: cpu_seconds(node.pid) for nid, node in cl.nodes.items()}
@@ -643,10 +643,10 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
         cl.wait_quiet(120, copies=2 * n_blobs)
         trace_after = _read_traces(cl)
         samples = cl.samples()
-        fetched = {nid: int(metric(s, "cargohold_replication_bytes_fetched") - fetched_before.get(nid, 0))
+        fetched = {nid: int(metric(s, "cargohold_replication_fetched_bytes_total") - fetched_before.get(nid, 0))
                    for nid, s in samples.items()}
-        n4_etcd = (int(metric(samples["n4"], "cargohold_etcd_request_seconds", stat="count")),
-                   metric(samples["n4"], "cargohold_etcd_request_seconds", stat="sum"))
+        n4_etcd = (int(metric(samples["n4"], "cargohold_etcd_request_duration_seconds_count")),
+                   metric(samples["n4"], "cargohold_etcd_request_duration_seconds_sum"))
         n4_cpu = cpu_seconds(node4.pid)
         list_after = cl.node_list()
         holders_after, _ = cl.holders()
@@ -836,7 +836,7 @@ def bench_etcd_round_trips(ctx: Ctx) -> list[Row]:
                 note = (f"counted by etcd (grpc_server_handled_total, unary KV calls) around each request: "
                         f"min {vmin}, max {vmax}; " + note)
                 if p["node_total"] != sum(sum(x.values()) for x in p["server_per_request_by_method"]):
-                    note += ("; NOTE the node's cargohold_etcd_request_seconds count "
+                    note += ("; NOTE the node's cargohold_etcd_request_duration_seconds_count "
                              f"({p['node_total']}) misses requests etcd saw "
                              f"({sum(sum(x.values()) for x in p['server_per_request_by_method'])})")
                 rows.append(Row("etcd_round_trips", f"{label}, 1 node", value, "req/op", target, ok, note=note))
@@ -871,8 +871,8 @@ def _etcd_counts(cl: Cluster) -> dict[str, int]:
 def _node_requests(s: dict) -> int:
     """The node's etcd round trips less its lease keepalives (background, every ttl/3; trees
     before the keepalive counter are taken as they are)."""
-    refreshes = metric(s, "cargohold_etcd_lease_refreshes")
-    return int(metric(s, "cargohold_etcd_request_seconds", stat="count") - (refreshes or 0))
+    refreshes = metric(s, "cargohold_etcd_lease_refreshes_total")
+    return int(metric(s, "cargohold_etcd_request_duration_seconds_count") - (refreshes or 0))
 
 
 def push_blob_docker(c: httpx.Client, base: str, repo: str, data: bytes, digest: str) -> None:

@@ -348,7 +348,7 @@ class Cluster:
                     s = n.samples(c)
                     model = int(metric(s, "cargohold_read_model_revision"))
                     queue = metric(s, "cargohold_replication_queue_depth")
-                    mine = int(metric(s, "cargohold_blobs_held", unit="blobs"))
+                    mine = int(metric(s, "cargohold_blobs_held"))
                     total += mine
                     if model != rev or queue:
                         ok = False

@@ -264,7 +264,7 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
             # -- the transfer into B
             prof = _profiler(ctx, f"{key}-r{rnd}")
             cpu0 = {n: H.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes if sites.nodes[n].alive()}
-            fetched0 = {n: H.scrape_metric(sites.nodes[n].url, "cargohold_replication_bytes_fetched") or 0
+            fetched0 = {n: H.scrape_metric(sites.nodes[n].url, "cargohold_replication_fetched_bytes_total") or 0
                         for n in b_ids if sites.nodes[n].alive()}
             n_events_before = len(watcher.copies)
             for n in a_ids:
@@ -300,7 +300,7 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
             all_done = max(done_at.values())
             outputs = prof.stop()
             cpu1 = {n: H.cpu_seconds(sites.nodes[n].pid) for n in cpu0}
-            fetched = {n: (H.scrape_metric(sites.nodes[n].url, "cargohold_replication_bytes_fetched") or 0)
+            fetched = {n: (H.scrape_metric(sites.nodes[n].url, "cargohold_replication_fetched_bytes_total") or 0)
                        - (fetched0.get(n, 0) if mode == "rules" else 0) for n in b_ids}
             disk_after = H.fsync_write_speed(sites.root)
             r["loadavg_after"] = os.getloadavg()[0]

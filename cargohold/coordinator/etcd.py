@@ -38,6 +38,7 @@ import grpc
 from pyetcd import etcdrpc
 from pyetcd.etcdrpc import kv_pb2
 
+from cargohold.runtime.durations import DurationHistogram
 from cargohold.runtime.grpc_bridge import await_future, next_message
 
 __all__ = [
@@ -331,6 +332,8 @@ _CHANNEL_OPTIONS = [
 # Streams on a member that has lost its leader are failed by etcd (instead of going
 # silent), so watches and keepalives move to another endpoint.
 _REQUIRE_LEADER = (("hasleader", "true"),)
+# Seconds: a healthy local etcd answers in under a millisecond; retries stop after retry_timeout.
+REQUEST_DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Failure texts meaning the request was never processed: safe to retry any write.
 _NOT_SENT = ("failed to connect", "connection refused", "no leader")
@@ -441,9 +444,17 @@ class EtcdClient:
         self._endpoints = [_Endpoint(target, credentials if tls else None) for target, tls in parsed]
         self._current = random.randrange(len(self._endpoints))
         self._closed = False
-        self.requests = 0              # unary round trips made (including retries)
-        self.request_seconds = 0.0
+        # Every unary round trip (including retries) and its duration, for /metrics.
+        self.request_durations = DurationHistogram(REQUEST_DURATION_BUCKETS)
         self.lease_refreshes = 0       # of which lease keepalives (background, every ttl/3)
+
+    @property
+    def requests(self) -> int:
+        return self.request_durations.count
+
+    @property
+    def request_seconds(self) -> float:
+        return self.request_durations.sum
 
     # -- lifecycle
 
@@ -502,11 +513,11 @@ class EtcdClient:
                 if remaining <= 0:
                     targets = ", ".join(e.target for e in self._endpoints)
                     raise EtcdUnavailable(f"etcd {what}: no answer from {targets}: {_details(err)}") from err
-                await anyio.sleep(min(backoff.next(), remaining))
             finally:
-                # Every unary round trip, whoever asked for it (for /metrics).
-                self.requests += 1
-                self.request_seconds += time.perf_counter() - started
+                # Every unary round trip, whoever asked for it (for /metrics); the backoff
+                # below is not part of the round trip.
+                self.request_durations.observe(time.perf_counter() - started)
+            await anyio.sleep(min(backoff.next(), remaining))
 
     async def _unary(self, method: str, request: Any, *, idempotent: bool = True, revision: int = 0) -> Any:
         service, name = method.split(".")

@@ -22,7 +22,7 @@ from cargohold.node.http import (
 )
 from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
 from cargohold.node.forward import UploadForwarder
-from cargohold.node.metrics import Metrics
+from cargohold.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from cargohold.runtime.pacing import Foreground
 from cargohold.oci.reference import (
     Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_upload_id,
@@ -42,6 +42,8 @@ ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(rf"^/v2/{_NAME}/tags/list$"), "tags"),
     (re.compile(rf"^/v2/{_NAME}/referrers/(?P<digest>[^/]+)$"), "referrers"),
 ]
+# Route names of the paths outside /v2 (metric labels: never the raw path).
+SERVICE_ROUTES = {"/token": "token", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$", re.ASCII)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 OCTET = "application/octet-stream"
@@ -112,8 +114,7 @@ class RegistryAPI:
             response = error_response(errors.unavailable())
         sent = await send_response(send, response, request.method == "HEAD")
         elapsed = time.perf_counter() - started
-        self.metrics.observe(request.route, request.method, response.status, elapsed, sent)
-        self.metrics.bytes_in += request.received
+        self.metrics.observe(request.route, request.method, response.status, elapsed, sent, request.received)
         if log.isEnabledFor(logging.INFO):
             log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent, elapsed * 1000)
 
@@ -141,7 +142,7 @@ class RegistryAPI:
             body = _json({"ready": ready, "revision": self.metadata.revision(), "node": self.node_id})
             return json_response(200 if ready else 503, body)
         if request.path == "/metrics":
-            return Response(200, [(b"content-type", b"text/plain; version=0.0.4")], self.metrics.render())
+            return Response(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render())
         raise errors.not_found()
 
     # ------------------------------------------------------------------ discovery
@@ -414,10 +415,13 @@ def _route(request: Request) -> tuple[str, dict]:
     """The route's kind ("service", "base", "catalog" or a ROUTES kind) and its parameters."""
     path = request.path
     if not path.startswith("/v2"):
+        request.route = SERVICE_ROUTES.get(path, "other")
         return "service", {}
     if path in ("/v2/", "/v2"):
+        request.route = "base"
         return "base", {}
     if path == "/v2/_catalog":
+        request.route = "catalog"
         return "catalog", {}
     for pattern, kind in ROUTES:
         match = pattern.match(path)

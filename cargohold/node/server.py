@@ -20,7 +20,7 @@ from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
 from cargohold.node.auth import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
-from cargohold.node.metrics import Metrics
+from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
@@ -74,7 +74,7 @@ async def serve(settings: Settings) -> None:
             pace=BackgroundPace(foreground, settings.gc_busy_rate))
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
-        metrics = _metrics(metadata, replicator, node_id)
+        metrics = _metrics(client, metadata, replicator, node_id)
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
         if access is not None:
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
@@ -139,48 +139,16 @@ def _grpc_address(settings: Settings, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) -> Metrics:
-    metrics = Metrics()
+def _metrics(client: EtcdClient, metadata: ClusterMetadata, replicator: Replicator, node_id: str) -> Metrics:
+    return Metrics(NodeFigures(etcd=client, metadata=metadata, node_id=node_id,
+                               replication=lambda: _replication_figures(metadata, replicator)))
 
-    def held():
-        count, size = replicator.held_count(node_id)
-        return [({"unit": "blobs"}, count), ({"unit": "bytes"}, size)]
 
-    metrics.gauge("cargohold_blobs_held", "Blobs (and their bytes) this node holds a copy of.", held)
-    metrics.gauge("cargohold_replication_queue_depth", "Blobs waiting to be reconciled.",
-                  lambda: [({}, replicator.stats.queued + len(replicator._pending))])
-    metrics.gauge("cargohold_replication_bytes_fetched", "Bytes copied from peers since start.",
-                  lambda: [({}, replicator.stats.bytes_fetched)])
-    metrics.gauge("cargohold_remote_reads", "Blob reads served by streaming from a peer (no local copy).",
-                  lambda: [({}, replicator.stats.remote_reads)])
-    metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
-                  lambda: [({"stat": "count"}, metadata.client.requests),
-                           ({"stat": "sum"}, round(metadata.client.request_seconds, 6))])
-    metrics.gauge("cargohold_etcd_lease_refreshes", "Lease keepalive round trips (counted in the requests above).",
-                  lambda: [({}, metadata.client.lease_refreshes)])
-    def gc_progress():
-        runs = sorted(metadata.gc_runs().values(), key=lambda r: r.get("requested", 0))
-        if not runs:
-            return []
-        run = runs[-1]
-        return [({"run": run["id"], "stat": k}, run.get(k, 0)) for k in
-                ("marked", "candidates", "swept", "bytes_freed", "manifests_deleted", "tags_deleted")]
-
-    metrics.gauge("cargohold_gc_last_run", "Progress of the latest garbage collection run.", gc_progress)
-    def replication_lag():
-        status = replication_status(metadata)
-        rows = []
-        for row in status["rules"]:
-            labels = {"site": row["site"], "rule": row["rule"]}
-            rows += [({**labels, "stat": "pending"}, row["pending"]), ({**labels, "stat": "lag_seconds"},
-                                                                       round(row["lag_seconds"], 3))]
-        return rows
-
-    metrics.gauge("cargohold_replication_site", "Blobs pending per target site and rule, and the lag.",
-                  replication_lag)
-    metrics.gauge("cargohold_read_model_revision", "etcd revision the read model has applied.",
-                  lambda: [({}, metadata.revision())])
-    return metrics
+def _replication_figures(metadata: ClusterMetadata, replicator: Replicator) -> ReplicationFigures:
+    """What /metrics reads of replication: the one place that knows the replicator's figures."""
+    sites = [SiteRuleLag(row["site"], row["rule"], row["pending"], row["lag_seconds"])
+             for row in replication_status(metadata)["rules"]]
+    return ReplicationFigures(stats=replicator.stats, queued=replicator.status()["queued"], sites=sites)
 
 
 async def _purge_uploads(uploads: UploadManager, expiry: float) -> None:

@@ -210,14 +210,14 @@ async def test_metrics_health_and_json_logs(cluster):
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True
         text = (await client.get("/metrics")).text
-    assert 'cargohold_http_requests_total{route="uploads",method="POST",status="201"} 1' in text
-    for name in ("cargohold_blobs_held", "cargohold_replication_queue_depth", "cargohold_etcd_request_seconds",
-                 "cargohold_http_bytes_sent_total"):
+    assert 'cargohold_http_requests_total{method="POST",route="uploads",status="201"} 1.0' in text
+    for name in ("cargohold_blobs_held", "cargohold_replication_queue_depth",
+                 "cargohold_etcd_request_duration_seconds_count", "cargohold_http_sent_bytes_total"):
         assert name in text
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
               if line.startswith("cargohold_etcd_")}
     # the keepalives of the membership lease are counted, apart and within all etcd requests
-    assert 1 <= values["cargohold_etcd_lease_refreshes"] < values['cargohold_etcd_request_seconds{stat="count"}']
+    assert 1 <= values["cargohold_etcd_lease_refreshes_total"] < values["cargohold_etcd_request_duration_seconds_count"]
     import json
     lines = [json.loads(l) for l in a.log_path.read_text().splitlines() if l.startswith("{")]
     assert any(l["logger"] == "cargohold.access" and "POST /v2/m/app/blobs/uploads/ 201" in l["message"]

@@ -337,6 +337,16 @@ async def test_unavailable_after_retry_timeout(dead_url):
             assert 0.45 < anyio.current_time() - before < 1.5
 
 
+async def test_round_trips_are_timed_without_the_backoff_between_retries(dead_url):
+    async with EtcdClient([dead_url], retry_timeout=1.0) as client:
+        before = anyio.current_time()
+        with pytest.raises(EtcdUnavailable):
+            await client.get("k")
+        elapsed = anyio.current_time() - before
+    assert client.requests >= 2 and client.requests == client.request_durations.cumulative()[-1][1]
+    assert client.request_seconds < elapsed / 2     # refused at once; the rest was backoff
+
+
 async def test_keep_alive_reports_lease_lost_when_etcd_stays_down(dead_url):
     async with EtcdClient([dead_url], retry_timeout=30) as client:
         with anyio.fail_after(4), pytest.raises(LeaseLost):
