@@ -121,7 +121,7 @@ def _read_password(args) -> str | None:
 
 
 def _hash(password: str, cost: int) -> str:
-    from cargohold.node.auth import hash_password
+    from cargohold.auth.passwords import hash_password
 
     return hash_password(password, cost)
 
@@ -244,7 +244,7 @@ async def account_list(args) -> int:
 
 
 async def rules_set(args) -> int:
-    from cargohold.node.auth import Policy, RulesError
+    from cargohold.auth.rules import Policy, RulesError
 
     document = read_rules_file(args.file, lambda d: (Policy.parse(d), d)[1], (RulesError,))
     if document is None:
@@ -259,7 +259,7 @@ async def rules_set(args) -> int:
 
 
 async def rules_list(args) -> int:
-    from cargohold.node.auth import DEFAULT_RULES
+    from cargohold.auth.rules import DEFAULT_RULES
 
     store, client = _store(args)
     async with client:
