@@ -31,50 +31,63 @@ DEFAULT_COST = 10
 
 def register(sub) -> None:
     """Add the user, robot, access and audit commands to the top-level subparsers."""
+    _user_commands(sub)
+    _robot_commands(sub)
+    _access_commands(sub)
+    _audit_commands(sub)
 
-    def command(actions, name: str, help: str, handler) -> argparse.ArgumentParser:
-        return cluster_command(actions.add_parser(name, help=help), handler)
 
+def _command(actions, name: str, help: str, handler) -> argparse.ArgumentParser:
+    return cluster_command(actions.add_parser(name, help=help), handler)
+
+
+def _user_commands(sub) -> None:
     users = sub.add_parser("user", help="user accounts: add, remove, list, passwd, groups")
     actions = users.add_subparsers(dest="action", required=True)
-    p = command(actions, "add", "add a user (the password is read from the terminal or --password-stdin)", user_add)
+    p = _command(actions, "add", "add a user (the password is read from the terminal or --password-stdin)", user_add)
     p.add_argument("name")
     p.add_argument("--group", action="append", default=[], help="a group the user belongs to (repeatable)")
     p.add_argument("--admin", action="store_true", help="all actions on every repository, and the admin API")
     _password_options(p)
-    p = command(actions, "remove", "remove a user", account_remove)
+    p = _command(actions, "remove", "remove a user", account_remove)
     p.add_argument("name")
     p.set_defaults(kind="user")
-    command(actions, "list", "list users", account_list).set_defaults(kind="user")
-    p = command(actions, "passwd", "set a user's password", user_passwd)
+    _command(actions, "list", "list users", account_list).set_defaults(kind="user")
+    p = _command(actions, "passwd", "set a user's password", user_passwd)
     p.add_argument("name")
     _password_options(p)
-    p = command(actions, "groups", "set a user's groups", user_groups)
+    p = _command(actions, "groups", "set a user's groups", user_groups)
     p.add_argument("name")
     p.add_argument("groups", nargs="*")
 
+
+def _robot_commands(sub) -> None:
     robots = sub.add_parser("robot", help="robot accounts (for CI and machines): add, remove, list")
     actions = robots.add_subparsers(dest="action", required=True)
-    p = command(actions, "add", "add a robot; its generated secret is printed once", robot_add)
+    p = _command(actions, "add", "add a robot; its generated secret is printed once", robot_add)
     p.add_argument("name")
     p.add_argument("--group", action="append", default=[], help="a group the robot belongs to (repeatable)")
     p.add_argument("--description", default="")
     p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_COST, help=argparse.SUPPRESS)
-    p = command(actions, "remove", "remove a robot", account_remove)
+    p = _command(actions, "remove", "remove a robot", account_remove)
     p.add_argument("name")
     p.set_defaults(kind="robot")
-    command(actions, "list", "list robots", account_list).set_defaults(kind="robot")
+    _command(actions, "list", "list robots", account_list).set_defaults(kind="robot")
 
+
+def _access_commands(sub) -> None:
     access = sub.add_parser("access", help="access rules and token signing keys")
     what = access.add_subparsers(dest="what", required=True)
     rules = what.add_parser("rules", help="who may do what: set FILE, list").add_subparsers(dest="action", required=True)
-    p = command(rules, "set", "validate and store an access rules file (YAML or JSON)", rules_set)
+    p = _command(rules, "set", "validate and store an access rules file (YAML or JSON)", rules_set)
     p.add_argument("file")
-    command(rules, "list", "show the access rules in force", rules_list)
-    p = command(what, "rotate-key", "sign tokens with a new key from now on", rotate_key)
+    _command(rules, "list", "show the access rules in force", rules_list)
+    p = _command(what, "rotate-key", "sign tokens with a new key from now on", rotate_key)
     p.add_argument("--drop-old", action="store_true",
                    help="also invalidate every token signed with the older keys (a leaked key)")
 
+
+def _audit_commands(sub) -> None:
     audits = sub.add_parser("audit", help="the audit log")
     actions = audits.add_subparsers(dest="action", required=True)
     p = actions.add_parser("verify", help="check an audit log's hash chain")
