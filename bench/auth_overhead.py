@@ -82,7 +82,7 @@ async def in_process(etcd_url: str, data_dir: Path, token: str, n: int = 20000) 
     from cargohold.coordinator.etcd import EtcdClient
     from cargohold.coordinator.metadata import ClusterMetadata
     from cargohold.node.api import RegistryAPI
-    from cargohold.node.auth import AccessControl
+    from cargohold.node.access import AccessControl
     from cargohold.blobs.store import FilesystemBlobStore
     from cargohold.node.uploads import UploadManager
 

@@ -1,5 +1,8 @@
-"""Access control as protocol, free of the node's wiring: credentials and the Docker token flow
-(tokens, challenges, scopes), access rules and protected tags, password hashing, failed-login
-limits, and the hash-chained audit log.
+"""Access control as protocol, free of the node's wiring (h11 style: no network, no etcd):
+who is asking (`subjects`), token scopes and what a request needs (`scopes`), `Authorization`
+headers and the `WWW-Authenticate` challenge (`credentials`), access rules and protected tags
+(`rules`), bearer tokens (`tokens`), password hashing and htpasswd text (`passwords`),
+failed-login limits (`ratelimit`) and the hash-chained audit log (`audit`). The node applies
+them in `cargohold.node.access`.
 
 May import: `cargohold.oci` and below (`runtime`, `units`, `config`)."""

@@ -1,4 +1,6 @@
-"""The `cargohold` command line (a contract: see DESIGN.md): `main` builds the parser, one
-module per command group (`nodes`, `gc`, `replication`, `access`), shared options in `options`.
+"""The `cargohold` command line (a contract: see DESIGN.md): `main` assembles the parser from one
+module per command group (`serve`, `nodes`, `access`, `gc`, `replication`), each registering its
+own subcommands; `options` holds what they share (the cluster options, running against etcd,
+reports, tables, progress lines, rules files). No module takes a private name from another.
 
 May import: every other package; nothing imports it."""

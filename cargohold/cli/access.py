@@ -9,6 +9,7 @@ sees the change through its watch on `auth/` at once and records it in its audit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import secrets
@@ -19,69 +20,78 @@ import time
 import yaml
 
 from cargohold.auth import audit
-from cargohold.cli.options import etcd_client, read_rules_file
-from cargohold.cli.nodes import _report
-from cargohold.coordinator.accounts import Account, AccountStore, valid_account_name
+from cargohold.auth.passwords import hash_password
+from cargohold.auth.rules import DEFAULT_RULES, Policy, RulesError
+from cargohold.auth.subjects import valid_account_name
+from cargohold.cli.options import cluster_command, etcd_client, fail, print_table, read_rules_file, report
+from cargohold.coordinator.accounts import Account, AccountStore
 
 DEFAULT_COST = 10
 
 
 def register(sub) -> None:
     """Add the user, robot, access and audit commands to the top-level subparsers."""
-    from cargohold.cli.main import _cluster_options, _with_etcd
+    _user_commands(sub)
+    _robot_commands(sub)
+    _access_commands(sub)
+    _audit_commands(sub)
 
-    def command(actions, name: str, help: str, handler, *, cluster: bool = True) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, help=help)
-        if cluster:
-            _cluster_options(p)
-            p.set_defaults(handler=lambda a: _with_etcd(a, handler))
-        else:
-            p.set_defaults(handler=handler)
-        return p
 
+def _command(actions, name: str, help: str, handler) -> argparse.ArgumentParser:
+    return cluster_command(actions.add_parser(name, help=help), handler)
+
+
+def _user_commands(sub) -> None:
     users = sub.add_parser("user", help="user accounts: add, remove, list, passwd, groups")
     actions = users.add_subparsers(dest="action", required=True)
-    p = command(actions, "add", "add a user (the password is read from the terminal or --password-stdin)", user_add)
+    p = _command(actions, "add", "add a user (the password is read from the terminal or --password-stdin)", user_add)
     p.add_argument("name")
     p.add_argument("--group", action="append", default=[], help="a group the user belongs to (repeatable)")
     p.add_argument("--admin", action="store_true", help="all actions on every repository, and the admin API")
     _password_options(p)
-    p = command(actions, "remove", "remove a user", account_remove)
+    p = _command(actions, "remove", "remove a user", account_remove)
     p.add_argument("name")
     p.set_defaults(kind="user")
-    command(actions, "list", "list users", account_list).set_defaults(kind="user")
-    p = command(actions, "passwd", "set a user's password", user_passwd)
+    _command(actions, "list", "list users", account_list).set_defaults(kind="user")
+    p = _command(actions, "passwd", "set a user's password", user_passwd)
     p.add_argument("name")
     _password_options(p)
-    p = command(actions, "groups", "set a user's groups", user_groups)
+    p = _command(actions, "groups", "set a user's groups", user_groups)
     p.add_argument("name")
     p.add_argument("groups", nargs="*")
 
+
+def _robot_commands(sub) -> None:
     robots = sub.add_parser("robot", help="robot accounts (for CI and machines): add, remove, list")
     actions = robots.add_subparsers(dest="action", required=True)
-    p = command(actions, "add", "add a robot; its generated secret is printed once", robot_add)
+    p = _command(actions, "add", "add a robot; its generated secret is printed once", robot_add)
     p.add_argument("name")
     p.add_argument("--group", action="append", default=[], help="a group the robot belongs to (repeatable)")
     p.add_argument("--description", default="")
     p.add_argument("--bcrypt-cost", type=int, default=DEFAULT_COST, help=argparse.SUPPRESS)
-    p = command(actions, "remove", "remove a robot", account_remove)
+    p = _command(actions, "remove", "remove a robot", account_remove)
     p.add_argument("name")
     p.set_defaults(kind="robot")
-    command(actions, "list", "list robots", account_list).set_defaults(kind="robot")
+    _command(actions, "list", "list robots", account_list).set_defaults(kind="robot")
 
+
+def _access_commands(sub) -> None:
     access = sub.add_parser("access", help="access rules and token signing keys")
     what = access.add_subparsers(dest="what", required=True)
     rules = what.add_parser("rules", help="who may do what: set FILE, list").add_subparsers(dest="action", required=True)
-    p = command(rules, "set", "validate and store an access rules file (YAML or JSON)", rules_set)
+    p = _command(rules, "set", "validate and store an access rules file (YAML or JSON)", rules_set)
     p.add_argument("file")
-    command(rules, "list", "show the access rules in force", rules_list)
-    p = command(what, "rotate-key", "sign tokens with a new key from now on", rotate_key)
+    _command(rules, "list", "show the access rules in force", rules_list)
+    p = _command(what, "rotate-key", "sign tokens with a new key from now on", rotate_key)
     p.add_argument("--drop-old", action="store_true",
                    help="also invalidate every token signed with the older keys (a leaked key)")
 
+
+def _audit_commands(sub) -> None:
     audits = sub.add_parser("audit", help="the audit log")
     actions = audits.add_subparsers(dest="action", required=True)
-    p = command(actions, "verify", "check an audit log's hash chain", audit_verify, cluster=False)
+    p = actions.add_parser("verify", help="check an audit log's hash chain")
+    p.set_defaults(handler=audit_verify)
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
 
@@ -103,11 +113,6 @@ def _actor() -> str:
         return "unknown"
 
 
-def _fail(message: str, code: int = 1) -> int:
-    print(f"cargohold: {message}", file=sys.stderr)
-    return code
-
-
 def _read_password(args) -> str | None:
     if args.password_stdin:
         return sys.stdin.readline().rstrip("\r\n")
@@ -120,31 +125,25 @@ def _read_password(args) -> str | None:
     return first
 
 
-def _hash(password: str, cost: int) -> str:
-    from cargohold.node.auth import hash_password
-
-    return hash_password(password, cost)
-
-
 def _password_hash(args) -> str | int:
     """The bcrypt hash of the password the operator gives, or an exit code."""
     password = _read_password(args)
     if password is None:
-        return _fail("no password: type it on a terminal, or pipe it with --password-stdin", 2)
+        return fail("no password: type it on a terminal, or pipe it with --password-stdin", 2)
     if len(password) < 8:
-        return _fail("the password must have at least 8 characters", 2)
+        return fail("the password must have at least 8 characters", 2)
     if not 4 <= args.bcrypt_cost <= 16:
-        return _fail("--bcrypt-cost must be between 4 and 16", 2)
+        return fail("--bcrypt-cost must be between 4 and 16", 2)
     try:
-        return _hash(password, args.bcrypt_cost)
+        return hash_password(password, args.bcrypt_cost)
     except ValueError as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
 
 
 def _check_names(name: str, groups: list[str]) -> int | None:
     for value in [name, *groups]:
         if not valid_account_name(value):
-            return _fail(f"invalid name {value!r}: lower-case letters, digits, '.', '_' and '-' (at most 64)", 2)
+            return fail(f"invalid name {value!r}: lower-case letters, digits, '.', '_' and '-' (at most 64)", 2)
     return None
 
 
@@ -159,8 +158,8 @@ async def user_add(args) -> int:
         account = Account("user", args.name, hashed, tuple(dict.fromkeys(args.group)), args.admin,
                           created=time.time(), updated_by=_actor())
         if not await store.put_account(account, create=True):
-            return _fail(f"user {args.name!r} exists (use `cargohold user passwd`)")
-    _report(args, account.public(), f"user {args.name} added" + (" (admin)" if args.admin else ""))
+            return fail(f"user {args.name!r} exists (use `cargohold user passwd`)")
+    report(args, account.public(), f"user {args.name} added" + (" (admin)" if args.admin else ""))
     return 0
 
 
@@ -170,11 +169,11 @@ async def _update(args, kind: str, change) -> int:
         for _ in range(5):
             account = await store.get_account(kind, args.name)
             if account is None:
-                return _fail(f"no {kind} {args.name!r}")
+                return fail(f"no {kind} {args.name!r}")
             updated = change(account)
             if await store.put_account(updated, create=False):
                 return 0
-    return _fail(f"{kind} {args.name!r} kept changing")
+    return fail(f"{kind} {args.name!r} kept changing")
 
 
 async def user_passwd(args) -> int:
@@ -183,7 +182,7 @@ async def user_passwd(args) -> int:
         return hashed
     code = await _update(args, "user", lambda a: _replace(a, password_hash=hashed))
     if code == 0:
-        _report(args, {"name": args.name, "changed": "password"}, f"password of {args.name} changed")
+        report(args, {"name": args.name, "changed": "password"}, f"password of {args.name} changed")
     return code
 
 
@@ -193,15 +192,13 @@ async def user_groups(args) -> int:
     groups = tuple(dict.fromkeys(args.groups))
     code = await _update(args, "user", lambda a: _replace(a, groups=groups))
     if code == 0:
-        _report(args, {"name": args.name, "groups": list(groups)},
-                f"{args.name} is in {', '.join(groups) if groups else 'no group'}")
+        report(args, {"name": args.name, "groups": list(groups)},
+               f"{args.name} is in {', '.join(groups) if groups else 'no group'}")
     return code
 
 
 def _replace(account: Account, **changes) -> Account:
-    from dataclasses import replace
-
-    return replace(account, updated_by=_actor(), **changes)
+    return dataclasses.replace(account, updated_by=_actor(), **changes)
 
 
 async def robot_add(args) -> int:
@@ -210,12 +207,13 @@ async def robot_add(args) -> int:
     secret = secrets.token_urlsafe(32)
     store, client = _store(args)
     async with client:
-        account = Account("robot", args.name, _hash(secret, args.bcrypt_cost), tuple(dict.fromkeys(args.group)),
+        account = Account("robot", args.name, hash_password(secret, args.bcrypt_cost),
+                          tuple(dict.fromkeys(args.group)),
                           description=args.description, created=time.time(), updated_by=_actor())
         if not await store.put_account(account, create=True):
-            return _fail(f"robot {args.name!r} exists")
-    _report(args, {"name": account.login, "secret": secret},
-            f"robot {args.name} added. Log in as {account.login} with this secret (shown only once):\n{secret}")
+            return fail(f"robot {args.name!r} exists")
+    report(args, {"name": account.login, "secret": secret},
+           f"robot {args.name} added. Log in as {account.login} with this secret (shown only once):\n{secret}")
     return 0
 
 
@@ -223,8 +221,8 @@ async def account_remove(args) -> int:
     store, client = _store(args)
     async with client:
         if not await store.remove_account(args.kind, args.name):
-            return _fail(f"no {args.kind} {args.name!r}")
-    _report(args, {"name": args.name, "removed": True}, f"{args.kind} {args.name} removed")
+            return fail(f"no {args.kind} {args.name!r}")
+    report(args, {"name": args.name, "removed": True}, f"{args.kind} {args.name} removed")
     return 0
 
 
@@ -239,28 +237,24 @@ async def account_list(args) -> int:
     table = [("NAME", "GROUPS", "ADMIN", "UPDATED BY", "CREATED")] + [
         (r["name"], ",".join(r["groups"]) or "-", "yes" if r["admin"] else "no", r["updated_by"] or "-",
          time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["created"]))) for r in rows]
-    _print_table(table)
+    print_table(table)
     return 0
 
 
 async def rules_set(args) -> int:
-    from cargohold.node.auth import Policy, RulesError
-
     document = read_rules_file(args.file, lambda d: (Policy.parse(d), d)[1], (RulesError,))
     if document is None:
         return 2
     store, client = _store(args)
     async with client:
         await store.set_rules({k: document[k] for k in ("rules", "protected_tags") if k in document}, _actor())
-    _report(args, {"rules": len(document.get("rules") or []), "protected_tags": len(document.get("protected_tags") or [])},
-            f"stored {len(document.get('rules') or [])} rules and "
-            f"{len(document.get('protected_tags') or [])} tag protections")
+    report(args, {"rules": len(document.get("rules") or []), "protected_tags": len(document.get("protected_tags") or [])},
+           f"stored {len(document.get('rules') or [])} rules and "
+           f"{len(document.get('protected_tags') or [])} tag protections")
     return 0
 
 
 async def rules_list(args) -> int:
-    from cargohold.node.auth import DEFAULT_RULES
-
     store, client = _store(args)
     async with client:
         await store.load()
@@ -280,9 +274,9 @@ async def rotate_key(args) -> int:
     async with client:
         await store.load()
         key = await store.rotate_signing_key(drop_all_old=args.drop_old)
-    _report(args, {"key_id": key.key_id, "dropped_old": args.drop_old},
-            f"tokens are signed with key {key.key_id} from now on"
-            + ("; every older token is invalid" if args.drop_old else "; the previous key stays valid for its tokens"))
+    report(args, {"key_id": key.key_id, "dropped_old": args.drop_old},
+           f"tokens are signed with key {key.key_id} from now on"
+           + ("; every older token is invalid" if args.drop_old else "; the previous key stays valid for its tokens"))
     return 0
 
 
@@ -290,7 +284,7 @@ def audit_verify(args) -> int:
     try:
         result = audit.verify(args.file)
     except OSError as exc:
-        return _fail(str(exc), 2)
+        return fail(str(exc), 2)
     if args.json:
         print(json.dumps({"ok": result.ok, "lines": result.lines, "last_hash": result.last_hash,
                           "problems": result.problems}, indent=2))
@@ -300,9 +294,3 @@ def audit_verify(args) -> int:
         for problem in result.problems:
             print(f"{args.file}: {problem}")
     return 0 if result.ok else 1
-
-
-def _print_table(table: list[tuple]) -> None:
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import anyio
 
-from cargohold.cli.options import etcd_client, load_metadata, read_rules_file
+from cargohold.cli.options import (
+    cluster_command, end_progress, etcd_client, load_metadata, progress_bar, read_rules_file, report, show_progress,
+)
 from cargohold.coordinator import policies as policy_rules
-from cargohold.gc.collector import FINISHED, new_run
 from cargohold.coordinator.metadata import ClusterMetadata
+from cargohold.gc.collector import FINISHED, new_run
+
+
+def register(sub) -> None:
+    """Add `gc run|status` and `retention rules set|list` to the top-level subparsers."""
+    gc = sub.add_parser("gc", help="garbage collection: run, status")
+    actions = gc.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("run", help="one cluster-wide mark-and-sweep (online: pushes go on)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be freed; free nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the run to finish, showing progress")
+    cluster_command(p, gc_run)
+    cluster_command(actions.add_parser("status", help="the leader and the latest run's progress"), gc_status)
+
+    retention = sub.add_parser("retention", help="retention and immutable-tag rules")
+    rules = retention.add_subparsers(dest="what", required=True).add_parser("rules", help="the rules")
+    actions = rules.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("set", help="store the rules file (YAML or JSON: retention: [...], immutable: [...])")
+    p.add_argument("file")
+    cluster_command(p, retention_set)
+    cluster_command(actions.add_parser("list", help="show the stored rules"), retention_list)
 
 
 def _latest(metadata: ClusterMetadata) -> dict | None:
@@ -50,12 +70,10 @@ def _progress_line(run: dict, started: float) -> str:
     elapsed = max(time.monotonic() - started, 0.001)
     rate = done / elapsed
     eta = (total - done) / rate if rate > 0 and run.get("phase") == "sweep" else None
-    width = 30
-    filled = min(width, int(width * done / total))
     eta_text = f", about {eta:.0f}s left" if eta is not None else ""
     if run.get("phase") == "cleanup" and run.get("tombstones_left") is not None:
         eta_text += f", {run['tombstones_left']} copies left to release"
-    return (f"gc {run['id']} {run.get('phase'):>9} [{'#' * filled}{'.' * (width - filled)}] "
+    return (f"gc {run['id']} {run.get('phase'):>9} {progress_bar(done, total)} "
             f"{done}/{total} swept, {run.get('bytes_freed', 0)} bytes freed, {rate:.0f}/s{eta_text}")
 
 
@@ -65,8 +83,8 @@ async def gc_run(args) -> int:
         run = new_run(dry_run=args.dry_run)
         await metadata.request_gc_run(run)
         if not args.wait:
-            print(json.dumps({"run": run["id"], "state": "requested"}) if args.json
-                  else f"gc run {run['id']} requested; `cargohold gc status` shows its progress")
+            report(args, {"run": run["id"], "state": "requested"},
+                   f"gc run {run['id']} requested; `cargohold gc status` shows its progress")
             return 0
         final = await _follow(metadata, run["id"], show=not args.json)
     print(json.dumps(final, indent=2) if args.json else _describe(final))
@@ -85,15 +103,13 @@ async def _show_run(metadata: ClusterMetadata, run_id: str, show: bool, changed)
         while True:
             run = metadata.gc_runs().get(run_id, {"id": run_id, "state": "requested", "phase": "queued"})
             if show:
-                line = _progress_line(run, started)
-                sys.stderr.write(("\r" + line) if sys.stderr.isatty() else (line + "\n"))
-                sys.stderr.flush()
+                show_progress(_progress_line(run, started))
             if run.get("state") in FINISHED:
                 break
             await changed.wait()
         tg.cancel_scope.cancel()
-    if show and sys.stderr.isatty():
-        sys.stderr.write("\n")
+    if show:
+        end_progress()
     return run
 
 
@@ -116,9 +132,9 @@ async def retention_set(args) -> int:
     async with etcd_client(args) as client:
         metadata = ClusterMetadata(client, args.cluster, node_id="cli")
         await metadata.set_policies(rules)
-    print(json.dumps({"retention": len(rules.retention), "immutable": len(rules.immutable)}) if args.json else
-          f"stored {len(rules.retention)} retention and {len(rules.immutable)} immutable-tag rules; "
-          "`cargohold gc run --dry-run --wait` shows what retention would delete")
+    report(args, {"retention": len(rules.retention), "immutable": len(rules.immutable)},
+           f"stored {len(rules.retention)} retention and {len(rules.immutable)} immutable-tag rules; "
+           "`cargohold gc run --dry-run --wait` shows what retention would delete")
     return 0
 
 

@@ -5,8 +5,27 @@ from __future__ import annotations
 import json
 import sys
 
-from cargohold.cli.options import etcd_client
+from cargohold.cli.options import (
+    cluster_command, etcd_client, fail, print_table, progress_bar, report, show_progress,
+)
 from cargohold.replication import nodes as admin
+
+
+def register(sub) -> None:
+    """Add `node list|join|leave` to the top-level subparsers."""
+    node = sub.add_parser("node", help="cluster members: list, join, leave")
+    actions = node.add_subparsers(dest="action", required=True)
+    cluster_command(actions.add_parser("list", help="members: id, site, state, URL, alive, blobs held, bytes"),
+                    node_list)
+    p = actions.add_parser("join", help="admit a new node, or re-activate one that left")
+    p.add_argument("node_id")
+    p.add_argument("--site", default="default", help="site of a node not seen before")
+    cluster_command(p, node_join)
+    p = actions.add_parser("leave", help="drain a node: its blobs are copied elsewhere, then it is removed")
+    p.add_argument("node_id")
+    p.add_argument("--wait", action="store_true", help="wait until the node has left, showing progress")
+    p.add_argument("--replicas", type=int, default=2, help="the cluster's replicas_per_site (default 2)")
+    cluster_command(p, node_leave)
 
 
 def _human(size: int) -> str:
@@ -24,19 +43,16 @@ async def node_list(args) -> int:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
         return 0
     header = ("ID", "SITE", "STATE", "ALIVE", "BLOBS", "BYTES", "URL")
-    table = [header] + [(r.id, r.site, r.state, "yes" if r.alive else "no", str(r.blobs), _human(r.bytes), r.url)
-                        for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print_table([header] + [(r.id, r.site, r.state, "yes" if r.alive else "no", str(r.blobs), _human(r.bytes), r.url)
+                            for r in rows])
     return 0
 
 
 async def node_join(args) -> int:
     async with etcd_client(args) as client:
         member = await admin.join(client, args.cluster, args.node_id, args.site)
-    _report(args, {"node": member.node_id, "site": member.site, "state": member.state},
-            f"node {member.node_id} is active in site {member.site}")
+    report(args, {"node": member.node_id, "site": member.site, "state": member.state},
+           f"node {member.node_id} is active in site {member.site}")
     return 0
 
 
@@ -45,34 +61,21 @@ async def node_leave(args) -> int:
         try:
             member = await admin.leave(client, args.cluster, args.node_id)
         except KeyError:
-            print(f"cargohold: no node {args.node_id!r} in cluster {args.cluster!r}", file=sys.stderr)
-            return 1
+            return fail(f"no node {args.node_id!r} in cluster {args.cluster!r}")
         if not args.wait:
-            _report(args, {"node": member.node_id, "state": member.state},
-                    f"node {member.node_id} is draining; `cargohold node leave {member.node_id} --wait` follows it")
+            report(args, {"node": member.node_id, "state": member.state},
+                   f"node {member.node_id} is draining; `cargohold node leave {member.node_id} --wait` follows it")
             return 0
         show = (lambda progress: None) if args.json else _show_progress
         last = await admin.follow_leave(client, args.cluster, args.node_id, show, replicas=args.replicas)
     if not args.json:
         sys.stderr.write("\n")
-    _report(args, {"node": last.node, "state": last.state, "moved": last.total},
-            f"node {last.node} has left: its {last.total} blobs have their copies on other nodes")
+    report(args, {"node": last.node, "state": last.state, "moved": last.total},
+           f"node {last.node} has left: its {last.total} blobs have their copies on other nodes")
     return 0
 
 
 def _show_progress(progress: admin.LeaveProgress) -> None:
-    total = max(progress.total, 1)
     done = progress.total - progress.remaining
-    width = 30
-    filled = int(width * done / total)
     note = "" if progress.alive else "  (node not alive: copying from other holders)"
-    line = f"draining {progress.node} [{'#' * filled}{'.' * (width - filled)}] {done}/{progress.total} blobs{note}"
-    if sys.stderr.isatty():
-        sys.stderr.write("\r" + line)
-    else:
-        sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def _report(args, document: dict, text: str) -> None:
-    print(json.dumps(document) if args.json else text)
+    show_progress(f"draining {progress.node} {progress_bar(done, progress.total)} {done}/{progress.total} blobs{note}")

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import json
 
-from cargohold.cli.options import etcd_client, load_metadata, read_rules_file
+from cargohold.cli.options import cluster_command, etcd_client, load_metadata, read_rules_file, report
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.policies import PolicyError, parse_replication
 from cargohold.replication.status import replication_status
+
+
+def register(sub) -> None:
+    """Add `replication rules set|list` and `replication status` to the top-level subparsers."""
+    replication = sub.add_parser("replication", help="which repositories reach which sites, and progress")
+    actions = replication.add_subparsers(dest="what", required=True)
+    rules = actions.add_parser("rules", help="replication rules").add_subparsers(dest="action", required=True)
+    p = rules.add_parser("set", help="store the rules file (YAML or JSON: replication: [{repositories, sites}])")
+    p.add_argument("file")
+    cluster_command(p, rules_set)
+    cluster_command(rules.add_parser("list", help="show the stored rules"), rules_list)
+    cluster_command(actions.add_parser("status", help="per site and rule: pending, lag, in flight, failures, bytes/s"),
+                    status)
 
 
 async def rules_set(args) -> int:
@@ -16,8 +29,8 @@ async def rules_set(args) -> int:
         return 2
     async with etcd_client(args) as client:
         await ClusterMetadata(client, args.cluster, node_id="cli").set_replication_rules(rules)
-    print(json.dumps({"rules": len(rules.rules)}) if args.json else
-          f"stored {len(rules.rules)} replication rules; repositories no rule matches go to every site")
+    report(args, {"rules": len(rules.rules)},
+           f"stored {len(rules.rules)} replication rules; repositories no rule matches go to every site")
     return 0
 
 

@@ -22,20 +22,14 @@ from typing import Callable
 
 import anyio
 
+from cargohold.auth.subjects import ROBOT_PREFIX, valid_account_name
 from cargohold.coordinator.etcd import Compare, Delete, EtcdClient, EtcdCompacted, Put
 from cargohold.coordinator.keys import Keys
 
 log = logging.getLogger("cargohold.accounts")
 
-ROBOT_PREFIX = "robot$"        # a robot logs in as robot$<name> (as in Harbor); '$' is never in a user name
 KINDS = ("user", "robot")
 _SECTIONS = {"users": "user", "robots": "robot"}
-
-
-def valid_account_name(name: str) -> bool:
-    """Lower-case letters, digits, '.', '_' and '-', starting with a letter or digit, <= 64 chars."""
-    return (0 < len(name) <= 64 and name[0].isascii() and name[0].isalnum()
-            and all(c.isascii() and (c.islower() or c.isdigit() or c in "._-") for c in name))
 
 
 @dataclass(frozen=True)

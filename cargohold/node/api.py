@@ -15,7 +15,7 @@ from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences, TagImmutable
 from cargohold.coordinator.records import ManifestRecord
 from cargohold.oci import errors
-from cargohold.node.auth import AccessControl
+from cargohold.node.access import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
     ClientDisconnected, Request, Response, error_response, json_response, send_response,

@@ -42,7 +42,7 @@ class Request:
         self._consumed = False
         self.body_timeout = BODY_IDLE_TIMEOUT
         self.route = "other"
-        self.auth = None            # set by access control (node/auth.py): who is asking
+        self.auth = None            # set by access control (node/access.py): who is asking
         self.received = 0
 
     def header(self, name: str) -> str | None:

@@ -18,7 +18,7 @@ from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
-from cargohold.node.auth import access_control
+from cargohold.node.access import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest

@@ -15,7 +15,7 @@ import pytest
 
 from cargohold.coordinator.accounts import Account, AccountStore
 from cargohold.coordinator.etcd import EtcdClient
-from cargohold.node.auth import hash_password
+from cargohold.auth.passwords import hash_password
 from tests.support.node import REPO_ROOT, NodeProcess
 
 RULES = {

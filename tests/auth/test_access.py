@@ -12,7 +12,8 @@ import pytest
 
 from cargohold.coordinator.accounts import AccountStore, SigningKey
 from cargohold.coordinator.etcd import EtcdClient
-from cargohold.node.auth import ANONYMOUS, Subject, encode_token, token_claims
+from cargohold.auth.subjects import ANONYMOUS, Subject
+from cargohold.auth.tokens import encode_token, token_claims
 from tests.auth.conftest import TokenAuth, parse_challenge
 from tests.support.oci import (
     build_image, describe, digest, error_codes, push_blob, push_image, push_manifest, random_bytes,
@@ -121,14 +122,56 @@ async def test_mount_needs_pull_on_the_source(secured, basic):
         assert (await bob.get(f"/v2/{source}/blobs/{blob}")).status_code in (401, 403)
     other = _unique("team")
     async with secured.client("alice", basic=basic) as alice:
+        # The token flow follows the challenge, which asks for pull on `from` too.
         r = await alice.post(f"/v2/{other}/blobs/uploads/", params={"mount": blob, "from": source})
-        if not basic:   # the token flow asks for the target's scope only, so the token lacks pull on `from`
-            assert r.status_code == 202, describe(r)
-            token = await _token(secured, "alice", f"repository:{other}:pull,push", f"repository:{source}:pull")
-            r = await alice.post(f"/v2/{other}/blobs/uploads/", params={"mount": blob, "from": source},
-                                 headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 201, describe(r)
         assert (await alice.get(f"/v2/{other}/blobs/{blob}")).content == data
+
+
+async def _mount_with_the_challenged_token(secured, login: str, target: str, source: str, blob: str):
+    """A mount as a client following the Docker token flow step by step: the challenge, a token
+    for exactly the challenge's scopes, the mount again with it. Returns (response, token)."""
+    async with httpx.AsyncClient(base_url=secured.url, timeout=30.0) as http:
+        r = await http.post(f"/v2/{target}/blobs/uploads/", params={"mount": blob, "from": source})
+        assert_challenge(r, secured, f"repository:{target}:pull,push repository:{source}:pull")
+        scope = parse_challenge(r.headers["www-authenticate"])["scope"]
+        token = await _token(secured, login, scope)
+        r = await http.post(f"/v2/{target}/blobs/uploads/", params={"mount": blob, "from": source},
+                            headers={"Authorization": f"Bearer {token}"})
+        return r, token
+
+
+async def test_mount_challenge_asks_for_pull_on_the_source(secured):
+    """As Distribution: the 401 for a mount names both repositories, so the token a client gets
+    by following it lets the mount succeed instead of falling back to a full upload."""
+    source, target = _unique("team"), _unique("team")
+    data = random_bytes(1500, "mount-challenge")
+    async with secured.client("alice") as alice:
+        blob = await push_blob(alice, source, data)
+    r, token = await _mount_with_the_challenged_token(secured, "alice", target, source, blob)
+    assert sorted(_claims(token)["access"], key=lambda a: a["name"] != target) == [
+        {"type": "repository", "name": target, "actions": ["pull", "push"]},
+        {"type": "repository", "name": source, "actions": ["pull"]}]
+    assert r.status_code == 201, describe(r)
+    assert r.headers["location"] == f"/v2/{target}/blobs/{blob}" and r.headers["docker-content-digest"] == blob
+    async with httpx.AsyncClient(base_url=secured.url, headers={"Authorization": f"Bearer {token}"}) as http:
+        r = await http.get(f"/v2/{target}/blobs/{blob}")
+        assert r.status_code == 200 and r.content == data, describe(r)
+
+
+async def test_mount_challenge_without_pull_on_the_source_falls_back_to_an_upload(secured):
+    """bob may push to bob/* but not pull from team/**: his token leaves the source out, and the
+    mount is a plain upload session that reveals nothing about the blob."""
+    source, target = _unique("team"), f"bob/m{secrets.token_hex(3)}"
+    async with secured.client("alice") as alice:
+        blob = await push_blob(alice, source, random_bytes(1500, "mount-denied"))
+    r, token = await _mount_with_the_challenged_token(secured, "bob", target, source, blob)
+    granted = {a["name"]: a["actions"] for a in _claims(token)["access"]}
+    assert granted[target] == ["pull", "push"] and not granted.get(source)
+    assert r.status_code == 202, describe(r)
+    assert blob not in r.headers.get("location", "") and "docker-content-digest" not in r.headers
+    async with httpx.AsyncClient(base_url=secured.url, headers={"Authorization": f"Bearer {token}"}) as http:
+        assert (await http.head(f"/v2/{target}/blobs/{blob}")).status_code == 404
 
 
 async def test_catalog_and_referrers_show_only_what_the_caller_may_pull(secured):

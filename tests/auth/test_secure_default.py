@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from cargohold.node.auth import hash_password
+from cargohold.auth.passwords import hash_password
 from tests.auth.conftest import cli, provision
 from tests.support.node import NodeProcess, NodeStartError, free_port
 from tests.support.oci import build_image, push_image

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cargohold.oci import errors
 from cargohold.node.api import _chunk_range, _pagination, _parse_range
-from cargohold.node.auth import (
-    REPO_ACTIONS, RulesError, ScopeError, parse_authorization, parse_scope, Policy,
-)
+from cargohold.auth.credentials import parse_authorization
+from cargohold.auth.rules import Policy, RulesError
+from cargohold.auth.scopes import REPO_ACTIONS, ScopeError, parse_scope
 from cargohold.node.http import Request
 from cargohold.oci.manifest import SUPPORTED_TYPES, parse_manifest
 from cargohold.oci.reference import NAME_RE, TAG_RE, parse_digest, parse_reference, validate_name

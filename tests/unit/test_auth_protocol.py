@@ -6,12 +6,13 @@ import time
 import jwt
 import pytest
 
-from cargohold.coordinator.accounts import SigningKey, valid_account_name
-from cargohold.node.auth import (
-    ANONYMOUS, DEFAULT_POLICY, Need, Policy, RulesError, Scope, ScopeError, Subject, TokenError, access_map,
-    challenge, check_password, compile_pattern, decode_token, encode_token, grant, hash_password,
-    parse_authorization, parse_htpasswd, parse_scope, parse_scopes, required, token_claims,
-)
+from cargohold.coordinator.accounts import SigningKey
+from cargohold.auth.credentials import challenge, parse_authorization
+from cargohold.auth.passwords import check_password, hash_password, parse_htpasswd
+from cargohold.auth.rules import DEFAULT_POLICY, Policy, RulesError, compile_pattern, grant
+from cargohold.auth.scopes import Need, Scope, ScopeError, parse_scope, parse_scopes, required
+from cargohold.auth.subjects import ANONYMOUS, Subject, valid_account_name
+from cargohold.auth.tokens import TokenError, access_map, decode_token, encode_token, token_claims
 
 RULES = {
     "rules": [
@@ -148,6 +149,22 @@ def test_required_actions():
     for path in ("/token", "/healthz", "/readyz", "/metrics"):
         assert required("GET", "service", path, {}) is None
     assert Need("push", "a").scope == "repository:a:pull,push" and Need("admin").scope == "registry:admin:*"
+
+
+def test_a_mount_needs_push_and_its_challenge_asks_for_pull_on_the_source():
+    def query(**values):
+        return values.get
+
+    need = required("POST", "uploads", "", {"name": "a"}, query(mount="sha256:x", **{"from": "b/c"}))
+    assert need == Need("push", "a", mount_from="b/c")
+    assert need.scope == "repository:a:pull,push repository:b/c:pull"      # space-separated, as Distribution
+    assert parse_scopes([need.scope]) == [Scope("repository", "a", ("pull", "push")),
+                                          Scope("repository", "b/c", ("pull",))]
+    # Not a mount, a mount from itself, or a `from` that is no repository name: the plain scope.
+    for values in ({"from": "b"}, {"mount": "sha256:x"}, {"mount": "sha256:x", "from": "a"},
+                   {"mount": "sha256:x", "from": "B/../x"}, {"mount": "sha256:x", "from": "x\" y"}):
+        assert required("POST", "uploads", "", {"name": "a"}, values.get) == Need("push", "a")
+    assert required("PUT", "upload", "", {"name": "a"}, query(mount="m", **{"from": "b"})) == Need("push", "a")
 
 
 KEY = SigningKey("k1", b"s" * 32, 0.0)

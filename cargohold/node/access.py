@@ -1,10 +1,11 @@
-"""Who may do what (issue 6): authentication, authorization, the token endpoint, the challenge.
+"""The node's access control (issue 6): what `RegistryAPI` calls before routing a request,
+and the `/token` endpoint.
 
-The first half of this module is protocol logic with no I/O, testable on its own: parsing
-`Authorization` headers and token scopes, access rules and tag protection, the
-`WWW-Authenticate` challenge, token claims. The second half, `AccessControl`, is what a node
-plugs into `RegistryAPI`: it reads accounts, rules and signing keys from the node's in-memory
-copy of `auth/` (coordinator/accounts.py), so no request costs an etcd round trip.
+`AccessControl` applies the protocol of `cargohold.auth` (scopes, credentials, rules, tokens,
+passwords) with the node's state: accounts, rules and signing keys come from the node's
+in-memory copy of `auth/` (coordinator/accounts.py), so no request costs an etcd round trip;
+the htpasswd file is re-read when it changes; logins are rate-limited and recorded in the
+audit log.
 
 Protocol: the Docker token specification. A request without acceptable credentials gets
 `401` with `WWW-Authenticate: Bearer realm="<node>/token",service="...",scope="..."`; the
@@ -15,7 +16,6 @@ Tokens are HS256 JWTs signed with a per-cluster secret from etcd (see docs/archi
 
 from __future__ import annotations
 
-import base64
 import datetime
 import hashlib
 import json
@@ -29,445 +29,27 @@ from typing import Callable, Iterable
 from urllib.parse import parse_qs
 
 import anyio
-import bcrypt
-import jwt
 
 from cargohold.auth.audit import AuditLog
-from cargohold.config import ConfigError, Settings, is_loopback
-from cargohold.coordinator.accounts import ROBOT_PREFIX, AccountStore, SigningKey, valid_account_name
-from cargohold.coordinator.etcd import EtcdClient
-from cargohold.oci import errors
-from cargohold.node.http import Request, Response, json_response
+from cargohold.auth.credentials import challenge, parse_authorization
+from cargohold.auth.passwords import DUMMY_HASH, check_password, parse_htpasswd
 from cargohold.auth.ratelimit import FailureLimiter
-from cargohold.oci.reference import MAX_NAME_LENGTH, NAME_RE, is_digest
+from cargohold.auth.rules import DEFAULT_POLICY, OpenPolicy, Policy, RulesError, grant
+from cargohold.auth.scopes import REGISTRY_RESOURCES, Need, ScopeError, parse_scopes, required
+from cargohold.auth.subjects import ANONYMOUS, ROBOT_PREFIX, Subject
+from cargohold.auth.tokens import (
+    TOKEN_LEEWAY, TokenError, access_map, decode_token, encode_token, token_allows, token_claims, token_key_id,
+)
+from cargohold.config import ConfigError, Settings, is_loopback
+from cargohold.coordinator.accounts import AccountStore
+from cargohold.coordinator.etcd import EtcdClient
+from cargohold.node.http import Request, Response, json_response
+from cargohold.oci import errors
+from cargohold.oci.reference import is_digest
 
 log = logging.getLogger("cargohold.auth")
 
-REPO_ACTIONS = ("pull", "push", "delete")
-RULE_ACTIONS = REPO_ACTIONS + ("admin",)
-REGISTRY_RESOURCES = ("catalog", "admin")      # registry:catalog:*, registry:admin:*
-TOKEN_LEEWAY = 5.0                             # seconds of clock skew tolerated between nodes
-MAX_SCOPE_LENGTH = 512
-MAX_TOKEN_LENGTH = 8192
 
-
-# ====================================================================== protocol logic (no I/O)
-class ScopeError(ValueError):
-    pass
-
-
-class RulesError(ValueError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Scope:
-    type: str                 # "repository" or "registry"
-    name: str
-    actions: tuple[str, ...]  # known actions only; "*" means all
-
-    def __str__(self) -> str:
-        return f"{self.type}:{self.name}:{','.join(self.actions)}"
-
-
-_SCOPE_TYPE = re.compile(r"(repository|registry)(?:\([a-z0-9]{1,32}\))?")
-_ACTION_WORD = re.compile(r"[a-z*][a-z-]{0,31}|\*")
-
-
-def parse_scope(text: str) -> Scope:
-    """`repository:library/alpine:pull,push` (the Docker token spec's scope). Unknown but
-    well-formed actions are dropped (they grant nothing); anything malformed is a ScopeError."""
-    if len(text) > MAX_SCOPE_LENGTH:
-        raise ScopeError("scope too long")
-    kind, sep, rest = text.partition(":")
-    name, sep2, actions = rest.rpartition(":")
-    if not sep or not sep2:
-        raise ScopeError(f"malformed scope {text[:80]!r}")
-    match = _SCOPE_TYPE.fullmatch(kind)
-    if not match:
-        raise ScopeError(f"unknown resource type in scope {text[:80]!r}")
-    kind = match.group(1)
-    if kind == "repository" and (len(name) > MAX_NAME_LENGTH or not NAME_RE.fullmatch(name)):
-        raise ScopeError(f"invalid repository name in scope {text[:80]!r}")
-    if kind == "registry" and name not in REGISTRY_RESOURCES:
-        raise ScopeError(f"unknown registry resource in scope {text[:80]!r}")
-    words = actions.split(",") if actions else []
-    if any(not _ACTION_WORD.fullmatch(w) for w in words):
-        raise ScopeError(f"malformed actions in scope {text[:80]!r}")
-    known = REPO_ACTIONS + ("*",) if kind == "repository" else ("*",)
-    return Scope(kind, name, tuple(dict.fromkeys(w for w in words if w in known)))
-
-
-def parse_scopes(values: Iterable[str]) -> list[Scope]:
-    """Every `scope` parameter; each may hold several scopes separated by spaces (OAuth2)."""
-    return [parse_scope(part) for value in values for part in value.split(" ") if part]
-
-
-@dataclass(frozen=True, slots=True)
-class Subject:
-    kind: str                          # "user", "robot" or "anonymous"
-    name: str = ""
-    groups: frozenset = frozenset()
-    admin: bool = False
-
-    @property
-    def login(self) -> str:
-        """The name it logs in with, and the token's `sub` ("" for anonymous)."""
-        return ROBOT_PREFIX + self.name if self.kind == "robot" else self.name
-
-    @property
-    def label(self) -> str:
-        return "anonymous" if self.kind == "anonymous" else f"{self.kind}:{self.name}"
-
-    @property
-    def anonymous(self) -> bool:
-        return self.kind == "anonymous"
-
-
-ANONYMOUS = Subject("anonymous")
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    scheme: str                        # "basic" or "bearer"
-    username: str = ""
-    password: str = ""
-    token: str = ""
-
-
-_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")
-
-
-def parse_authorization(header: str) -> Credentials:
-    """An `Authorization` header; raises ValueError when it is not usable Basic or Bearer."""
-    scheme, _, rest = header.strip().partition(" ")
-    rest = rest.strip()
-    if scheme.lower() == "bearer":
-        if not rest or len(rest) > MAX_TOKEN_LENGTH or not _TOKEN_CHARS.fullmatch(rest):
-            raise ValueError("malformed bearer token")
-        return Credentials("bearer", token=rest)
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(rest, validate=True).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            raise ValueError("malformed basic credentials") from None
-        username, sep, password = decoded.partition(":")
-        if not sep or not username or len(username) > 128 or len(password) > 1024:
-            raise ValueError("malformed basic credentials")
-        return Credentials("basic", username=username, password=password)
-    raise ValueError("unsupported authorization scheme")
-
-
-def _quoted(value: str) -> str:
-    """A quoted-string for a challenge, with anything that could break out of it removed."""
-    return '"' + "".join(c for c in value if c.isprintable() and c not in '"\\') + '"'
-
-
-def challenge(realm: str, service: str, scope: str | None = None, error: str | None = None) -> str:
-    parts = [f"Bearer realm={_quoted(realm)}", f"service={_quoted(service)}"]
-    if scope:
-        parts.append(f"scope={_quoted(scope)}")
-    if error:
-        parts.append(f"error={_quoted(error)}")
-    return ",".join(parts)
-
-
-# -- rules
-_REPO_PATTERN = re.compile(r"[a-z0-9._/*?-]{1,300}")
-_TAG_PATTERN = re.compile(r"[A-Za-z0-9._*?-]{1,200}")
-_SUBJECT = re.compile(r"anonymous|authenticated|(user|robot|group):([a-z0-9][a-z0-9._-]{0,63})")
-
-
-def compile_pattern(pattern: str, *, path: bool) -> re.Pattern:
-    """A glob: `?` one character, `*` any run of characters (not '/' in repository patterns),
-    `**` anything including '/'."""
-    if not (_REPO_PATTERN if path else _TAG_PATTERN).fullmatch(pattern) or (
-            path and any(part in ("", ".", "..") for part in pattern.split("/"))):
-        raise RulesError(f"invalid {'repository' if path else 'tag'} pattern {pattern[:80]!r}")
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        out.append(("[^/]*" if path else ".*") if c == "*" else ("[^/]" if path else ".") if c == "?"
-                   else re.escape(c))
-        i += 1
-    return re.compile("".join(out))
-
-
-def _matches_subject(spec: str, subject: Subject) -> bool:
-    if spec == "anonymous":
-        return subject.anonymous
-    if spec == "authenticated":
-        return not subject.anonymous
-    kind, _, name = spec.partition(":")
-    if kind == "group":
-        return name in subject.groups
-    return subject.kind == kind and subject.name == name
-
-
-@dataclass(frozen=True)
-class Rule:
-    subjects: tuple[str, ...]
-    repositories: tuple[str, ...]
-    actions: frozenset
-    patterns: tuple[re.Pattern, ...]
-
-    def applies(self, subject: Subject, repo: str) -> bool:
-        return (any(_matches_subject(s, subject) for s in self.subjects)
-                and any(p.fullmatch(repo) for p in self.patterns))
-
-
-@dataclass(frozen=True)
-class TagRule:
-    repositories: tuple[re.Pattern, ...]
-    tags: tuple[re.Pattern, ...]
-    subjects: tuple[str, ...]           # the only subjects that may push or delete these tags
-
-    def protects(self, repo: str, tag: str) -> bool:
-        return any(p.fullmatch(repo) for p in self.repositories) and any(t.fullmatch(tag) for t in self.tags)
-
-
-def _string_list(entry: dict, key: str, where: str) -> list[str]:
-    value = entry.get(key)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise RulesError(f"{where}.{key} must be a non-empty list of strings")
-    return value
-
-
-def _subjects(entry: dict, where: str) -> tuple[str, ...]:
-    subjects = _string_list(entry, "subjects", where)
-    for s in subjects:
-        if not _SUBJECT.fullmatch(s):
-            raise RulesError(f"{where}: invalid subject {s[:80]!r} (anonymous, authenticated, user:NAME, "
-                             "robot:NAME or group:NAME)")
-    return tuple(subjects)
-
-
-class Policy:
-    """Compiled access rules. `actions(subject, repo)` is what the subject may do there."""
-
-    def __init__(self, rules: list[Rule], protected: list[TagRule]):
-        self.rules = rules
-        self.protected = protected
-
-    @classmethod
-    def parse(cls, document: object) -> "Policy":
-        """Validate and compile a rules document (see deploy/access-rules.yaml); RulesError if bad."""
-        if not isinstance(document, dict):
-            raise RulesError("the rules document must be a mapping with 'rules' (and 'protected_tags')")
-        unknown = set(document) - {"rules", "protected_tags", "updated_by", "updated"}
-        if unknown:
-            raise RulesError(f"unknown keys in the rules document: {sorted(unknown)}")
-        rules, protected = [], []
-        raw_rules = document.get("rules") or []
-        raw_tags = document.get("protected_tags") or []
-        if not isinstance(raw_rules, list) or not isinstance(raw_tags, list):
-            raise RulesError("'rules' and 'protected_tags' must be lists")
-        for i, entry in enumerate(raw_rules):
-            where = f"rules[{i}]"
-            if not isinstance(entry, dict):
-                raise RulesError(f"{where} must be a mapping")
-            repos = _string_list(entry, "repositories", where)
-            actions = _string_list(entry, "actions", where)
-            bad = [a for a in actions if a not in RULE_ACTIONS]
-            if bad:
-                raise RulesError(f"{where}: unknown actions {bad} (pull, push, delete, admin)")
-            rules.append(Rule(_subjects(entry, where), tuple(repos), frozenset(actions),
-                              tuple(compile_pattern(r, path=True) for r in repos)))
-        for i, entry in enumerate(raw_tags):
-            where = f"protected_tags[{i}]"
-            if not isinstance(entry, dict):
-                raise RulesError(f"{where} must be a mapping")
-            protected.append(TagRule(
-                tuple(compile_pattern(r, path=True) for r in _string_list(entry, "repositories", where)),
-                tuple(compile_pattern(t, path=False) for t in _string_list(entry, "tags", where)),
-                _subjects(entry, where)))
-        return cls(rules, protected)
-
-    def actions(self, subject: Subject, repo: str) -> frozenset:
-        if subject.admin:
-            return frozenset(RULE_ACTIONS)
-        found: set[str] = set()
-        for rule in self.rules:
-            if rule.applies(subject, repo):
-                found |= rule.actions
-        if "admin" in found:
-            return frozenset(RULE_ACTIONS)
-        return frozenset(found)
-
-    def is_admin(self, subject: Subject) -> bool:
-        """Admin of the whole registry: an admin account, or an admin rule on `**`."""
-        return subject.admin or any("admin" in r.actions and "**" in r.repositories
-                                    and any(_matches_subject(s, subject) for s in r.subjects) for r in self.rules)
-
-    def may_touch_tag(self, subject: Subject, repo: str, tag: str) -> bool:
-        """Tag protection: a protected tag is pushed or deleted only by the subjects its rule names."""
-        for rule in self.protected:
-            if rule.protects(repo, tag) and not any(_matches_subject(s, subject) for s in rule.subjects):
-                return False
-        return True
-
-
-# Without stored rules: any authenticated account may pull, push and delete everywhere (as
-# CNCF Distribution with htpasswd); anonymous may do nothing; admin accounts are admins.
-DEFAULT_RULES = {"rules": [{"subjects": ["authenticated"], "repositories": ["**"],
-                            "actions": ["pull", "push", "delete"]}]}
-DEFAULT_POLICY = Policy.parse(DEFAULT_RULES)
-
-
-class OpenPolicy(Policy):
-    """No access control configured (loopback, or --insecure-open): everybody may do everything."""
-
-    def __init__(self):
-        super().__init__([], [])
-
-    def actions(self, subject: Subject, repo: str) -> frozenset:
-        return frozenset(RULE_ACTIONS)
-
-    def is_admin(self, subject: Subject) -> bool:
-        return True
-
-
-def grant(policy: Policy, subject: Subject, scopes: list[Scope]) -> list[dict]:
-    """The token's `access` claim: each requested scope cut down to what the subject may do."""
-    granted: dict[tuple[str, str], set[str]] = {}
-    for scope in scopes:
-        if scope.type == "repository":
-            allowed = policy.actions(subject, scope.name) & set(REPO_ACTIONS)
-            wanted = set(REPO_ACTIONS) if "*" in scope.actions else set(scope.actions)
-            actions = wanted & allowed
-        elif scope.name == "catalog":
-            actions = {"*"} if scope.actions else set()       # the listing is filtered per subject
-        else:
-            actions = {"*"} if scope.actions and policy.is_admin(subject) else set()
-        granted.setdefault((scope.type, scope.name), set()).update(actions)
-    return [{"type": t, "name": n, "actions": sorted(a)} for (t, n), a in granted.items()]
-
-
-def token_claims(subject: Subject, access: list[dict], service: str, ttl: float, now: float) -> dict:
-    return {"iss": service, "sub": subject.login, "aud": service, "iat": int(now), "nbf": int(now) - 1,
-            "exp": int(now + ttl), "jti": secrets.token_hex(12), "access": access}
-
-
-def encode_token(claims: dict, key: SigningKey) -> str:
-    return jwt.encode(claims, key.secret, algorithm="HS256", headers={"kid": key.key_id})
-
-
-class TokenError(ValueError):
-    pass
-
-
-def decode_token(token: str, key_for: Callable[[str], SigningKey | None], service: str) -> dict:
-    """Verify signature, expiry, audience and issuer; TokenError otherwise."""
-    try:
-        header = jwt.get_unverified_header(token)
-        key = key_for(str(header.get("kid", "")))
-        if key is None or header.get("alg") != "HS256":
-            raise TokenError("token signed with an unknown key")
-        claims = jwt.decode(token, key.secret, algorithms=["HS256"], audience=service, issuer=service,
-                            leeway=TOKEN_LEEWAY, options={"require": ["exp", "iat", "aud", "iss", "sub"]})
-    except jwt.PyJWTError as exc:
-        raise TokenError(str(exc)) from None
-    if not isinstance(claims.get("access", []), list):
-        raise TokenError("malformed access claim")
-    return claims
-
-
-def access_map(claims: dict) -> dict[tuple[str, str], frozenset]:
-    found: dict[tuple[str, str], frozenset] = {}
-    for entry in claims.get("access", []):
-        if isinstance(entry, dict) and isinstance(entry.get("actions"), list):
-            key = (str(entry.get("type")), str(entry.get("name")))
-            found[key] = found.get(key, frozenset()) | frozenset(str(a) for a in entry["actions"])
-    return found
-
-
-@dataclass(frozen=True, slots=True)
-class Need:
-    """What a request needs: 'login' (any valid credentials), 'catalog', 'admin', or an action on a repository."""
-    what: str
-    repo: str = ""
-
-    @property
-    def scope(self) -> str | None:
-        if self.what == "login":
-            return None
-        if self.what in REGISTRY_RESOURCES:
-            return f"registry:{self.what}:*"
-        return f"repository:{self.repo}:{_CHALLENGE_ACTIONS[self.what]}"
-
-
-# A pusher also reads (docker HEADs blobs before pushing them), so its challenge asks for both.
-_CHALLENGE_ACTIONS = {"pull": "pull", "push": "pull,push", "delete": "delete"}
-
-
-def required(method: str, kind: str, path: str, params: dict) -> Need | None:
-    """What the request needs, from its route and method; None for open service routes."""
-    if kind == "service":
-        return Need("admin") if path == "/admin" or path.startswith("/admin/") else None
-    if kind == "base":
-        return Need("login")
-    if kind == "catalog":
-        return Need("catalog")
-    name = params.get("name", "")
-    if method in ("GET", "HEAD") and kind != "upload":
-        return Need("pull", name)
-    if method == "DELETE" and kind in ("manifest", "blob"):
-        return Need("delete", name)
-    return Need("push", name)
-
-
-def parse_htpasswd(text: str) -> dict[str, str]:
-    """`user:bcrypt-hash` lines (htpasswd -B); other hash formats are not accepted."""
-    users = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, hashed = line.partition(":")
-        if sep and valid_account_name(name) and hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            users[name] = hashed
-        else:
-            log.warning("htpasswd: ignoring a line that is not name:bcrypt-hash")
-    return users
-
-
-def hash_password(password: str, cost: int = 10) -> str:
-    if len(password.encode()) > 72:
-        raise ValueError("passwords are limited to 72 bytes (bcrypt)")
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
-
-
-def check_password(password: str, hashed: str) -> bool:
-    raw = password.encode()
-    if len(raw) > 72:
-        return False
-    try:
-        return bcrypt.checkpw(raw, hashed.encode())
-    except ValueError:
-        return False
-
-
-# A real hash to check unknown names against, so that they take as long as known ones.
-_DUMMY_HASH = "$2b$10$" + "C" * 53
-
-
-def _unauthorized(message: str, header: str, detail: object = None) -> errors.RegistryError:
-    return errors.RegistryError("UNAUTHORIZED", message, 401, detail, headers={"WWW-Authenticate": header})
-
-
-def _too_many(retry_after: float) -> errors.RegistryError:
-    seconds = max(1, int(retry_after + 0.999))
-    return errors.RegistryError("TOOMANYREQUESTS", "too many failed logins; retry later", 429,
-                                headers={"Retry-After": str(seconds)})
-
-
-# ====================================================================== the node's access control
 @dataclass(slots=True)
 class Identity:
     """Who made a request (set on `request.auth`), and the token's grants if it came with one."""
@@ -487,6 +69,9 @@ class _VerifiedToken:
     key_id: str
     identity: Identity | None = None   # None: the account is gone
     version: int = -1
+
+
+# A Host header that may be echoed into the challenge's realm (anything else: the default realm).
 _HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?")
 
 
@@ -629,7 +214,7 @@ class AccessControl:
             if seen in identity.allowed:
                 request.auth = identity
                 return identity.subject
-        need = required(request.method, kind, request.path, params)
+        need = required(request.method, kind, request.path, params, request.query)
         if need is None:
             request.auth = OPEN_IDENTITY
             return ANONYMOUS
@@ -645,7 +230,7 @@ class AccessControl:
             by_token = grants is None or "*" in grants.get(("registry", "admin"), ())
         else:
             by_rules = need.what in self._actions(subject, need.repo)
-            by_token = grants is None or _token_allows(grants, need.repo, need.what)
+            by_token = grants is None or token_allows(grants, need.repo, need.what)
         if by_rules and by_token:
             if kind == "manifest" and need.what in ("push", "delete"):
                 self._check_tags(request, subject, need, params.get("reference", ""))
@@ -679,6 +264,8 @@ class AccessControl:
                           method=request.method, path=request.path[:300])
         detail = [{"Type": "registry" if need.what in REGISTRY_RESOURCES else "repository",
                    "Name": need.repo or need.what, "Action": need.what}]
+        if need.mount_from:
+            detail.append({"Type": "repository", "Name": need.mount_from, "Action": "pull"})
         if status == 403:
             return errors.denied(detail=detail)
         header = challenge(self._realm(request), self.service, need.scope,
@@ -692,7 +279,7 @@ class AccessControl:
             return True
         if action not in self._actions(identity.subject, repo):
             return False
-        return identity.grants is None or _token_allows(identity.grants, repo, action)
+        return identity.grants is None or token_allows(identity.grants, repo, action)
 
     def visible(self, request: Request) -> Callable[[str], bool] | None:
         """A filter for `_catalog`: the repositories the caller may pull (None: no filter)."""
@@ -746,7 +333,7 @@ class AccessControl:
                     self._tokens.clear()
             cached = self._tokens[token] = _VerifiedToken(
                 float(claims["exp"]) + TOKEN_LEEWAY, str(claims["sub"]), access_map(claims),
-                str(jwt.get_unverified_header(token)["kid"]))
+                token_key_id(token))
         version = self.accounts.version
         if cached.version != version:
             if self.accounts.signing_key(cached.key_id) is None:
@@ -779,7 +366,7 @@ class AccessControl:
             raise _too_many(wait)
         if self._bcrypt_limiter is None:
             self._bcrypt_limiter = anyio.CapacityLimiter(4)
-        ok = await anyio.to_thread.run_sync(check_password, password, stored or _DUMMY_HASH,
+        ok = await anyio.to_thread.run_sync(check_password, password, stored or DUMMY_HASH,
                                             limiter=self._bcrypt_limiter)
         subject = self.subject_for(username) if ok and stored else None
         if subject is None:
@@ -872,11 +459,16 @@ def access_control(settings: Settings, client: EtcdClient, metadata, node_id: st
         loopback=is_loopback(settings.host_port[0]), insecure_open=settings.insecure_open)
 
 
-def _token_allows(grants: dict, repo: str, action: str) -> bool:
-    actions = grants.get(("repository", repo))
-    return actions is not None and (action in actions or "*" in actions)
-
-
 def _first(form: dict[str, list[str]], name: str) -> str | None:
     values = form.get(name)
     return values[0] if values else None
+
+
+def _unauthorized(message: str, header: str, detail: object = None) -> errors.RegistryError:
+    return errors.RegistryError("UNAUTHORIZED", message, 401, detail, headers={"WWW-Authenticate": header})
+
+
+def _too_many(retry_after: float) -> errors.RegistryError:
+    seconds = max(1, int(retry_after + 0.999))
+    return errors.RegistryError("TOOMANYREQUESTS", "too many failed logins; retry later", 429,
+                                headers={"Retry-After": str(seconds)})
