@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Mapping
 import anyio
 
 from cargohold.coordinator.etcd import (
-    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, Get, KeyValue, LeaseLost, Put, TxnResult,
+    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, Get, KeyValue, LeaseLost, Put,
+    TxnResult,
 )
 from cargohold.coordinator.groupcommit import GroupCommit
 from cargohold.coordinator.keys import Keys
@@ -423,18 +424,31 @@ class ClusterMetadata:
         return await self._get(self.keys.repo(repo)) is not None
 
     async def tags(self, repo: str, n: int | None, last: str | None) -> tuple[list[str], bool] | None:
-        """A page of the repository's tags in lexical order, or None if the repository is unknown."""
-        state = self.model.repo(repo)
-        if state is not None and state.registered:
-            return page(state.sorted_tags(), n, last)
-        if not await self.repo_exists(repo):
+        """A page of the repository's tags in lexical order, or None if the repository is unknown.
+
+        Read from etcd, not the read model: a list has no "miss" to confirm, and a model that
+        lags behind another node's acknowledged push would leave its tag out (issue 13). While
+        etcd is unreachable the model's (possibly older) list is served instead.
+        """
+        try:
+            names = await self._tags_in_etcd(repo)
+        except EtcdUnavailable:
+            state = self.model.repo(repo)
+            if state is None or not state.registered:
+                raise
+            names = state.sorted_tags()
+        if names is None:
             return None
-        # Known to etcd but not yet to our model: read the tags from etcd itself.
+        return page(names, n, last)
+
+    async def _tags_in_etcd(self, repo: str) -> list[str] | None:
         names = []
         prefix = self.keys.tags_prefix(repo)
         async for kvs in self.client.iter_prefix(prefix, keys_only=True):
             names.extend(kv.key[len(prefix):] for kv in kvs if "/" not in kv.key[len(prefix):])
-        return page(sorted(names), n, last)
+        if not names and not await self.repo_exists(repo):
+            return None
+        return sorted(names)
 
     def catalog(self, n: int | None, last: str | None,
                 visible: Callable[[str], bool] | None = None) -> tuple[list[str], bool]:
@@ -444,13 +458,30 @@ class ClusterMetadata:
             names = [name for name in names if visible(name)]
         return page(names, n, last)
 
-    def referrers(self, repo: str, subject: str) -> list[tuple[str, ManifestRecord]]:
-        digests = self.model.referrers.get((repo, subject), ())
-        state = self.model.repo(repo)
-        if state is None:
-            return []
-        found = [(d, state.manifests[d]) for d in digests if d in state.manifests]
-        return sorted(found, key=lambda item: item[0])
+    async def referrers(self, repo: str, subject: str) -> list[tuple[str, ManifestRecord]]:
+        """The manifests of `repo` whose subject is `subject`, sorted by digest.
+
+        Which manifests reference `subject` is read from etcd (its reverse references, keys
+        only), because a read model that lags would leave out a referrer another node just
+        acknowledged (issue 13); records come from the model when it has them. While etcd is
+        unreachable the model's own list is served.
+        """
+        try:
+            digests = await self._referencing_manifests(repo, subject)
+        except EtcdUnavailable:
+            digests = self.model.referrers.get((repo, subject), ())
+        found = []
+        for digest in sorted(digests):
+            record = await self.manifest(repo, digest)
+            if record is not None and record.subject == subject:
+                found.append((digest, record))
+        return found
+
+    async def _referencing_manifests(self, repo: str, subject: str) -> set[str]:
+        """Manifests of `repo` with any reference to `subject` (as subject, or as index child)."""
+        prefix = self.keys.ref(subject, repo, "")
+        kvs, _, _ = await self.client.get_prefix(prefix, keys_only=True)
+        return {kv.key[len(prefix):] for kv in kvs}
 
     # ------------------------------------------------------------------ writes
     async def record_blob(self, repo: str, digest: str, size: int) -> None:

@@ -171,7 +171,7 @@ class RegistryAPI:
         subject = str(parse_digest(digest))
         wanted = request.query("artifactType")
         descriptors = []
-        for ref_digest, record in self.metadata.referrers(name, subject):
+        for ref_digest, record in await self.metadata.referrers(name, subject):
             if wanted is not None and record.artifact_type != wanted:
                 continue
             # Annotations stay out of etcd (values must stay small): read them from the content.
