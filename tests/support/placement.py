@@ -23,4 +23,3 @@ def blob_owned_by(wanted: Iterable[str], *, members: Iterable[str], replicas: in
         data = prefix + n.to_bytes(8, "big")
         if set(owners(oci.digest(data), members, replicas)) == wanted:
             return data
-    raise AssertionError("unreachable")
