@@ -483,7 +483,9 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
             for d, data in first.blobs.items():
                 await assert_blob_intact(ca, repo, d, data)
             assert "t1" in await tags_on(ca, repo)
-            await anyio.sleep(1.0)  # etcd stays down a while (not a synchronisation sleep)
+            # etcd stays down until the nodes have felt it: their readiness probe fails
+            for client in (ca, cb):
+                await eventually(lambda: _unready(client), what="the node to notice that etcd is gone")
             await anyio.to_thread.run_sync(local_etcd.start)
 
         # a burst of writes through the second node right after etcd is back
@@ -503,6 +505,10 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
                          what="node b sees a's write after the etcd restart")
         r = await ca.get(f"/v2/{repo}/manifests/t1", headers={"Accept": ACCEPT_ALL})
         assert r.status_code == 200 and r.content == first.manifest, describe(r)
+
+
+async def _unready(c) -> bool:
+    return (await c.get("/readyz")).status_code == 503
 
 
 async def _has_tags(c, repo: str, expected: set[str]) -> bool:
