@@ -4,7 +4,6 @@ while both run take effect on both, and key rotation keeps or drops older tokens
 
 from __future__ import annotations
 
-import anyio
 import httpx
 import pytest
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import time
 
 import httpx
 import pytest
 
 from tests.auth.conftest import TokenAuth, parse_challenge, provision
 from tests.support import skopeo
-from tests.support.node import NodeProcess, NodeStartError
+from tests.support.node import NodeProcess
 from tests.support.oci import build_image, push_image, read_oci_layout, write_oci_layout
 from tests.support.skopeo import docker_ref, oci_ref
 from tests.support.tls import make_ca_and_certs
