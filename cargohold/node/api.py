@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from typing import Callable
 from urllib.parse import quote
 
 import anyio
@@ -269,7 +270,7 @@ class RegistryAPI:
             else:
                 found = await self.metadata.delete_tag(name, tag)
         except ConcurrentChange as exc:
-            raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
+            raise errors.unavailable(str(exc)) from None
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         except TagProtected as exc:
@@ -283,7 +284,7 @@ class RegistryAPI:
         self.audit.record("delete", request, repository=name, reference=reference)
         return Response(202)
 
-    def _may_remove_tag(self, request: Request, repo: str):
+    def _may_remove_tag(self, request: Request, repo: str) -> Callable[[str], bool] | None:
         """Tag protection, judged again by the coordinator on every tag its delete by digest
         would remove: the check before routing saw only the tags this node's read model knew,
         and a tag pushed through another node a moment ago may be missing there."""
@@ -304,7 +305,7 @@ class RegistryAPI:
             except Referenced as exc:
                 raise _still_referenced(exc) from None
             except ConcurrentChange as exc:
-                raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
+                raise errors.unavailable(str(exc)) from None
             if not unlinked:
                 raise errors.blob_unknown(detail={"digest": str(parsed)})
             self.audit.record("delete", request, repository=name, digest=str(parsed))

@@ -152,7 +152,13 @@ async def test_a_delete_by_digest_never_takes_a_protected_tag_pushed_through_ano
             status = answers["delete"].status_code
             assert status in (202, 403), describe(answers["delete"])
             outcomes[status] = outcomes.get(status, 0) + 1
-            r = await alice.get(f"/v2/{repo}/manifests/v1", headers={"Accept": image.media_type})
+            # Through B, which acknowledged the push and so reads it; A's read model follows.
+            r = await ci.get(f"/v2/{repo}/manifests/v1", headers={"Accept": image.media_type})
             assert r.status_code == 200 and r.content == image.manifest, \
                 f"round {round_}: delete answered {status}, then v1: {describe(r)}"
+
+            async def a_pulls_v1():
+                r = await alice.get(f"/v2/{repo}/manifests/v1", headers={"Accept": image.media_type})
+                return r.status_code == 200 and r.content == image.manifest
+            await eventually(a_pulls_v1, what=f"round {round_}: node A serves this round's v1")
     print(f"delete outcomes over {RACE_ROUNDS} rounds: {outcomes}")
