@@ -6,13 +6,16 @@ import json
 import logging
 import re
 import time
+from typing import Callable
 from urllib.parse import quote
 
 import anyio
 
 from cargohold.auth.audit import AuditLog
 from cargohold.coordinator.etcd import EtcdError
-from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences, TagImmutable
+from cargohold.coordinator.metadata import (
+    ClusterMetadata, ConcurrentChange, MissingReferences, Referenced, TagImmutable, TagProtected,
+)
 from cargohold.coordinator.records import ManifestRecord
 from cargohold.oci import errors
 from cargohold.node.access import AccessControl
@@ -266,17 +269,33 @@ class RegistryAPI:
         tag, digest = lookup_reference(reference)
         try:
             if digest is not None:
-                found = await self.metadata.delete_manifest(name, str(digest))
+                found = await self.metadata.delete_manifest(name, str(digest), self._may_remove_tag(request, name))
             else:
                 found = await self.metadata.delete_tag(name, tag)
         except ConcurrentChange as exc:
-            raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
+            raise errors.unavailable(str(exc)) from None
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
+        except TagProtected as exc:
+            self.audit.record("denied", request, repository=name, reference=exc.tag, action="delete",
+                              status=403, reason="protected tag")
+            raise errors.denied(str(exc), detail={"repository": name, "tag": exc.tag}) from None
+        except Referenced as exc:
+            raise _still_referenced(exc) from None
         if not found:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
         self.audit.record("delete", request, repository=name, reference=reference)
         return Response(202)
+
+    def _may_remove_tag(self, request: Request, repo: str) -> Callable[[str], bool] | None:
+        """Tag protection, judged again by the coordinator on every tag its delete by digest
+        would remove: the check before routing saw only the tags this node's read model knew,
+        and a tag pushed through another node a moment ago may be missing there."""
+        identity = request.auth
+        if self.access is None or identity is None:
+            return None
+        policy, subject = self.access.policy, identity.subject
+        return lambda tag: policy.may_touch_tag(subject, repo, tag)
 
     # ------------------------------------------------------------------ blobs
     async def _blob(self, request: Request, name: str, digest: str) -> Response:
@@ -284,7 +303,13 @@ class RegistryAPI:
         if request.method in ("GET", "HEAD"):
             return await self._get_blob(request, name, parsed)
         if request.method == "DELETE":
-            if not await self.metadata.unlink_blob(name, str(parsed)):
+            try:
+                unlinked = await self.metadata.unlink_blob(name, str(parsed))
+            except Referenced as exc:
+                raise _still_referenced(exc) from None
+            except ConcurrentChange as exc:
+                raise errors.unavailable(str(exc)) from None
+            if not unlinked:
                 raise errors.blob_unknown(detail={"digest": str(parsed)})
             self.audit.record("delete", request, repository=name, digest=str(parsed))
             return Response(202).header("Docker-Content-Digest", str(parsed))
@@ -436,6 +461,13 @@ def _route(request: Request) -> tuple[str, dict]:
 def _allow(request: Request, *methods: str) -> None:
     if request.method not in methods:
         raise _method_not_allowed(request)
+
+
+def _still_referenced(exc: Referenced) -> errors.RegistryError:
+    """409 DENIED: the delete conflicts with the repository's state (a manifest uses the
+    content) and would succeed once that manifest is gone; 403 would read as a permission
+    problem and 405 as "deletes are disabled" (zot answers 405 DENIED)."""
+    return errors.RegistryError("DENIED", str(exc), 409, detail={"digest": exc.digest, "manifest": exc.by})
 
 
 def _method_not_allowed(request: Request) -> errors.RegistryError:
