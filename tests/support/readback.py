@@ -17,6 +17,9 @@ import httpx
 from tests.support import oci
 
 
+STALE_TAG = "stale tag (the digest it had before this push)"
+
+
 @dataclass(frozen=True)
 class PushedImage:
     repo: str
@@ -42,7 +45,8 @@ def _check_manifest(part: str, r: httpx.Response, pushed: PushedImage) -> str | 
     if r.status_code != 200:
         return _problem(part, r, "status")
     if r.headers.get("docker-content-digest") != pushed.digest:
-        return _problem(part, r, "digest header")
+        moved = r.request.url.path.endswith(f"/manifests/{pushed.tag}")
+        return _problem(part, r, STALE_TAG if moved else "digest header")
     if r.request.method == "HEAD":
         return None if int(r.headers.get("content-length", -1)) == pushed.image.size else _problem(part, r, "length")
     return None if r.content == pushed.image.manifest else _problem(part, r, "bytes")
