@@ -15,7 +15,7 @@ import logging
 import time
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Callable, Iterator, Mapping
+from typing import Awaitable, Callable, Iterator, Mapping
 
 import anyio
 
@@ -36,6 +36,9 @@ SNAPSHOT_PAGE = 2000
 # write is still durable; later reads fall back to etcd.
 VISIBILITY_TIMEOUT = 2.0
 TXN_RETRIES = 5
+# How long a list (tags, referrers) waits for etcd before the read model's list is served.
+LIST_CONFIRM_TIMEOUT = 1.0
+_NO_ANSWER = object()
 
 
 class MissingReferences(Exception):
@@ -444,19 +447,29 @@ class ClusterMetadata:
         """A page of the repository's tags in lexical order, or None if the repository is unknown.
 
         Read from etcd, not the read model: a list has no "miss" to confirm, and a model that
-        lags behind another node's acknowledged push would leave its tag out (issue 13). While
-        etcd is unreachable the model's (possibly older) list is served instead.
+        lags behind another node's acknowledged push would leave its tag out (issue 13). When
+        etcd does not answer in time the model's (possibly older) list is served instead.
         """
-        try:
-            names = await self._tags_in_etcd(repo)
-        except EtcdUnavailable:
+        names = await self._listed_by_etcd(self._tags_in_etcd(repo))
+        if names is _NO_ANSWER:
             state = self.model.repo(repo)
             if state is None or not state.registered:
-                raise
+                raise EtcdUnavailable(f"tags of {repo}: etcd did not answer and the read model does not know it")
             names = state.sorted_tags()
         if names is None:
             return None
         return page(names, n, last)
+
+    async def _listed_by_etcd(self, read: Awaitable):
+        """The answer of `read` (a list read from etcd), or _NO_ANSWER when etcd is unreachable
+        or slower than LIST_CONFIRM_TIMEOUT: the client retries an unreachable etcd for 10 s,
+        and a pull must not wait that long for a list the read model can give."""
+        with anyio.move_on_after(LIST_CONFIRM_TIMEOUT):
+            try:
+                return await read
+            except EtcdUnavailable:
+                return _NO_ANSWER
+        return _NO_ANSWER
 
     async def _tags_in_etcd(self, repo: str) -> list[str] | None:
         names = []
@@ -480,12 +493,11 @@ class ClusterMetadata:
 
         Which manifests reference `subject` is read from etcd (its reverse references, keys
         only), because a read model that lags would leave out a referrer another node just
-        acknowledged (issue 13); records come from the model when it has them. While etcd is
-        unreachable the model's own list is served.
+        acknowledged (issue 13); records come from the model when it has them. When etcd does
+        not answer in time the model's own list is served.
         """
-        try:
-            digests = await self._referencing_manifests(repo, subject)
-        except EtcdUnavailable:
+        digests = await self._listed_by_etcd(self._referencing_manifests(repo, subject))
+        if digests is _NO_ANSWER:
             digests = self.model.referrers.get((repo, subject), ())
         found = []
         for digest in sorted(digests):
