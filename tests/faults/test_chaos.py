@@ -110,6 +110,11 @@ class Faults:
                        if start <= ended and (end is None or end >= began)]
         return " + ".join(overlapping) or "no fault"
 
+    def since_last(self) -> str:
+        """How long ago the last fault ended (for a failure that overlapped none)."""
+        ended = [end for _, _, end in self.spans if end is not None]
+        return f"{time.monotonic() - max(ended):.1f}s after {self.spans[-1][0]}" if ended else "before any fault"
+
     @contextlib.asynccontextmanager
     async def _broken(self, what: str):
         """The span of one fault, from breaking to repaired (a restarted node is ready)."""
@@ -157,6 +162,7 @@ class Traffic:
         self.pull_failures: collections.Counter = collections.Counter()
         self.pulls = 0
         self.corrupt: list[str] = []
+        self.unexplained: list[str] = []       # pull failures that overlapped no fault
         self._numbers = iter(range(MAX_PUSHES))
 
     async def pusher(self) -> None:
@@ -183,11 +189,16 @@ class Traffic:
             try:
                 problems = await verify_bytes(client, pushed)
             except httpx.HTTPError as exc:
-                self.pull_failures[(self.faults.during(began, time.monotonic()), type(exc).__name__)] += 1
+                during = self.faults.during(began, time.monotonic())
+                self.pull_failures[(during, type(exc).__name__)] += 1
+                if during == "no fault":
+                    self.unexplained.append(f"{self.faults.since_last()}: {exc!r} from {exc.request.url}")
                 continue
             during = self.faults.during(began, time.monotonic())
             for problem in problems:
                 self.pull_failures[(during, _problem_class(problem))] += 1
+                if during == "no fault":
+                    self.unexplained.append(f"{self.faults.since_last()}: {problem}")
                 if "-> 200 " in problem:            # a 200 whose bytes do not hash to the digest
                     self.corrupt.append(f"during {during}: {problem}")
 
@@ -237,7 +248,8 @@ async def verify_everywhere(acknowledged: list[PushedImage], nodes: list[NodePro
 
 async def test_acknowledged_images_survive_kills_stops_and_an_etcd_restart(chaos_etcd, chaos_nodes):
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 32)))
-    print(f"\nchaos seed {seed} (CHAOS_SEED={seed} replays the schedule)", flush=True)
+    print(f"\nchaos seed {seed} (CHAOS_SEED={seed} replays the schedule); nodes: "
+          + ", ".join(f"{n.node_id}={n.url}" for n in chaos_nodes), flush=True)
     rng = random.Random(seed)
     faults = Faults(chaos_etcd, chaos_nodes, random.Random(rng.random()))
     clients = [httpx.AsyncClient(base_url=n.url, timeout=REQUEST_TIMEOUT) for n in chaos_nodes]
@@ -264,6 +276,7 @@ async def test_acknowledged_images_survive_kills_stops_and_an_etcd_restart(chaos
           f"x {len(clients)} nodes in {time.monotonic() - settled_at:.1f}s")
     print(f"push failures by (fault, class): {dict(traffic.push_failures)}")
     print(f"pulls: {traffic.pulls}; failures by (fault, class): {dict(traffic.pull_failures)}")
+    print("pull failures outside any fault:\n  " + "\n  ".join(traffic.unexplained[:20]))
     assert traffic.corrupt == [], "\n".join(traffic.corrupt[:10])
     assert len(traffic.acknowledged) > 0
     assert lost == [], f"seed {seed}: {len(lost)} acknowledged parts not served intact:\n" + "\n".join(lost[:20])
