@@ -18,9 +18,10 @@ from cargohold.oci import errors
 from cargohold.node.auth import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
-    ClientDisconnected, Request, Response, error_response, json_response, send_response,
+    ClientDisconnected, Request, Response, error_response, json_response, loggable, send_response,
 )
 from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
+from cargohold.oci.ranges import parse_chunk_range, parse_range
 from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import Metrics
 from cargohold.runtime.pacing import Foreground
@@ -40,8 +41,6 @@ ROUTES: list[tuple[re.Pattern, str]] = [
     (re.compile(rf"^/v2/{_NAME}/tags/list$"), "tags"),
     (re.compile(rf"^/v2/{_NAME}/referrers/(?P<digest>[^/]+)$"), "referrers"),
 ]
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$", re.ASCII)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 OCTET = "application/octet-stream"
 
 
@@ -103,7 +102,7 @@ class RegistryAPI:
             if exc.status == 408 or not await request.discard_body():
                 response.header("Connection", "close")
         except ClientDisconnected:
-            log.info("%s %s client disconnected", request.method, request.path)
+            log.info("%s %s client disconnected", request.method, loggable(request.path))
             return
         except EtcdError as exc:
             log.warning("metadata store unavailable: %s", exc)
@@ -113,7 +112,8 @@ class RegistryAPI:
         self.metrics.observe(request.route, request.method, response.status, elapsed, sent)
         self.metrics.bytes_in += request.received
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent, elapsed * 1000)
+            log.info("%s %s %d %d %.1fms", request.method, loggable(request.path), response.status, sent,
+                     elapsed * 1000)
 
     async def handle(self, request: Request) -> Response:
         kind, params = _route(request)
@@ -240,9 +240,7 @@ class RegistryAPI:
             tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
             parsed.artifact_type[:256] if parsed.artifact_type else None, time.time())
         try:
-            async with self.store.locked(digest):
-                await self.store.write(digest, body)
-                await self.metadata.put_manifest(name, str(digest), record, tag)
+            await self._store_manifest(name, digest, body, record, tag)
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         except MissingReferences as missing:
@@ -258,6 +256,21 @@ class RegistryAPI:
         if parsed.subject is not None:
             response.header("OCI-Subject", str(parsed.subject))
         return response
+
+    async def _store_manifest(self, name: str, digest: Digest, body: bytes, record: ManifestRecord,
+                              tag: str | None) -> None:
+        """Write the bytes, then index them in one txn; bytes the txn refused are removed at once
+        (not left for a scrub), unless this node held them before."""
+        async with self.store.locked(digest):
+            held_before = await self.store.stat(digest) is not None
+            await self.store.write(digest, body)
+            try:
+                await self.metadata.put_manifest(name, str(digest), record, tag)
+            except (MissingReferences, TagImmutable):
+                if not held_before:
+                    with anyio.CancelScope(shield=True):
+                        await self.store.delete(digest)
+                raise
 
     async def _delete_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, digest = parse_reference(reference)
@@ -298,7 +311,7 @@ class RegistryAPI:
                    (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
         start, end = 0, size - 1
         status = 200
-        wanted = _parse_range(request.header("range"), size) if request.header("range") else None
+        wanted = parse_range(request.header("range"), size) if request.header("range") else None
         if wanted is not None:
             start, end = wanted
             status = 206
@@ -446,50 +459,9 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
     return n, request.query("last") or None
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """The byte range asked for, or None to serve the whole blob.
-
-    RFC 9110 14.2: a Range with a unit we do not know is ignored, and we may ignore a
-    multi-range request (serving all of it is always correct).
-    """
-    header = header.strip()
-    if not header.startswith("bytes=") or "," in header:
-        return None
-    match = _RANGE.match(header)
-    if not match or (not match.group(1) and not match.group(2)):
-        raise _unsatisfiable(size)
-    first, last = match.groups()
-    if first == "":  # suffix range: the last N bytes
-        if int(last) == 0:
-            raise _unsatisfiable(size)
-        start, end = max(size - int(last), 0), size - 1
-    else:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
-        raise _unsatisfiable(size)
-    return start, end
-
-
-def _unsatisfiable(size: int) -> errors.RegistryError:
-    return errors.unsupported("requested range not satisfiable", status=416,
-                              headers={"Content-Range": f"bytes */{size}"})
-
-
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:
     """(start, length) from Content-Range and Content-Length; 416 when malformed."""
-    declared = request.header("content-length")
-    length = int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
-    header = request.header("content-range")
-    if header is None:
-        return None, length
-    match = _CONTENT_RANGE.match(header.strip())
-    if not match:
-        raise errors.range_invalid(f"malformed Content-Range {header[:80]!r}")
-    start, end = int(match.group(1)), int(match.group(2))
-    if end < start or (length is not None and length != end - start + 1):
-        raise errors.range_invalid(f"Content-Range {header[:80]!r} does not match the body length")
-    return start, end - start + 1
+    return parse_chunk_range(request.header("content-range"), request.header("content-length"))
 
 
 def _upload_progress(status: int, session: UploadSession, size: int) -> Response:

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 import anyio
 
 from cargohold.oci import errors
+from cargohold.oci.ranges import decimal
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 PREFETCH_CHUNKS = 2
@@ -26,6 +27,17 @@ class ClientDisconnected(Exception):
 # A client that sends nothing of its body for this long is cut off (slow-client protection);
 # RegistryAPI sets it from the `body_timeout` setting.
 BODY_IDLE_TIMEOUT = 60.0
+
+
+# C0 and C1 controls, the Unicode line and paragraph separators, and the escape character itself.
+_CONTROL = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, ord("\\")]}
+
+
+def loggable(text: str) -> str:
+    """`text` with control characters (CR, LF, NUL, ...) and backslashes escaped as \\xNN: a path
+    is percent-decoded, and raw line breaks in it would let a client forge access log lines."""
+    return text.translate(_CONTROL) if not text.isprintable() or "\\" in text else text
 
 
 class Request:
@@ -88,9 +100,10 @@ class Request:
         Returns False when the body is too large to drain, or cannot be: then close the connection."""
         if self._consumed:
             return True
-        declared = self.header("content-length")
-        if declared is None or not (declared.isascii() and declared.isdigit()) or int(declared) - self.received > limit:
-            return self.header("transfer-encoding") is None and declared is None and self.method in ("GET", "HEAD")
+        declared = decimal(self.header("content-length"))
+        if declared is None or declared - self.received > limit:
+            return (self.header("transfer-encoding") is None and self.header("content-length") is None
+                    and self.method in ("GET", "HEAD"))
         try:
             async for _ in self.body_chunks():
                 pass
@@ -99,8 +112,8 @@ class Request:
         return True
 
     async def read_body(self, limit: int) -> bytes:
-        declared = self.header("content-length")
-        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        declared = decimal(self.header("content-length"))
+        if declared is not None and declared > limit:
             raise errors.RegistryError("SIZE_INVALID", f"body larger than {limit} bytes", 413)
         parts: list[bytes] = []
         total = 0
