@@ -18,7 +18,7 @@ from cargohold.oci import errors
 from cargohold.node.auth import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
-    ClientDisconnected, Request, Response, error_response, json_response, loggable, send_response,
+    BodyPace, ClientDisconnected, Request, Response, error_response, json_response, loggable, send_response,
 )
 from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
 from cargohold.oci.ranges import parse_chunk_range, parse_range
@@ -53,7 +53,8 @@ class RegistryAPI:
                  *, node_id: str = "", ready=None, replicator: Replicator | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
-                 sync_sites: int = 0, body_timeout: float = 60.0, foreground: Foreground | None = None):
+                 sync_sites: int = 0, body_timeout: float = 60.0, min_body_rate: float = 0.0,
+                 foreground: Foreground | None = None):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -63,7 +64,7 @@ class RegistryAPI:
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
         self.sync_sites = sync_sites
-        self.body_timeout = body_timeout
+        self.body_pace = BodyPace(body_timeout, min_body_rate)
         self.copy_timeout = copy_timeout
         self.access = access            # issue 6: None means no access control at all
         self.foreground = foreground or Foreground()   # background work paces itself while this is busy
@@ -83,7 +84,7 @@ class RegistryAPI:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
-        request.body_timeout = self.body_timeout
+        request.body_pace = self.body_pace
         if not request.path.startswith("/v2"):      # probes and scrapes are not client work
             await self._respond(request, send)
             return

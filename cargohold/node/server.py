@@ -20,6 +20,7 @@ from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
 from cargohold.node.auth import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
+from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
 from cargohold.node.metrics import Metrics
 from cargohold.oci.reference import parse_digest
 from cargohold.blobs.store import FilesystemBlobStore
@@ -81,6 +82,7 @@ async def serve(settings: Settings) -> None:
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
+                          min_body_rate=parse_size(settings.min_body_rate),
                           foreground=foreground)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
@@ -224,10 +226,11 @@ async def _uvicorn(app, settings: Settings, stop: anyio.Event) -> None:
             return nullcontext()
 
     host, port = settings.host_port
+    limits = _connection_limits(settings)
     config = uvicorn.Config(
-        app, host=host, port=port, http="httptools", lifespan="off", access_log=False,
+        app, host=host, port=port, http=guarded_httptools(limits), lifespan="off", access_log=False,
         log_config=None, ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
-        timeout_keep_alive=30, server_header=False, date_header=False)
+        timeout_keep_alive=limits.keep_alive_timeout, server_header=False, date_header=False)
     server = Server(config)
 
     async def trigger() -> None:
@@ -244,12 +247,22 @@ async def _hypercorn(app, settings: Settings, stop: anyio.Event) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    limits = _connection_limits(settings)
     config = Config()
     config.bind = [settings.listen]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 30
+    # hypercorn's idle timer runs until a whole head has arrived: it is the head timeout too.
+    config.keep_alive_timeout = min(limits.keep_alive_timeout, limits.header_timeout)
+    config.h11_max_incomplete_size = limits.max_header_size
     config.include_server_header = False
+    capped_hypercorn(limits.max_connections)
     if settings.tls_cert:
         config.certfile, config.keyfile = settings.tls_cert, settings.tls_key
     await serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
+
+
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(header_timeout=settings.header_timeout, keep_alive_timeout=settings.keep_alive_timeout,
+                            max_header_size=parse_size(settings.max_header_size),
+                            max_connections=connection_cap(settings.max_connections))
