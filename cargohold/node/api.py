@@ -344,9 +344,9 @@ class RegistryAPI:
         digest_param = request.query("digest")
         if digest_param is not None:
             digest = parse_digest(digest_param)
-            session = await self.uploads.create(name)
+            session = await self.uploads.create(name, *_opener(request))
             return await self._finish_upload(request, session, digest, monolithic=True)
-        session = await self.uploads.create(name)
+        session = await self.uploads.create(name, *_opener(request))
         return _upload_progress(202, session, 0)
 
     async def _try_mount(self, name: str, digest: Digest, source: str) -> Response | None:
@@ -463,6 +463,13 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:
     """(start, length) from Content-Range and Content-Length; 416 when malformed."""
     return parse_chunk_range(request.header("content-range"), request.header("content-length"))
+
+
+def _opener(request: Request) -> tuple[str, str]:
+    """Who opens an upload session: the account's login ("" for anonymous), and the client address."""
+    identity = request.auth
+    login = identity.subject.login if identity is not None and not identity.subject.anonymous else ""
+    return login, request.client
 
 
 def _upload_progress(status: int, session: UploadSession, size: int) -> Response:

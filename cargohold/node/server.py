@@ -50,7 +50,8 @@ async def serve(settings: Settings) -> None:
         metadata = ClusterMetadata(client, settings.cluster, node_id)
         store = FilesystemBlobStore(data_dir)
         uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id),
-                                max_blob_size=parse_size(settings.max_blob_size) if settings.max_blob_size else None)
+                                max_blob_size=parse_size(settings.max_blob_size) or None,
+                                max_per_account=settings.max_uploads_per_account or None)
         tls = (TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
                if settings.grpc_tls_cert else None)
         peers = PeerClient(tls=tls)
@@ -187,10 +188,11 @@ def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) ->
 
 async def _purge_uploads(uploads: UploadManager, expiry: float) -> None:
     while True:
-        removed = await uploads.purge_older_than(expiry)
+        removed = await uploads.purge_idle(expiry)
         if removed:
             log.info("removed %d abandoned upload sessions", removed)
-        await anyio.sleep(UPLOAD_PURGE_INTERVAL)
+        # a session is removed at most a quarter of `expiry` late
+        await anyio.sleep(min(UPLOAD_PURGE_INTERVAL, expiry / 4))
 
 
 async def _stop_when_drained(replicator: Replicator, stop: anyio.Event) -> None:
