@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -74,3 +76,20 @@ def test_chunk_range_parsing_never_crashes(content_range, content_length):
 @given(st.from_regex(r"\A(bytes=)?\d{0,5000}-\d{0,5000}\Z"), st.integers(min_value=1, max_value=2 ** 40))
 def test_long_numbers_in_ranges_never_crash(text, size):
     test_range_parsing_never_crashes_and_stays_inside_the_blob.hypothesis.inner_test(text, size)
+
+
+@given(st.text(max_size=80))
+def test_content_length_like_headers_never_crash(text):
+    value = decimal(text)
+    assert value is None or 0 <= value <= SATURATED
+
+
+@given(st.text(max_size=200))
+def test_logged_paths_hold_no_line_breaks_or_control_characters(text):
+    from cargohold.node.http import loggable
+
+    logged = loggable(text)
+    assert len(logged.splitlines()) <= 1                                   # no line break of any kind
+    assert not any(unicodedata.category(c) == "Cc" for c in logged)      # no NUL, ESC, ...
+    if text.isprintable() and "\\" not in text:
+        assert logged == text
