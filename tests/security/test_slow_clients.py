@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import RUNTIMES
-from tests.support.node import NodeProcess
+from tests.security.conftest import node_with_settings
 from tests.support.poll import until
 
 HEADER_TIMEOUT = 2.0
@@ -33,16 +33,8 @@ min_body_rate: 1K
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def node(request, tmp_path_factory, etcd, cluster_name):
-    data_dir = tmp_path_factory.mktemp(f"slow-{request.param}")
-    config = data_dir / "limits.yaml"
-    config.write_text(LIMITS)
-    proc = NodeProcess(data_dir, etcd_url=etcd.url, cluster=f"{cluster_name}-{request.param}", node_id="n1",
-                       runtime=request.param, extra_args=["--config", str(config)])
-    proc.start()
-    try:
+    with node_with_settings(request, tmp_path_factory, etcd, cluster_name, LIMITS) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def _connect(node) -> socket.socket:

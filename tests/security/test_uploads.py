@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+import httpx
 import pytest
 
 from cargohold.blobs.store import FilesystemBlobStore
@@ -14,6 +15,9 @@ from cargohold.config import Settings
 from cargohold.node.uploads import UploadManager
 from cargohold.oci import errors
 from cargohold.units import parse_size
+from tests.conftest import RUNTIMES
+from tests.security.conftest import node_with_settings
+from tests.support.poll import until
 
 pytestmark = pytest.mark.anyio
 
@@ -82,11 +86,6 @@ def test_defaults_expire_idle_sessions_in_a_day_and_limit_blob_size():
 
 
 # ---------------------------------------------------------------------- through a node
-import httpx  # noqa: E402
-
-from tests.conftest import RUNTIMES  # noqa: E402
-from tests.support.node import NodeProcess  # noqa: E402
-from tests.support.poll import until  # noqa: E402
 
 EXPIRY = 5.0
 CAP = 3
@@ -94,16 +93,9 @@ CAP = 3
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def node(request, tmp_path_factory, etcd, cluster_name):
-    data_dir = tmp_path_factory.mktemp(f"uploads-{request.param}")
-    config = data_dir / "uploads.yaml"
-    config.write_text(f"upload_expiry: {EXPIRY}\nmax_uploads_per_account: {CAP}\n")
-    proc = NodeProcess(data_dir, etcd_url=etcd.url, cluster=f"{cluster_name}-{request.param}", node_id="n1",
-                       runtime=request.param, extra_args=["--config", str(config)])
-    proc.start()
-    try:
+    settings = f"upload_expiry: {EXPIRY}\nmax_uploads_per_account: {CAP}\n"
+    with node_with_settings(request, tmp_path_factory, etcd, cluster_name, settings) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_an_abandoned_upload_with_a_chunk_is_purged_while_the_node_runs(node):
