@@ -7,8 +7,8 @@ What each server lacks, and what is added here:
   limit on a request head's size and no timer while a head arrives (uvicorn arms its keep-alive
   timer only after a response). `guarded_httptools` subclasses uvicorn's httptools protocol:
   a head must arrive within `header_timeout` of the connection or of its first byte (408 and
-  close), may not exceed `max_header_size` bytes (431 and close, checked after each read so a
-  head never grows by more than one read past the limit), and a connection beyond
+  close), may not exceed `max_header_size` bytes (431 and close, checked after each read of at
+  most 256 KiB, so a head never grows more than a read or two past the limit), and a connection beyond
   `max_connections` is answered 503 at once and closed, before it can hold anything.
 - hypercorn (trio) parses with h11, whose `max_incomplete_event_size` bounds a head (431), and
   its idle timer runs from the connection (or the end of the previous response) until a whole
@@ -112,7 +112,9 @@ def guarded_httptools(limits: ConnectionLimits):
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
                 return
-            self.head.data(len(data))       # bytes after the head's end count too: at most one read
+            # Bytes after the head's end count too (at most this read); a head that begins inside
+            # this read restarts the count (on_message_begin), so it is checked from the next read.
+            self.head.data(len(data))
             super().data_received(data)
             if self.head.too_large:
                 self._refuse(HEAD_TOO_LARGE)
