@@ -198,9 +198,16 @@ class GarbageCollector:
 
     async def _phases(self, run: dict, leadership: Leadership) -> None:
         progress = _Progress(self, run, leadership)
+        self.metadata.subscribe(progress.copies.changed)
+        try:
+            await self._run_phases(run, progress)
+        finally:
+            self.metadata.unsubscribe(progress.copies.changed)
+
+    async def _run_phases(self, run: dict, progress: "_Progress") -> None:
         run["phase"] = "retention"
         await progress.flush(force=True)
-        await self._apply_retention(run, leadership)
+        await self._apply_retention(run, progress.leadership)
         for _ in range(MAX_MARK_ROUNDS):
             run["phase"] = "mark"
             await progress.flush(force=True)
@@ -378,27 +385,40 @@ def _unsettled(left: list[str], blobs: Mapping, alive: set[str]) -> list[str]:
 class _Condemned:
     """The copies this leader's sweep condemned, and the bytes of those released so far: a
     copy counts once the node that held it has withdrawn its record (it deletes the file
-    right after), so copies on nodes that are down are not counted as freed."""
+    right after), so copies on nodes that are down are not counted as freed. Only blobs the
+    watch changed are looked at again, so a tally costs what was released, not what is
+    still waiting (cleanup tallies every quarter second)."""
 
     def __init__(self, already_freed: int):
         self.freed = already_freed          # a resumed run keeps what its earlier leaders counted
-        self.pending: dict[str, tuple[int, frozenset[str]]] = {}
+        self.pending: dict[str, tuple[int, frozenset[str]]] = {}    # digest -> (size, nodes still holding)
+        self._changed: set[str] = set()
 
     def add(self, digest: str, size: int, holders: frozenset[str]) -> None:
         if holders:
             self.pending[digest] = (size, holders)
+            self._changed.add(digest)      # its release may have come before its tombstone's answer
+
+    def changed(self, blobs: set, _sections: set) -> None:
+        """A read-model listener (it must not block: it only notes the digests)."""
+        if self.pending:
+            self._changed.update(blobs & self.pending.keys())
 
     def bytes_freed(self, blobs: Mapping) -> int:
-        partly = 0
-        for digest, (size, holders) in list(self.pending.items()):
+        for digest in self._changed:
+            entry = self.pending.get(digest)
+            if entry is None:
+                continue
+            size, holding = entry
             state = blobs.get(digest)
-            released = holders - state.nodes if state is not None else holders
-            if released == holders:
-                self.freed += size * len(holders)
-                del self.pending[digest]
+            still = holding & state.nodes if state is not None else frozenset()
+            self.freed += size * (len(holding) - len(still))
+            if still:
+                self.pending[digest] = (size, frozenset(still))
             else:
-                partly += size * len(released)
-        return self.freed + partly
+                del self.pending[digest]
+        self._changed.clear()
+        return self.freed
 
 
 class _Progress:

@@ -286,9 +286,10 @@ async def test_a_leader_frozen_mid_sweep_leaves_the_finished_run_alone(cluster):
 
 
 async def test_scheduled_runs_and_the_scrub_of_orphan_files(cluster):
-    a = cluster.add("a", settings={"gc_interval": "2s"})
+    a = cluster.add("a", settings={"gc_interval": "2s"}, start=False)
     # A file no etcd record accounts for (as a crash between write and publish would leave),
-    # older than the grace period.
+    # older than the grace period. It is there before the node starts: a node scrubs at most
+    # once per grace period, and its first scheduled run comes at once.
     orphan = oci.random_bytes(1000, seed="orphan-file")
     digest = oci.digest(orphan)
     path = Path(a.data_dir) / "blobs" / "sha256" / digest[7:9] / digest[7:]
@@ -296,6 +297,7 @@ async def test_scheduled_runs_and_the_scrub_of_orphan_files(cluster):
     path.write_bytes(orphan)
     old = time.time() - PAST_GRACE
     os.utime(path, (old, old))
+    a.start()
     async with client_for(a) as client:
         young = oci.random_bytes(1000, seed="young-file")   # on disk and in etcd: never scrubbed
         young_digest = await oci.push_blob(client, "scrub/app", young)

@@ -66,8 +66,11 @@ def test_bytes_freed_counts_the_copies_released_and_keeps_a_resumed_runs_figure(
     blobs = {"x": Blob(nodes={"a", "b"}), "y": Blob(nodes={"b"})}
     assert copies.bytes_freed(blobs) == 500 + 10                 # y's copy on a is gone
     blobs = {"y": Blob(nodes={"b"})}                               # x released everywhere; b down
+    assert copies.bytes_freed(blobs) == 500 + 10                   # the watch has not said so yet
+    copies.changed({"x", "unrelated"}, set())
     assert copies.bytes_freed(blobs) == 500 + 200 + 10
-    assert copies.bytes_freed({}) == 500 + 200 + 20
+    copies.changed({"y"}, set())
+    assert copies.bytes_freed({}) == 500 + 200 + 20 and not copies.pending
 
 
 def test_lost_leadership_is_found_inside_task_group_errors():
