@@ -64,6 +64,8 @@ class GcState:
         return self.metadata.gc_leader() == self.node_id and self.metadata.lease == leadership.lease
 
     def _guard(self, leadership: Leadership) -> Compare:
+        # The create revision, not the value (our node id) nor the lease: a node that lost its
+        # lease and won again holds a new key, and its old run must not write under it.
         return Compare(self._keys.gc_leader(), "create", "==", leadership.revision)
 
     async def _txn(self, leadership: Leadership, compare: list, success: list) -> TxnResult:

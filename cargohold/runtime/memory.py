@@ -9,6 +9,9 @@ CPU per MiB that way and 0.7 ms with the settings below.
 So allocations up to 32 MiB come from the heap, and up to 64 MiB of freed memory at the top
 of each heap is kept for the next piece instead of being handed back. An operator who sets
 glibc's own knobs (GLIBC_TUNABLES, MALLOC_*_ variables) keeps them.
+
+`without_cycle_collection` keeps Python's cycle collector out of large allocation bursts (the
+read model's GC snapshot, the GC's mark).
 """
 
 from __future__ import annotations
