@@ -349,27 +349,6 @@ class ClusterMetadata:
         """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
         return (await self._grouped(*self._tombstone_clearing(digest, run_id))).succeeded
 
-    async def clear_tombstones(self, tombstones: dict[str, str], concurrency: int = 256) -> int:
-        """`clear_tombstone` for many (digest -> run id), sharing transactions; returns how many
-        were cleared, once the read model has seen them go."""
-        items = iter(list(tombstones.items()))
-        cleared, latest = 0, 0
-
-        async def clear_some() -> None:
-            nonlocal cleared, latest
-            for digest, run_id in items:          # one iterator shared by the workers
-                result = await self._grouped(*self._tombstone_clearing(digest, run_id))
-                if result.succeeded:
-                    cleared += 1
-                    latest = max(latest, result.revision)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(concurrency, len(tombstones))):
-                tg.start_soon(clear_some)
-        if latest:
-            await self.model.wait_for(latest, VISIBILITY_TIMEOUT)
-        return cleared
-
     def _tombstone_clearing(self, digest: str, run_id: str) -> tuple[list, list]:
         return ([Compare.value_equals(self.keys.tombstone(digest), run_id.encode()),
                  Compare.none_with_prefix(self.keys.blob(digest) + "/")],
