@@ -14,6 +14,7 @@ from cargohold import __version__
 from cargohold.config import Settings, resolve_node_id
 from cargohold.units import parse_duration, parse_size, parse_window
 from cargohold.gc.collector import GarbageCollector
+from cargohold.gc.node_sweep import NodeSweep
 from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
@@ -25,8 +26,10 @@ from cargohold.oci.reference import parse_digest
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
 from cargohold.runtime.pacing import BackgroundPace, Foreground
+from cargohold.replication.remote import PeerContent
 from cargohold.replication.replicator import Replicator
-from cargohold.replication.status import replication_status
+from cargohold.replication.sources import ReplicationSettings
+from cargohold.replication.status import held_count, replication_status
 from cargohold.replication.transfer import PeerClient, ReplicationService, TlsFiles, grpc_server
 
 log = logging.getLogger("cargohold.node")
@@ -57,14 +60,10 @@ async def serve(settings: Settings) -> None:
         grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store), tls=tls))
         grace = parse_duration(settings.gc_grace)
         foreground = Foreground()
-        replicator = Replicator(metadata, store, peers, node_id=node_id, site=settings.site,
-                                replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
-                                workers=settings.replication_workers, gc_grace=grace,
-                                per_peer_streams=settings.per_peer_streams,
-                                site_bandwidth={site: parse_size(rate) for site, rate in
-                                                (settings.site_bandwidth or {}).items()},
-                                storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None,
-                                release_pace=BackgroundPace(foreground, settings.gc_busy_rate))
+        replicator = Replicator(metadata, store, peers, _replication_settings(settings, node_id))
+        remote = PeerContent(metadata, peers, replicator.holders)
+        sweep = NodeSweep(metadata, store, node_id=node_id, grace=grace,
+                          pace=BackgroundPace(foreground, settings.gc_busy_rate))
         collector = GarbageCollector(
             metadata, grace=grace,
             untagged_after=parse_duration(settings.untagged_after) if settings.untagged_after else None,
@@ -74,11 +73,11 @@ async def serve(settings: Settings) -> None:
             pace=BackgroundPace(foreground, settings.gc_busy_rate))
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
-        metrics = _metrics(metadata, replicator, node_id)
+        metrics = _metrics(metadata, replicator, remote, node_id)
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
         if access is not None:
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
-        api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
+        api = RegistryAPI(metadata, store, uploads, node_id=node_id, remote=remote, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
                           foreground=foreground)
@@ -91,6 +90,7 @@ async def serve(settings: Settings) -> None:
             member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
             tg.start_soon(replicator.run)
+            tg.start_soon(sweep.run)
             tg.start_soon(collector.run)
             tg.start_soon(_purge_uploads, uploads, settings.upload_expiry)
             tg.start_soon(_stop_when_drained, replicator, stop)
@@ -99,6 +99,14 @@ async def serve(settings: Settings) -> None:
             await _run_http(api, settings, stop)
             tg.cancel_scope.cancel()
     log.info("node %s stopped", node_id)
+
+
+def _replication_settings(settings: Settings, node_id: str) -> ReplicationSettings:
+    return ReplicationSettings(
+        node_id, settings.site, replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
+        workers=settings.replication_workers, per_peer_streams=settings.per_peer_streams,
+        site_bandwidth={site: parse_size(rate) for site, rate in (settings.site_bandwidth or {}).items()},
+        storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None)
 
 
 def _service(store: FilesystemBlobStore) -> ReplicationService:
@@ -139,20 +147,20 @@ def _grpc_address(settings: Settings, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _metrics(metadata: ClusterMetadata, replicator: Replicator, node_id: str) -> Metrics:
+def _metrics(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent, node_id: str) -> Metrics:
     metrics = Metrics()
 
     def held():
-        count, size = replicator.held_count(node_id)
+        count, size = held_count(metadata, node_id)
         return [({"unit": "blobs"}, count), ({"unit": "bytes"}, size)]
 
     metrics.gauge("cargohold_blobs_held", "Blobs (and their bytes) this node holds a copy of.", held)
     metrics.gauge("cargohold_replication_queue_depth", "Blobs waiting to be reconciled.",
-                  lambda: [({}, replicator.stats.queued + len(replicator._pending))])
+                  lambda: [({}, replicator.queue_depth())])
     metrics.gauge("cargohold_replication_bytes_fetched", "Bytes copied from peers since start.",
-                  lambda: [({}, replicator.stats.bytes_fetched)])
+                  lambda: [({}, replicator.fetcher.bytes_fetched)])
     metrics.gauge("cargohold_remote_reads", "Blob reads served by streaming from a peer (no local copy).",
-                  lambda: [({}, replicator.stats.remote_reads)])
+                  lambda: [({}, remote.remote_reads)])
     metrics.gauge("cargohold_etcd_request_seconds", "etcd requests made by this node and time spent in them.",
                   lambda: [({"stat": "count"}, metadata.client.requests),
                            ({"stat": "sum"}, round(metadata.client.request_seconds, 6))])
