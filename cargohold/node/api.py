@@ -219,10 +219,10 @@ class RegistryAPI:
     async def _local_manifest(self, digest: Digest, size: int) -> bytes | None:
         """This node's copy, checked against its digest (a manifest is small); a damaged copy
         is withdrawn and None returned, so that a peer serves it."""
-        if await self.store.stat(digest) is None:
-            return None if self.remote is not None else await self.store.read_all(digest)
+        if not await self._usable_local_copy(digest, size):
+            return None
         data = await self.store.read_all(digest)
-        if len(data) == size and await anyio.to_thread.run_sync(Digest.of, data, digest.algorithm) == digest:
+        if await anyio.to_thread.run_sync(Digest.of, data, digest.algorithm) == digest:
             return data
         if self.remote is None:
             raise errors.unavailable(f"the stored copy of {digest} is damaged", detail={"digest": str(digest)})
@@ -318,19 +318,28 @@ class RegistryAPI:
         return Response(status, headers, stream=await self._blob_stream(digest, size, start, length), length=length)
 
     async def _blob_stream(self, digest: Digest, size: int, start: int, length: int):
-        """This node's copy when it has the recorded size, else a peer's. A copy of another size
-        is damaged (truncated, or not ours): withdrawn, so placement fetches a good one."""
-        local_size = await self.store.stat(digest)
-        if local_size is not None and local_size != size and self.remote is not None:
-            await withdraw_damaged_copy(self.metadata, self.store, digest, f"read found {local_size} bytes of {size}")
-            local_size = None
-        if local_size is not None:
+        """This node's copy when it can serve it, else a peer's."""
+        if await self._usable_local_copy(digest, size):
             return self.store.read(digest, start, length)
         if self.remote is None:
             raise errors.blob_unknown("blob is indexed but not held by this node", detail={"digest": str(digest)})
         if not await self.remote.can_read(str(digest)):
             raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
         return self.remote.read(str(digest), start, length)
+
+    async def _usable_local_copy(self, digest: Digest, size: int) -> bool:
+        """Whether this node's file of `digest` can be served: it has the recorded size (the
+        digest fixes it, so any other size is damage). A copy this node advertises and cannot
+        serve (gone, truncated) is withdrawn: peers serve it, and placement fetches a good one."""
+        local_size = await self.store.stat(digest)
+        if local_size == size:
+            return True
+        if self.remote is None:
+            return local_size is not None      # nowhere else to read it from
+        if local_size is not None or self.metadata.publishes_copy(str(digest)):
+            found = "no file" if local_size is None else f"{local_size} bytes of {size}"
+            await withdraw_damaged_copy(self.metadata, self.store, digest, f"read found {found}")
+        return False
 
     # ------------------------------------------------------------------ uploads
     async def _uploads(self, request: Request, name: str) -> Response:
