@@ -32,6 +32,7 @@ from cargohold.replication.plan import Action, BlobFacts, ClusterView, Decision,
 from cargohold.replication.sources import Holders, ReplicationSettings, cluster_view
 from cargohold.replication.status import publish_status
 from cargohold.replication.transfer import PeerClient
+from cargohold.replication.work import ReconcileQueue
 
 log = logging.getLogger("cargohold.replication")
 
@@ -44,7 +45,6 @@ class StorageFull(Exception):
 
 @dataclass
 class ReplicationStats:
-    queued: int = 0
     in_flight: int = 0
     copies_made: int = 0
     copies_dropped: int = 0
@@ -62,26 +62,14 @@ class Replicator:
         self.liveness = Liveness(settings.down_after)
         self.stats = ReplicationStats()
         self.drained = anyio.Event()
-        self._waiting_on: dict[str, set[str]] = {}      # dependency digest -> manifests waiting for it
-        self._failed: dict[str, dict] = {}              # digest -> {reason, attempts, since}
-        self._pending: set[str] = set()
-        self._in_progress: set[str] = set()
-        self._full_pass = True
-        self._wake = anyio.Event()
-        self._retry_at: dict[str, float] = {}
-        self._retry_added = anyio.Event()
+        self.queue = ReconcileQueue()
         metadata.subscribe(self._on_change)
 
     def _on_change(self, blobs: set[str], sections: set[str]) -> None:
-        self._pending |= blobs
-        for digest in blobs:
-            self._pending |= self._waiting_on.pop(digest, set())
-        if "members" in sections or "policies" in sections:
-            self._full_pass = True
-        self._wake.set()
+        self.queue.changed(blobs, full_pass="members" in sections or "policies" in sections)
 
     def queue_depth(self) -> int:
-        return self.stats.queued + len(self._pending)
+        return self.queue.depth()
 
     # ------------------------------------------------------------------ decisions
     def view(self) -> ClusterView:
@@ -102,7 +90,7 @@ class Replicator:
             return plan.IDLE
         decision = plan.decide(digest, facts, view or self.view(), self.facts)
         for dependency in decision.waiting_on:      # woken again when they arrive here
-            self._waiting_on.setdefault(dependency, set()).add(digest)
+            self.queue.wait_for(dependency, digest)
         return decision
 
     # ------------------------------------------------------------------ main loop
@@ -113,26 +101,13 @@ class Replicator:
                 tg.start_soon(self._worker, receive.clone())
             receive.close()
             tg.start_soon(self._down_timer)
-            tg.start_soon(self._retry_timer)
+            tg.start_soon(self.queue.retry_timer)
             tg.start_soon(publish_status, self.metadata, self.status, lambda: self.fetcher.bytes_fetched)
             async with send:
                 while True:
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-                    batch = self._take_batch()
-                    self.stats.queued = len(batch)
-                    self._in_progress.update(batch)
+                    batch = await self.queue.next_batch(self.metadata.blob_states)
                     await self._dispatch(batch, send)
                     await self._check_drained()
-
-    def _take_batch(self) -> list[str]:
-        if self._full_pass:
-            self._full_pass = False
-            self._pending.clear()
-            return [d for d in list(self.metadata.blob_states()) if d not in self._in_progress]
-        batch = [d for d in self._pending if d not in self._in_progress]
-        self._pending.difference_update(batch)
-        return batch
 
     async def _down_timer(self) -> None:
         """Wake a full pass when a dead member has been dead for `down_after`."""
@@ -141,8 +116,7 @@ class Replicator:
                 deadline = self.liveness.observe(self.metadata.members(), self.metadata.alive(), time.monotonic())
                 wait = (deadline - time.monotonic() + 0.05) if deadline else 3600.0
                 await membership.wait(max(wait, 0.05))
-                self._full_pass = True
-                self._wake.set()
+                self.queue.changed((), full_pass=True)
 
     async def _dispatch(self, batch: list[str], send) -> None:
         """Hand a batch to the workers as it is classified (a full pass covers every blob, so
@@ -157,8 +131,8 @@ class Replicator:
             decision = self.decide(digest, view)
             sources = self.holders.live(digest) if decision.action is Action.FETCH else []
             if decision.action in (Action.IDLE, Action.WAIT):
-                self._failed.pop(digest, None)
-                self._done(digest)      # a change to it, or to what it waits for, wakes it again
+                self.queue.succeeded(digest)
+                self.queue.done(digest)     # a change to it, or to what it waits for, wakes it again
                 continue
             if not sources or not plan.groupable(decision.size):
                 await send.send(digest)
@@ -185,8 +159,8 @@ class Replicator:
             self.stats.in_flight -= len(group)
         for digest in group:
             if digest not in leftovers:
-                self._failed.pop(digest, None)
-                self._done(digest)
+                self.queue.succeeded(digest)
+                self.queue.done(digest)
         for digest in leftovers:     # fetched one by one, with retries
             await self._reconcile_one(digest)
 
@@ -194,44 +168,16 @@ class Replicator:
         self.stats.in_flight += 1
         try:
             await self.reconcile(digest)
-            self._failed.pop(digest, None)
+            self.queue.succeeded(digest)
         except anyio.get_cancelled_exc_class():
             raise
         except Exception as exc:  # noqa: BLE001 - one blob's failure must not stop the others
             self.stats.failures += 1
-            failure = self._failed.setdefault(digest, {"since": time.time(), "attempts": 0})
-            failure.update(reason=str(exc)[:300], attempts=failure["attempts"] + 1)
             log.warning("reconcile %s failed: %s; retrying later", digest, exc)
-            self._retry_later(digest)
+            self.queue.failed(digest, str(exc))
         finally:
             self.stats.in_flight -= 1
-            self._done(digest)
-
-    def _done(self, digest: str) -> None:
-        self._in_progress.discard(digest)
-        if self.stats.queued:
-            self.stats.queued -= 1
-        if not self._in_progress:
-            self._wake.set()   # idle again: lets the loop see whether a drain is complete
-
-    def _retry_later(self, digest: str) -> None:
-        self._retry_at[digest] = time.monotonic() + plan.retry_delay(self._failed[digest]["attempts"])
-        self._retry_added.set()
-
-    async def _retry_timer(self) -> None:
-        """Hand failed blobs back to the workers when their back-off has passed."""
-        while True:
-            now = time.monotonic()
-            due = [d for d, at in self._retry_at.items() if at <= now]
-            for digest in due:
-                del self._retry_at[digest]
-                self._pending.add(digest)
-            if due:
-                self._wake.set()
-            wait = min(self._retry_at.values(), default=now + 3600.0) - now
-            self._retry_added = anyio.Event()
-            with anyio.move_on_after(max(wait, 0.01)):
-                await self._retry_added.wait()
+            self.queue.done(digest)
 
     # ------------------------------------------------------------------ one blob
     async def reconcile(self, digest: str) -> None:
@@ -320,7 +266,7 @@ class Replicator:
         member = self.metadata.members().get(me)
         if member is None or member.state != "draining" or self.drained.is_set():
             return
-        if self._in_progress or self._pending:
+        if not self.queue.idle():
             return
         if any(me in s.nodes for s in self.metadata.blob_states().values()):
             return
@@ -329,13 +275,9 @@ class Replicator:
         self.drained.set()
 
     def status(self) -> dict:
-        failed = sorted(self._failed.items(), key=lambda item: item[1]["since"])
         return {
             "node": self.settings.node_id, "site": self.settings.site, "time": time.time(),
-            "queued": self.queue_depth(), "in_flight": self.stats.in_flight,
-            "waiting_for_dependencies": sum(len(v) for v in self._waiting_on.values()),
-            "failed": len(failed),
-            "failures": [{"digest": d, **f} for d, f in failed[:20]],
+            **self.queue.report(), "in_flight": self.stats.in_flight,
             "bytes_fetched": self.fetcher.bytes_fetched, "copies_made": self.stats.copies_made,
             "copies_dropped": self.stats.copies_dropped,
         }
