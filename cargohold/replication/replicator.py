@@ -129,11 +129,11 @@ class Replicator:
             if count % DISPATCH_YIELD == 0:
                 await anyio.lowlevel.checkpoint()
             decision = self.decide(digest, view)
-            sources = self.holders.live(digest) if decision.action is Action.FETCH else []
             if decision.action in (Action.IDLE, Action.WAIT):
                 self.queue.succeeded(digest)
                 self.queue.done(digest)     # a change to it, or to what it waits for, wakes it again
                 continue
+            sources = view.sources(digest, self.metadata.holders(digest)) if decision.action is Action.FETCH else []
             if not sources or not plan.groupable(decision.size):
                 await send.send(digest)
                 continue

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import client_for
+from tests.cluster.test_cluster import pull_image
 from tests.support import oci
 from tests.support.poll import until
 
@@ -44,12 +45,7 @@ async def test_a_damaged_copy_found_on_read_is_withdrawn_and_fetched_again(clust
     manifest = blob_path(b, image.digest)                               # same size, wrong bytes
     manifest.write_bytes(manifest.read_bytes()[::-1])
 
-    async with client_for(b) as client:
-        r = await client.get(f"/v2/dmg/app/manifests/{image.digest}", headers={"Accept": image.media_type})
-        assert r.status_code == 200 and r.content == image.manifest, oci.describe(r)
-        for digest, data in image.all_blobs().items():
-            r = await client.get(f"/v2/dmg/app/blobs/{digest}")
-            assert r.status_code == 200 and r.content == data, f"{digest}: {oci.describe(r)}"
+    await pull_image(b, "dmg/app", image.digest, image)      # correct bytes, from a's copies
 
     until(lambda: all(intact(b, d) for d in wanted) and all(cluster.holders().get(d) == {"a", "b"} for d in wanted),
           what="node b to hold verified copies again")
