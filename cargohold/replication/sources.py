@@ -1,8 +1,8 @@
-"""The holders to read a blob from, for fetches and for remote reads alike."""
+"""This node's replication settings, the cluster picture `plan` decides on (taken from the
+read model), and the holders to read a blob from, for fetches and remote reads alike."""
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Mapping
@@ -12,8 +12,6 @@ import anyio
 from cargohold.blobs.remote import ContentUnavailable
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.replication.plan import ClusterView, Liveness
-
-log = logging.getLogger("cargohold.replication")
 
 FETCH_ATTEMPTS = 6
 RETRY_DELAY = 0.5
