@@ -718,3 +718,16 @@ class ClusterMetadata:
     async def request_gc_run(self, run: dict) -> None:
         """Queue a GC run (the leader picks it up through its watch)."""
         await self._txn([], [Put(self.keys.gc_run(run["id"]), json.dumps(run).encode())])
+
+    # ------------------------------------------------------------------ replication reads
+    # (added for the remote-content read path; kept together at the end of the class)
+    async def holders_confirmed(self, digest: str) -> set[str]:
+        """The nodes publishing a copy of `digest`: from the read model, or, when it knows of
+        none (it may lag behind a write acknowledged by another node), from a linearizable
+        etcd read of the blob's copy records."""
+        held = self.holders(digest)
+        if held:
+            return held
+        prefix = self.keys.blob(digest) + "/at/"
+        kvs, _, _ = await self.client.get_prefix(prefix, keys_only=True)
+        return {kv.key[len(prefix):] for kv in kvs}

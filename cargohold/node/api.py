@@ -31,8 +31,9 @@ from cargohold.runtime.pacing import Foreground
 from cargohold.oci.reference import (
     Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_upload_id,
 )
-from cargohold.replication.replicator import ContentUnavailable, Replicator
+from cargohold.blobs.remote import ContentUnavailable, RemoteContent
 from cargohold.blobs.store import FilesystemBlobStore
+from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
 
 log = logging.getLogger("cargohold.access")
@@ -57,7 +58,7 @@ def _json(document: object) -> bytes:
 
 class RegistryAPI:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
-                 *, node_id: str = "", ready=None, replicator: Replicator | None = None,
+                 *, node_id: str = "", ready=None, remote: RemoteContent | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
                  sync_sites: int = 0, body_timeout: float = 60.0, min_body_rate: float = 0.0,
@@ -66,7 +67,7 @@ class RegistryAPI:
         self.store = store
         self.uploads = uploads
         self.node_id = node_id
-        self.replicator = replicator
+        self.remote = remote            # content held by other nodes (None: a node on its own)
         self.forwarder = forwarder
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
@@ -179,7 +180,7 @@ class RegistryAPI:
             if wanted is not None and record.artifact_type != wanted:
                 continue
             # Annotations stay out of etcd (values must stay small): read them from the content.
-            annotations = json.loads(await self._manifest_bytes(ref_digest)).get("annotations")
+            annotations = json.loads(await self._manifest_bytes(ref_digest, record.size)).get("annotations")
             descriptors.append(_descriptor(ref_digest, record, annotations))
         response = json_response(200, _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}),
                                  OCI_INDEX)
@@ -209,31 +210,39 @@ class RegistryAPI:
                    (b"etag", f'"{digest_text}"'.encode())]
         if request.method == "HEAD":
             return Response(200, headers, length=record.size)
-        return Response(200, headers, await self._manifest_bytes(digest_text))
+        return Response(200, headers, await self._manifest_bytes(digest_text, record.size))
 
-    async def _manifest_bytes(self, digest_text: str) -> bytes:
+    async def _manifest_bytes(self, digest_text: str, size: int) -> bytes:
+        """A manifest's content (its size from its record, which may be newer than our read
+        model): from the cache, this node's verified copy, or a peer."""
         data = self.manifest_cache.get(digest_text)
         if data is None:
-            digest = parse_digest(digest_text)
-            if await self.store.stat(digest) is not None or self.replicator is None:
-                data = await self.store.read_all(digest)
-            else:
-                data = await self._read_remote_all(digest_text)
+            data = await self._local_manifest(parse_digest(digest_text), size)
+            if data is None:
+                data = await self._read_remote_all(digest_text, size)
             self.manifest_cache.put(digest_text, data)
         return data
 
-    async def _read_remote_all(self, digest_text: str) -> bytes:
-        record = self.metadata.blob_states().get(digest_text)
-        size = record.record.size if record is not None and record.record is not None else None
-        if size is None:
+    async def _local_manifest(self, digest: Digest, size: int) -> bytes | None:
+        """This node's copy, checked against its digest (a manifest is small); a damaged copy
+        is withdrawn and None returned, so that a peer serves it."""
+        if not await self._usable_local_copy(digest, size):
+            return None
+        data = await self.store.read_all(digest)
+        if await anyio.to_thread.run_sync(Digest.of, data, digest.algorithm) == digest:
+            return data
+        if self.remote is None:
+            raise errors.unavailable(f"the stored copy of {digest} is damaged", detail={"digest": str(digest)})
+        await withdraw_damaged_copy(self.metadata, self.store, digest, "read found a corrupt manifest")
+        return None
+
+    async def _read_remote_all(self, digest_text: str, size: int) -> bytes:
+        if self.remote is None:
             raise errors.blob_unknown(detail={"digest": digest_text})
         try:
-            data = await self.replicator.read_remote_all(digest_text, size)
+            return await self.remote.read_all(digest_text, size)
         except ContentUnavailable as exc:
             raise errors.unavailable(str(exc)) from None
-        if Digest.of(data, digest_text.partition(":")[0]) != parse_digest(digest_text):
-            raise errors.unavailable(f"a peer served corrupt content for {digest_text}")
-        return data
 
     async def _put_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, wanted = parse_reference(reference)
@@ -348,15 +357,31 @@ class RegistryAPI:
         length = end - start + 1
         if request.method == "HEAD":
             return Response(status, headers, length=length)
-        if await self.store.stat(digest) is not None:
-            stream = self.store.read(digest, start, length)
-        elif self.replicator is not None and self.replicator.can_read(str(digest)):
-            stream = self.replicator.read_remote(str(digest), start, length)
-        elif self.replicator is not None:
-            raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
-        else:
+        return Response(status, headers, stream=await self._blob_stream(digest, size, start, length), length=length)
+
+    async def _blob_stream(self, digest: Digest, size: int, start: int, length: int):
+        """This node's copy when it can serve it, else a peer's."""
+        if await self._usable_local_copy(digest, size):
+            return self.store.read(digest, start, length)
+        if self.remote is None:
             raise errors.blob_unknown("blob is indexed but not held by this node", detail={"digest": str(digest)})
-        return Response(status, headers, stream=stream, length=length)
+        if not await self.remote.can_read(str(digest)):
+            raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
+        return self.remote.read(str(digest), start, length)
+
+    async def _usable_local_copy(self, digest: Digest, size: int) -> bool:
+        """Whether this node's file of `digest` can be served: it has the recorded size (the
+        digest fixes it, so any other size is damage). A copy this node advertises and cannot
+        serve (gone, truncated) is withdrawn: peers serve it, and placement fetches a good one."""
+        local_size = await self.store.stat(digest)
+        if local_size == size:
+            return True
+        if self.remote is None:
+            return local_size is not None      # nowhere else to read it from
+        if local_size is not None or self.metadata.publishes_copy(str(digest)):
+            found = "no file" if local_size is None else f"{local_size} bytes of {size}"
+            await withdraw_damaged_copy(self.metadata, self.store, digest, f"read found {found}")
+        return False
 
     # ------------------------------------------------------------------ uploads
     async def _uploads(self, request: Request, name: str) -> Response:
@@ -429,13 +454,13 @@ class RegistryAPI:
         """--min-copies and --sync-sites: acknowledge only when that many nodes (and other
         sites) hold the content. Past the timeout the client gets 503 and retries; the content
         stays and keeps replicating."""
-        if self.replicator is None:
+        if self.remote is None:
             return
-        if self.min_copies > 1 and not await self.replicator.wait_for_copies(digest, self.min_copies,
-                                                                            self.copy_timeout):
+        if self.min_copies > 1 and not await self.remote.wait_for_copies(digest, self.min_copies,
+                                                                        self.copy_timeout):
             raise errors.unavailable(f"stored, but fewer than {self.min_copies} nodes hold it yet; retry")
-        if self.sync_sites > 0 and not await self.replicator.wait_for_sites(digest, self.sync_sites,
-                                                                           self.copy_timeout):
+        if self.sync_sites > 0 and not await self.remote.wait_for_sites(digest, self.sync_sites,
+                                                                       self.copy_timeout):
             raise errors.unavailable(f"stored, but fewer than {self.sync_sites} other sites hold it yet; retry")
 
 
