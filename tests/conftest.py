@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest

@@ -242,6 +242,12 @@ class Compare:
     def mod_revision_equals(cls, key: str, revision: int) -> Compare:
         return cls(key, "mod", "==", int(revision))
 
+    @classmethod
+    def unchanged_since(cls, prefix: str, revision: int) -> Compare:
+        """No key under `prefix` was created or changed after `revision` (true for an empty range;
+        a key deleted since is not seen, which is what a guard on "nothing new appeared" wants)."""
+        return cls(prefix, "mod", "<", int(revision) + 1, prefix=True)
+
     def _to_pb(self) -> Any:
         target, field = _CMP_TARGETS[self.target]
         pb = etcdrpc.Compare(key=_enc(self.key), result=_CMP_RESULTS[self.result], target=target)
@@ -410,6 +416,8 @@ def _parse_endpoint(url: str, tls_by_default: bool) -> tuple[str, bool]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url.rstrip("/"), tls_by_default
+    if scheme == "unix":          # a private etcd's socket (coordinator/embedded.py): grpc dials unix:PATH
+        return f"unix:{rest}", False
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported etcd endpoint scheme: {url!r}")
     return rest.rstrip("/"), scheme == "https"

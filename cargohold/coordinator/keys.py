@@ -44,6 +44,10 @@ class Keys:
     def refs_prefix(self, child: str) -> str:
         return f"{self.prefix}refs/{child}/"
 
+    def refs_from_repo_prefix(self, child: str, repo: str) -> str:
+        """References to `child` from the manifests of `repo` (no repository name contains '@')."""
+        return f"{self.prefix}refs/{child}/{repo}@"
+
     # -- blobs
     def blob(self, digest: str) -> str:
         return f"{self.prefix}blobs/{digest}"

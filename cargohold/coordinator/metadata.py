@@ -58,6 +58,23 @@ class TagImmutable(Exception):
         self.repo, self.tag, self.rule = repo, tag, rule
 
 
+class TagProtected(Exception):
+    """The caller may not remove this tag, which a delete by digest would take with it."""
+
+    def __init__(self, repo: str, tag: str):
+        super().__init__(f"tag {tag!r} of {repo} is protected")
+        self.repo, self.tag = repo, tag
+
+
+class Referenced(Exception):
+    """A blob or manifest is part of a manifest of the same repository: removing it would break that image."""
+
+    def __init__(self, repo: str, digest: str, by: str):
+        what = "is the manifest" if by == digest else f"is referenced by manifest {by}"
+        super().__init__(f"{digest} {what} in {repo}; delete that manifest first")
+        self.repo, self.digest, self.by = repo, digest, by
+
+
 MEMBER_STATES = ("active", "draining", "left")
 
 
@@ -332,27 +349,6 @@ class ClusterMetadata:
         """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
         return (await self._grouped(*self._tombstone_clearing(digest, run_id))).succeeded
 
-    async def clear_tombstones(self, tombstones: dict[str, str], concurrency: int = 256) -> int:
-        """`clear_tombstone` for many (digest -> run id), sharing transactions; returns how many
-        were cleared, once the read model has seen them go."""
-        items = iter(list(tombstones.items()))
-        cleared, latest = 0, 0
-
-        async def clear_some() -> None:
-            nonlocal cleared, latest
-            for digest, run_id in items:          # one iterator shared by the workers
-                result = await self._grouped(*self._tombstone_clearing(digest, run_id))
-                if result.succeeded:
-                    cleared += 1
-                    latest = max(latest, result.revision)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(concurrency, len(tombstones))):
-                tg.start_soon(clear_some)
-        if latest:
-            await self.model.wait_for(latest, VISIBILITY_TIMEOUT)
-        return cleared
-
     def _tombstone_clearing(self, digest: str, run_id: str) -> tuple[list, list]:
         return ([Compare.value_equals(self.keys.tombstone(digest), run_id.encode()),
                  Compare.none_with_prefix(self.keys.blob(digest) + "/")],
@@ -493,9 +489,38 @@ class ClusterMetadata:
         return result.succeeded
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
-        key = self.keys.blob_in(digest, repo)
-        result = await self._txn([Compare.exists(key)], [Delete(key)])
-        return result.succeeded
+        """Unlink a blob from a repository; False if it is not linked there.
+
+        Refused (Referenced) while a manifest of the repository references it or is it: a user
+        with `delete` could otherwise break a protected or immutable tag's image sideways. The
+        guard is in the transaction, so a manifest PUT racing this (it needs the link we would
+        delete, we need its reverse reference absent) either wins and the unlink is refused,
+        or loses with MANIFEST_BLOB_UNKNOWN.
+        """
+        keys = self.keys
+        link = keys.blob_in(digest, repo)
+        for _ in range(TXN_RETRIES):
+            result = await self._txn([Compare.exists(link), Compare.missing(keys.manifest(repo, digest)),
+                                      Compare.none_with_prefix(keys.refs_from_repo_prefix(digest, repo))],
+                                     [Delete(link)], [Get(link)])
+            if result.succeeded:
+                return True
+            if not result.responses[0]:
+                return False
+            user = await self._manifest_using(repo, digest)
+            if user is not None:
+                raise Referenced(repo, digest, user)
+            # the referencing manifest went away between the two reads: try again
+        raise ConcurrentChange(f"blob {digest} in {repo} kept changing while being unlinked")
+
+    async def _manifest_using(self, repo: str, digest: str) -> str | None:
+        """A manifest of `repo` that is `digest` or references it (one, for the error message)."""
+        keys = self.keys
+        if await self._get(keys.manifest(repo, digest)) is not None:
+            return digest
+        prefix = keys.refs_from_repo_prefix(digest, repo)
+        kvs, _, _ = await self.client.get_prefix(prefix, limit=1, keys_only=True)
+        return kvs[0].key[len(prefix):] if kvs else None
 
     async def put_manifest(self, repo: str, digest: str, record: ManifestRecord, tag: str | None) -> None:
         """Record a manifest (its bytes are already stored locally) and optionally tag it: one txn.
@@ -555,18 +580,33 @@ class ClusterMetadata:
             if rule is not None:
                 raise TagImmutable(repo, tag, rule.describe())
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
-        """Delete a manifest, its reverse references and every tag that points at it."""
+    async def delete_manifest(self, repo: str, digest: str,
+                              may_remove_tag: Callable[[str], bool] | None = None) -> bool:
+        """Delete a manifest, its reverse references and every tag that points at it.
+
+        Everything the decision rests on is read at one revision: the manifest, the tags
+        pointing at it, the references to it from the same repository. The transaction then
+        requires that none of that changed since (the repository's whole tag range, not only
+        the tags seen: a tag pushed through another node after the read must not be deleted
+        unjudged), and a retry reads again, so the checks always judge exactly what the
+        transaction deletes: TagImmutable, TagProtected (`may_remove_tag`, the caller's tag
+        protection, asked about every tag on every attempt) and Referenced (an index of the
+        repository lists it).
+        """
         keys = self.keys
         for _ in range(TXN_RETRIES):
-            kv = await self._get(keys.manifest(repo, digest))
+            revision = await self.client.current_revision()
+            kv = await self.client.get(keys.manifest(repo, digest), revision=revision)
             if kv is None:
                 return False
-            record = ManifestRecord.decode(kv.value)
-            tag_keys = await self._tags_pointing_at(repo, digest)
+            tag_keys = await self._tags_pointing_at(repo, digest, revision)
             self._refuse_immutable(repo, tag_keys)
+            self._refuse_protected(repo, tag_keys, may_remove_tag)
+            await self._refuse_if_part_of_another(repo, digest, revision)
+            record = ManifestRecord.decode(kv.value)
             compare = [Compare.mod_revision_equals(kv.key, kv.mod_revision),
-                       *(Compare.value_equals(k, digest.encode()) for k in tag_keys)]
+                       Compare.unchanged_since(keys.tags_prefix(repo), revision),
+                       Compare.unchanged_since(keys.refs_from_repo_prefix(digest, repo), revision)]
             success = [Delete(kv.key), Delete(keys.blob_in(digest, repo)),
                        *(Delete(keys.ref(child, repo, digest)) for child in dict.fromkeys(record.references())),
                        *(Delete(k) for k in tag_keys)]
@@ -574,13 +614,31 @@ class ClusterMetadata:
                 return True
         raise ConcurrentChange(f"manifest {repo}@{digest} kept changing while being deleted")
 
-    async def _tags_pointing_at(self, repo: str, digest: str) -> list[str]:
+    async def _tags_pointing_at(self, repo: str, digest: str, revision: int) -> list[str]:
         prefix = self.keys.tags_prefix(repo)
         found = []
-        async for kvs in self.client.iter_prefix(prefix):
+        async for kvs in self.client.iter_prefix(prefix, revision=revision):
             found.extend(kv.key for kv in kvs
                          if "/" not in kv.key[len(prefix):] and kv.value.decode() == digest)
         return found
+
+    @staticmethod
+    def _refuse_protected(repo: str, tag_keys: list[str], may_remove_tag: Callable[[str], bool] | None) -> None:
+        for key in tag_keys if may_remove_tag is not None else ():
+            tag = key.rpartition("/")[2]
+            if not may_remove_tag(tag):
+                raise TagProtected(repo, tag)
+
+    async def _refuse_if_part_of_another(self, repo: str, digest: str, revision: int) -> None:
+        """Referenced if a manifest of `repo` lists `digest` as a child (or a blob). Being a
+        referrer's subject does not count: the spec lets referrers outlive their subject."""
+        prefix = self.keys.refs_from_repo_prefix(digest, repo)
+        async for kvs in self.client.iter_prefix(prefix, revision=revision, keys_only=True):
+            for kv in kvs:
+                user = kv.key[len(prefix):]
+                record = await self.manifest(repo, user)   # content-addressed: the model's copy will do
+                if record is not None and (digest in record.children or digest in record.blobs):
+                    raise Referenced(repo, digest, user)
 
     async def delete_tag(self, repo: str, tag: str, expected_digest: str | None = None) -> str | None:
         """Delete a tag (only while it still points at `expected_digest`, when given). Returns the

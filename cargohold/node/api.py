@@ -6,21 +6,25 @@ import json
 import logging
 import re
 import time
+from typing import Callable
 from urllib.parse import quote
 
 import anyio
 
 from cargohold.auth.audit import AuditLog
 from cargohold.coordinator.etcd import EtcdError
-from cargohold.coordinator.metadata import ClusterMetadata, ConcurrentChange, MissingReferences, TagImmutable
+from cargohold.coordinator.metadata import (
+    ClusterMetadata, ConcurrentChange, MissingReferences, Referenced, TagImmutable, TagProtected,
+)
 from cargohold.coordinator.records import ManifestRecord
 from cargohold.oci import errors
 from cargohold.node.access import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
-    ClientDisconnected, Request, Response, error_response, json_response, send_response,
+    BodyPace, ClientDisconnected, Request, Response, error_response, json_response, loggable, send_response,
 )
 from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
+from cargohold.oci.ranges import parse_chunk_range, parse_range
 from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from cargohold.runtime.pacing import Foreground
@@ -44,8 +48,6 @@ ROUTES: list[tuple[re.Pattern, str]] = [
 ]
 # Route names of the paths outside /v2 (metric labels: never the raw path).
 SERVICE_ROUTES = {"/token": "token", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$", re.ASCII)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 OCTET = "application/octet-stream"
 
 
@@ -58,7 +60,8 @@ class RegistryAPI:
                  *, node_id: str = "", ready=None, replicator: Replicator | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
-                 sync_sites: int = 0, body_timeout: float = 60.0, foreground: Foreground | None = None):
+                 sync_sites: int = 0, body_timeout: float = 60.0, min_body_rate: float = 0.0,
+                 foreground: Foreground | None = None):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -68,7 +71,7 @@ class RegistryAPI:
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
         self.sync_sites = sync_sites
-        self.body_timeout = body_timeout
+        self.body_pace = BodyPace(body_timeout, min_body_rate)
         self.copy_timeout = copy_timeout
         self.access = access            # issue 6: None means no access control at all
         self.foreground = foreground or Foreground()   # background work paces itself while this is busy
@@ -88,7 +91,7 @@ class RegistryAPI:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
-        request.body_timeout = self.body_timeout
+        request.body_pace = self.body_pace
         if not request.path.startswith("/v2"):      # probes and scrapes are not client work
             await self._respond(request, send)
             return
@@ -107,7 +110,7 @@ class RegistryAPI:
             if exc.status == 408 or not await request.discard_body():
                 response.header("Connection", "close")
         except ClientDisconnected:
-            log.info("%s %s client disconnected", request.method, request.path)
+            log.info("%s %s client disconnected", request.method, loggable(request.path))
             return
         except EtcdError as exc:
             log.warning("metadata store unavailable: %s", exc)
@@ -116,7 +119,8 @@ class RegistryAPI:
         elapsed = time.perf_counter() - started
         self.metrics.observe(request.route, request.method, response.status, elapsed, sent, request.received)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent, elapsed * 1000)
+            log.info("%s %s %d %d %.1fms", request.method, loggable(request.path), response.status, sent,
+                     elapsed * 1000)
 
     async def handle(self, request: Request) -> Response:
         kind, params = _route(request)
@@ -243,9 +247,7 @@ class RegistryAPI:
             tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
             parsed.artifact_type[:256] if parsed.artifact_type else None, time.time())
         try:
-            async with self.store.locked(digest):
-                await self.store.write(digest, body)
-                await self.metadata.put_manifest(name, str(digest), record, tag)
+            await self._store_manifest(name, digest, body, record, tag)
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         except MissingReferences as missing:
@@ -262,22 +264,53 @@ class RegistryAPI:
             response.header("OCI-Subject", str(parsed.subject))
         return response
 
+    async def _store_manifest(self, name: str, digest: Digest, body: bytes, record: ManifestRecord,
+                              tag: str | None) -> None:
+        """Write the bytes, then index them in one txn; bytes the txn refused are removed at once
+        (not left for a scrub), unless this node held them before."""
+        async with self.store.locked(digest):
+            held_before = await self.store.stat(digest) is not None
+            await self.store.write(digest, body)
+            try:
+                await self.metadata.put_manifest(name, str(digest), record, tag)
+            except (MissingReferences, TagImmutable):
+                if not held_before:
+                    with anyio.CancelScope(shield=True):
+                        await self.store.delete(digest)
+                raise
+
     async def _delete_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, digest = lookup_reference(reference)
         try:
             if digest is not None:
-                found = await self.metadata.delete_manifest(name, str(digest))
+                found = await self.metadata.delete_manifest(name, str(digest), self._may_remove_tag(request, name))
             else:
                 found = await self.metadata.delete_tag(name, tag)
         except ConcurrentChange as exc:
-            raise errors.RegistryError("UNAVAILABLE", str(exc), 503) from None
+            raise errors.unavailable(str(exc)) from None
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
+        except TagProtected as exc:
+            self.audit.record("denied", request, repository=name, reference=exc.tag, action="delete",
+                              status=403, reason="protected tag")
+            raise errors.denied(str(exc), detail={"repository": name, "tag": exc.tag}) from None
+        except Referenced as exc:
+            raise _still_referenced(exc) from None
         if not found:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
         self.audit.record("delete", request, repository=name, reference=reference,
                           digest=str(digest) if digest is not None else found)   # by tag: what it pointed at
         return Response(202)
+
+    def _may_remove_tag(self, request: Request, repo: str) -> Callable[[str], bool] | None:
+        """Tag protection, judged again by the coordinator on every tag its delete by digest
+        would remove: the check before routing saw only the tags this node's read model knew,
+        and a tag pushed through another node a moment ago may be missing there."""
+        identity = request.auth
+        if self.access is None or identity is None:
+            return None
+        policy, subject = self.access.policy, identity.subject
+        return lambda tag: policy.may_touch_tag(subject, repo, tag)
 
     # ------------------------------------------------------------------ blobs
     async def _blob(self, request: Request, name: str, digest: str) -> Response:
@@ -285,7 +318,13 @@ class RegistryAPI:
         if request.method in ("GET", "HEAD"):
             return await self._get_blob(request, name, parsed)
         if request.method == "DELETE":
-            if not await self.metadata.unlink_blob(name, str(parsed)):
+            try:
+                unlinked = await self.metadata.unlink_blob(name, str(parsed))
+            except Referenced as exc:
+                raise _still_referenced(exc) from None
+            except ConcurrentChange as exc:
+                raise errors.unavailable(str(exc)) from None
+            if not unlinked:
                 raise errors.blob_unknown(detail={"digest": str(parsed)})
             self.audit.record("delete", request, repository=name, digest=str(parsed))
             return Response(202).header("Docker-Content-Digest", str(parsed))
@@ -302,7 +341,7 @@ class RegistryAPI:
                    (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
         start, end = 0, size - 1
         status = 200
-        wanted = _parse_range(request.header("range"), size) if request.header("range") else None
+        wanted = parse_range(request.header("range"), size) if request.header("range") else None
         if wanted is not None:
             start, end = wanted
             status = 206
@@ -335,9 +374,9 @@ class RegistryAPI:
         digest_param = request.query("digest")
         if digest_param is not None:
             digest = parse_digest(digest_param)
-            session = await self.uploads.create(name)
+            session = await self.uploads.create(name, *_opener(request))
             return await self._finish_upload(request, session, digest, monolithic=True)
-        session = await self.uploads.create(name)
+        session = await self.uploads.create(name, *_opener(request))
         return _upload_progress(202, session, 0)
 
     async def _try_mount(self, name: str, digest: Digest, source: str) -> Response | None:
@@ -442,6 +481,13 @@ def _allow(request: Request, *methods: str) -> None:
         raise _method_not_allowed(request)
 
 
+def _still_referenced(exc: Referenced) -> errors.RegistryError:
+    """409 DENIED: the delete conflicts with the repository's state (a manifest uses the
+    content) and would succeed once that manifest is gone; 403 would read as a permission
+    problem and 405 as "deletes are disabled" (zot answers 405 DENIED)."""
+    return errors.RegistryError("DENIED", str(exc), 409, detail={"digest": exc.digest, "manifest": exc.by})
+
+
 def _method_not_allowed(request: Request) -> errors.RegistryError:
     return errors.unsupported(f"method {request.method} is not allowed here")
 
@@ -456,50 +502,16 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
     return n, request.query("last") or None
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """The byte range asked for, or None to serve the whole blob.
-
-    RFC 9110 14.2: a Range with a unit we do not know is ignored, and we may ignore a
-    multi-range request (serving all of it is always correct).
-    """
-    header = header.strip()
-    if not header.startswith("bytes=") or "," in header:
-        return None
-    match = _RANGE.match(header)
-    if not match or (not match.group(1) and not match.group(2)):
-        raise _unsatisfiable(size)
-    first, last = match.groups()
-    if first == "":  # suffix range: the last N bytes
-        if int(last) == 0:
-            raise _unsatisfiable(size)
-        start, end = max(size - int(last), 0), size - 1
-    else:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
-        raise _unsatisfiable(size)
-    return start, end
-
-
-def _unsatisfiable(size: int) -> errors.RegistryError:
-    return errors.unsupported("requested range not satisfiable", status=416,
-                              headers={"Content-Range": f"bytes */{size}"})
-
-
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:
     """(start, length) from Content-Range and Content-Length; 416 when malformed."""
-    declared = request.header("content-length")
-    length = int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
-    header = request.header("content-range")
-    if header is None:
-        return None, length
-    match = _CONTENT_RANGE.match(header.strip())
-    if not match:
-        raise errors.range_invalid(f"malformed Content-Range {header[:80]!r}")
-    start, end = int(match.group(1)), int(match.group(2))
-    if end < start or (length is not None and length != end - start + 1):
-        raise errors.range_invalid(f"Content-Range {header[:80]!r} does not match the body length")
-    return start, end - start + 1
+    return parse_chunk_range(request.header("content-range"), request.header("content-length"))
+
+
+def _opener(request: Request) -> tuple[str, str]:
+    """Who opens an upload session: the account's login ("" for anonymous), and the client address."""
+    identity = request.auth
+    login = identity.subject.login if identity is not None and not identity.subject.anonymous else ""
+    return login, request.client
 
 
 def _upload_progress(status: int, session: UploadSession, size: int) -> Response:

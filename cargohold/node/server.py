@@ -20,6 +20,7 @@ from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
 from cargohold.node.access import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
+from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
 from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest
 from cargohold.blobs.store import FilesystemBlobStore
@@ -49,7 +50,8 @@ async def serve(settings: Settings) -> None:
         metadata = ClusterMetadata(client, settings.cluster, node_id)
         store = FilesystemBlobStore(data_dir)
         uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id),
-                                max_blob_size=parse_size(settings.max_blob_size) if settings.max_blob_size else None)
+                                max_blob_size=parse_size(settings.max_blob_size) or None,
+                                max_per_account=settings.max_uploads_per_account or None)
         tls = (TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
                if settings.grpc_tls_cert else None)
         peers = PeerClient(tls=tls)
@@ -81,6 +83,7 @@ async def serve(settings: Settings) -> None:
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
+                          min_body_rate=parse_size(settings.min_body_rate),
                           foreground=foreground)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
@@ -153,10 +156,11 @@ def _replication_figures(metadata: ClusterMetadata, replicator: Replicator) -> R
 
 async def _purge_uploads(uploads: UploadManager, expiry: float) -> None:
     while True:
-        removed = await uploads.purge_older_than(expiry)
+        removed = await uploads.purge_idle(expiry)
         if removed:
             log.info("removed %d abandoned upload sessions", removed)
-        await anyio.sleep(UPLOAD_PURGE_INTERVAL)
+        # a session is removed at most a quarter of `expiry` late
+        await anyio.sleep(min(UPLOAD_PURGE_INTERVAL, expiry / 4))
 
 
 async def _stop_when_drained(replicator: Replicator, stop: anyio.Event) -> None:
@@ -192,10 +196,11 @@ async def _uvicorn(app, settings: Settings, stop: anyio.Event) -> None:
             return nullcontext()
 
     host, port = settings.host_port
+    limits = _connection_limits(settings)
     config = uvicorn.Config(
-        app, host=host, port=port, http="httptools", lifespan="off", access_log=False,
+        app, host=host, port=port, http=guarded_httptools(limits), lifespan="off", access_log=False,
         log_config=None, ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
-        timeout_keep_alive=30, server_header=False, date_header=False,
+        timeout_keep_alive=limits.keep_alive_timeout, server_header=False, date_header=False,
         proxy_headers=False)   # X-Forwarded-For is believed only from trusted_proxies (node/access.py)
     server = Server(config)
 
@@ -213,12 +218,22 @@ async def _hypercorn(app, settings: Settings, stop: anyio.Event) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    limits = _connection_limits(settings)
     config = Config()
     config.bind = [settings.listen]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 30
+    # hypercorn's idle timer runs until a whole head has arrived: it is the head timeout too.
+    config.keep_alive_timeout = min(limits.keep_alive_timeout, limits.header_timeout)
+    config.h11_max_incomplete_size = limits.max_header_size
     config.include_server_header = False
+    capped_hypercorn(limits.max_connections)
     if settings.tls_cert:
         config.certfile, config.keyfile = settings.tls_cert, settings.tls_key
     await serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
+
+
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(header_timeout=settings.header_timeout, keep_alive_timeout=settings.keep_alive_timeout,
+                            max_header_size=parse_size(settings.max_header_size),
+                            max_connections=connection_cap(settings.max_connections))

@@ -338,28 +338,24 @@ async def test_expired_forged_wrong_audience_and_wrong_scope_tokens_are_refused(
 
 async def test_removed_account_tokens_stop_working_at_once(secured):
     from tests.auth.conftest import provision
+    from tests.support.poll import eventually
 
     import anyio
 
     await anyio.to_thread.run_sync(lambda: provision(secured.etcd_url, secured.cluster, users={"temp": "temp-password"},
                                                      robots=(), rules=None))
     async with httpx.AsyncClient(base_url=secured.url, auth=("temp", "temp-password")) as c:
-        for _ in range(50):                      # the node learns of the account through its watch
+        async def token_issued():                # the node learns of the account through its watch
             r = await c.get("/token", params={"scope": "repository:team/x:pull"})
-            if r.status_code == 200:
-                break
-            await anyio.sleep(0.05)
-        token = r.json()["token"]
+            return r.status_code == 200 and r.json()["token"]
+        token = await eventually(token_issued, what="a token for the new account")
     async with httpx.AsyncClient(base_url=secured.url, headers={"Authorization": f"Bearer {token}"}) as c:
         assert (await c.get("/v2/")).status_code == 200
         async with EtcdClient([secured.etcd_url]) as client:
             assert await AccountStore(client, secured.cluster).remove_account("user", "temp")
-        for _ in range(50):
-            r = await c.get("/v2/")
-            if r.status_code == 401:
-                break
-            await anyio.sleep(0.05)
-        assert r.status_code == 401, describe(r)
+        async def refused() -> bool:
+            return (await c.get("/v2/")).status_code == 401
+        await eventually(refused, what="the removed account's token to be refused")
 
 
 async def test_oauth2_form_post_and_token_endpoint_errors(secured):

@@ -20,13 +20,12 @@ def _events(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def _wait_for(path, predicate, timeout: float = 5.0) -> list[dict]:
-    with anyio.fail_after(timeout):
-        while True:
-            events = _events(path)
-            if any(predicate(e) for e in events):
-                return events
-            await anyio.sleep(0.05)
+async def _wait_for(path, predicate) -> list[dict]:
+    """The audit events, once one of them satisfies `predicate`."""
+    from tests.support.poll import eventually
+
+    return await eventually(lambda: (events := _events(path)) and any(map(predicate, events)) and events,
+                            what="an audit event")
 
 
 async def test_events_are_recorded_and_the_chain_verifies(secured, tmp_path):

@@ -4,12 +4,12 @@ while both run take effect on both, and key rotation keeps or drops older tokens
 
 from __future__ import annotations
 
-import anyio
 import httpx
 import pytest
 
 from tests.auth.conftest import cli, start_secured
 from tests.support.oci import build_image, describe, push_image
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -37,12 +37,6 @@ async def _status(url: str, token: str, path: str) -> int:
         return (await c.get(path)).status_code
 
 
-async def _eventually(check, timeout: float = 5.0):
-    with anyio.fail_after(timeout):
-        while not await check():
-            await anyio.sleep(0.05)
-
-
 async def test_tokens_from_one_node_work_on_the_other(pair):
     a, b = pair
     image = build_image("two-nodes")
@@ -68,7 +62,7 @@ async def test_accounts_changed_while_running_apply_on_both_nodes(pair):
         async def can_log_in(url=node.url) -> bool:
             async with httpx.AsyncClient(base_url=url, auth=("dave", "dave-password")) as c:
                 return (await c.get("/v2/")).status_code == 200
-        await _eventually(can_log_in)
+        await eventually(can_log_in)
     token = await _token(a.url, "dave", "dave-password", "repository:team/shared:pull")
     assert await _status(b.url, token, "/v2/team/shared/tags/list") == 200
     removed = cli("user", "remove", "dave", etcd=a.etcd_url, cluster=a.cluster)
@@ -76,7 +70,7 @@ async def test_accounts_changed_while_running_apply_on_both_nodes(pair):
 
     async def refused() -> bool:
         return await _status(b.url, token, "/v2/team/shared/tags/list") == 401
-    await _eventually(refused)
+    await eventually(refused)
 
 
 async def test_key_rotation(pair):
@@ -88,11 +82,11 @@ async def test_key_rotation(pair):
     async def new_key_in_use() -> bool:
         token = await _token(a.url, "reader", "reader-password", "repository:team/shared:pull")
         return token.split(".")[0] != old.split(".")[0] and await _status(b.url, token, "/v2/") == 200
-    await _eventually(new_key_in_use)
+    await eventually(new_key_in_use)
     assert await _status(b.url, old, "/v2/") == 200              # the previous key still verifies
     dropped = cli("access", "rotate-key", "--drop-old", etcd=a.etcd_url, cluster=a.cluster)
     assert dropped.returncode == 0, dropped.stderr
 
     async def old_refused() -> bool:
         return await _status(a.url, old, "/v2/") == 401 and await _status(b.url, old, "/v2/") == 401
-    await _eventually(old_refused)
+    await eventually(old_refused)

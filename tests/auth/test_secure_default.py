@@ -14,6 +14,7 @@ from cargohold.auth.passwords import hash_password
 from tests.auth.conftest import cli, provision
 from tests.support.node import NodeProcess, NodeStartError, free_port
 from tests.support.oci import build_image, push_image
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -89,9 +90,9 @@ async def test_loopback_node_is_open_until_the_first_account(tmp_path_factory, e
                                                                "--bcrypt-cost", "4", input="first-password\n",
                                                                etcd=etcd.url, cluster=cluster))
             assert added.returncode == 0, added.stderr
-            with anyio.fail_after(5):
-                while (await c.post("/v2/anyone/app/blobs/uploads/")).status_code != 401:
-                    await anyio.sleep(0.05)
+            async def closed() -> bool:             # the node learns of the account through its watch
+                return (await c.post("/v2/anyone/app/blobs/uploads/")).status_code == 401
+            await eventually(closed, what="the node to close with its first account")
             assert (await c.get("/v2/anyone/app/manifests/latest")).status_code == 401
             r = await c.get("/v2/anyone/app/manifests/latest", auth=("first", "first-password"))
             assert r.status_code == 200

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import shutil
 import ssl
-import time
 
 import httpx
 import pytest
 
 from tests.auth.conftest import TokenAuth, parse_challenge, provision
 from tests.support import skopeo
-from tests.support.node import NodeProcess, NodeStartError
+from tests.support.node import NodeProcess
 from tests.support.oci import build_image, push_image, read_oci_layout, write_oci_layout
 from tests.support.skopeo import docker_ref, oci_ref
 from tests.support.tls import make_ca_and_certs
@@ -30,19 +29,8 @@ class TLSNode(NodeProcess):
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2.0, verify=ssl.create_default_context(cafile=str(self.ca))) as client:
-            while time.monotonic() < deadline:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise NodeStartError(f"node exited: {self.log_tail()}")
-                try:
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-        raise NodeStartError(f"TLS node not ready: {self.log_tail()}")
+    def ready_client(self) -> httpx.Client:
+        return httpx.Client(timeout=2.0, verify=ssl.create_default_context(cafile=str(self.ca)))
 
 
 @pytest.fixture(scope="module", params=["asyncio", "trio"])

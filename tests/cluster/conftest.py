@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 
 import httpx
 import pytest
 
 from tests.support.node import REPO_ROOT, NodeProcess
+from tests.support.poll import PATIENCE, until
 
 
 class Cluster:
@@ -60,15 +60,9 @@ class Cluster:
                              capture_output=True, text=True, check=True).stdout
         return {d: set(nodes) for d, nodes in json.loads(out).items()}
 
-    def wait_until(self, predicate, timeout: float = 30.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
+    def wait_until(self, predicate, timeout: float = PATIENCE, what: str = "condition"):
+        """`poll.until`, polling gently: each `holders()` / `node_list()` is a subprocess."""
+        return until(predicate, timeout=timeout, interval=0.2, what=what)
 
     def stop_all(self) -> None:
         for node in self.nodes.values():

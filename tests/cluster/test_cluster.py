@@ -136,7 +136,7 @@ async def test_dead_node_blobs_are_re_replicated_after_down_after(cluster):
     def restored():
         h = cluster.holders()
         return all(len(h[d] - {"c"}) == 2 for d in wanted)
-    cluster.wait_until(restored, timeout=40, what="two live copies of every blob after c died")
+    cluster.wait_until(restored, what="two live copies of every blob after c died")
     await pull_image(nodes["b"], "d/app", "v1", image)
 
 
@@ -162,7 +162,7 @@ async def test_node_leave_under_concurrent_pushes(cluster):
     assert "has left" in result.stdout
     # The leaving process exits on its own, cleanly.
     leaving = nodes["c"]
-    cluster.wait_until(lambda: not leaving.alive(), timeout=30, what="c to exit")
+    cluster.wait_until(lambda: not leaving.alive(), what="c to exit")
     assert leaving.proc.returncode == 0, leaving.log_tail()
     listing = cluster.node_list()
     assert listing["c"]["state"] == "left" and listing["c"]["blobs"] == 0
@@ -182,7 +182,7 @@ async def test_node_join_takes_its_share_and_nothing_else_moves(cluster):
                                 and all(len(v) == 2 for v in h.values()) and h, what="initial placement")
     d = cluster.add("d")
     after = cluster.wait_until(lambda: (h := cluster.holders()) and all(len(v) == 2 for v in h.values())
-                               and sum("d" in v for v in h.values()) >= 10 and h, timeout=60, what="rebalance")
+                               and sum("d" in v for v in h.values()) >= 10 and h, what="rebalance")
     share = sum("d" in v for v in after.values()) / len(after)
     assert 0.3 <= share <= 0.7, share                          # 2 of 4 owner slots: about half the blobs
     assert "in one stream" in d.log_path.read_text()         # its share came in groups per holder

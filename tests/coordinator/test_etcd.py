@@ -28,6 +28,7 @@ from cargohold.coordinator.etcd import (
     WatchEvent,
 )
 from tests.support.etcd import EtcdProcess
+from tests.support.poll import PATIENCE, eventually
 
 
 pytestmark = pytest.mark.anyio
@@ -39,7 +40,7 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{choose_ports(None, 1)[0]}"
 
 
-async def collect(watch, count: int, timeout: float = 15.0) -> list[WatchBatch]:
+async def collect(watch, count: int, timeout: float = PATIENCE) -> list[WatchBatch]:
     """Batches from ``watch`` until ``count`` events arrived."""
     batches: list[WatchBatch] = []
     with anyio.fail_after(timeout):
@@ -194,7 +195,10 @@ async def test_keep_alive_keeps_key_past_ttl(etcd_client, prefix):
     await etcd_client.put(prefix + "unkept", b"", lease=unkept)
     async with anyio.create_task_group() as tg:
         tg.start_soon(etcd_client.keep_alive, kept, 2)
-        await anyio.sleep(3.5)
+        # etcd's own clock expires the unrefreshed lease; by then the kept one is past its TTL too
+        async def unkept_gone() -> bool:
+            return await etcd_client.get(prefix + "unkept") is None
+        await eventually(unkept_gone, what="the unrefreshed lease to expire")
         tg.cancel_scope.cancel()
     assert (await etcd_client.get(prefix + "kept")).lease == kept
     assert await etcd_client.get(prefix + "unkept") is None
@@ -209,14 +213,15 @@ async def test_keep_alive_keeps_key_past_ttl(etcd_client, prefix):
 async def test_keep_alive_raises_lease_lost_when_revoked_elsewhere(etcd_client, etcd):
     lease = await etcd_client.grant_lease(3)
     async with EtcdClient([etcd.url]) as other:
-        with anyio.fail_after(5):
+        refreshes = etcd_client.lease_refreshes
+        with anyio.fail_after(PATIENCE):
             async with anyio.create_task_group() as tg:
 
-                async def revoke_soon():
-                    await anyio.sleep(0.3)
+                async def revoke_once_refreshing():
+                    await eventually(lambda: etcd_client.lease_refreshes > refreshes, what="a refresh")
                     await other.revoke_lease(lease)
 
-                tg.start_soon(revoke_soon)
+                tg.start_soon(revoke_once_refreshing)
                 with pytest.raises(LeaseLost):
                     await etcd_client.keep_alive(lease, 3)
 
@@ -264,7 +269,7 @@ async def test_watch_of_compacted_revision_raises(etcd_client, etcd, prefix):
 
     await anyio.to_thread.run_sync(compact)
     async with etcd_client.watch_prefix(prefix, start_revision=first) as watch:
-        with anyio.fail_after(5), pytest.raises(EtcdCompacted) as info:
+        with anyio.fail_after(PATIENCE), pytest.raises(EtcdCompacted) as info:
             await watch.__anext__()
         assert info.value.revision == last
         with pytest.raises(EtcdCompacted):  # stays failed
@@ -279,13 +284,11 @@ async def test_watch_exit_releases_threads(etcd_client, prefix):
             await etcd_client.put(prefix + "k", b"")
             await collect(watch, 1)
 
-    await one_watch()
-    await anyio.sleep(0.2)
+    await one_watch()       # warms up the threads that stay (anyio's worker pool, grpc's poller)
     baseline = threading.active_count()
     for _ in range(10):
         await one_watch()
-    await anyio.sleep(0.2)
-    assert threading.active_count() <= baseline + 1
+    await eventually(lambda: threading.active_count() <= baseline + 1, what="the watches' threads to end")
 
 
 async def test_watch_across_etcd_kill_and_restart_misses_nothing(tmp_path, prefix):
@@ -305,7 +308,7 @@ async def test_watch_across_etcd_kill_and_restart_misses_nothing(tmp_path, prefi
                     for i in range(5):
                         await client.put(f"{prefix}{i}", b"before")
                     await anyio.to_thread.run_sync(proc.kill)
-                    await anyio.sleep(0.5)  # the watch notices and keeps retrying
+                    await anyio.sleep(0.5)  # an outage that lasts (etcd's downtime, no outcome to await)
                     await anyio.to_thread.run_sync(proc.start)
                     for i in range(5, 10):
                         await client.put(f"{prefix}{i}", b"after")
@@ -325,7 +328,8 @@ async def test_get_while_etcd_down_is_cancellable(dead_url):
         before = anyio.current_time()
         with anyio.move_on_after(0.3):
             await client.get("k")
-        assert anyio.current_time() - before < 1.0
+        # The bound is the behaviour: the cancel is honoured now, not after the 30 s of retries.
+        assert anyio.current_time() - before < 10
 
 
 async def test_unavailable_after_retry_timeout(dead_url):
@@ -334,7 +338,8 @@ async def test_unavailable_after_retry_timeout(dead_url):
             before = anyio.current_time()
             with pytest.raises(EtcdUnavailable):
                 await operation()
-            assert 0.45 < anyio.current_time() - before < 1.5
+            # The bound is the behaviour: it gives up once retry_timeout is spent instead of hanging.
+            assert 0.45 < anyio.current_time() - before < 10
 
 
 async def test_round_trips_are_timed_without_the_backoff_between_retries(dead_url):
@@ -349,7 +354,8 @@ async def test_round_trips_are_timed_without_the_backoff_between_retries(dead_ur
 
 async def test_keep_alive_reports_lease_lost_when_etcd_stays_down(dead_url):
     async with EtcdClient([dead_url], retry_timeout=30) as client:
-        with anyio.fail_after(4), pytest.raises(LeaseLost):
+        # The bound is the behaviour: lost once the 2 s TTL has passed unrefreshed, not after the 30 s of retries.
+        with anyio.fail_after(15), pytest.raises(LeaseLost):
             await client.keep_alive(1234, 2)
 
 

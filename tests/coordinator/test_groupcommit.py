@@ -8,6 +8,7 @@ import pytest
 
 from cargohold.coordinator.etcd import Compare, Delete, Put
 from cargohold.coordinator.groupcommit import GroupCommit
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -86,8 +87,8 @@ async def test_writes_to_one_key_go_in_separate_transactions(etcd_client, prefix
 
 
 async def in_flight(group: GroupCommit) -> None:
-    while not group._committing:
-        await anyio.sleep(0)
+    # checked at every checkpoint (interval 0): the commit is in flight only for a moment
+    await eventually(lambda: group._committing, interval=0, what="a commit in flight")
 
 
 async def test_a_write_cancelled_while_queued_is_not_sent(etcd_client, prefix):

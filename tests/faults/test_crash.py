@@ -13,7 +13,6 @@ import hashlib
 import os
 import socket
 import struct
-import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from tests.support.node import NodeProcess
+from tests.support.poll import PATIENCE, eventually, until
 from tests.support.oci import (
     ACCEPT_ALL, Image, build_image, describe, digest, error_codes, push_blob, push_image,
     push_manifest, random_bytes, with_query,
@@ -33,21 +33,6 @@ MiB = 1024 * 1024
 
 
 # -- helpers -----------------------------------------------------------------------------------
-async def eventually(check, timeout: float = 15.0, interval: float = 0.05, what: str = ""):
-    """Call async ``check`` until it returns a truthy value or raises no AssertionError."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = await check()
-            if result is None or result:
-                return result
-        except (AssertionError, httpx.TransportError) as e:
-            last = e
-        await anyio.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s: {what} (last: {last!r})")
-
-
 def files_named(root: Path, hexdigest: str) -> list[Path]:
     return [Path(dp) / f for dp, _, fs in os.walk(root) for f in fs if hexdigest in f]
 
@@ -81,18 +66,39 @@ async def assert_not_visible_or_complete(client, repo: str, d: str, data: bytes)
     await assert_blob_intact(client, repo, d, data)
 
 
+def start_body(port: int, head: bytes) -> socket.socket:
+    """Open a request whose handler has begun reading its body.
+
+    The head asks for "100 Continue", which the server sends when the handler starts reading
+    the body: whatever the test does next hits a request that is consuming its body (an RST
+    before that would discard the request unread)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
+    try:
+        s.sendall(head.removesuffix(b"\r\n") + b"Expect: 100-continue\r\n\r\n")
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += s.recv(4096) or b"(closed)\r\n\r\n"
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
 async def raw_send_then_drop(port: int, head: bytes, body_part: bytes, reset: bool) -> None:
-    """Send a request head and part of its body on a raw socket, then vanish."""
+    """Send a request head and, once the server reads the body, part of it; then vanish."""
     def run():
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        try:
-            s.sendall(head + body_part)
-            time.sleep(0.2)  # let the server start consuming the body
+        with start_body(port, head) as s:
+            s.sendall(body_part)
             if reset:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        finally:
-            s.close()
     await anyio.to_thread.run_sync(run)
+
+
+def saw_disconnect(node: NodeProcess, method: str, target: str) -> None:
+    """Wait until the node's access log says it noticed the client of this request vanish."""
+    line = f"{method} {httpx.URL(target).path} client disconnected"
+    until(lambda: line in node.log_path.read_text(errors="replace"), what=line)
 
 
 def request_head(method: str, target: str, port: int, length: int, ctype: str) -> bytes:
@@ -157,11 +163,10 @@ async def test_client_disconnect_mid_put_leaves_nothing(fresh_node, reset):
         head = request_head("PUT", target, node.port, len(data), "application/octet-stream")
         await raw_send_then_drop(node.port, head, data[: len(data) // 2], reset)
 
-        # never visible, and never becomes visible
-        for _ in range(10):
-            r = await c.head(f"/v2/{repo}/blobs/{d}")
-            assert r.status_code == 404, describe(r)
-            await anyio.sleep(0.05)
+        # never visible, also once the server is done with the dropped request
+        await anyio.to_thread.run_sync(saw_disconnect, node, "PUT", target)
+        r = await c.head(f"/v2/{repo}/blobs/{d}")
+        assert r.status_code == 404, describe(r)
         assert_no_bad_file_under_digest(node.data_dir, d)
 
         # the server still works: the same blob can be pushed properly
@@ -211,7 +216,7 @@ async def test_client_disconnect_mid_patch_can_resume(fresh_node):
             st = await c.get(location)
             assert st.status_code == 204, describe(st)
             return st
-        st = await eventually(status, 10, what="upload status after a dropped PATCH")
+        st = await eventually(status, what="upload status after a dropped PATCH")
         start, end = st.headers["Range"].split("-")
         assert start == "0"
         offset = int(end) + 1
@@ -329,17 +334,18 @@ async def test_kill_during_streaming_manifest_put(asyncio_node):
             await push_blob(c, repo, data)
         half = len(victim.manifest) // 2
 
-        async def body():
-            yield victim.manifest[:half]
-            await anyio.sleep(0.3)  # the server is now waiting for the rest
+    def kill_while_the_server_waits_for_the_rest() -> None:
+        head = request_head("PUT", f"/v2/{repo}/manifests/victim", node.port, len(victim.manifest),
+                            victim.media_type)
+        with start_body(node.port, head) as s:
+            s.sendall(victim.manifest[:half])
             node.kill()
-            yield victim.manifest[half:]
-
-        with pytest.raises(httpx.TransportError):
-            r = await c.put(f"/v2/{repo}/manifests/victim", content=body(),
-                            headers={"Content-Type": victim.media_type,
-                                     "Content-Length": str(len(victim.manifest))})
-            raise AssertionError(f"request finished although the node was killed: {describe(r)}")
+            try:
+                reply = s.recv(4096)
+            except ConnectionResetError:
+                reply = b""
+        assert reply == b"", f"the request got an answer although the node was killed: {reply[:200]!r}"
+    await anyio.to_thread.run_sync(kill_while_the_server_waits_for_the_rest)
 
     await restart_after_kill(node)
     async with new_client(node) as c:
@@ -373,8 +379,8 @@ async def test_kill_during_many_manifest_puts(asyncio_node):
                 acked.add(i)
 
         async def killer():
-            while len(acked) < 15:
-                await anyio.sleep(0.001)
+            # polls often: the kill must land while most of the pushes are still to come
+            await eventually(lambda: len(acked) >= 15, interval=0.001, what="15 acknowledged pushes")
             await anyio.to_thread.run_sync(node.kill)
 
         with pytest.raises(BaseException) as info:  # the pushers die with the node
@@ -441,7 +447,7 @@ def two_nodes(local_etcd, tmp_path):
         a.kill()
 
 
-async def push_with_retry(c, repo: str, tag: str, img: Image, timeout: float = 15.0) -> None:
+async def push_with_retry(c, repo: str, tag: str, img: Image) -> None:
     """Push through a node that may still be reconnecting to etcd (503 is allowed briefly)."""
     async def attempt():
         for data in img.blobs.values():
@@ -449,7 +455,7 @@ async def push_with_retry(c, repo: str, tag: str, img: Image, timeout: float = 1
         r = await push_manifest(c, repo, tag, img.manifest, img.media_type)
         assert r.status_code == 201, describe(r)
         return True
-    await eventually(attempt, timeout, interval=0.1, what=f"push {repo}:{tag}")
+    await eventually(attempt, interval=0.1, what=f"push {repo}:{tag}")
 
 
 async def tags_on(c, repo: str) -> list[str]:
@@ -465,7 +471,7 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
     first = build_image("etcd-first", layers=1)
     async with new_client(a) as ca, new_client(b) as cb:
         await push_image(ca, repo, "t1", first)
-        await eventually(lambda: _has_tags(cb, repo, {"t1"}), 10, what="b sees t1 before the restart")
+        await eventually(lambda: _has_tags(cb, repo, {"t1"}), what="b sees t1 before the restart")
 
         if how == "restart":
             await anyio.to_thread.run_sync(local_etcd.restart)
@@ -477,7 +483,9 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
             for d, data in first.blobs.items():
                 await assert_blob_intact(ca, repo, d, data)
             assert "t1" in await tags_on(ca, repo)
-            await anyio.sleep(1.0)  # etcd stays down a while (not a synchronisation sleep)
+            # etcd stays down until the nodes have felt it: their readiness probe fails
+            for client in (ca, cb):
+                await eventually(lambda: _unready(client), what="the node to notice that etcd is gone")
             await anyio.to_thread.run_sync(local_etcd.start)
 
         # a burst of writes through the second node right after etcd is back
@@ -487,16 +495,20 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
         expected = {"t1"} | {f"t{i + 2}" for i in range(5)}
 
         # ... all show up on the first node, which was never restarted
-        await eventually(lambda: _has_tags(ca, repo, expected), 15,
+        await eventually(lambda: _has_tags(ca, repo, expected),
                          what=f"node a lists {sorted(expected)} after the etcd {how}")
         assert a.alive() and b.alive()
         # and the first node can write again too
         again = build_image("etcd-again", layers=1)
         await push_with_retry(ca, repo, "after", again)
-        await eventually(lambda: _has_tags(cb, repo, expected | {"after"}), 15,
+        await eventually(lambda: _has_tags(cb, repo, expected | {"after"}),
                          what="node b sees a's write after the etcd restart")
         r = await ca.get(f"/v2/{repo}/manifests/t1", headers={"Accept": ACCEPT_ALL})
         assert r.status_code == 200 and r.content == first.manifest, describe(r)
+
+
+async def _unready(c) -> bool:
+    return (await c.get("/readyz")).status_code == 503
 
 
 async def _has_tags(c, repo: str, expected: set[str]) -> bool:
@@ -508,7 +520,7 @@ async def _has_tags(c, repo: str, expected: set[str]) -> bool:
 # -- clusters sharing one etcd --------------------------------------------------------------------
 async def test_other_cluster_traffic_does_not_make_a_node_unready(local_etcd, tmp_path):
     """Clusters are isolated by key prefix on one etcd: writes in cluster "beta" must not
-    turn a node of cluster "alpha" unready (its /readyz must stay 200 and fast)."""
+    turn a node of cluster "alpha" unready (its /readyz must stay 200)."""
     a = NodeProcess(tmp_path / "alpha", etcd_url=local_etcd.url, cluster="alpha", node_id="a")
     b = NodeProcess(tmp_path / "beta", etcd_url=local_etcd.url, cluster="beta", node_id="b")
     await anyio.to_thread.run_sync(a.start)
@@ -518,10 +530,9 @@ async def test_other_cluster_traffic_does_not_make_a_node_unready(local_etcd, tm
             async with new_client(a) as ca, new_client(b) as cb:
                 for i in range(20):
                     await push_blob(cb, "beta/repo", f"beta blob {i}".encode())
-                    started = time.monotonic()
+                    # (a node misled by other clusters' revisions answers 503 after its 2 s probe)
                     r = await ca.get("/readyz")
                     assert r.status_code == 200, describe(r)
-                    assert time.monotonic() - started < 1.0, "readyz took over a second"
         finally:
             b.kill()
     finally:

@@ -41,6 +41,7 @@ def test_a_client_that_stalls_mid_body_is_cut_off(limited_node):
             reply += chunk
         waited = time.monotonic() - started
     assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    # The bound is the behaviour: cut off after the 1 s body_timeout, not left hanging (generous on purpose).
     assert 0.8 <= waited < 10
     r = httpx.head(f"{limited_node.url}/v2/slow/app/blobs/{digest}")
     assert r.status_code == 404

@@ -58,7 +58,7 @@ async def test_push_twenty_images_at_a_pull_them_all_at_b(cluster):
             if holders.get(manifest, set()) & b_nodes:
                 assert all(holders.get(b, set()) & b_nodes for b in blobs), "manifest before its blobs in B"
         return all(len(holders.get(d, set()) & b_nodes) == 2 for d in everything)
-    cluster.wait_until(consistent_and_complete, timeout=60, what="site B to hold two copies of everything")
+    cluster.wait_until(consistent_and_complete, what="site B to hold two copies of everything")
     status = json.loads(cluster.cli("replication", "status", "--json").stdout)
     pending_b = [r for r in status["rules"] if r["site"] == "B"]
     assert pending_b and all(r["pending"] == 0 for r in pending_b)
@@ -91,7 +91,7 @@ async def test_sync_sites_then_site_a_is_lost_and_comes_back(cluster):
     for name in ("a1", "a2"):
         nodes[name].start()
     wanted = set(during.all_blobs()) | {during.digest}
-    cluster.wait_until(lambda: site_holds(cluster, wanted, {"a1", "a2"}), timeout=60, what="site A to catch up")
+    cluster.wait_until(lambda: site_holds(cluster, wanted, {"a1", "a2"}), what="site A to catch up")
     await pull_image(nodes["a2"], "sync/app", "during", during)
 
 
@@ -106,7 +106,7 @@ async def test_replication_rules_keep_a_repository_in_its_site(cluster, tmp_path
         await oci.push_image(client, "only-a/app", "v1", local)
         await oci.push_image(client, "shared/app", "v1", everywhere)
     wanted = set(everywhere.all_blobs()) | {everywhere.digest}
-    cluster.wait_until(lambda: site_holds(cluster, wanted, {"b1", "b2"}), timeout=30, what="shared/app in B")
+    cluster.wait_until(lambda: site_holds(cluster, wanted, {"b1", "b2"}), what="shared/app in B")
     holders = cluster.holders()
     for digest in set(local.all_blobs()) | {local.digest}:
         assert not holders[digest] & {"b1", "b2"}, "a site outside the rule received a copy"
@@ -127,7 +127,7 @@ async def test_a_link_between_sites_drops_mid_transfer(cluster):
         async with client_for(a1) as client:
             digest = await oci.push_blob(client, "wan/app", data)
         b1 = cluster.add("b1", settings={"site": "B", "replicas_per_site": 1})
-        cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), timeout=60, what="B's copy")
+        cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), what="B's copy")
         assert proxy.cuts_made >= 1
         assert "resuming" in b1.log_path.read_text()
         async with client_for(b1) as client:
@@ -149,7 +149,7 @@ async def test_a_full_target_is_retried_with_backoff_and_never_marked_done(clust
         site_b = next(s for s in status["sites"] if s["site"] == "B")
         failures = [f for f in site_b["failures"] if f["digest"] == digest]
         return failures and failures[0]["attempts"] >= 2 and failures[0]
-    failure = cluster.wait_until(failing_with_reason, timeout=30, what="B to report the refused copy")
+    failure = cluster.wait_until(failing_with_reason, what="B to report the refused copy")
     assert "storage limit" in failure["reason"]
     assert "b1" not in cluster.holders()[digest]
     status = json.loads(cluster.cli("replication", "status", "--json").stdout)
@@ -159,7 +159,7 @@ async def test_a_full_target_is_retried_with_backoff_and_never_marked_done(clust
     config = b1.data_dir / "config.json.yaml"
     config.write_text(json.dumps({"site": "B", "replicas_per_site": 1, "storage_limit": "10M"}))
     b1.start()
-    cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), timeout=30, what="B's copy after room")
+    cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), what="B's copy after room")
 
 
 async def test_grpc_between_nodes_over_mutual_tls(cluster, tmp_path):
@@ -174,7 +174,7 @@ async def test_grpc_between_nodes_over_mutual_tls(cluster, tmp_path):
     data = os.urandom(2_000_000)
     async with client_for(a) as client:
         digest = await oci.push_blob(client, "tls/app", data)
-    cluster.wait_until(lambda: cluster.holders().get(digest) == {"a", "b"}, timeout=30, what="b's copy over TLS")
+    cluster.wait_until(lambda: cluster.holders().get(digest) == {"a", "b"}, what="b's copy over TLS")
     plain = PeerClient()                  # a peer without a client certificate is refused
     try:
         with pytest.raises(PeerUnavailable):
@@ -192,6 +192,6 @@ async def test_bandwidth_limit_between_sites(cluster):
         digest = await oci.push_blob(client, "bw/app", data)
     started = time.monotonic()
     cluster.add("b1", settings={"site": "B", "replicas_per_site": 1, "site_bandwidth": {"A": "1M"}})
-    cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), timeout=30, what="B's copy")
+    cluster.wait_until(lambda: "b1" in cluster.holders().get(digest, set()), what="B's copy")
     # 3 MiB at 1 MiB/s with a one-second burst: at least about two seconds.
     assert time.monotonic() - started >= 1.8

@@ -13,11 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import httpx
+
+from tests.support.poll import until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 20.0
@@ -126,27 +127,22 @@ class NodeProcess:
             raise
         return self
 
+    def ready_client(self) -> httpx.Client:
+        """The client that asks /readyz (a TLS node overrides it to trust its CA)."""
+        return httpx.Client(timeout=2.0)
+
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise NodeStartError(
-                        f"node exited with code {self.proc.returncode} before it was ready;"
-                        f" log tail:\n{self.log_tail()}"
-                    )
-                try:
-                    r = client.get(self.url + "/readyz")
-                    if r.status_code == 200:
-                        return
-                    last = f"/readyz answered {r.status_code}"
-                except httpx.HTTPError as e:
-                    last = repr(e)
-                time.sleep(0.05)
-        raise NodeStartError(
-            f"node not ready after {timeout:.0f}s ({last}); log tail:\n{self.log_tail()}"
-        )
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise NodeStartError(f"node exited with code {self.proc.returncode} before it was ready;"
+                                     f" log tail:\n{self.log_tail()}")
+            return client.get(self.url + "/readyz").status_code == 200
+
+        with self.ready_client() as client:
+            try:
+                until(ready, timeout=timeout, what=f"{self.url}/readyz to answer 200")
+            except AssertionError as exc:
+                raise NodeStartError(f"{exc}; log tail:\n{self.log_tail()}") from None
 
     def _reap(self, timeout: float) -> None:
         assert self.proc is not None

@@ -1,4 +1,8 @@
-"""Background pacing: free while the node is idle, at the set rate while it serves clients."""
+"""Background pacing: free while the node is idle, at the set rate while it serves clients.
+
+Pacing reads time.monotonic() and sleeps for real (no injectable clock yet), so these tests let
+real time pass; the bounds are set so that right and wrong differ by far more than any load.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import anyio
 import pytest
 
 from cargohold.runtime.pacing import BackgroundPace, Foreground
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -32,24 +37,25 @@ async def take_many(pace: BackgroundPace, workers: int, units: int) -> float:
 
 async def test_idle_node_is_not_paced():
     foreground = Foreground(linger=0.2)
-    assert await take_many(BackgroundPace(foreground, rate=100), workers=8, units=400) < 0.5
+    # The bound is the behaviour: paced, 400 units at 1/s would take minutes.
+    assert await take_many(BackgroundPace(foreground, rate=1), workers=8, units=400) < 20
 
 
 async def test_busy_node_paces_all_workers_together():
     foreground = Foreground(linger=0.2)
     foreground.started()                     # a request in flight
     elapsed = await take_many(BackgroundPace(foreground, rate=200), workers=16, units=160)
-    assert 0.5 < elapsed < 1.3, elapsed      # 160 units at 200/s, less a 0.25 s burst
+    assert elapsed > 0.5, elapsed            # 160 units at 200/s, less a 0.25 s burst
     foreground.finished()
     assert foreground.busy()                 # lingers a moment after the last request
-    await anyio.sleep(0.25)
-    assert not foreground.busy()
+    await eventually(lambda: not foreground.busy(), what="the linger to end")
 
 
 async def test_rate_zero_means_no_pacing():
     foreground = Foreground()
     foreground.started()
-    assert await take_many(BackgroundPace(foreground, rate=0), workers=4, units=400) < 0.5
+    # The bound is the behaviour: a rate of 0 taken literally would never finish.
+    assert await take_many(BackgroundPace(foreground, rate=0), workers=4, units=400) < 20
 
 
 async def test_paced_takers_wake_together_on_ticks():

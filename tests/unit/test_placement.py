@@ -32,3 +32,13 @@ def test_leave_moves_only_the_leavers_blobs():
 def test_preference_puts_self_then_site_first():
     order = preference(DIGESTS[1], ["x1", "me", "s1", "x2"], me="me", same_site={"me", "s1"})
     assert order[:2] == ["me", "s1"] and set(order[2:]) == {"x1", "x2"}
+
+
+def test_tests_can_choose_a_blob_by_its_owners():
+    from tests.support import oci
+    from tests.support.placement import blob_owned_by
+
+    for wanted in ({"a"}, {"b"}, {"a", "c"}, {"b", "c"}):
+        data = blob_owned_by(wanted, members=("a", "b", "c"), replicas=len(wanted), size=4096, seed="choose")
+        assert len(data) == 4096
+        assert set(owners(oci.digest(data), ["a", "b", "c"], len(wanted))) == wanted

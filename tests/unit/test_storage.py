@@ -73,15 +73,19 @@ async def test_leftover_staging_files_are_cleared_on_open(tmp_path):
 async def test_inventory_and_per_digest_lock(store):
     import anyio
 
+    from tests.support.poll import eventually
+
     digest = Digest.of(b"inventoried")
     await store.write(digest, b"inventoried")
     assert [d for d, _ in store.inventory()] == [digest]
-    order = []
+    order, asked = [], []
 
     async def holder(name):
+        asked.append(name)
         async with store.locked(digest):
             order.append(f"{name}-in")
-            await anyio.sleep(0.05)
+            # stay inside until the other holder has asked for the lock too
+            await eventually(lambda: len(asked) == 2, what="the other holder to ask")
             order.append(f"{name}-out")
 
     async with anyio.create_task_group() as tg:
