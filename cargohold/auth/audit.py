@@ -18,7 +18,7 @@ keys) while still matching its hash.
 
 Failures can come from anybody, so they cannot be allowed to fill the disk (an unauthenticated
 request costs its sender nothing and the log ~360 bytes): the failure events (login_failed,
-auth_failed, denied) pass a `FloodGate`: per failure class (event, reason or status) and
+auth_failed, denied) pass a `FloodGate`: per failure class (event, reason, status) and
 client address, at most `burst` lines per window; the rest are counted and reported by one
 `suppressed` line when the window closes. Every distinct class of failure from every client
 is still recorded at least once per window. Memory is bounded: past `max_keys` windows, new
