@@ -68,8 +68,10 @@ class Settings:
     auth_service: str | None = None                     # the tokens' audience; default cargohold-<cluster>
     auth_realm: str | None = None                       # the token URL in challenges; default: from the Host header
     audit_log: str | None = None                        # audit log file, or "-" for stdout
+    audit_failures: str = "20/60"                       # failure lines per class and client address: N/SECONDS
     login_rate: str = "10/300"                          # failed logins allowed per account: N/SECONDS
     login_rate_client: str = "30/60"                    # failed logins allowed per client address: N/SECONDS
+    trusted_proxies: list[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For names the client
     gc_grace: str = "1h"                                # blobs younger than this are never swept
     untagged_after: str | None = None                   # delete untagged manifests older than this (off)
     gc_interval: str | None = None                      # scheduled collections every ... (off)
@@ -240,13 +242,18 @@ def _validate_limits(settings: Settings) -> None:
 def _validate_access(settings: Settings) -> None:
     if settings.auth not in ("auto", "on", "off"):
         raise ConfigError("auth must be auto, on or off")
-    for name in ("login_rate", "login_rate_client"):
+    for name in ("login_rate", "login_rate_client", "audit_failures"):
         try:
             parse_rate(getattr(settings, name))
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     if not 10 <= settings.token_ttl <= 86400:
         raise ConfigError("token_ttl must be between 10 and 86400 seconds")
+    for network in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(network.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {network[:80]!r} is not an address or CIDR") from None
     if settings.auth == "off" and not settings.insecure_open and not is_loopback(settings.host_port[0]):
         raise ConfigError(f"auth is off and {settings.listen} is not a loopback address: anybody could push and "
                           "delete. Configure access control, or pass --insecure-open if that is what you want")

@@ -640,13 +640,15 @@ class ClusterMetadata:
                 if record is not None and (digest in record.children or digest in record.blobs):
                     raise Referenced(repo, digest, user)
 
-    async def delete_tag(self, repo: str, tag: str, expected_digest: str | None = None) -> bool:
-        """Delete a tag (only while it still points at `expected_digest`, when given)."""
+    async def delete_tag(self, repo: str, tag: str, expected_digest: str | None = None) -> str | None:
+        """Delete a tag (only while it still points at `expected_digest`, when given). Returns the
+        digest it pointed at (read in the same transaction, for the audit log), or None if there
+        was no such tag."""
         key = self.keys.tag(repo, tag)
         self._refuse_immutable(repo, [key])
         guard = Compare.value_equals(key, expected_digest.encode()) if expected_digest else Compare.exists(key)
-        result = await self._txn([guard], [Delete(key)])
-        return result.succeeded
+        result = await self._txn([guard], [Get(key), Delete(key)])
+        return result.responses[0][0].value.decode() if result.succeeded else None
 
     async def publish_status(self, status: dict) -> None:
         """This node's replication figures, bound to its lease so a dead node's vanish."""

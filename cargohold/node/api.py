@@ -307,7 +307,8 @@ class RegistryAPI:
             raise _still_referenced(exc) from None
         if not found:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
-        self.audit.record("delete", request, repository=name, reference=reference)
+        self.audit.record("delete", request, repository=name, reference=reference,
+                          digest=str(digest) if digest is not None else found)   # by tag: what it pointed at
         return Response(202)
 
     def _may_remove_tag(self, request: Request, repo: str) -> Callable[[str], bool] | None:
@@ -393,6 +394,7 @@ class RegistryAPI:
             if self.access is None or self.access.may(request, source, "pull"):
                 mounted = await self._try_mount(name, parse_digest(mount), source)
                 if mounted is not None:
+                    self.audit.record("mount", request, repository=name, digest=mount, source=source)
                     return mounted
         digest_param = request.query("digest")
         if digest_param is not None:
@@ -426,6 +428,7 @@ class RegistryAPI:
             return await self._finish_upload(request, session, parse_digest(digest_param))
         if method == "DELETE":
             await self.uploads.cancel(session)
+            self.audit.record("upload_cancelled", request, repository=name, upload=upload)
             return Response(204)
         raise _method_not_allowed(request)
 
@@ -447,6 +450,7 @@ class RegistryAPI:
                 with anyio.CancelScope(shield=True):
                     await self.uploads.cancel(session)
             raise
+        self.audit.record("upload", request, repository=session.repo, digest=str(digest), size=size)
         await self._wait_for_copies(str(digest))
         return _blob_created(session.repo, digest)
 

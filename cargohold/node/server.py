@@ -90,7 +90,7 @@ async def serve(settings: Settings) -> None:
         async with anyio.create_task_group() as tg:
             await tg.start(metadata.run)
             if access is not None:
-                tg.start_soon(access.accounts.run)
+                tg.start_soon(access.run)
             member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
             tg.start_soon(replicator.run)
@@ -216,7 +216,8 @@ async def _uvicorn(app, settings: Settings, stop: anyio.Event) -> None:
     config = uvicorn.Config(
         app, host=host, port=port, http=guarded_httptools(limits), lifespan="off", access_log=False,
         log_config=None, ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
-        timeout_keep_alive=limits.keep_alive_timeout, server_header=False, date_header=False)
+        timeout_keep_alive=limits.keep_alive_timeout, server_header=False, date_header=False,
+        proxy_headers=False)   # X-Forwarded-For is believed only from trusted_proxies (node/access.py)
     server = Server(config)
 
     async def trigger() -> None:
