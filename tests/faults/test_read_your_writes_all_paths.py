@@ -24,21 +24,11 @@ import anyio
 import httpx
 import pytest
 
-from cargohold.coordinator.metadata import ClusterMetadata
 from tests.support import oci
 from tests.support.node import NodeProcess
 from tests.support.readback import STALE_TAG, PushedImage, push, read_every_part
 
 pytestmark = pytest.mark.anyio
-
-# The manifest-bytes path (`RegistryAPI._manifest_bytes` -> `_read_remote_all`) answers 404
-# BLOB_UNKNOWN for a manifest another node just acknowledged while this node's read model lags
-# (about 5 in 500 iterations); the branch that confirms its holders in etcd adds
-# `ClusterMetadata.holders_confirmed`. Once that fix is merged the marker no longer applies and
-# the test must pass as is (not strict before: a lucky run without a lagging read passes).
-MANIFEST_BYTES_LAG = pytest.mark.xfail(
-    not hasattr(ClusterMetadata, "holders_confirmed"), strict=False,
-    reason="a node whose read model lags answers 404 for another node's new manifest bytes (issue 13 item 1)")
 
 ITERATIONS = 500
 PUSHERS = 4
@@ -75,7 +65,6 @@ def referrer_of(subject: PushedImage) -> PushedImage:
     return PushedImage(subject.repo, f"{subject.tag}-sig", artifact, subject=subject.digest)
 
 
-@MANIFEST_BYTES_LAG
 async def test_every_read_path_serves_what_another_node_acknowledged(three_nodes):
     rng = random.Random(SEED)
     failures: list[str] = []
