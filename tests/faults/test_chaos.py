@@ -204,13 +204,12 @@ class Traffic:
 
 
 def _failure_class(exc: Exception) -> str:
-    if isinstance(exc, AssertionError):             # push_blob/push_image: an unexpected status
-        text = str(exc)
-        return "HTTP " + text.split("-> ", 1)[1][:3] if "-> " in text else "assertion"
-    return type(exc).__name__
+    """An exception's class, or for push_image's assertion the status it got."""
+    return _problem_class(str(exc)) if isinstance(exc, AssertionError) else type(exc).__name__
 
 
 def _problem_class(problem: str) -> str:
+    """"HTTP 503" from a line that holds a response's description ("... -> 503 ...")."""
     return "HTTP " + problem.split("-> ", 1)[1][:3] if "-> " in problem else problem[:40]
 
 
@@ -238,7 +237,11 @@ async def verify_everywhere(acknowledged: list[PushedImage], nodes: list[NodePro
 
     async def through(node: NodeProcess, client: httpx.AsyncClient) -> None:
         for pushed in acknowledged:
-            lost.extend(f"{pushed.repo}:{pushed.tag} via {node.node_id}: {p}" for p in await verify_bytes(client, pushed))
+            try:
+                problems = await verify_bytes(client, pushed)
+            except httpx.HTTPError as exc:
+                problems = [repr(exc)]
+            lost.extend(f"{pushed.repo}:{pushed.tag} via {node.node_id}: {p}" for p in problems)
 
     async with anyio.create_task_group() as tg:
         for node, client in zip(nodes, clients):
@@ -276,7 +279,8 @@ async def test_acknowledged_images_survive_kills_stops_and_an_etcd_restart(chaos
           f"x {len(clients)} nodes in {time.monotonic() - settled_at:.1f}s")
     print(f"push failures by (fault, class): {dict(traffic.push_failures)}")
     print(f"pulls: {traffic.pulls}; failures by (fault, class): {dict(traffic.pull_failures)}")
-    print("pull failures outside any fault:\n  " + "\n  ".join(traffic.unexplained[:20]))
+    print("pull failures outside any fault: " + ("\n  " + "\n  ".join(traffic.unexplained[:20])
+                                                 if traffic.unexplained else "none"))
     assert traffic.corrupt == [], "\n".join(traffic.corrupt[:10])
     assert len(traffic.acknowledged) > 0
     assert lost == [], f"seed {seed}: {len(lost)} acknowledged parts not served intact:\n" + "\n".join(lost[:20])

@@ -3,13 +3,14 @@
 `PushedImage` is what a test pushed and got its final 201 for. `read_every_part` asks a node
 for every part of it (manifest by tag and by digest, GET and HEAD; every blob, GET and HEAD; the
 tags list; the referrers list when the image has a subject) and returns one line per part the
-node got wrong; `verify_bytes` checks the content alone (manifest and blobs hash to their
-digests). Both return problems instead of raising, so a test can count them per class.
+node got wrong; `verify_bytes` checks the content alone (the manifest by tag and by digest, and
+every blob, hash to their digests). Both return problems instead of raising, so a test can count them per class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import anyio
 import httpx
@@ -74,20 +75,18 @@ def _check_referrers(part: str, r: httpx.Response, pushed: PushedImage) -> str |
 
 
 def _requests(pushed: PushedImage):
-    """(part name, method, path, checker) for every part of the image."""
+    """(part, method, path, check) for every part of the image; `check(part, response)` gives
+    a problem line or None."""
     base = f"/v2/{pushed.repo}"
     for ref in (pushed.tag, pushed.digest):
         for method in ("GET", "HEAD"):
-            yield f"{method} manifest {ref}", method, f"{base}/manifests/{ref}", \
-                lambda r, p=pushed: _check_manifest(f"{r.request.method} manifest", r, p)
+            yield f"{method} manifest", method, f"{base}/manifests/{ref}", partial(_check_manifest, pushed=pushed)
     for digest, data in pushed.image.all_blobs().items():
         for method in ("GET", "HEAD"):
-            yield f"{method} blob {digest}", method, f"{base}/blobs/{digest}", \
-                lambda r, d=digest, b=data: _check_blob(f"{r.request.method} blob", r, d, b)
-    yield "tags list", "GET", f"{base}/tags/list", lambda r, p=pushed: _check_tags("tags list", r, p)
+            yield f"{method} blob", method, f"{base}/blobs/{digest}", partial(_check_blob, digest=digest, data=data)
+    yield "tags list", "GET", f"{base}/tags/list", partial(_check_tags, pushed=pushed)
     if pushed.subject is not None:
-        yield "referrers", "GET", f"{base}/referrers/{pushed.subject}", \
-            lambda r, p=pushed: _check_referrers("referrers", r, p)
+        yield "referrers", "GET", f"{base}/referrers/{pushed.subject}", partial(_check_referrers, pushed=pushed)
 
 
 async def read_every_part(client: httpx.AsyncClient, pushed: PushedImage) -> list[str]:
@@ -98,9 +97,9 @@ async def read_every_part(client: httpx.AsyncClient, pushed: PushedImage) -> lis
         try:
             r = await client.request(method, path, headers={"Accept": oci.ACCEPT_ALL})
         except httpx.HTTPError as exc:
-            problems.append(f"{part}: {exc!r}")
+            problems.append(f"{part} {path}: {exc!r}")
             return
-        problem = check(r)
+        problem = check(part, r)
         if problem:
             problems.append(problem)
 
@@ -111,12 +110,14 @@ async def read_every_part(client: httpx.AsyncClient, pushed: PushedImage) -> lis
 
 
 async def verify_bytes(client: httpx.AsyncClient, pushed: PushedImage) -> list[str]:
-    """The manifest (by digest) and every blob, each hashing to its digest; one line per problem."""
+    """The manifest (by tag and by digest) and every blob, each hashing to its digest; one line
+    per problem."""
     problems = []
     base = f"/v2/{pushed.repo}"
-    r = await client.get(f"{base}/manifests/{pushed.digest}", headers={"Accept": oci.ACCEPT_ALL})
-    if r.status_code != 200 or oci.digest(r.content) != pushed.digest:
-        problems.append(_problem("manifest", r, "not the acknowledged bytes"))
+    for ref in (pushed.tag, pushed.digest):
+        r = await client.get(f"{base}/manifests/{ref}", headers={"Accept": oci.ACCEPT_ALL})
+        if r.status_code != 200 or oci.digest(r.content) != pushed.digest:
+            problems.append(_problem(f"manifest {ref}", r, "not the acknowledged bytes"))
     for digest in pushed.image.all_blobs():
         r = await client.get(f"{base}/blobs/{digest}")
         if r.status_code != 200 or oci.digest(r.content) != digest:
