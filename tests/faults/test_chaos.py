@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import oci
 from tests.support.etcd import EtcdProcess
-from tests.support.node import NodeProcess
+from tests.support.node import NodeProcess, all_running
 from tests.support.poll import eventually
 from tests.support.readback import PushedImage, push, verify_bytes
 
@@ -60,16 +60,9 @@ def chaos_etcd(tmp_path):
 
 @pytest.fixture
 def chaos_nodes(chaos_etcd, tmp_path):
-    nodes = [NodeProcess(tmp_path / n, etcd_url=chaos_etcd.url, cluster="chaos", node_id=n) for n in NODES]
-    try:
-        for node in nodes:
-            node.start()
+    with all_running([NodeProcess(tmp_path / n, etcd_url=chaos_etcd.url, cluster="chaos", node_id=n)
+                      for n in NODES]) as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            if node.alive():
-                _signal(node, signal.SIGCONT)     # a stopped process would ignore SIGTERM
-            node.kill()
 
 
 def _signal(node: NodeProcess, signum: int) -> None:

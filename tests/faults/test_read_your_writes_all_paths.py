@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.support import oci
-from tests.support.node import NodeProcess
+from tests.support.node import NodeProcess, all_running
 from tests.support.readback import STALE_TAG, PushedImage, push, read_every_part
 
 pytestmark = pytest.mark.anyio
@@ -41,15 +41,9 @@ SEED = 13
 def three_nodes(request, etcd, tmp_path):
     """Three nodes of one fresh cluster on the session's etcd, serving with the given runtime."""
     cluster = f"ryw-{request.param}-{uuid.uuid4().hex[:6]}"
-    nodes = [NodeProcess(tmp_path / n, etcd_url=etcd.url, cluster=cluster, node_id=n, runtime=request.param)
-             for n in NODES]
-    try:
-        for node in nodes:
-            node.start()
+    with all_running([NodeProcess(tmp_path / n, etcd_url=etcd.url, cluster=cluster, node_id=n, runtime=request.param)
+                      for n in NODES]) as nodes:
         yield nodes
-    finally:
-        for node in nodes:
-            node.kill()
 
 
 def image_for(iteration: int, pusher: int, rng: random.Random) -> PushedImage:

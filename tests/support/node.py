@@ -13,8 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import httpx
 
@@ -192,3 +193,16 @@ class NodeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def all_running(nodes: Sequence[NodeProcess]) -> Iterator[Sequence[NodeProcess]]:
+    """Start every node; on the way out kill -9 them all, whatever state they are in (SIGKILL
+    also ends a SIGSTOPped process)."""
+    try:
+        for node in nodes:
+            node.start()
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
