@@ -5,6 +5,11 @@ watch events keep current; when the model misses, a linearizable etcd read confi
 anything is reported unknown, so an acknowledged write is never answered 404 by any node.
 After its own write a node waits (briefly) until its model has seen that revision, so a
 client reads its own writes from the same node without a second etcd round trip.
+
+While etcd is down (see `EtcdHealth`) the read model answers what it knows, and anything
+that needs etcd, a write or a miss's confirming read, fails at once with EtcdUnavailable
+(the API's 503 with Retry-After) rather than waiting. `staleness()` says for how long the
+model may have missed changes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from typing import Callable, Iterator, Mapping
 import anyio
 
 from cargohold.coordinator.etcd import (
-    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, Get, KeyValue, LeaseLost, Put, TxnResult,
+    Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, Get, KeyValue, LeaseLost, Put,
+    TxnResult,
 )
 from cargohold.coordinator.groupcommit import GroupCommit
+from cargohold.coordinator.holds import HoldRefresher
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import ReplicationRules
 from cargohold.coordinator.readmodel import ReadModel, page
@@ -35,6 +42,8 @@ SNAPSHOT_PAGE = 2000
 # write is still durable; later reads fall back to etcd.
 VISIBILITY_TIMEOUT = 2.0
 TXN_RETRIES = 5
+# Between attempts to get a membership lease while etcd is away.
+LEASE_RETRY_INTERVAL = 1.0
 
 
 class MissingReferences(Exception):
@@ -120,6 +129,7 @@ class ClusterMetadata:
         self.node_id = node_id
         self.model = ReadModel(self.keys)
         self.loaded = False
+        self.snapshot_loads = 0       # full reads of the cluster's state (start-up, compaction)
         self.following = False        # a watch feeds the read model (run() is going)
         self.txn_count = 0
         # Copy records, releases and tombstone clears come in bursts (a join, a GC run): they
@@ -132,6 +142,7 @@ class ClusterMetadata:
         self.lease: int | None = None
         self.lease_granted = anyio.Event()
         self.grace = 3600.0           # the GC grace period; holds are refreshed at half of it
+        self.holds = HoldRefresher(self.touch)   # pulls refresh holds through it, in the background
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener(changed_blob_digests, changed_sections)` after each applied watch batch.
@@ -194,13 +205,18 @@ class ClusterMetadata:
         """Load a snapshot, report started, then follow the watch until cancelled."""
         revision = await self._load_snapshot()
         self.following = True
-        task_status.started()
-        while True:
-            try:
-                await self._follow(revision + 1)
-            except EtcdCompacted as exc:
-                log.warning("watch revision %d compacted (at %d): reloading snapshot", revision + 1, exc.revision)
-                revision = await self._load_snapshot()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.holds.run)
+            task_status.started()
+            while True:
+                try:
+                    # Resumes from revision + 1 across etcd outages: a restarted etcd that kept
+                    # its data costs no reload.
+                    await self._follow(revision + 1)
+                except EtcdCompacted as exc:
+                    log.warning("watch revision %d compacted (at %d): reloading snapshot",
+                                revision + 1, exc.revision)
+                    revision = await self._load_snapshot()
 
     async def _load_snapshot(self) -> int:
         # Read everything at one revision, then watch from the next: nothing missed, nothing twice.
@@ -216,6 +232,7 @@ class ClusterMetadata:
         gc.freeze()
         model.advance(revision)
         self.loaded = True
+        self.snapshot_loads += 1
         model.take_changes()
         for listener in self._listeners:
             listener(set(model.blobs), set(ALL_SECTIONS))   # a reload may have changed anything
@@ -254,8 +271,13 @@ class ClusterMetadata:
         dies or loses its lease, its leadership ends with it.
         """
         while True:
-            lease = await self.client.grant_lease(ttl)
-            await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
+            try:
+                lease = await self.client.grant_lease(ttl)
+                await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
+            except EtcdUnavailable as exc:     # an etcd outage: the node goes on serving pulls
+                log.debug("no membership lease yet: %s", exc)
+                await anyio.sleep(LEASE_RETRY_INTERVAL)
+                continue
             self.lease = lease
             self.lease_granted.set()
             try:
@@ -495,19 +517,45 @@ class ClusterMetadata:
                                   *self._repo_registration(repo)])
         return record if result.succeeded else None
 
+    def hold_is_cold(self, record: BlobRecord) -> bool:
+        """Older than half the grace period: a pull should refresh it (a younger hold is
+        younger than any sweep's cutoff)."""
+        return time.time() - record.held_since >= self.grace / 2
+
     async def touch(self, digest: str, record: BlobRecord) -> bool:
         """A HEAD or GET saw this blob: refresh its GC hold, at most once per half grace period.
 
         docker skips the upload of a layer that HEAD answers 200 for and pushes the manifest
         next; the refreshed record makes any sweep decided before this HEAD fail its re-check.
         Returns False when the blob turns out to be gone (swept since our read model saw it).
+        Pulls call it through `refresh_hold` / `refresh_hold_later`, never on their own path.
         """
+        if not self.hold_is_cold(record):
+            return True
         now = time.time()
-        if now - record.held_since < self.grace / 2:
-            return True   # a hold this fresh is younger than any sweep's cutoff
         key = self.keys.blob(digest)
         result = await self._txn([Compare.exists(key)], [Put(key, BlobRecord(record.size, record.created, now).encode())])
         return result.succeeded
+
+    def refresh_hold_later(self, digest: str, record: BlobRecord) -> None:
+        """A GET served this blob: refresh a cold hold in the background, best effort."""
+        if self.hold_is_cold(record):
+            self.holds.request(digest, record)
+
+    async def refresh_hold(self, digest: str, record: BlobRecord, timeout: float) -> bool | None:
+        """A HEAD saw this blob: refresh a cold hold, waiting at most `timeout` seconds.
+
+        True: the hold is fresh; False: the blob is gone (swept since the read model saw it);
+        None: not known in time (etcd slow or away; the refresh goes on in the background).
+        """
+        if not self.hold_is_cold(record):
+            return True
+        pending = self.holds.request(digest, record)
+        if pending is None:
+            return None
+        with anyio.move_on_after(timeout):
+            await pending.done.wait()
+        return pending.outcome
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
         """Unlink a blob from a repository; False if it is not linked there.
@@ -694,6 +742,16 @@ class ClusterMetadata:
     def revision(self) -> int:
         """The etcd revision the read model has applied."""
         return self.model.revision
+
+    def etcd_reachable(self) -> bool:
+        """No etcd request or stream of this node has failed since etcd last answered."""
+        return self.client.health.reachable
+
+    def staleness(self) -> float:
+        """For how many seconds the read model may have missed changes: the time since etcd
+        last answered this node, while it does not answer; 0 while it does (the watch then
+        brings every change within milliseconds)."""
+        return self.client.health.unreachable_for()
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool:
         """Wait (at most `timeout` s) until the read model has applied `revision`."""
