@@ -150,6 +150,12 @@ class EtcdHealth:
             self.outages += 1
         return True
 
+    def until_down(self) -> float:
+        """Seconds until failures going on now make etcd count as down (inf while it answers)."""
+        if self.failing_since is None:
+            return float("inf")
+        return max(self.failing_since + self.outage_after - self._clock(), 0.0)
+
     def unreachable_for(self) -> float:
         """Seconds since etcd last answered, while it is not answering; 0 while it is."""
         return 0.0 if self.failing_since is None else self._clock() - self.last_answer
@@ -606,7 +612,9 @@ class EtcdClient:
                 # Every unary round trip, whoever asked for it (for /metrics); the backoff
                 # below is not part of the round trip.
                 self.request_durations.observe(time.perf_counter() - started)
-            await anyio.sleep(min(backoff.next(), remaining))
+            # A request that may fail fast wakes when etcd would count as down, to fail then.
+            wake_for_outage = float("inf") if persistent else self.health.until_down() + 0.01
+            await anyio.sleep(min(backoff.next(), remaining, wake_for_outage))
 
     def _note_failure(self, err: grpc.RpcError) -> None:
         """A transient failure means etcd did not answer; any other error is etcd's answer."""

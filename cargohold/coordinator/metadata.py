@@ -551,7 +551,7 @@ class ClusterMetadata:
         if not self.hold_is_cold(record):
             return True
         pending = self.holds.request(digest, record)
-        if pending is None:
+        if pending is None or not self.etcd_reachable():    # no waiting for an etcd that failed
             return None
         with anyio.move_on_after(timeout):
             await pending.done.wait()
@@ -746,6 +746,12 @@ class ClusterMetadata:
     def etcd_reachable(self) -> bool:
         """No etcd request or stream of this node has failed since etcd last answered."""
         return self.client.health.reachable
+
+    def check_writable(self) -> None:
+        """Raise EtcdUnavailable at once while etcd counts as down: for the start of work that
+        can only end in a write (an upload), so that a client learns before sending the bytes."""
+        if self.client.health.down:
+            raise EtcdUnavailable(f"etcd has not answered for {self.staleness():.1f} s")
 
     def staleness(self) -> float:
         """For how many seconds the read model may have missed changes: the time since etcd

@@ -390,6 +390,7 @@ class RegistryAPI:
     # ------------------------------------------------------------------ uploads
     async def _uploads(self, request: Request, name: str) -> Response:
         _allow(request, "POST")
+        self.metadata.check_writable()     # during an etcd outage: 503 before the layer's bytes come
         mount, source = request.query("mount"), request.query("from")
         if mount is not None and source is not None:
             source = validate_name(source)

@@ -483,7 +483,7 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
             for d, data in first.blobs.items():
                 await assert_blob_intact(ca, repo, d, data)
             assert "t1" in await tags_on(ca, repo)
-            # etcd stays down until the nodes have felt it: their readiness probe fails
+            # etcd stays down until the nodes have felt it: they report that writes would fail
             for client in (ca, cb):
                 await eventually(lambda: _unready(client), what="the node to notice that etcd is gone")
             await anyio.to_thread.run_sync(local_etcd.start)
@@ -508,7 +508,7 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
 
 
 async def _unready(c) -> bool:
-    return (await c.get("/readyz")).status_code == 503
+    return (await c.get("/readyz?writable")).status_code == 503
 
 
 async def _has_tags(c, repo: str, expected: set[str]) -> bool:

@@ -39,12 +39,14 @@ def test_reachable_until_a_failure_and_again_after_an_answer():
 def test_down_only_after_failures_lasted_outage_after():
     clock = Clock()
     h = health(clock)
+    assert h.until_down() == float("inf")
     h.failed()
     clock.now += 1.9
     h.failed()                       # a later failure does not restart the streak
     assert not h.down                # a leader election's blip is retried, not failed fast
+    assert h.until_down() == pytest.approx(0.1)
     clock.now += 0.1
-    assert h.down and h.outages == 1
+    assert h.down and h.outages == 1 and h.until_down() == 0
     assert h.down and h.outages == 1  # one outage, however often asked
     h.answered()
     assert not h.down
