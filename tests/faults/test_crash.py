@@ -417,19 +417,7 @@ async def test_kill_during_many_manifest_puts(asyncio_node):
             assert g.status_code == 200, describe(g)
 
 
-# -- etcd restarts under a running node ------------------------------------------------------------
-@pytest.fixture
-def local_etcd(tmp_path):
-    from tests.support.etcd import EtcdProcess
-
-    e = EtcdProcess(tmp_path / "etcd")
-    e.start()
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
+# -- etcd restarts under a running node (local_etcd: conftest.py) ---------------------------------
 @pytest.fixture
 def two_nodes(local_etcd, tmp_path):
     cluster = f"t-etcd-restart-{uuid.uuid4().hex[:6]}"

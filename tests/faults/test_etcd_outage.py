@@ -21,10 +21,9 @@ import anyio
 import httpx
 import pytest
 
-from tests.support.etcd import EtcdProcess
 from tests.support.node import NodeProcess
 from tests.support.oci import ACCEPT_ALL, Image, build_image, describe, push_image
-from tests.support.partition import PartitionProxy
+from tests.support.faultproxy import FaultProxy
 from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
@@ -39,16 +38,6 @@ PULL_BOUND = 5.0
 # This bound IS the behaviour: a push during an outage is refused within a few seconds
 # (requests fail fast 2 s after etcd stopped answering), not after the 10 s retry budget.
 PUSH_REFUSED_WITHIN = 3.0
-
-
-@pytest.fixture
-def local_etcd(tmp_path):
-    e = EtcdProcess(tmp_path / "etcd")
-    e.start()
-    try:
-        yield e
-    finally:
-        e.kill()
 
 
 def start_node(tmp_path, etcd_url: str, cluster: str, node_id: str) -> NodeProcess:
@@ -235,14 +224,14 @@ async def manifest_is(client: httpx.AsyncClient, repo: str, reference: str, imag
 # -- one node cut off from etcd, still reachable by clients ----------------------------------------
 @pytest.fixture
 def partitioned(local_etcd, tmp_path):
-    """Nodes a and b use etcd directly; node c through a proxy the test can cut."""
+    """Nodes a and b use etcd directly; node c through a proxy the test can partition."""
     cluster = f"t-partition-{uuid.uuid4().hex[:6]}"
-    proxy = PartitionProxy(local_etcd.client_port)
+    proxy = FaultProxy(local_etcd.client_port, cut_after=0, cut_connections=0)
     started: list[NodeProcess] = []
     try:
         for node_id in ("a", "b"):
             started.append(start_node(tmp_path, local_etcd.url, cluster, node_id))
-        started.append(start_node(tmp_path, proxy.url, cluster, "c"))
+        started.append(start_node(tmp_path, f"http://{proxy.address}", cluster, "c"))
         yield started, proxy
     finally:
         for node in started:
@@ -258,7 +247,7 @@ async def test_a_partitioned_node_serves_what_it_knows_and_says_how_stale(partit
         await push_image(ca, repo, "v1", old)
         await eventually(lambda: manifest_is(cc, repo, "v1", old), what="c sees v1")
 
-        proxy.cut()
+        proxy.partition()
         await eventually(lambda: staleness_reported(cc), what="c to notice it is cut off")
         # the cluster moves on: v1 now names the new image, and v2 is new
         await push_image(ca, repo, "v1", new)
