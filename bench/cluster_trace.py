@@ -118,7 +118,11 @@ def install() -> None:
 
     R = replicator.Replicator
     R.reconcile = _async("reconcile", R.reconcile)
-    R.fetch = _async("fetch", R.fetch)
+    try:
+        from cargohold.replication.fetch import Fetcher as F    # newer trees: fetches split out
+    except ImportError:
+        F = R
+    F.fetch = _async("fetch", F.fetch)
     # older trees: stream, then write+hash per chunk, then flush+fsync; newer: one thread per
     # holder stream writes and hashes as it goes (PeerClient.copy)
     if hasattr(R, "_fetch_into"):

@@ -50,9 +50,16 @@ class Settings:
     log_level: str = "info"
     log_format: str = "plain"                           # plain or json
     access_log: bool = True
-    upload_expiry: float = 7 * 24 * 3600.0              # abandoned upload sessions are removed after this
+    upload_expiry: float = 24 * 3600.0                  # upload sessions idle this long are removed (seconds)
+    max_uploads_per_account: int = 1000                 # open upload sessions per account and node (0: no cap)
+    max_blob_size: str = "32G"                          # larger uploads are refused with 413 (0: no limit)
     body_timeout: float = 60.0                          # a client silent this long mid-body is cut off (408)
-    max_blob_size: str | None = None                    # larger uploads are refused with 413, e.g. 20G
+    # -- slow and idle clients (issue 12; README "Security")
+    min_body_rate: str = "1K"                           # bytes/s a body must average after body_timeout (0: off)
+    header_timeout: float = 20.0                        # seconds for a request head to arrive (408, closed)
+    keep_alive_timeout: float = 30.0                    # an idle keep-alive connection is closed after this
+    max_header_size: str = "64K"                        # request line + headers; larger: 431, closed
+    max_connections: int = 1000                         # open client connections; more: 503, closed
     # -- access control (issue 6; README "Access control")
     auth: str = "auto"                                  # auto, on or off
     insecure_open: bool = False                         # let a node without access control listen on a public address
@@ -61,8 +68,10 @@ class Settings:
     auth_service: str | None = None                     # the tokens' audience; default cargohold-<cluster>
     auth_realm: str | None = None                       # the token URL in challenges; default: from the Host header
     audit_log: str | None = None                        # audit log file, or "-" for stdout
+    audit_failures: str = "20/60"                       # failure lines per class and client address: N/SECONDS
     login_rate: str = "10/300"                          # failed logins allowed per account: N/SECONDS
     login_rate_client: str = "30/60"                    # failed logins allowed per client address: N/SECONDS
+    trusted_proxies: list[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For names the client
     gc_grace: str = "1h"                                # blobs younger than this are never swept
     untagged_after: str | None = None                   # delete untagged manifests older than this (off)
     gc_interval: str | None = None                      # scheduled collections every ... (off)
@@ -194,11 +203,7 @@ def validate(settings: Settings) -> None:
             parse_size(rate)
         except ValueError:
             raise ConfigError(f"site_bandwidth for {site!r}: {rate!r} is not a byte rate like 50M") from None
-    if settings.max_blob_size is not None:
-        try:
-            parse_size(settings.max_blob_size)
-        except ValueError:
-            raise ConfigError(f"max_blob_size {settings.max_blob_size!r} is not a size like 20G") from None
+    _validate_limits(settings)
     if settings.storage_limit is not None:
         try:
             parse_size(settings.storage_limit)
@@ -217,16 +222,38 @@ def validate(settings: Settings) -> None:
     _validate_access(settings)
 
 
+def _validate_limits(settings: Settings) -> None:
+    for name in ("min_body_rate", "max_header_size", "max_blob_size"):
+        try:
+            parse_size(getattr(settings, name))
+        except ValueError:
+            raise ConfigError(f"{name} {getattr(settings, name)!r} is not a size like 64K") from None
+    if parse_size(settings.max_header_size) < 1024:
+        raise ConfigError("max_header_size must be at least 1K")
+    for name in ("body_timeout", "header_timeout", "keep_alive_timeout", "upload_expiry"):
+        if not getattr(settings, name) > 0:
+            raise ConfigError(f"{name} must be more than 0 seconds")
+    if settings.max_uploads_per_account < 0:
+        raise ConfigError("max_uploads_per_account must be 0 (no cap) or more")
+    if settings.max_connections < 1:
+        raise ConfigError("max_connections must be at least 1")
+
+
 def _validate_access(settings: Settings) -> None:
     if settings.auth not in ("auto", "on", "off"):
         raise ConfigError("auth must be auto, on or off")
-    for name in ("login_rate", "login_rate_client"):
+    for name in ("login_rate", "login_rate_client", "audit_failures"):
         try:
             parse_rate(getattr(settings, name))
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     if not 10 <= settings.token_ttl <= 86400:
         raise ConfigError("token_ttl must be between 10 and 86400 seconds")
+    for network in settings.trusted_proxies:
+        try:
+            ipaddress.ip_network(network.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted_proxies: {network[:80]!r} is not an address or CIDR") from None
     if settings.auth == "off" and not settings.insecure_open and not is_loopback(settings.host_port[0]):
         raise ConfigError(f"auth is off and {settings.listen} is not a loopback address: anybody could push and "
                           "delete. Configure access control, or pass --insecure-open if that is what you want")

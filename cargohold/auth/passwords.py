@@ -3,7 +3,10 @@ in a thread), and parsing an htpasswd file's text."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+import secrets
 
 import bcrypt
 
@@ -11,8 +14,22 @@ from cargohold.auth.subjects import valid_account_name
 
 log = logging.getLogger("cargohold.auth")
 
-# A real hash to check unknown names against, so that they take as long as known ones.
-DUMMY_HASH = "$2b$10$" + "C" * 53
+DEFAULT_COST = 10                   # bcrypt work factor of `user add` and `robot add`
+_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}")
+
+
+def hash_cost(hashed: str) -> int | None:
+    """The work factor of a bcrypt hash, or None if it is not one."""
+    match = _BCRYPT.fullmatch(hashed)
+    return int(match.group(1)) if match else None
+
+
+@functools.lru_cache(maxsize=4)
+def dummy_hash(cost: int = DEFAULT_COST) -> str:
+    """A real bcrypt hash of a random password, to check unknown account names against: checking
+    it costs what checking a real account's hash of that cost does, so a login's timing does not
+    tell whether the name exists. (A malformed dummy fails at once: 33 ms against 94 ms.)"""
+    return hash_password(secrets.token_urlsafe(24), cost)
 
 
 def parse_htpasswd(text: str) -> dict[str, str]:

@@ -20,13 +20,11 @@ import time
 import yaml
 
 from cargohold.auth import audit
-from cargohold.auth.passwords import hash_password
+from cargohold.auth.passwords import DEFAULT_COST, hash_password
 from cargohold.auth.rules import DEFAULT_RULES, Policy, RulesError
 from cargohold.auth.subjects import valid_account_name
 from cargohold.cli.options import cluster_command, etcd_client, fail, print_table, read_rules_file, report
 from cargohold.coordinator.accounts import Account, AccountStore
-
-DEFAULT_COST = 10
 
 
 def register(sub) -> None:
@@ -42,7 +40,7 @@ def _command(actions, name: str, help: str, handler) -> argparse.ArgumentParser:
 
 
 def _user_commands(sub) -> None:
-    users = sub.add_parser("user", help="user accounts: add, remove, list, passwd, groups")
+    users = sub.add_parser("user", help="user accounts: add, remove, list, passwd, groups, unlock")
     actions = users.add_subparsers(dest="action", required=True)
     p = _command(actions, "add", "add a user (the password is read from the terminal or --password-stdin)", user_add)
     p.add_argument("name")
@@ -59,10 +57,11 @@ def _user_commands(sub) -> None:
     p = _command(actions, "groups", "set a user's groups", user_groups)
     p.add_argument("name")
     p.add_argument("groups", nargs="*")
+    _unlock_command(actions, "user")
 
 
 def _robot_commands(sub) -> None:
-    robots = sub.add_parser("robot", help="robot accounts (for CI and machines): add, remove, list")
+    robots = sub.add_parser("robot", help="robot accounts (for CI and machines): add, remove, list, unlock")
     actions = robots.add_subparsers(dest="action", required=True)
     p = _command(actions, "add", "add a robot; its generated secret is printed once", robot_add)
     p.add_argument("name")
@@ -73,6 +72,13 @@ def _robot_commands(sub) -> None:
     p.add_argument("name")
     p.set_defaults(kind="robot")
     _command(actions, "list", "list robots", account_list).set_defaults(kind="robot")
+    _unlock_command(actions, "robot")
+
+
+def _unlock_command(actions, kind: str) -> None:
+    p = _command(actions, "unlock", f"lift the failed-login lock of a {kind} on every node", account_unlock)
+    p.add_argument("name")
+    p.set_defaults(kind=kind)
 
 
 def _access_commands(sub) -> None:
@@ -223,6 +229,18 @@ async def account_remove(args) -> int:
         if not await store.remove_account(args.kind, args.name):
             return fail(f"no {args.kind} {args.name!r}")
     report(args, {"name": args.name, "removed": True}, f"{args.kind} {args.name} removed")
+    return 0
+
+
+async def account_unlock(args) -> int:
+    if (bad := _check_names(args.name, [])) is not None:
+        return bad
+    store, client = _store(args)
+    async with client:
+        if not await store.unlock(args.kind, args.name, _actor()):
+            return fail(f"no {args.kind} {args.name!r}")
+    report(args, {"name": args.name, "unlocked": True},
+           f"{args.kind} {args.name} unlocked: every node forgets its failed logins")
     return 0
 
 

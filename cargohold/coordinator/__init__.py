@@ -2,6 +2,7 @@
 (`etcd`), the key layout (`keys`), the JSON records (`records`), the in-memory read model
 (`readmodel`), `ClusterMetadata` (the interface every other package uses: reads from the read
 model with a linearizable fallback, writes as single transactions), accounts and signing keys,
-policies, group commit, and the private etcd of a single node (`embedded`).
+policies, group commit, the garbage collector's leadership and guarded writes (`gcstate`),
+and the private etcd of a single node (`embedded`).
 
 May import: `cargohold.auth`, `cargohold.blobs`, `cargohold.oci` and below."""

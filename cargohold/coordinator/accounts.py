@@ -13,6 +13,7 @@ etcd credentials), which is why etcd access is the cluster's root credential.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -42,6 +43,7 @@ class Account:
     description: str = ""
     created: float = 0.0
     updated_by: str = ""
+    unlocked_at: float = 0.0        # `cargohold user unlock`: a newer stamp clears its failed logins on every node
 
     @property
     def login(self) -> str:
@@ -50,13 +52,14 @@ class Account:
     def encode(self) -> bytes:
         return json.dumps({"hash": self.password_hash, "groups": list(self.groups), "admin": self.admin,
                            "description": self.description, "created": self.created,
-                           "updated_by": self.updated_by}).encode()
+                           "updated_by": self.updated_by, "unlocked_at": self.unlocked_at}).encode()
 
     @classmethod
     def decode(cls, kind: str, name: str, raw: bytes) -> "Account":
         d = json.loads(raw)
         return cls(kind, name, d.get("hash", ""), tuple(d.get("groups", ())), bool(d.get("admin", False)),
-                   d.get("description", ""), float(d.get("created", 0.0)), d.get("updated_by", ""))
+                   d.get("description", ""), float(d.get("created", 0.0)), d.get("updated_by", ""),
+                   float(d.get("unlocked_at", 0.0)))
 
     def public(self) -> dict:
         """What `user list` / `robot list` show: never the hash."""
@@ -183,6 +186,22 @@ class AccountStore:
     async def get_account(self, kind: str, name: str) -> Account | None:
         kv = await self.client.get(self._account_key(kind, name))
         return Account.decode(kind, name, kv.value) if kv is not None else None
+
+    async def unlock(self, kind: str, name: str, updated_by: str) -> bool:
+        """Stamp the account `unlocked_at` now; each node, seeing the change through its watch,
+        forgets the account's failed logins (the limits are per node, in memory). False if there
+        is no such account."""
+        key = self._account_key(kind, name)
+        while True:
+            kv = await self.client.get(key)
+            if kv is None:
+                return False
+            account = dataclasses.replace(Account.decode(kind, name, kv.value), unlocked_at=time.time(),
+                                          updated_by=updated_by)
+            result = await self.client.txn([Compare.mod_revision_equals(key, kv.mod_revision)],
+                                           [Put(key, account.encode())])
+            if result.succeeded:
+                return True
 
     async def remove_account(self, kind: str, name: str) -> bool:
         key = self._account_key(kind, name)

@@ -496,6 +496,8 @@ def _parse_endpoint(url: str, tls_by_default: bool) -> tuple[str, bool]:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url.rstrip("/"), tls_by_default
+    if scheme == "unix":          # a private etcd's socket (coordinator/embedded.py): grpc dials unix:PATH
+        return f"unix:{rest}", False
     if scheme not in ("http", "https"):
         raise ValueError(f"unsupported etcd endpoint scheme: {url!r}")
     return rest.rstrip("/"), scheme == "https"

@@ -371,27 +371,6 @@ class ClusterMetadata:
         """Remove a tombstone once no node publishes a copy (and nothing re-created the blob)."""
         return (await self._grouped(*self._tombstone_clearing(digest, run_id))).succeeded
 
-    async def clear_tombstones(self, tombstones: dict[str, str], concurrency: int = 256) -> int:
-        """`clear_tombstone` for many (digest -> run id), sharing transactions; returns how many
-        were cleared, once the read model has seen them go."""
-        items = iter(list(tombstones.items()))
-        cleared, latest = 0, 0
-
-        async def clear_some() -> None:
-            nonlocal cleared, latest
-            for digest, run_id in items:          # one iterator shared by the workers
-                result = await self._grouped(*self._tombstone_clearing(digest, run_id))
-                if result.succeeded:
-                    cleared += 1
-                    latest = max(latest, result.revision)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(min(concurrency, len(tombstones))):
-                tg.start_soon(clear_some)
-        if latest:
-            await self.model.wait_for(latest, VISIBILITY_TIMEOUT)
-        return cleared
-
     def _tombstone_clearing(self, digest: str, run_id: str) -> tuple[list, list]:
         return ([Compare.value_equals(self.keys.tombstone(digest), run_id.encode()),
                  Compare.none_with_prefix(self.keys.blob(digest) + "/")],
@@ -709,13 +688,15 @@ class ClusterMetadata:
                 if record is not None and (digest in record.children or digest in record.blobs):
                     raise Referenced(repo, digest, user)
 
-    async def delete_tag(self, repo: str, tag: str, expected_digest: str | None = None) -> bool:
-        """Delete a tag (only while it still points at `expected_digest`, when given)."""
+    async def delete_tag(self, repo: str, tag: str, expected_digest: str | None = None) -> str | None:
+        """Delete a tag (only while it still points at `expected_digest`, when given). Returns the
+        digest it pointed at (read in the same transaction, for the audit log), or None if there
+        was no such tag."""
         key = self.keys.tag(repo, tag)
         self._refuse_immutable(repo, [key])
         guard = Compare.value_equals(key, expected_digest.encode()) if expected_digest else Compare.exists(key)
-        result = await self._txn([guard], [Delete(key)])
-        return result.succeeded
+        result = await self._txn([guard], [Get(key), Delete(key)])
+        return result.responses[0][0].value.decode() if result.succeeded else None
 
     async def publish_status(self, status: dict) -> None:
         """This node's replication figures, bound to its lease so a dead node's vanish."""
@@ -803,3 +784,16 @@ class ClusterMetadata:
     async def request_gc_run(self, run: dict) -> None:
         """Queue a GC run (the leader picks it up through its watch)."""
         await self._txn([], [Put(self.keys.gc_run(run["id"]), json.dumps(run).encode())])
+
+    # ------------------------------------------------------------------ replication reads
+    # (added for the remote-content read path; kept together at the end of the class)
+    async def holders_confirmed(self, digest: str) -> set[str]:
+        """The nodes publishing a copy of `digest`: from the read model, or, when it knows of
+        none (it may lag behind a write acknowledged by another node), from a linearizable
+        etcd read of the blob's copy records."""
+        held = self.holders(digest)
+        if held:
+            return held
+        prefix = self.keys.blob(digest) + "/at/"
+        kvs, _, _ = await self.client.get_prefix(prefix, keys_only=True)
+        return {kv.key[len(prefix):] for kv in kvs}

@@ -8,31 +8,15 @@ coordinator feeds it key-values and events (h11 style: protocol logic free of I/
 from __future__ import annotations
 
 import bisect
-import gc
 import json
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
 import anyio
 
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import Policies, ReplicationRules
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot
-
-
-@contextmanager
-def without_cycle_collection() -> Iterator[None]:
-    """For a burst of allocations that makes no reference cycles (copying the model): without
-    it, the burst sets off full collections that walk every object of a large read model,
-    5 times the copy's own cost, with the event loop stopped."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+from cargohold.runtime.memory import without_cycle_collection
 
 
 class RepoState:

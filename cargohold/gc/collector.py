@@ -12,36 +12,43 @@ run that lost its leader is resumed by the next one. A run:
    reverse reference exists), many at once. A tombstone removes the blob's record and its
    repository links in the same transaction, so a manifest PUT that needs the blob fails
    cleanly, and a re-upload lifts it. Every node deletes its own copy when it sees the
-   tombstone (cargohold/replication/replicator.py);
+   tombstone;
 4. cleanup: clears the tombstones whose copies are all released, many per transaction,
    until no live node holds a copy the run condemned.
+
+This module is the logic; how each step is written to etcd (and guarded by this node's
+leadership) is `cargohold.coordinator.gcstate`. A write that finds the leadership gone ends
+the run here quietly: the next leader resumes it. Time comes from `clock` (wall-clock
+seconds), so tests can place a collector past the grace period instead of sleeping.
 
 Pushes and pulls go on throughout: nothing here takes a lock another request waits for.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import anyio
 
 from cargohold.gc import mark as gcmark
-from cargohold.coordinator.etcd import Compare, Delete, EtcdError, Put
+from cargohold.coordinator.etcd import EtcdError
+from cargohold.coordinator.gcstate import GcState, Leadership, LostLeadership
 from cargohold.coordinator.metadata import ChangeSignal, ClusterMetadata, TagImmutable
 from cargohold.coordinator.policies import retention_deletions
-from cargohold.coordinator.readmodel import without_cycle_collection
-from cargohold.coordinator.records import BlobRecord, ManifestRecord
+from cargohold.coordinator.records import Snapshot
+from cargohold.runtime.memory import without_cycle_collection
 from cargohold.runtime.pacing import BackgroundPace
 
 log = logging.getLogger("cargohold.gc")
 
+Clock = Callable[[], float]
+
 SWEEP_WORKERS = 16
 ETCD_RETRY_DELAY = 2.0
-SWEEP_BATCH = 64           # dead blobs per sweep transaction (3 ops and 2 guards each, under 4096)
+SWEEP_BATCH = 64           # dead blobs per sweep transaction (4 ops and 2 guards each, under 4096)
 PROGRESS_INTERVAL = 0.5
 MAX_MARK_ROUNDS = 4
 CLEANUP_PATIENCE = 60.0    # how long cleanup waits for live holders that release nothing
@@ -50,29 +57,52 @@ MODEL_CATCH_UP = 10.0      # how long the mark waits for the read model before r
 FINISHED = ("done", "failed")
 
 
-def new_run(dry_run: bool, reason: str = "requested") -> dict[str, Any]:
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+def new_run(dry_run: bool, reason: str = "requested", now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
     return {"id": run_id, "state": "requested", "dry_run": dry_run, "reason": reason,
-            "requested": time.time(), "phase": "queued", "marked": 0, "candidates": 0,
+            "requested": now, "phase": "queued", "marked": 0, "candidates": 0,
             "candidate_bytes": 0, "swept": 0, "bytes_freed": 0, "manifests_deleted": 0,
             "tags_deleted": 0, "retention": [], "leaders": []}
+
+
+# ---------------------------------------------------------------------- the schedule (pure)
+def in_window(now: float, window: tuple[int, int] | None) -> bool:
+    """Whether `now` falls in the (start minute, end minute) of the UTC day; a window may wrap
+    past midnight. No window: always."""
+    if window is None:
+        return True
+    minute = int(now // 60) % 1440
+    start, end = window
+    return start <= minute < end if start <= end else (minute >= start or minute < end)
+
+
+def scheduled_run_due(now: float, last_finished: float, interval: float, window: tuple[int, int] | None) -> bool:
+    return bool(interval) and now - last_finished >= interval and in_window(now, window)
+
+
+def seconds_until_scheduled(now: float, last_finished: float, interval: float) -> float | None:
+    """How long the leader may sleep before looking at the schedule again (None: no schedule)."""
+    if not interval:
+        return None
+    return max(interval - (now - last_finished), 1.0)
 
 
 class GarbageCollector:
     def __init__(self, metadata: ClusterMetadata, *, grace: float = 3600.0, untagged_after: float | None = None,
                  interval: float = 0.0, window: tuple[int, int] | None = None, workers: int = SWEEP_WORKERS,
-                 batch: int = SWEEP_BATCH, pace: BackgroundPace | None = None):
+                 batch: int = SWEEP_BATCH, pace: BackgroundPace | None = None, clock: Clock = time.time):
         self.pace = pace or BackgroundPace(None, 0)    # sweeps give way to this node's clients
         self.batch = max(batch, 1)
         self.metadata = metadata
-        self.keys = metadata.keys
-        self.client = metadata.client
+        self.state = GcState(metadata)
         self.node_id = metadata.node_id
         self.grace = grace
         self.untagged_after = untagged_after
         self.interval = interval
         self.window = window          # (start minute, end minute) of the UTC day for scheduled runs
         self.workers = workers
+        self.clock = clock
         metadata.grace = grace
         self._changes = ChangeSignal(lambda _blobs, sections: "gc" in sections or "members" in sections)
         metadata.subscribe(self._changes)
@@ -96,34 +126,32 @@ class GarbageCollector:
             if self.metadata.lease is None:
                 await self.metadata.lease_granted.wait()
             lease = self.metadata.lease
-            if self.metadata.gc_leader() is None and lease is not None and await self._campaign(lease):
-                log.info("this node leads garbage collection")
-                try:
-                    await self._lead(lease)
-                finally:
-                    log.info("this node no longer leads garbage collection")
-            else:
+            leadership = None
+            if self.metadata.gc_leader() is None and lease is not None:
+                leadership = await self.state.campaign(lease)
+            if leadership is None:
                 await self._changes.wait(5.0 if self.metadata.gc_leader() is None else None)
-
-    async def _campaign(self, lease: int) -> bool:
-        key = self.keys.gc_leader()
-        result = await self.client.txn([Compare.missing(key)], [Put(key, self.node_id.encode(), lease=lease)])
-        if result.succeeded:
-            await self.metadata.wait_for_revision(result.revision, 2.0)
-        return result.succeeded
-
-    def _leading(self, lease: int) -> bool:
-        return self.metadata.gc_leader() == self.node_id and self.metadata.lease == lease
-
-    async def _lead(self, lease: int) -> None:
-        while self._leading(lease):
-            run = self._next_run()
-            if run is not None:
-                await self.execute(run, lease)
                 continue
-            await self._changes.wait(self._until_scheduled())
-            if self._scheduled_run_due():
-                await self._put_run(new_run(dry_run=False, reason="scheduled"))
+            log.info("this node leads garbage collection")
+            try:
+                await self._lead(leadership)
+            finally:
+                log.info("this node no longer leads garbage collection")
+
+    async def _lead(self, leadership: Leadership) -> None:
+        try:
+            while self.state.holds(leadership):
+                run = self._next_run()
+                if run is not None:
+                    await self.execute(run, leadership)
+                    continue
+                now, last = self.clock(), self._last_finished()
+                await self._changes.wait(seconds_until_scheduled(now, last, self.interval))
+                if scheduled_run_due(self.clock(), self._last_finished(), self.interval, self.window):
+                    run = new_run(dry_run=False, reason="scheduled", now=self.clock())
+                    await self.state.put_run(run, leadership, visible=True)
+        except LostLeadership:
+            pass       # another node leads now (or none yet): campaign again when the key goes
 
     def _next_run(self) -> dict | None:
         pending = [r for r in self.metadata.gc_runs().values() if r.get("state") not in FINISHED]
@@ -132,55 +160,54 @@ class GarbageCollector:
     def _last_finished(self) -> float:
         return max((r.get("finished", 0) for r in self.metadata.gc_runs().values()), default=0.0)
 
-    def _scheduled_run_due(self) -> bool:
-        if not self.interval or time.time() - self._last_finished() < self.interval:
-            return False
-        if self.window is None:
-            return True
-        minute = int(time.time() // 60) % 1440
-        start, end = self.window
-        return start <= minute < end if start <= end else (minute >= start or minute < end)
-
-    def _until_scheduled(self) -> float | None:
-        if not self.interval:
-            return None
-        return max(self.interval - (time.time() - self._last_finished()), 1.0)
-
     # ------------------------------------------------------------------ one run
-    async def _put_run(self, run: dict) -> None:
-        result = await self.client.txn([], [Put(self.keys.gc_run(run["id"]), _encode(run))])
-        await self.metadata.wait_for_revision(result.revision, 2.0)
-
-    async def execute(self, run: dict, lease: int) -> dict:
+    async def execute(self, run: dict, leadership: Leadership) -> dict:
+        """Run `run` to its end and record it; raises LostLeadership (after an INFO line, and
+        without touching the record) when this node turns out not to lead any more."""
         run = dict(run)
         resumed = run["state"] == "running"
-        run.update(state="running", leader=self.node_id, started=run.get("started") or time.time(),
+        run.update(state="running", leader=self.node_id, started=run.get("started") or self.clock(),
                    leaders=run.get("leaders", []) + [self.node_id])
         log.info("gc run %s %s%s", run["id"], "resumed" if resumed else "started", " (dry run)" if run["dry_run"] else "")
         try:
-            await self._phases(run, lease)
-            run.update(state="done", phase="done", finished=time.time())
-        except _LostLeadership:
-            log.warning("gc run %s: leadership lost; the next leader resumes it", run["id"])
-            return run
+            await self._phases(run, leadership)
+            run.update(state="done", phase="done", finished=self.clock())
         except Exception as exc:  # noqa: BLE001 - record why, keep the cluster serving
+            if _lost_leadership(exc):
+                self._leadership_lost(run)
             etcd_failure = _etcd_failure(exc)
             if etcd_failure is not None:
                 raise etcd_failure from exc   # not the run's fault: it stays `running` and is resumed
             log.exception("gc run %s failed", run["id"])
-            run.update(state="failed", error=_describe_error(exc), finished=time.time())
+            run.update(state="failed", error=_describe_error(exc), finished=self.clock())
         run["duration"] = round(run["finished"] - run["started"], 3)
-        await self._put_run(run)
-        log.info("gc run %s %s: marked %d, candidates %d, swept %d blobs (%d bytes), %d manifests, %d tags",
-                 run["id"], run["state"], run["marked"], run["candidates"], run["swept"], run["bytes_freed"],
-                 run["manifests_deleted"], run["tags_deleted"])
+        try:
+            await self.state.put_run(run, leadership, visible=True)
+        except LostLeadership:
+            self._leadership_lost(run)
+        log.info("gc run %s %s: marked %d, candidates %d, swept %d blobs (%d bytes of copies freed), "
+                 "%d manifests, %d tags", run["id"], run["state"], run["marked"], run["candidates"], run["swept"],
+                 run["bytes_freed"], run["manifests_deleted"], run["tags_deleted"])
         return run
 
-    async def _phases(self, run: dict, lease: int) -> None:
-        progress = _Progress(self, run, lease)
+    def _leadership_lost(self, run: dict) -> None:
+        """Not an error: the node that leads now resumes (or has finished) the run, and the
+        record is theirs to write. Ends this node's leading (`_lead`), with no record change."""
+        log.info("gc run %s: this node no longer leads; the run is left to the current leader", run["id"])
+        raise LostLeadership() from None
+
+    async def _phases(self, run: dict, leadership: Leadership) -> None:
+        progress = _Progress(self, run, leadership)
+        self.metadata.subscribe(progress.copies.changed)
+        try:
+            await self._run_phases(run, progress)
+        finally:
+            self.metadata.unsubscribe(progress.copies.changed)
+
+    async def _run_phases(self, run: dict, progress: "_Progress") -> None:
         run["phase"] = "retention"
         await progress.flush(force=True)
-        await self._apply_retention(run)
+        await self._apply_retention(run, progress.leadership)
         for _ in range(MAX_MARK_ROUNDS):
             run["phase"] = "mark"
             await progress.flush(force=True)
@@ -197,15 +224,15 @@ class GarbageCollector:
             if not result.dead_manifests:
                 size = self.batch
                 batches = [result.candidates[i:i + size] for i in range(0, len(result.candidates), size)]
-                await self._sweep(batches, self._sweep_blobs, run, progress, units=len)
+                await self._sweep(batches, self._sweep_blobs, progress, units=len)
                 break
             # Dead manifests first; their blobs become candidates in the next mark.
-            await self._sweep(result.dead_manifests, self._sweep_manifest, run, progress)
+            await self._sweep(result.dead_manifests, self._sweep_manifest, progress)
         run["phase"] = "cleanup"
         await progress.flush(force=True)
-        await self._cleanup(run, progress)
+        await self._cleanup(progress)
 
-    async def _apply_retention(self, run: dict) -> None:
+    async def _apply_retention(self, run: dict, leadership: Leadership) -> None:
         policies = self.metadata.policies()
         if not policies.retention:
             return
@@ -214,7 +241,7 @@ class GarbageCollector:
         for (repo, tag), digest in snapshot.tags.items():
             record = snapshot.manifests.get((repo, digest))
             by_repo.setdefault(repo, {})[tag] = (digest, record[0].created if record else 0.0)
-        now = time.time()
+        now = self.clock()
         planned = []
         for repo, tags in sorted(by_repo.items()):
             for tag, rule in retention_deletions(policies, repo, tags, now):
@@ -225,20 +252,22 @@ class GarbageCollector:
             return
         for item in planned:
             try:
-                if await self.metadata.delete_tag(item["repository"], item["tag"], expected_digest=item["digest"]):
+                if await self.state.delete_tag(item["repository"], item["tag"], item["digest"], leadership):
                     run["tags_deleted"] += 1
             except TagImmutable:
                 continue
 
-    async def _mark(self, snapshot: gcmark.Snapshot) -> gcmark.MarkResult:
+    async def _mark(self, snapshot: Snapshot) -> gcmark.MarkResult:
         """The mark, in a worker thread: a large one takes a tenth of a second or more, which
         this node's clients should not wait for."""
+        now = self.clock()
+
         def mark() -> gcmark.MarkResult:
             with without_cycle_collection():
-                return gcmark.mark(snapshot, time.time(), self.grace, self.untagged_after)
+                return gcmark.mark(snapshot, now, self.grace, self.untagged_after)
         return await anyio.to_thread.run_sync(mark)
 
-    async def snapshot(self) -> gcmark.Snapshot:
+    async def snapshot(self) -> Snapshot:
         """Manifests, tags and blob records at one revision.
 
         The read model is exactly etcd at its revision, so once it has caught up with a write
@@ -253,27 +282,9 @@ class GarbageCollector:
         if caught_up:
             return self.metadata.gc_snapshot()
         log.warning("gc: the read model lags etcd; reading the snapshot from etcd")
-        return await self.read_snapshot()
+        return await self.state.read_snapshot()
 
-    async def read_snapshot(self) -> gcmark.Snapshot:
-        """The same snapshot, read from etcd."""
-        revision = await self.client.current_revision()
-        snapshot = gcmark.Snapshot(revision)
-        for section in ("manifests", "tags", "blobs"):
-            async for kvs in self.client.iter_prefix(self.keys.section_prefix(section), revision=revision):
-                for kv in kvs:
-                    parsed = self.keys.parse(kv.key)
-                    if parsed.kind == "manifest":
-                        snapshot.manifests[(parsed.repo, parsed.digest)] = (ManifestRecord.decode(kv.value),
-                                                                             kv.mod_revision)
-                    elif parsed.kind == "tag":
-                        snapshot.tags[(parsed.repo, parsed.name)] = kv.value.decode()
-                    elif parsed.kind == "blob":
-                        snapshot.blobs[parsed.digest] = (BlobRecord.decode(kv.value), kv.mod_revision)
-        return snapshot
-
-    async def _sweep(self, items: list, sweep_one, run: dict, progress: "_Progress",
-                     units=lambda _item: 1) -> None:
+    async def _sweep(self, items: list, sweep_one, progress: "_Progress", units=lambda _item: 1) -> None:
         """`sweep_one` over `items`, `workers` at a time, each item paced as `units(item)` dead
         blobs."""
         send, receive = anyio.create_memory_object_stream(self.workers * 2)
@@ -282,7 +293,7 @@ class GarbageCollector:
             async with items_in:
                 async for item in items_in:
                     await self.pace.take(units(item))
-                    await sweep_one(item, run)
+                    await sweep_one(item, progress)
                     await progress.flush()
 
         async with anyio.create_task_group() as tg:
@@ -294,83 +305,57 @@ class GarbageCollector:
                     progress.check()
                     await send.send(item)
 
-    async def _sweep_manifest(self, item: tuple[str, str, int], run: dict) -> None:
+    async def _sweep_manifest(self, item: tuple[str, str, int], progress: "_Progress") -> None:
         repo, digest, revision = item
-        keys = self.keys
-        kv = await self.client.get(keys.manifest(repo, digest))
-        if kv is None or kv.mod_revision != revision:
-            return          # re-pushed or re-tagged since the mark: alive after all
-        record = ManifestRecord.decode(kv.value)
-        result = await self.client.txn(
-            [Compare.mod_revision_equals(kv.key, revision),
-             Compare.none_with_prefix(f"{keys.refs_prefix(digest)}{repo}@")],
-            [Delete(kv.key), Delete(keys.blob_in(digest, repo)),
-             *(Delete(keys.ref(child, repo, digest)) for child in dict.fromkeys(record.references()))])
-        if result.succeeded:
-            run["manifests_deleted"] += 1
+        if await self.state.sweep_manifest(repo, digest, revision, progress.leadership):
+            progress.run["manifests_deleted"] += 1
 
-    def _tombstone_ops(self, item: tuple[str, int, int], run_id: str) -> tuple[list, list]:
-        """The re-check and the tombstone of one dead blob (see the module docstring)."""
-        digest, revision, _ = item
-        keys = self.keys
-        guard = [Compare.mod_revision_equals(keys.blob(digest), revision), Compare.none_with_prefix(keys.refs_prefix(digest))]
-        ops = [Put(keys.tombstone(digest), run_id.encode()), Delete(keys.blob(digest)),
-               Delete(keys.blob_in_prefix(digest), prefix=True)]
-        return guard, ops
-
-    async def _sweep_blobs(self, batch: list[tuple[str, int, int]], run: dict) -> None:
+    async def _sweep_blobs(self, batch: list[tuple[str, int, int]], progress: "_Progress") -> None:
         """Tombstone a batch in one transaction; if any blob's re-check fails (it was touched,
         re-uploaded or referenced since the mark), sweep the batch blob by blob instead."""
-        compare, success = [], []
-        for item in batch:
-            guard, ops = self._tombstone_ops(item, run["id"])
-            compare += guard
-            success += ops
         try:
-            result = await self.client.txn(compare, success)
+            condemned = await self.state.tombstone_blobs(batch, progress.run["id"], progress.leadership)
         except EtcdError:          # e.g. an etcd with a low --max-txn-ops: one at a time still works
-            result = None
-        if result is not None and result.succeeded:
-            run["swept"] += len(batch)
-            run["bytes_freed"] += sum(size for _, _, size in batch)
+            condemned = None
+        if condemned is not None:
+            for digest, _, size in batch:
+                progress.condemned(digest, size, condemned[digest])
             return
         for item in batch:
-            await self._sweep_blob(item, run)
+            copies = await self.state.tombstone_blob(item, progress.run["id"], progress.leadership)
+            if copies is not None:
+                progress.condemned(item[0], item[2], copies)
 
-    async def _sweep_blob(self, item: tuple[str, int, int], run: dict) -> None:
-        guard, ops = self._tombstone_ops(item, run["id"])
-        result = await self.client.txn(guard, ops)
-        if result.succeeded:
-            run["swept"] += 1
-            run["bytes_freed"] += item[2]
-
-    async def _cleanup(self, run: dict, progress: "_Progress") -> None:
+    async def _cleanup(self, progress: "_Progress") -> None:
         """Clear tombstones as their copies are released, until every copy this run condemned
         on a live node is gone. Holders release on their own (each node, for its copies); the
         last one usually clears the tombstone too, and what holders released at the same moment
         is cleared here, many per transaction. A copy on a node that is down keeps its
-        tombstone until the node is back and releases it (cleared then, or by a later run)."""
+        tombstone until the node is back and releases it (cleared then, or by a later run).
+
+        `tombstones_left` is counted after the clears are visible in the read model, and the
+        cleanup ends only once every tombstone left waits for a node that is down: a tombstone
+        whose last copy was released a moment ago is cleared first, not reported as left."""
+        run = progress.run
         last_change, last_left = time.monotonic(), None
         with self.metadata.changes(lambda blobs, sections: bool(blobs) or "members" in sections) as changed:
             while True:
                 progress.check()
-                tombstones, blobs = self.metadata.tombstones(), self.metadata.blob_states()
-                released = {d: r for d, r in tombstones.items()
-                            if (state := blobs.get(d)) is None or state.empty()}
+                released = _released(self.metadata.tombstones(), self.metadata.blob_states())
                 if released:
-                    await self.metadata.clear_tombstones(released)
-                alive = self.metadata.alive()
-                left = [d for d, r in tombstones.items() if r == run["id"]]
-                waiting = [d for d in left if (state := blobs.get(d)) is not None and state.nodes & alive]
+                    await self.state.clear_tombstones(released, progress.leadership)
+                left = [d for d, r in self.metadata.tombstones().items() if r == run["id"]]
+                unsettled = _unsettled(left, self.metadata.blob_states(), self.metadata.alive())
                 run["tombstones_left"] = len(left)
+                progress.tally()
                 await progress.flush()
-                if not waiting:
+                if not unsettled:
                     return
                 if left != last_left:
                     last_change, last_left = time.monotonic(), left
                 elif time.monotonic() - last_change > CLEANUP_PATIENCE:
-                    log.warning("gc run %s: %d copies on live nodes still not released after %.0fs; "
-                                "their tombstones stay (cleared when released)", run["id"], len(waiting),
+                    log.warning("gc run %s: %d condemned copies or tombstones still not released after %.0fs; "
+                                "their tombstones stay (cleared when released)", run["id"], len(unsettled),
                                 CLEANUP_PATIENCE)
                     return
                 # Releases come in a stream; look again at most every CLEANUP_TICK, so each
@@ -380,30 +365,101 @@ class GarbageCollector:
                 await anyio.sleep(max(0.0, CLEANUP_TICK - (time.monotonic() - waited)))
 
 
-class _LostLeadership(Exception):
-    pass
+def _released(tombstones: Mapping[str, str], blobs: Mapping) -> dict[str, str]:
+    """Tombstones whose blob has no key left (every copy released): ready to be cleared."""
+    return {d: r for d, r in tombstones.items() if (state := blobs.get(d)) is None or state.empty()}
+
+
+def _unsettled(left: list[str], blobs: Mapping, alive: set[str]) -> list[str]:
+    """Of the run's remaining tombstones, those cleanup still waits for: a copy on a live node
+    not yet released, or no copy left but the tombstone not yet cleared. (The others wait for
+    nodes that are down.)"""
+    unsettled = []
+    for digest in left:
+        state = blobs.get(digest)
+        if state is None or not state.nodes or state.nodes & alive:
+            unsettled.append(digest)
+    return unsettled
+
+
+class _Condemned:
+    """The copies this leader's sweep condemned, and the bytes of those released so far: a
+    copy counts once the node that held it has withdrawn its record (it deletes the file
+    right after), so copies on nodes that are down are not counted as freed. Only blobs the
+    watch changed are looked at again, so a tally costs what was released, not what is
+    still waiting (cleanup tallies every quarter second)."""
+
+    def __init__(self, already_freed: int):
+        self.freed = already_freed          # a resumed run keeps what its earlier leaders counted
+        self.pending: dict[str, tuple[int, frozenset[str]]] = {}    # digest -> (size, nodes still holding)
+        self._changed: set[str] = set()
+
+    def add(self, digest: str, size: int, holders: frozenset[str]) -> None:
+        if holders:
+            self.pending[digest] = (size, holders)
+            self._changed.add(digest)      # its release may have come before its tombstone's answer
+
+    def changed(self, blobs: set, _sections: set) -> None:
+        """A read-model listener (it must not block: it only notes the digests)."""
+        if self.pending:
+            self._changed.update(blobs & self.pending.keys())
+
+    def bytes_freed(self, blobs: Mapping) -> int:
+        for digest in self._changed:
+            entry = self.pending.get(digest)
+            if entry is None:
+                continue
+            size, holding = entry
+            state = blobs.get(digest)
+            still = holding & state.nodes if state is not None else frozenset()
+            self.freed += size * (len(holding) - len(still))
+            if still:
+                self.pending[digest] = (size, frozenset(still))
+            else:
+                del self.pending[digest]
+        self._changed.clear()
+        return self.freed
 
 
 class _Progress:
-    """Writes the run record now and then, and stops the run if leadership is lost."""
+    """The run as it goes: writes its record now and then (guarded by the leadership, like
+    every write of the run), stops the run early if the read model shows the leadership gone,
+    and counts the bytes freed."""
 
-    def __init__(self, collector: GarbageCollector, run: dict, lease: int):
+    def __init__(self, collector: GarbageCollector, run: dict, leadership: Leadership):
         self.collector = collector
         self.run = run
-        self.lease = lease
+        self.leadership = leadership
+        self.copies = _Condemned(run.get("bytes_freed", 0))
         self.last = 0.0
 
     def check(self) -> None:
-        if not self.collector._leading(self.lease):
-            raise _LostLeadership()
+        if not self.collector.state.holds(self.leadership):
+            raise LostLeadership()
+
+    def condemned(self, digest: str, size: int, holders: frozenset[str]) -> None:
+        self.run["swept"] += 1
+        self.copies.add(digest, size, holders)
+
+    def tally(self) -> None:
+        self.run["bytes_freed"] = self.copies.bytes_freed(self.collector.metadata.blob_states())
 
     async def flush(self, force: bool = False) -> None:
         self.check()
         now = time.monotonic()
         if force or now - self.last >= PROGRESS_INTERVAL:
             self.last = now
-            self.run["updated"] = time.time()
-            await self.collector.client.txn([], [Put(self.collector.keys.gc_run(self.run["id"]), _encode(self.run))])
+            self.run["updated"] = self.collector.clock()
+            self.tally()
+            await self.collector.state.put_run(self.run, self.leadership)
+
+
+def _lost_leadership(exc: BaseException) -> bool:
+    """Whether `exc` is (or a task group's error carries) a lost leadership: then the rest of
+    the group's errors are its consequences (workers cut short), not failures of the run."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(LostLeadership) is not None
+    return isinstance(exc, LostLeadership)
 
 
 def _etcd_failure(exc: BaseException) -> EtcdError | None:
@@ -421,7 +477,3 @@ def _describe_error(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
-
-
-def _encode(run: dict) -> bytes:
-    return json.dumps(run, separators=(",", ":")).encode()

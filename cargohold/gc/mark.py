@@ -11,9 +11,9 @@ manifests' own bytes. A blob that nothing live references is a candidate once it
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from cargohold.coordinator.records import BlobRecord, ManifestRecord, Snapshot
+from cargohold.coordinator.records import Snapshot
 
 
 @dataclass

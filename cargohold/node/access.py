@@ -12,6 +12,9 @@ Protocol: the Docker token specification. A request without acceptable credentia
 client fetches a short-lived JWT from `/token` (Basic credentials, or the OAuth2 password form
 POST) and sends it as `Authorization: Bearer`. Basic credentials directly on `/v2/...` work too.
 Tokens are HS256 JWTs signed with a per-cluster secret from etcd (see docs/architecture.md).
+`/token` takes a password, never a token: a token cannot be traded for a fresh or wider one, so
+every token traces back to a password check at most `token_ttl` ago. A token also carries a
+stamp of its account's password hash and stops working when the password changes.
 """
 
 from __future__ import annotations
@@ -24,21 +27,24 @@ import os
 import re
 import secrets
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import parse_qs
 
 import anyio
 
-from cargohold.auth.audit import AuditLog
+from cargohold.auth.audit import AuditLog, FloodGate
+from cargohold.auth.clients import TrustedProxies
 from cargohold.auth.credentials import challenge, parse_authorization
-from cargohold.auth.passwords import DUMMY_HASH, check_password, parse_htpasswd
-from cargohold.auth.ratelimit import FailureLimiter
+from cargohold.auth.passwords import DEFAULT_COST, check_password, dummy_hash, hash_cost, parse_htpasswd
+from cargohold.auth.ratelimit import FailureLimiter, RecentLogins
 from cargohold.auth.rules import DEFAULT_POLICY, OpenPolicy, Policy, RulesError, grant
 from cargohold.auth.scopes import REGISTRY_RESOURCES, Need, ScopeError, parse_scopes, required
 from cargohold.auth.subjects import ANONYMOUS, ROBOT_PREFIX, Subject
 from cargohold.auth.tokens import (
-    TOKEN_LEEWAY, TokenError, access_map, decode_token, encode_token, token_allows, token_claims, token_key_id,
+    STAMP_CLAIM, TOKEN_LEEWAY, TokenError, access_map, credential_stamp, decode_token, encode_token, token_allows,
+    token_claims, token_key_id,
 )
 from cargohold.config import ConfigError, Settings, is_loopback
 from cargohold.coordinator.accounts import AccountStore
@@ -46,6 +52,7 @@ from cargohold.coordinator.etcd import EtcdClient
 from cargohold.node.http import Request, Response, json_response
 from cargohold.oci import errors
 from cargohold.oci.reference import is_digest
+from cargohold.units import parse_rate
 
 log = logging.getLogger("cargohold.auth")
 
@@ -67,7 +74,9 @@ class _VerifiedToken:
     login: str
     grants: dict
     key_id: str
-    identity: Identity | None = None   # None: the account is gone
+    stamp: str                         # the password stamp it was issued with
+    identity: Identity | None = None   # None: refused, for `refusal`
+    refusal: str = ""
     version: int = -1
 
 
@@ -106,10 +115,11 @@ class AccessControl:
                  htpasswd: str | None = None, audit: AuditLog | None = None,
                  account_limiter: FailureLimiter | None = None, client_limiter: FailureLimiter | None = None,
                  tags_of: Callable[[str, str], Iterable[str]] | None = None, loopback: bool = True,
-                 insecure_open: bool = False):
+                 insecure_open: bool = False, trusted_proxies: TrustedProxies | None = None):
         """`enforce`: "on"; "off" (only the audit log); or "auto": enforced once the cluster has any
         account or rules, or the htpasswd file has users. `tags_of(repo, digest)` names the tags
-        pointing at a manifest (for tag protection of deletes by digest)."""
+        pointing at a manifest (for tag protection of deletes by digest). `trusted_proxies`: whose
+        `X-Forwarded-For` names the client."""
         self.accounts = accounts
         self.service = service
         self.mode = enforce
@@ -123,6 +133,10 @@ class AccessControl:
         self.account_limiter = account_limiter or FailureLimiter(10, 300)
         self.client_limiter = client_limiter or FailureLimiter(30, 60)
         self.tags_of = tags_of or (lambda repo, digest: ())
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
+        self.recent_logins = RecentLogins()
+        self._unlocked: dict[str, float] = {}           # login -> the last `user unlock` stamp acted on
+        self._typical_cost: tuple[int, int] = (-1, DEFAULT_COST)    # (accounts version, bcrypt cost)
         self._version: tuple | None = None
         self._policy: Policy = DEFAULT_POLICY
         self._decisions: dict[tuple[Subject, str], frozenset] = {}
@@ -137,6 +151,8 @@ class AccessControl:
         non-loopback address enforces access control from the start, and refuses to start when
         the cluster has nothing configured yet (unless insecure_open)."""
         await self.accounts.load()
+        self._unlocked = {a.login: a.unlocked_at for kind in ("user", "robot") for a in self.accounts.accounts(kind)}
+        await anyio.to_thread.run_sync(dummy_hash, self._bcrypt_cost())   # the first unknown name waits no longer
         if self.mode != "auto" or self.loopback or self.insecure_open:
             return
         if not self.enforced:
@@ -186,10 +202,34 @@ class AccessControl:
             found = self._decisions[key] = self._policy.actions(subject, repo)
         return found
 
+    async def run(self) -> None:
+        """Follow auth/ in etcd, and write the audit log's flood summaries as their windows close."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.accounts.run)
+            if self.audit.enabled:
+                tg.start_soon(self._summarize_floods)
+
+    async def _summarize_floods(self) -> None:
+        try:
+            while True:
+                await anyio.sleep(self.audit.flush() or self.audit.gate.window)
+        finally:
+            self.audit.flush(all_open=True)
+
     def _config_changed(self, change) -> None:
         if change.section != "key":
             self.audit.record("config", section=change.section, name=change.name, change=change.change,
                               by=change.by)
+        if change.section in ("user", "robot") and change.change == "put":
+            self._honour_unlock(change.name if change.section == "user" else ROBOT_PREFIX + change.name)
+
+    def _honour_unlock(self, login: str) -> None:
+        """`cargohold user unlock` stamps the account; every node clears its failed-login count."""
+        account = self.accounts.account(login)
+        if account is not None and account.unlocked_at > self._unlocked.get(login, 0.0):
+            self._unlocked[login] = account.unlocked_at
+            self.account_limiter.clear(login)
+            self.audit.record("unlocked", account=login, by=account.updated_by)
 
     def subject_for(self, login: str) -> Subject | None:
         """The current subject of a login name (a token's `sub`), or None if the account is gone."""
@@ -205,6 +245,8 @@ class AccessControl:
     # ------------------------------------------------------------------ the one call from RegistryAPI.handle
     async def check(self, request: Request, kind: str, params: dict) -> Subject:
         """Authenticate and authorize a request before it is routed; raises 401, 403 or 429."""
+        if self.trusted_proxies:
+            self._find_client(request)
         if not self.enforced:
             request.auth = OPEN_IDENTITY
             return ANONYMOUS
@@ -290,6 +332,16 @@ class AccessControl:
         return lambda repo: "pull" in self._actions(subject, repo)
 
     # ------------------------------------------------------------------ authentication
+    def _find_client(self, request: Request) -> None:
+        """Behind a trusted proxy the client is named by `X-Forwarded-For`: put it where the audit
+        log and the login limits look (as uvicorn's proxy middleware would, for our proxies only)."""
+        forwarded = [v.decode("latin-1") for k, v in request.scope["headers"] if k == b"x-forwarded-for"]
+        if forwarded:
+            peer = request.client
+            client = self.trusted_proxies.client(peer, forwarded)
+            if client != peer:
+                request.scope["client"] = (client, 0)
+
     def _cached_identity(self, request: Request) -> Identity | None:
         """The hot path: a Bearer token verified before, and nothing changed under auth/ since."""
         for name, value in request.scope["headers"]:    # ASGI header names are lower case
@@ -311,6 +363,7 @@ class AccessControl:
         try:
             credentials = parse_authorization(header)
         except ValueError as exc:
+            self.audit.record("auth_failed", request, reason="malformed authorization", status=401)
             raise _unauthorized(str(exc), challenge(self._realm(request), self.service, error="invalid_request"))
         if credentials.scheme == "bearer":
             return self._verify(request, credentials.token)
@@ -318,7 +371,8 @@ class AccessControl:
 
     def _verify(self, request: Request, token: str) -> Identity:
         """A Bearer token: verified once, then cached (by its string) until it expires. After any
-        change under auth/ a cached token is checked again for its signing key and its account."""
+        change under auth/ a cached token is checked again for its signing key, its account and
+        that account's password."""
         now = time.time()
         cached = self._tokens.get(token)
         if cached is None or cached.expires <= now:
@@ -326,27 +380,42 @@ class AccessControl:
                 claims = decode_token(token, self.accounts.signing_key, self.service)
             except TokenError as exc:
                 self._tokens.pop(token, None)
-                raise self._invalid_token(request, f"invalid token: {exc}") from None
+                raise self._invalid_token(request, f"invalid token: {exc}", exc.reason) from None
             if len(self._tokens) > 50_000:
                 self._tokens = {t: e for t, e in self._tokens.items() if e.expires > now}
                 if len(self._tokens) > 50_000:
                     self._tokens.clear()
             cached = self._tokens[token] = _VerifiedToken(
                 float(claims["exp"]) + TOKEN_LEEWAY, str(claims["sub"]), access_map(claims),
-                token_key_id(token))
+                token_key_id(token), str(claims.get(STAMP_CLAIM, "")))
         version = self.accounts.version
         if cached.version != version:
             if self.accounts.signing_key(cached.key_id) is None:
                 del self._tokens[token]
-                raise self._invalid_token(request, "the token's signing key was withdrawn")
-            subject = self.subject_for(cached.login)
-            cached.identity = Identity(subject, cached.grants, set()) if subject is not None else None
+                raise self._invalid_token(request, "the token's signing key was withdrawn", "key withdrawn")
+            self._recheck(cached)
             cached.version = version
         if cached.identity is None:
-            raise self._invalid_token(request, "the token's account no longer exists")
+            raise self._invalid_token(request, cached.refusal, cached.refusal)
         return cached.identity
 
-    def _invalid_token(self, request: Request, message: str) -> errors.RegistryError:
+    def _recheck(self, cached: _VerifiedToken) -> None:
+        """A token's account as it is now: gone, or its password changed since the token was issued."""
+        subject = self.subject_for(cached.login)
+        cached.identity, cached.refusal = None, ""
+        if subject is None:
+            cached.refusal = "the token's account no longer exists"
+        elif not subject.anonymous and cached.stamp != self._stamp(cached.login):
+            cached.refusal = "the account's password changed since the token was issued"
+        else:
+            cached.identity = Identity(subject, cached.grants, set())
+
+    def _stamp(self, login: str) -> str:
+        stored = self._stored_hash(login)
+        return credential_stamp(stored) if stored else ""
+
+    def _invalid_token(self, request: Request, message: str, reason: str) -> errors.RegistryError:
+        self.audit.record("auth_failed", request, reason=f"token: {reason}", status=401)
         return _unauthorized(message, challenge(self._realm(request), self.service, error="invalid_token"))
 
     async def _login(self, request: Request, username: str, password: str, record: bool = True) -> Subject:
@@ -360,13 +429,20 @@ class AccessControl:
             if subject is not None:
                 return subject
         client = request.client
-        wait = max(self.client_limiter.retry_after(client) or 0, self.account_limiter.retry_after(username) or 0)
+        # The login's own key for the recent-address exemption: name and password stamp, so a
+        # changed password starts afresh.
+        known_as = f"{username}\0{credential_stamp(stored)}" if stored else ""
+        wait = self.client_limiter.retry_after(client) or 0
+        if not (known_as and self.recent_logins.knows(known_as, client)):
+            wait = max(wait, self.account_limiter.retry_after(username) or 0)
         if wait:
             self.audit.record("login_failed", request, account=username[:128], reason="rate limited")
             raise _too_many(wait)
         if self._bcrypt_limiter is None:
             self._bcrypt_limiter = anyio.CapacityLimiter(4)
-        ok = await anyio.to_thread.run_sync(check_password, password, stored or DUMMY_HASH,
+        cost = self._bcrypt_cost()
+        # Unknown names are checked against a real hash of the accounts' usual cost: same time.
+        ok = await anyio.to_thread.run_sync(lambda: check_password(password, stored or dummy_hash(cost)),
                                             limiter=self._bcrypt_limiter)
         subject = self.subject_for(username) if ok and stored else None
         if subject is None:
@@ -374,12 +450,25 @@ class AccessControl:
             self.account_limiter.failed(username)
             self.audit.record("login_failed", request, account=username[:128])
             raise _unauthorized("invalid username or password", challenge(self._realm(request), self.service))
+        self.recent_logins.succeeded(known_as, client)
         if len(self._logins) > 10_000:
             self._logins.clear()
         self._logins[key] = (time.monotonic() + min(self.token_ttl, 300.0), stored, subject, self.accounts.version)
         if record:
             self.audit.record("login", request, subject=subject.label)
         return subject
+
+    def _bcrypt_cost(self) -> int:
+        """The work factor most accounts use (the dummy hash for unknown names must cost the same)."""
+        version, cost = self._typical_cost
+        if version != self.accounts.version:
+            hashes = [a.password_hash for kind in ("user", "robot") for a in self.accounts.accounts(kind)]
+            hashes += self.htpasswd.users.values() if self.htpasswd else []
+            costs = Counter(hash_cost(h) for h in hashes)
+            costs.pop(None, None)
+            cost = costs.most_common(1)[0][0] if costs else DEFAULT_COST
+            self._typical_cost = (self.accounts.version, cost)
+        return cost
 
     def _stored_hash(self, login: str) -> str | None:
         account = self.accounts.account(login)
@@ -426,6 +515,7 @@ class AccessControl:
         if username is not None:
             subject = await self._login(request, username, password, record=False)
         else:
+            self._refuse_bearer(request)
             subject = (await self._authenticate(request, record=False)).subject
         access = grant(self.policy, subject, scopes)
         if not subject.anonymous:
@@ -433,10 +523,21 @@ class AccessControl:
                               scope=" ".join(str(s) for s in scopes)[:1000] or None)
         key = await self.accounts.ensure_signing_key()
         now = time.time()
-        token = encode_token(token_claims(subject, access, self.service, self.token_ttl, now), key)
+        stamp = "" if subject.anonymous else self._stamp(subject.login)
+        token = encode_token(token_claims(subject, access, self.service, self.token_ttl, now, stamp), key)
         issued = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         document = {"token": token, "access_token": token, "expires_in": int(self.token_ttl), "issued_at": issued}
         return json_response(200, json.dumps(document).encode())
+
+    def _refuse_bearer(self, request: Request) -> None:
+        """A token is never a credential for another one: it could be renewed forever, past a
+        password change, and widened to whatever the account may do. (No client needs it: docker,
+        podman, skopeo and containerd keep the password and send it again.)"""
+        header = request.header("authorization") or ""
+        if header.strip().lower().startswith("bearer"):
+            self.audit.record("auth_failed", request, reason="token offered to /token", status=401)
+            raise _unauthorized("/token takes a username and password (Basic), or nothing for anonymous access; "
+                                "a token cannot be exchanged for another", f'Basic realm="{self.service}"')
 
 
 def access_control(settings: Settings, client: EtcdClient, metadata, node_id: str,
@@ -446,7 +547,8 @@ def access_control(settings: Settings, client: EtcdClient, metadata, node_id: st
         return None
 
     try:
-        audit = AuditLog(settings.audit_log, node_id) if settings.audit_log else None
+        burst, window = parse_rate(settings.audit_failures)
+        audit = AuditLog(settings.audit_log, node_id, FloodGate(burst, window)) if settings.audit_log else None
     except OSError as exc:
         raise ConfigError(f"audit_log {settings.audit_log}: {exc}") from None
     return AccessControl(
@@ -456,7 +558,8 @@ def access_control(settings: Settings, client: EtcdClient, metadata, node_id: st
         audit=audit,
         account_limiter=FailureLimiter.from_rate(settings.login_rate),
         client_limiter=FailureLimiter.from_rate(settings.login_rate_client), tags_of=metadata.cached_tags_of,
-        loopback=is_loopback(settings.host_port[0]), insecure_open=settings.insecure_open)
+        loopback=is_loopback(settings.host_port[0]), insecure_open=settings.insecure_open,
+        trusted_proxies=TrustedProxies(settings.trusted_proxies))
 
 
 def _first(form: dict[str, list[str]], name: str) -> str | None:

@@ -21,17 +21,19 @@ from cargohold.oci import errors
 from cargohold.node.access import AccessControl
 from cargohold.node.cache import ContentCache
 from cargohold.node.http import (
-    ClientDisconnected, Request, Response, error_response, json_response, send_response,
+    BodyPace, ClientDisconnected, Request, Response, error_response, json_response, loggable, send_response,
 )
 from cargohold.oci.manifest import MAX_MANIFEST_BYTES, OCI_INDEX, parse_manifest
+from cargohold.oci.ranges import parse_chunk_range, parse_range
 from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from cargohold.runtime.pacing import Foreground
 from cargohold.oci.reference import (
     Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_upload_id,
 )
-from cargohold.replication.replicator import ContentUnavailable, Replicator
+from cargohold.blobs.remote import ContentUnavailable, RemoteContent
 from cargohold.blobs.store import FilesystemBlobStore
+from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
 
 log = logging.getLogger("cargohold.access")
@@ -47,8 +49,6 @@ ROUTES: list[tuple[re.Pattern, str]] = [
 ]
 # Route names of the paths outside /v2 (metric labels: never the raw path).
 SERVICE_ROUTES = {"/token": "token", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$", re.ASCII)
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$", re.ASCII)
 OCTET = "application/octet-stream"
 # While etcd is away, a request that needs it is answered 503 at once with this Retry-After
 # (seconds): about how long a short outage (an etcd restart, a leader election) lasts.
@@ -65,20 +65,21 @@ def _json(document: object) -> bytes:
 
 class RegistryAPI:
     def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
-                 *, node_id: str = "", ready=None, replicator: Replicator | None = None,
+                 *, node_id: str = "", ready=None, remote: RemoteContent | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
-                 sync_sites: int = 0, body_timeout: float = 60.0, foreground: Foreground | None = None):
+                 sync_sites: int = 0, body_timeout: float = 60.0, min_body_rate: float = 0.0,
+                 foreground: Foreground | None = None):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
         self.node_id = node_id
-        self.replicator = replicator
+        self.remote = remote            # content held by other nodes (None: a node on its own)
         self.forwarder = forwarder
         self.metrics = metrics or Metrics()
         self.min_copies = min_copies
         self.sync_sites = sync_sites
-        self.body_timeout = body_timeout
+        self.body_pace = BodyPace(body_timeout, min_body_rate)
         self.copy_timeout = copy_timeout
         self.access = access            # issue 6: None means no access control at all
         self.foreground = foreground or Foreground()   # background work paces itself while this is busy
@@ -98,7 +99,7 @@ class RegistryAPI:
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
-        request.body_timeout = self.body_timeout
+        request.body_pace = self.body_pace
         if not request.path.startswith("/v2"):      # probes and scrapes are not client work
             await self._respond(request, send)
             return
@@ -117,7 +118,7 @@ class RegistryAPI:
             if exc.status == 408 or not await request.discard_body():
                 response.header("Connection", "close")
         except ClientDisconnected:
-            log.info("%s %s client disconnected", request.method, request.path)
+            log.info("%s %s client disconnected", request.method, loggable(request.path))
             return
         except EtcdError as exc:
             log.warning("metadata store unavailable: %s", exc)
@@ -127,7 +128,8 @@ class RegistryAPI:
         elapsed = time.perf_counter() - started
         self.metrics.observe(request.route, request.method, response.status, elapsed, sent, request.received)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %s %d %d %.1fms", request.method, request.path, response.status, sent, elapsed * 1000)
+            log.info("%s %s %d %d %.1fms", request.method, loggable(request.path), response.status, sent,
+                     elapsed * 1000)
 
     def _report_staleness(self, request: Request, response: Response) -> None:
         """Mark a registry read answered while etcd does not answer this node: its tags and
@@ -206,7 +208,7 @@ class RegistryAPI:
             if wanted is not None and record.artifact_type != wanted:
                 continue
             # Annotations stay out of etcd (values must stay small): read them from the content.
-            annotations = json.loads(await self._manifest_bytes(ref_digest)).get("annotations")
+            annotations = json.loads(await self._manifest_bytes(ref_digest, record.size)).get("annotations")
             descriptors.append(_descriptor(ref_digest, record, annotations))
         response = json_response(200, _json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}),
                                  OCI_INDEX)
@@ -236,31 +238,39 @@ class RegistryAPI:
                    (b"etag", f'"{digest_text}"'.encode())]
         if request.method == "HEAD":
             return Response(200, headers, length=record.size)
-        return Response(200, headers, await self._manifest_bytes(digest_text))
+        return Response(200, headers, await self._manifest_bytes(digest_text, record.size))
 
-    async def _manifest_bytes(self, digest_text: str) -> bytes:
+    async def _manifest_bytes(self, digest_text: str, size: int) -> bytes:
+        """A manifest's content (its size from its record, which may be newer than our read
+        model): from the cache, this node's verified copy, or a peer."""
         data = self.manifest_cache.get(digest_text)
         if data is None:
-            digest = parse_digest(digest_text)
-            if await self.store.stat(digest) is not None or self.replicator is None:
-                data = await self.store.read_all(digest)
-            else:
-                data = await self._read_remote_all(digest_text)
+            data = await self._local_manifest(parse_digest(digest_text), size)
+            if data is None:
+                data = await self._read_remote_all(digest_text, size)
             self.manifest_cache.put(digest_text, data)
         return data
 
-    async def _read_remote_all(self, digest_text: str) -> bytes:
-        record = self.metadata.blob_states().get(digest_text)
-        size = record.record.size if record is not None and record.record is not None else None
-        if size is None:
+    async def _local_manifest(self, digest: Digest, size: int) -> bytes | None:
+        """This node's copy, checked against its digest (a manifest is small); a damaged copy
+        is withdrawn and None returned, so that a peer serves it."""
+        if not await self._usable_local_copy(digest, size):
+            return None
+        data = await self.store.read_all(digest)
+        if await anyio.to_thread.run_sync(Digest.of, data, digest.algorithm) == digest:
+            return data
+        if self.remote is None:
+            raise errors.unavailable(f"the stored copy of {digest} is damaged", detail={"digest": str(digest)})
+        await withdraw_damaged_copy(self.metadata, self.store, digest, "read found a corrupt manifest")
+        return None
+
+    async def _read_remote_all(self, digest_text: str, size: int) -> bytes:
+        if self.remote is None:
             raise errors.blob_unknown(detail={"digest": digest_text})
         try:
-            data = await self.replicator.read_remote_all(digest_text, size)
+            return await self.remote.read_all(digest_text, size)
         except ContentUnavailable as exc:
             raise errors.unavailable(str(exc)) from None
-        if Digest.of(data, digest_text.partition(":")[0]) != parse_digest(digest_text):
-            raise errors.unavailable(f"a peer served corrupt content for {digest_text}")
-        return data
 
     async def _put_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, wanted = parse_reference(reference)
@@ -274,9 +284,7 @@ class RegistryAPI:
             tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
             parsed.artifact_type[:256] if parsed.artifact_type else None, time.time())
         try:
-            async with self.store.locked(digest):
-                await self.store.write(digest, body)
-                await self.metadata.put_manifest(name, str(digest), record, tag)
+            await self._store_manifest(name, digest, body, record, tag)
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         except MissingReferences as missing:
@@ -292,6 +300,21 @@ class RegistryAPI:
         if parsed.subject is not None:
             response.header("OCI-Subject", str(parsed.subject))
         return response
+
+    async def _store_manifest(self, name: str, digest: Digest, body: bytes, record: ManifestRecord,
+                              tag: str | None) -> None:
+        """Write the bytes, then index them in one txn; bytes the txn refused are removed at once
+        (not left for a scrub), unless this node held them before."""
+        async with self.store.locked(digest):
+            held_before = await self.store.stat(digest) is not None
+            await self.store.write(digest, body)
+            try:
+                await self.metadata.put_manifest(name, str(digest), record, tag)
+            except (MissingReferences, TagImmutable):
+                if not held_before:
+                    with anyio.CancelScope(shield=True):
+                        await self.store.delete(digest)
+                raise
 
     async def _delete_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, digest = lookup_reference(reference)
@@ -312,7 +335,8 @@ class RegistryAPI:
             raise _still_referenced(exc) from None
         if not found:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
-        self.audit.record("delete", request, repository=name, reference=reference)
+        self.audit.record("delete", request, repository=name, reference=reference,
+                          digest=str(digest) if digest is not None else found)   # by tag: what it pointed at
         return Response(202)
 
     def _may_remove_tag(self, request: Request, repo: str) -> Callable[[str], bool] | None:
@@ -352,7 +376,7 @@ class RegistryAPI:
                    (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
         start, end = 0, size - 1
         status = 200
-        wanted = _parse_range(request.header("range"), size) if request.header("range") else None
+        wanted = parse_range(request.header("range"), size) if request.header("range") else None
         if wanted is not None:
             start, end = wanted
             status = 206
@@ -360,15 +384,31 @@ class RegistryAPI:
         length = end - start + 1
         if request.method == "HEAD":
             return Response(status, headers, length=length)
-        if await self.store.stat(digest) is not None:
-            stream = self.store.read(digest, start, length)
-        elif self.replicator is not None and self.replicator.can_read(str(digest)):
-            stream = self.replicator.read_remote(str(digest), start, length)
-        elif self.replicator is not None:
-            raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
-        else:
+        return Response(status, headers, stream=await self._blob_stream(digest, size, start, length), length=length)
+
+    async def _blob_stream(self, digest: Digest, size: int, start: int, length: int):
+        """This node's copy when it can serve it, else a peer's."""
+        if await self._usable_local_copy(digest, size):
+            return self.store.read(digest, start, length)
+        if self.remote is None:
             raise errors.blob_unknown("blob is indexed but not held by this node", detail={"digest": str(digest)})
-        return Response(status, headers, stream=stream, length=length)
+        if not await self.remote.can_read(str(digest)):
+            raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
+        return self.remote.read(str(digest), start, length)
+
+    async def _usable_local_copy(self, digest: Digest, size: int) -> bool:
+        """Whether this node's file of `digest` can be served: it has the recorded size (the
+        digest fixes it, so any other size is damage). A copy this node advertises and cannot
+        serve (gone, truncated) is withdrawn: peers serve it, and placement fetches a good one."""
+        local_size = await self.store.stat(digest)
+        if local_size == size:
+            return True
+        if self.remote is None:
+            return local_size is not None      # nowhere else to read it from
+        if local_size is not None or self.metadata.publishes_copy(str(digest)):
+            found = "no file" if local_size is None else f"{local_size} bytes of {size}"
+            await withdraw_damaged_copy(self.metadata, self.store, digest, f"read found {found}")
+        return False
 
     async def _keep_hold(self, request: Request, digest: str, record) -> bool:
         """Refresh the blob's GC hold without letting etcd hold up the read; False if the
@@ -398,13 +438,14 @@ class RegistryAPI:
             if self.access is None or self.access.may(request, source, "pull"):
                 mounted = await self._try_mount(name, parse_digest(mount), source)
                 if mounted is not None:
+                    self.audit.record("mount", request, repository=name, digest=mount, source=source)
                     return mounted
         digest_param = request.query("digest")
         if digest_param is not None:
             digest = parse_digest(digest_param)
-            session = await self.uploads.create(name)
+            session = await self.uploads.create(name, *_opener(request))
             return await self._finish_upload(request, session, digest, monolithic=True)
-        session = await self.uploads.create(name)
+        session = await self.uploads.create(name, *_opener(request))
         return _upload_progress(202, session, 0)
 
     async def _try_mount(self, name: str, digest: Digest, source: str) -> Response | None:
@@ -431,6 +472,7 @@ class RegistryAPI:
             return await self._finish_upload(request, session, parse_digest(digest_param))
         if method == "DELETE":
             await self.uploads.cancel(session)
+            self.audit.record("upload_cancelled", request, repository=name, upload=upload)
             return Response(204)
         raise _method_not_allowed(request)
 
@@ -452,6 +494,7 @@ class RegistryAPI:
                 with anyio.CancelScope(shield=True):
                     await self.uploads.cancel(session)
             raise
+        self.audit.record("upload", request, repository=session.repo, digest=str(digest), size=size)
         await self._wait_for_copies(str(digest))
         return _blob_created(session.repo, digest)
 
@@ -459,13 +502,13 @@ class RegistryAPI:
         """--min-copies and --sync-sites: acknowledge only when that many nodes (and other
         sites) hold the content. Past the timeout the client gets 503 and retries; the content
         stays and keeps replicating."""
-        if self.replicator is None:
+        if self.remote is None:
             return
-        if self.min_copies > 1 and not await self.replicator.wait_for_copies(digest, self.min_copies,
-                                                                            self.copy_timeout):
+        if self.min_copies > 1 and not await self.remote.wait_for_copies(digest, self.min_copies,
+                                                                        self.copy_timeout):
             raise errors.unavailable(f"stored, but fewer than {self.min_copies} nodes hold it yet; retry")
-        if self.sync_sites > 0 and not await self.replicator.wait_for_sites(digest, self.sync_sites,
-                                                                           self.copy_timeout):
+        if self.sync_sites > 0 and not await self.remote.wait_for_sites(digest, self.sync_sites,
+                                                                       self.copy_timeout):
             raise errors.unavailable(f"stored, but fewer than {self.sync_sites} other sites hold it yet; retry")
 
 
@@ -528,50 +571,16 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
     return n, request.query("last") or None
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """The byte range asked for, or None to serve the whole blob.
-
-    RFC 9110 14.2: a Range with a unit we do not know is ignored, and we may ignore a
-    multi-range request (serving all of it is always correct).
-    """
-    header = header.strip()
-    if not header.startswith("bytes=") or "," in header:
-        return None
-    match = _RANGE.match(header)
-    if not match or (not match.group(1) and not match.group(2)):
-        raise _unsatisfiable(size)
-    first, last = match.groups()
-    if first == "":  # suffix range: the last N bytes
-        if int(last) == 0:
-            raise _unsatisfiable(size)
-        start, end = max(size - int(last), 0), size - 1
-    else:
-        start = int(first)
-        end = min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
-        raise _unsatisfiable(size)
-    return start, end
-
-
-def _unsatisfiable(size: int) -> errors.RegistryError:
-    return errors.unsupported("requested range not satisfiable", status=416,
-                              headers={"Content-Range": f"bytes */{size}"})
-
-
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:
     """(start, length) from Content-Range and Content-Length; 416 when malformed."""
-    declared = request.header("content-length")
-    length = int(declared) if declared is not None and declared.isascii() and declared.isdigit() else None
-    header = request.header("content-range")
-    if header is None:
-        return None, length
-    match = _CONTENT_RANGE.match(header.strip())
-    if not match:
-        raise errors.range_invalid(f"malformed Content-Range {header[:80]!r}")
-    start, end = int(match.group(1)), int(match.group(2))
-    if end < start or (length is not None and length != end - start + 1):
-        raise errors.range_invalid(f"Content-Range {header[:80]!r} does not match the body length")
-    return start, end - start + 1
+    return parse_chunk_range(request.header("content-range"), request.header("content-length"))
+
+
+def _opener(request: Request) -> tuple[str, str]:
+    """Who opens an upload session: the account's login ("" for anonymous), and the client address."""
+    identity = request.auth
+    login = identity.subject.login if identity is not None and not identity.subject.anonymous else ""
+    return login, request.client
 
 
 def _upload_progress(status: int, session: UploadSession, size: int) -> Response:

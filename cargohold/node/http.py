@@ -6,6 +6,7 @@ registry and every layer between the socket and the read model costs throughput.
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -14,6 +15,7 @@ from urllib.parse import parse_qs
 import anyio
 
 from cargohold.oci import errors
+from cargohold.oci.ranges import decimal
 
 API_VERSION_HEADER = (b"docker-distribution-api-version", b"registry/2.0")
 PREFETCH_CHUNKS = 2
@@ -23,13 +25,42 @@ class ClientDisconnected(Exception):
     """The client went away before sending the whole body."""
 
 
-# A client that sends nothing of its body for this long is cut off (slow-client protection);
-# RegistryAPI sets it from the `body_timeout` setting.
-BODY_IDLE_TIMEOUT = 60.0
+@dataclass(frozen=True)
+class BodyPace:
+    """How long the next read of a request body may wait (slow-client protection, free of I/O).
+
+    Never more than `timeout` of silence; and with `min_rate` (bytes/s, 0: off) the body as a
+    whole must keep up: its deadline is `timeout` after the first read, plus one second per
+    `min_rate` bytes received (Apache's mod_reqtimeout rule). A trickle of a byte every few
+    seconds never resets an idle timer, but it falls behind this deadline within `timeout`.
+    """
+
+    timeout: float = 60.0
+    min_rate: float = 0.0
+
+    def wait(self, elapsed: float, received: int) -> float:
+        if self.min_rate <= 0:
+            return self.timeout
+        return max(0.0, min(self.timeout, self.timeout + received / self.min_rate - elapsed))
+
+
+# RegistryAPI sets each request's pace from the `body_timeout` and `min_body_rate` settings.
+DEFAULT_BODY_PACE = BodyPace()
+
+
+# C0 and C1 controls, the Unicode line and paragraph separators, and the escape character itself.
+_CONTROL = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+            for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, ord("\\")]}
+
+
+def loggable(text: str) -> str:
+    """`text` with control characters (CR, LF, NUL, ...) and backslashes escaped as \\xNN: a path
+    is percent-decoded, and raw line breaks in it would let a client forge access log lines."""
+    return text.translate(_CONTROL) if not text.isprintable() or "\\" in text else text
 
 
 class Request:
-    __slots__ = ("scope", "receive", "method", "path", "route", "received", "auth", "body_timeout", "_query",
+    __slots__ = ("scope", "receive", "method", "path", "route", "received", "auth", "body_pace", "_query",
                  "_headers", "_consumed")
 
     def __init__(self, scope, receive):
@@ -40,7 +71,7 @@ class Request:
         self._query: dict[str, list[str]] | None = None
         self._headers: dict[str, str] | None = None
         self._consumed = False
-        self.body_timeout = BODY_IDLE_TIMEOUT
+        self.body_pace = DEFAULT_BODY_PACE
         self.route = "other"
         self.auth = None            # set by access control (node/access.py): who is asking
         self.received = 0
@@ -65,13 +96,12 @@ class Request:
     async def body_chunks(self) -> AsyncIterator[bytes]:
         if self._consumed:
             return
+        started = time.monotonic()
         while True:
-            with anyio.move_on_after(self.body_timeout) as idle:
+            with anyio.move_on_after(self.body_pace.wait(time.monotonic() - started, self.received)) as idle:
                 message = await self.receive()
             if idle.cancelled_caught:
-                raise errors.RegistryError("BLOB_UPLOAD_INVALID",
-                                           f"no request body received for {self.body_timeout:.0f}s", 408,
-                                           headers={"Connection": "close"})
+                raise self._too_slow(time.monotonic() - started)
             if message["type"] == "http.disconnect":
                 raise ClientDisconnected()
             chunk = message.get("body", b"")
@@ -82,15 +112,22 @@ class Request:
                 self._consumed = True
                 return
 
+    def _too_slow(self, elapsed: float) -> errors.RegistryError:
+        pace = self.body_pace
+        floor = f" (at least {pace.min_rate:.0f} bytes/s are needed)" if pace.min_rate > 0 else ""
+        return errors.RegistryError("BLOB_UPLOAD_INVALID", f"request body too slow: {self.received} bytes in "
+                                    f"{elapsed:.0f}s{floor}", 408, headers={"Connection": "close"})
+
     async def discard_body(self, limit: int = 8 * 1024 * 1024) -> bool:
         """Before an early error answer: read and drop a small unread body so that the connection
         stays usable (HTTP/1.1 clients send the whole body before they read the answer).
         Returns False when the body is too large to drain, or cannot be: then close the connection."""
         if self._consumed:
             return True
-        declared = self.header("content-length")
-        if declared is None or not (declared.isascii() and declared.isdigit()) or int(declared) - self.received > limit:
-            return self.header("transfer-encoding") is None and declared is None and self.method in ("GET", "HEAD")
+        declared = decimal(self.header("content-length"))
+        if declared is None or declared - self.received > limit:
+            return (self.header("transfer-encoding") is None and self.header("content-length") is None
+                    and self.method in ("GET", "HEAD"))
         try:
             async for _ in self.body_chunks():
                 pass
@@ -99,8 +136,8 @@ class Request:
         return True
 
     async def read_body(self, limit: int) -> bytes:
-        declared = self.header("content-length")
-        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        declared = decimal(self.header("content-length"))
+        if declared is not None and declared > limit:
             raise errors.RegistryError("SIZE_INVALID", f"body larger than {limit} bytes", 413)
         parts: list[bytes] = []
         total = 0

@@ -15,7 +15,7 @@ several nodes' apps in one process, and each app must expose only its own series
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import ProcessCollector, disable_created_metrics
@@ -26,9 +26,6 @@ from prometheus_client.utils import floatToGoString
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.runtime.durations import DurationHistogram
-
-if TYPE_CHECKING:
-    from cargohold.replication.replicator import ReplicationStats
 
 # `_created` series double the output and no dashboard reads them. (Process-wide; a node
 # process has no other prometheus_client user.)
@@ -107,8 +104,16 @@ class SiteRuleLag:
 
 @dataclass(frozen=True)
 class ReplicationFigures:
-    stats: "ReplicationStats"     # the replicator's counters
-    queued: int                   # blobs waiting to be reconciled on this node
+    """This node's replication and GC-sweep counters, as plain numbers (read at scrape time)."""
+    queued: int = 0               # blobs waiting to be reconciled on this node
+    in_flight: int = 0            # copies being made now
+    fetched_bytes: int = 0        # counters from here on: since the node started
+    copies_made: int = 0
+    copies_dropped: int = 0
+    copies_deleted: int = 0
+    orphans_removed: int = 0
+    failures: int = 0
+    remote_reads: int = 0
     sites: Sequence[SiteRuleLag] = field(default_factory=tuple)
 
 
@@ -178,12 +183,11 @@ def _histogram(name: str, help_text: str, durations: DurationHistogram) -> Histo
     return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=durations.sum)
 
 
-def _replication(figures: ReplicationFigures) -> Iterator[Metric]:
-    stats = figures.stats
-    yield GaugeMetricFamily("cargohold_replication_queue_depth", "Blobs waiting to be reconciled.", figures.queued)
+def _replication(stats: ReplicationFigures) -> Iterator[Metric]:
+    yield GaugeMetricFamily("cargohold_replication_queue_depth", "Blobs waiting to be reconciled.", stats.queued)
     yield GaugeMetricFamily("cargohold_replication_in_flight", "Blob copies being made now.", stats.in_flight)
     for name, help_text, value in (
-        ("cargohold_replication_fetched_bytes", "Bytes copied from peers.", stats.bytes_fetched),
+        ("cargohold_replication_fetched_bytes", "Bytes copied from peers.", stats.fetched_bytes),
         ("cargohold_replication_copies_made", "Copies this node made and published.", stats.copies_made),
         ("cargohold_replication_copies_dropped", "Copies this node dropped (no longer an owner).",
          stats.copies_dropped),
@@ -200,7 +204,7 @@ def _replication(figures: ReplicationFigures) -> Iterator[Metric]:
                                 labels=("site", "rule"))
     lag = GaugeMetricFamily("cargohold_replication_lag_seconds",
                             "Age of the oldest blob a site still lacks, per site and rule.", labels=("site", "rule"))
-    for row in figures.sites:
+    for row in stats.sites:
         pending.add_metric((row.site, row.rule), row.pending)
         lag.add_metric((row.site, row.rule), row.lag_seconds)
     yield pending

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import AsyncExitStack, nullcontext
+from typing import Callable
 from urllib.parse import urlsplit
 
 import anyio
@@ -14,18 +15,22 @@ from cargohold import __version__
 from cargohold.config import Settings, resolve_node_id
 from cargohold.units import parse_duration, parse_size, parse_window
 from cargohold.gc.collector import GarbageCollector
+from cargohold.gc.node_sweep import NodeSweep
 from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
 from cargohold.node.access import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
+from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
 from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
 from cargohold.runtime.pacing import BackgroundPace, Foreground
+from cargohold.replication.remote import PeerContent
 from cargohold.replication.replicator import Replicator
+from cargohold.replication.sources import ReplicationSettings
 from cargohold.replication.status import replication_status
 from cargohold.replication.transfer import PeerClient, ReplicationService, TlsFiles, grpc_server
 
@@ -49,7 +54,8 @@ async def serve(settings: Settings) -> None:
         metadata = ClusterMetadata(client, settings.cluster, node_id)
         store = FilesystemBlobStore(data_dir)
         uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id),
-                                max_blob_size=parse_size(settings.max_blob_size) if settings.max_blob_size else None)
+                                max_blob_size=parse_size(settings.max_blob_size) or None,
+                                max_per_account=settings.max_uploads_per_account or None)
         tls = (TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
                if settings.grpc_tls_cert else None)
         peers = PeerClient(tls=tls)
@@ -57,14 +63,10 @@ async def serve(settings: Settings) -> None:
         grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store), tls=tls))
         grace = parse_duration(settings.gc_grace)
         foreground = Foreground()
-        replicator = Replicator(metadata, store, peers, node_id=node_id, site=settings.site,
-                                replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
-                                workers=settings.replication_workers, gc_grace=grace,
-                                per_peer_streams=settings.per_peer_streams,
-                                site_bandwidth={site: parse_size(rate) for site, rate in
-                                                (settings.site_bandwidth or {}).items()},
-                                storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None,
-                                release_pace=BackgroundPace(foreground, settings.gc_busy_rate))
+        replicator = Replicator(metadata, store, peers, _replication_settings(settings, node_id))
+        remote = PeerContent(metadata, peers, replicator.holders)
+        sweep = NodeSweep(metadata, store, node_id=node_id, grace=grace,
+                          pace=BackgroundPace(foreground, settings.gc_busy_rate))
         collector = GarbageCollector(
             metadata, grace=grace,
             untagged_after=parse_duration(settings.untagged_after) if settings.untagged_after else None,
@@ -74,23 +76,25 @@ async def serve(settings: Settings) -> None:
             pace=BackgroundPace(foreground, settings.gc_busy_rate))
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
-        metrics = _metrics(client, metadata, replicator, node_id)
+        metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep))
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
         if access is not None:
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
-        api = RegistryAPI(metadata, store, uploads, node_id=node_id, replicator=replicator, forwarder=forwarder,
+        api = RegistryAPI(metadata, store, uploads, node_id=node_id, remote=remote, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
+                          min_body_rate=parse_size(settings.min_body_rate),
                           foreground=foreground)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
         async with anyio.create_task_group() as tg:
             await tg.start(metadata.run)
             if access is not None:
-                tg.start_soon(access.accounts.run)
+                tg.start_soon(access.run)
             member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
             tg.start_soon(replicator.run)
+            tg.start_soon(sweep.run)
             tg.start_soon(collector.run)
             tg.start_soon(_purge_uploads, uploads, settings.upload_expiry)
             tg.start_soon(_stop_when_drained, replicator, stop)
@@ -99,6 +103,14 @@ async def serve(settings: Settings) -> None:
             await _run_http(api, settings, stop)
             tg.cancel_scope.cancel()
     log.info("node %s stopped", node_id)
+
+
+def _replication_settings(settings: Settings, node_id: str) -> ReplicationSettings:
+    return ReplicationSettings(
+        node_id, settings.site, replicas_per_site=settings.replicas_per_site, down_after=settings.down_after,
+        workers=settings.replication_workers, per_peer_streams=settings.per_peer_streams,
+        site_bandwidth={site: parse_size(rate) for site, rate in (settings.site_bandwidth or {}).items()},
+        storage_limit=parse_size(settings.storage_limit) if settings.storage_limit else None)
 
 
 def _service(store: FilesystemBlobStore) -> ReplicationService:
@@ -139,24 +151,32 @@ def _grpc_address(settings: Settings, port: int) -> str:
     return f"{host}:{port}"
 
 
-def _metrics(client: EtcdClient, metadata: ClusterMetadata, replicator: Replicator, node_id: str) -> Metrics:
-    return Metrics(NodeFigures(etcd=client, metadata=metadata, node_id=node_id,
-                               replication=lambda: _replication_figures(metadata, replicator)))
+def _metrics(client: EtcdClient, metadata: ClusterMetadata, node_id: str,
+             replication: Callable[[], ReplicationFigures]) -> Metrics:
+    return Metrics(NodeFigures(etcd=client, metadata=metadata, node_id=node_id, replication=replication))
 
 
-def _replication_figures(metadata: ClusterMetadata, replicator: Replicator) -> ReplicationFigures:
-    """What /metrics reads of replication: the one place that knows the replicator's figures."""
+def _replication_figures(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent,
+                         sweep: NodeSweep) -> ReplicationFigures:
+    """What /metrics reads of replication and the node's GC sweep: the one place that knows
+    where those counters live."""
     sites = [SiteRuleLag(row["site"], row["rule"], row["pending"], row["lag_seconds"])
              for row in replication_status(metadata)["rules"]]
-    return ReplicationFigures(stats=replicator.stats, queued=replicator.status()["queued"], sites=sites)
+    stats = replicator.stats
+    return ReplicationFigures(
+        queued=replicator.queue_depth(), in_flight=stats.in_flight, fetched_bytes=replicator.fetcher.bytes_fetched,
+        copies_made=stats.copies_made, copies_dropped=stats.copies_dropped, copies_deleted=sweep.copies_deleted,
+        orphans_removed=sweep.orphans_removed, failures=stats.failures, remote_reads=remote.remote_reads,
+        sites=sites)
 
 
 async def _purge_uploads(uploads: UploadManager, expiry: float) -> None:
     while True:
-        removed = await uploads.purge_older_than(expiry)
+        removed = await uploads.purge_idle(expiry)
         if removed:
             log.info("removed %d abandoned upload sessions", removed)
-        await anyio.sleep(UPLOAD_PURGE_INTERVAL)
+        # a session is removed at most a quarter of `expiry` late
+        await anyio.sleep(min(UPLOAD_PURGE_INTERVAL, expiry / 4))
 
 
 async def _stop_when_drained(replicator: Replicator, stop: anyio.Event) -> None:
@@ -192,10 +212,12 @@ async def _uvicorn(app, settings: Settings, stop: anyio.Event) -> None:
             return nullcontext()
 
     host, port = settings.host_port
+    limits = _connection_limits(settings)
     config = uvicorn.Config(
-        app, host=host, port=port, http="httptools", lifespan="off", access_log=False,
+        app, host=host, port=port, http=guarded_httptools(limits), lifespan="off", access_log=False,
         log_config=None, ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key,
-        timeout_keep_alive=30, server_header=False, date_header=False)
+        timeout_keep_alive=limits.keep_alive_timeout, server_header=False, date_header=False,
+        proxy_headers=False)   # X-Forwarded-For is believed only from trusted_proxies (node/access.py)
     server = Server(config)
 
     async def trigger() -> None:
@@ -212,12 +234,22 @@ async def _hypercorn(app, settings: Settings, stop: anyio.Event) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    limits = _connection_limits(settings)
     config = Config()
     config.bind = [settings.listen]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 30
+    # hypercorn's idle timer runs until a whole head has arrived: it is the head timeout too.
+    config.keep_alive_timeout = min(limits.keep_alive_timeout, limits.header_timeout)
+    config.h11_max_incomplete_size = limits.max_header_size
     config.include_server_header = False
+    capped_hypercorn(limits.max_connections)
     if settings.tls_cert:
         config.certfile, config.keyfile = settings.tls_cert, settings.tls_key
     await serve(app, config, shutdown_trigger=stop.wait, mode="asgi")
+
+
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    return ConnectionLimits(header_timeout=settings.header_timeout, keep_alive_timeout=settings.keep_alive_timeout,
+                            max_header_size=parse_size(settings.max_header_size),
+                            max_connections=connection_cap(settings.max_connections))

@@ -4,6 +4,11 @@ A session is a directory `uploads/<id>/` with `meta.json` (written and fsynced a
 and `data` (the bytes received so far, fsynced before each chunk is acknowledged). Sessions
 survive a restart: the offset is the size of `data`. The running hash lives in memory; after
 a restart the file is hashed again when the upload completes.
+
+`meta.json` names the account that opened the session (its login; "" for anonymous, with the
+client address): each account may hold `max_per_account` open sessions on this node (anonymous
+callers: per client address), and a session idle for `upload_expiry` is removed with its
+in-memory state (`purge_idle`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class UploadSession:
     repo: str
     created: float
     directory: Path
+    account: str = ""            # the login that opened it; "" for anonymous
 
     @property
     def data_path(self) -> Path:
@@ -48,29 +54,43 @@ class UploadSession:
 
 class UploadManager:
     def __init__(self, root: Path, store: BlobStore, node_id: str = "", id_suffix: str = "0" * 8,
-                 max_blob_size: int | None = None):
+                 max_blob_size: int | None = None, max_per_account: int | None = None):
         self.id_suffix = id_suffix
         self.max_blob_size = max_blob_size
+        self.max_per_account = max_per_account
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = store
         self.node_id = node_id
         self._hashes: dict[str, _RunningHash] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        self._open: dict[str, set[str]] = _open_sessions_on_disk(self.root)   # quota key -> session ids
 
     def new_id(self) -> str:
         return uuid.uuid4().hex + self.id_suffix
 
-    async def create(self, repo: str) -> UploadSession:
+    async def create(self, repo: str, account: str = "", client: str = "-") -> UploadSession:
+        """A new session opened by `account` (a login; "" for anonymous, counted per `client`)."""
+        key = _quota_key(account, client)
+        opened = self._open.setdefault(key, set())
+        if self.max_per_account is not None and len(opened) >= self.max_per_account:
+            raise errors.RegistryError("TOOMANYREQUESTS", f"{self.max_per_account} upload sessions are open for "
+                                       "this account already: finish or cancel some", 429, headers={"Retry-After": "60"})
         upload_id = self.new_id()
-        session = UploadSession(upload_id, repo, time.time(), self.root / upload_id)
-        await anyio.to_thread.run_sync(self._create_on_disk, session)
+        opened.add(upload_id)       # before the thread trip: concurrent creates count each other
+        session = UploadSession(upload_id, repo, time.time(), self.root / upload_id, account)
+        try:
+            await anyio.to_thread.run_sync(self._create_on_disk, session, client)
+        except BaseException:
+            opened.discard(upload_id)
+            raise
         self._hashes[session.id] = _RunningHash(0)
         return session
 
-    def _create_on_disk(self, session: UploadSession) -> None:
+    def _create_on_disk(self, session: UploadSession, client: str) -> None:
         session.directory.mkdir()
-        meta = json.dumps({"repo": session.repo, "created": session.created, "node": self.node_id})
+        meta = json.dumps({"repo": session.repo, "created": session.created, "node": self.node_id,
+                           "account": session.account, "client": client})
         with open(session.directory / "meta.json", "w") as f:
             f.write(meta)
             f.flush()
@@ -88,7 +108,7 @@ class UploadManager:
             raise errors.blob_upload_unknown(detail={"uuid": upload_id}) from None
         if meta.get("repo") != repo:
             raise errors.blob_upload_unknown(detail={"uuid": upload_id})
-        return UploadSession(upload_id, repo, meta.get("created", 0.0), directory)
+        return UploadSession(upload_id, repo, meta.get("created", 0.0), directory, meta.get("account", ""))
 
     async def size(self, session: UploadSession) -> int:
         try:
@@ -169,31 +189,61 @@ class UploadManager:
             await self._remove(session)
 
     async def _remove(self, session: UploadSession) -> None:
-        self._hashes.pop(session.id, None)
-        self._locks.pop(session.id, None)
         await anyio.to_thread.run_sync(shutil.rmtree, session.directory, True)
+        self._forget(session.id)
 
-    async def purge_older_than(self, max_age: float) -> int:
-        """Remove sessions abandoned for longer than `max_age` seconds (by last write)."""
-        cutoff = time.time() - max_age
-        stale = await anyio.to_thread.run_sync(self._stale_sessions, cutoff)
+    def _forget(self, upload_id: str) -> None:
+        """Drop the in-memory state of a session that is gone from disk."""
+        self._hashes.pop(upload_id, None)
+        self._locks.pop(upload_id, None)
+        for key, opened in list(self._open.items()):
+            opened.discard(upload_id)
+            if not opened:
+                del self._open[key]
+
+    async def purge_idle(self, max_idle: float) -> int:
+        """Remove sessions nobody has written to for `max_idle` seconds, and their memory.
+        A session in use right now (its lock held) is left alone."""
+        cutoff = time.time() - max_idle
         removed = 0
-        for directory in stale:
-            if directory.name not in self._locks:      # in use right now: not abandoned
+        for directory in await anyio.to_thread.run_sync(self._idle_sessions, cutoff):
+            lock = self._lock(directory.name)
+            if lock.locked():
+                continue
+            async with lock:       # an append that starts meanwhile waits, then finds no session
+                if await anyio.to_thread.run_sync(_last_write, directory) >= cutoff:
+                    continue       # written to just now
                 await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
-                removed += 1
+            self._forget(directory.name)
+            removed += 1
         return removed
 
-    def _stale_sessions(self, cutoff: float) -> list[Path]:
-        stale = []
-        for directory in self.root.iterdir():
-            try:
-                last_write = os.stat(directory / "data").st_mtime
-            except FileNotFoundError:
-                last_write = 0.0
-            if last_write < cutoff:
-                stale.append(directory)
-        return stale
+    def _idle_sessions(self, cutoff: float) -> list[Path]:
+        return [directory for directory in self.root.iterdir() if _last_write(directory) < cutoff]
+
+
+def _last_write(directory: Path) -> float:
+    try:
+        return os.stat(directory / "data").st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _quota_key(account: str, client: str) -> str:
+    return account or f"anonymous@{client}"
+
+
+def _open_sessions_on_disk(root: Path) -> dict[str, set[str]]:
+    """The sessions a previous run left open, by quota key (at start, before any request)."""
+    opened: dict[str, set[str]] = {}
+    for directory in root.iterdir():
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        key = _quota_key(meta.get("account", ""), meta.get("client", "-"))
+        opened.setdefault(key, set()).add(directory.name)
+    return opened
 
 
 def _too_large(limit: int) -> errors.RegistryError:

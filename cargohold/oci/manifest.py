@@ -121,6 +121,8 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         document = json.loads(body)
     except (UnicodeDecodeError, ValueError):
         raise _invalid("manifest is not valid JSON") from None
+    except RecursionError:      # e.g. 100,000 nested arrays: no manifest nests deeper than a few levels
+        raise _invalid("manifest nests too deeply") from None
     if not isinstance(document, dict):
         raise _invalid("manifest must be a JSON object")
     if document.get("schemaVersion") != 2:

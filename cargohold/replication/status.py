@@ -1,4 +1,5 @@
-"""The cluster's replication picture, derived from ClusterMetadata's read-model views (no I/O).
+"""The cluster's replication picture, derived from ClusterMetadata's read-model views (no I/O),
+and the loop that publishes this node's own figures for it.
 
 Per site and rule: how many blobs the rules send to that site still lack a copy there, and
 the age of the oldest of them (the lag). Per site: what its nodes report doing (in flight,
@@ -7,10 +8,16 @@ failed with reasons, bytes/s), from the `status/<node>` records they publish.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import anyio
 
 from cargohold.coordinator.metadata import ClusterMetadata
+
+log = logging.getLogger("cargohold.replication")
 
 
 @dataclass
@@ -66,3 +73,32 @@ def replication_status(metadata: ClusterMetadata, now: float | None = None) -> d
     return {"rules": [asdict(r) for r in sorted(rows.values(), key=lambda r: (r.site, r.rule))],
             "sites": [asdict(s) for s in sites.values()]}
 
+
+
+def held_count(metadata: ClusterMetadata, node_id: str) -> tuple[int, int]:
+    """How many blobs `node_id` publishes a copy of, and their bytes."""
+    count = size = 0
+    for state in metadata.blob_states().values():
+        if node_id in state.nodes and state.record is not None:
+            count += 1
+            size += state.record.size
+    return count, size
+
+
+async def publish_status(metadata: ClusterMetadata, report: Callable[[], dict], bytes_fetched: Callable[[], int],
+                         interval: float = 2.0) -> None:
+    """Report this node's figures (`report()`, plus the fetch rate) in etcd for `cargohold
+    replication status`: a report when something changed or is going on, not a poll."""
+    last_bytes, last_time, last = bytes_fetched(), time.monotonic(), None
+    while True:
+        await anyio.sleep(interval)
+        now, fetched = time.monotonic(), bytes_fetched()
+        status = {**report(), "rate": round((fetched - last_bytes) / max(now - last_time, 1e-6), 1)}
+        last_bytes, last_time = fetched, now
+        comparable = {k: v for k, v in status.items() if k != "time"}
+        if comparable != last or status["queued"] or status["in_flight"]:
+            try:
+                await metadata.publish_status(status)
+                last = comparable
+            except Exception as exc:  # noqa: BLE001 - status is best effort
+                log.debug("could not publish replication status: %s", exc)

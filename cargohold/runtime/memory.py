@@ -9,13 +9,19 @@ CPU per MiB that way and 0.7 ms with the settings below.
 So allocations up to 32 MiB come from the heap, and up to 64 MiB of freed memory at the top
 of each heap is kept for the next piece instead of being handed back. An operator who sets
 glibc's own knobs (GLIBC_TUNABLES, MALLOC_*_ variables) keeps them.
+
+`without_cycle_collection` keeps Python's cycle collector out of large allocation bursts (the
+read model's GC snapshot, the GC's mark).
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from cargohold.runtime import libc
 
@@ -37,3 +43,17 @@ def keep_large_buffers() -> bool:
     if mallopt is None:                    # musl and others
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+@contextmanager
+def without_cycle_collection() -> Iterator[None]:
+    """For a burst of allocations that makes no reference cycles (copying the read model,
+    the GC's mark): without it, the burst sets off full collections that walk every object
+    of a large read model, 5 times the copy's own cost, with the event loop stopped."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -13,7 +13,7 @@ import pytest
 from cargohold.coordinator.accounts import AccountStore, SigningKey
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.auth.subjects import ANONYMOUS, Subject
-from cargohold.auth.tokens import encode_token, token_claims
+from cargohold.auth.tokens import credential_stamp, encode_token, token_claims
 from tests.auth.conftest import TokenAuth, parse_challenge
 from tests.support.oci import (
     build_image, describe, digest, error_codes, push_blob, push_image, push_manifest, random_bytes,
@@ -266,6 +266,14 @@ async def _signing_key(secured) -> SigningKey:
         return store.current_signing_key()
 
 
+async def _stamp(secured, login: str) -> str:
+    """The password stamp a token of `login` carries (issue 12: a password change ends its tokens)."""
+    async with EtcdClient([secured.etcd_url]) as client:
+        store = AccountStore(client, secured.cluster)
+        await store.load()
+        return credential_stamp(store.account(login).password_hash)
+
+
 async def test_token_claims_follow_the_docker_spec(secured):
     repo = _unique("team")
     token = await _token(secured, "reader", f"repository:{repo}:pull,push", "repository:bob/x:pull")
@@ -288,19 +296,21 @@ async def test_expired_forged_wrong_audience_and_wrong_scope_tokens_are_refused(
     alice = Subject("user", "alice", frozenset({"devs"}))
     pull = [{"type": "repository", "name": repo, "actions": ["pull"]}]
     now = time.time()
+    stamp = await _stamp(secured, "alice")
 
     async def get(token: str, path: str = f"/v2/{repo}/manifests/latest", method: str = "GET") -> httpx.Response:
         async with httpx.AsyncClient(base_url=secured.url) as c:
             return await c.request(method, path, headers={"Authorization": f"Bearer {token}"})
 
-    assert (await get(encode_token(token_claims(alice, pull, secured.service, 300, now), key))).status_code == 200
+    valid = encode_token(token_claims(alice, pull, secured.service, 300, now, stamp), key)
+    assert (await get(valid)).status_code == 200
     cases = {
-        "expired": encode_token(token_claims(alice, pull, secured.service, 300, now - 400), key),
-        "forged": encode_token(token_claims(alice, pull, secured.service, 300, now),
+        "expired": encode_token(token_claims(alice, pull, secured.service, 300, now - 400, stamp), key),
+        "forged": encode_token(token_claims(alice, pull, secured.service, 300, now, stamp),
                                SigningKey(key.key_id, secrets.token_bytes(32), 0)),
-        "unknown key": encode_token(token_claims(alice, pull, secured.service, 300, now),
+        "unknown key": encode_token(token_claims(alice, pull, secured.service, 300, now, stamp),
                                     SigningKey("0123456789abcdef", secrets.token_bytes(32), 0)),
-        "wrong audience": encode_token(token_claims(alice, pull, "another-registry", 300, now), key),
+        "wrong audience": encode_token(token_claims(alice, pull, "another-registry", 300, now, stamp), key),
         "garbage": "not.a.token",
     }
     for what, token in cases.items():
@@ -308,7 +318,6 @@ async def test_expired_forged_wrong_audience_and_wrong_scope_tokens_are_refused(
         assert r.status_code == 401, f"{what}: {describe(r)}"
         assert parse_challenge(r.headers["www-authenticate"]).get("error") == "invalid_token", what
     # Right key, wrong scope: another repository, or an action the token does not carry.
-    valid = encode_token(token_claims(alice, pull, secured.service, 300, now), key)
     r = await get(valid, f"/v2/{_unique('team')}/tags/list")
     assert r.status_code == 401 and parse_challenge(r.headers["www-authenticate"])["error"] == "insufficient_scope"
     r = await get(valid, f"/v2/{repo}/manifests/latest", "DELETE")
@@ -316,7 +325,8 @@ async def test_expired_forged_wrong_audience_and_wrong_scope_tokens_are_refused(
     # A token's claims never exceed the rules: a (validly signed) push grant for a pull-only user.
     reader = Subject("user", "reader")
     grant_all = [{"type": "repository", "name": repo, "actions": ["pull", "push", "delete"]}]
-    r = await get(encode_token(token_claims(reader, grant_all, secured.service, 300, now), key),
+    r = await get(encode_token(token_claims(reader, grant_all, secured.service, 300, now,
+                                            await _stamp(secured, "reader")), key),
                   f"/v2/{repo}/manifests/latest", "DELETE")
     assert r.status_code == 403, describe(r)
     # Nor does anonymous with a hand-made grant get anywhere.

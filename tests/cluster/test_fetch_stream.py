@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from cargohold.runtime.grpc_bridge import StreamStopped
-from cargohold.replication.replicator import TokenBucket
+from cargohold.replication.fetch import TokenBucket
 from cargohold.replication.transfer import PeerClient, PeerUnavailable, ReplicationService, grpc_server
 from tests.support.poll import PATIENCE
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import anyio
 import pytest
 
@@ -14,14 +12,13 @@ from cargohold.coordinator.etcd import EtcdClient
 pytestmark = pytest.mark.anyio
 
 
-async def test_starts_stops_and_reuses_ports(tmp_path):
+async def test_starts_stops_and_keeps_its_socket(tmp_path):
     async with embedded_etcd(tmp_path) as url:
-        assert url.startswith("http://127.0.0.1:")
+        assert url == f"unix://{tmp_path.resolve()}/etcd/client:2379"
         async with EtcdClient([url]) as client:
             await client.put("k", b"kept")
     assert not await anyio.to_thread.run_sync(etcd_healthy, url)
     state = tmp_path / "etcd"
-    assert json.loads((state / "ports.json").read_text())["client"] == int(url.rsplit(":", 1)[1])
     assert (state / "etcd.log").stat().st_size > 0 and (state / "bootstrapped").exists()
 
     async with embedded_etcd(tmp_path) as again:
@@ -35,8 +32,7 @@ async def test_start_is_cancellable_and_stops_etcd(tmp_path):
         async with embedded_etcd(tmp_path):
             pytest.fail("etcd cannot be ready this fast")  # pragma: no cover
     assert not (tmp_path / "etcd" / "bootstrapped").exists()  # so the half-made data dir is dropped
-    ports = json.loads((tmp_path / "etcd" / "ports.json").read_text())
-    assert not await anyio.to_thread.run_sync(etcd_healthy, f"http://127.0.0.1:{ports['client']}")
+    assert not await anyio.to_thread.run_sync(etcd_healthy, f"unix://{tmp_path}/etcd/client:2379")
     async with embedded_etcd(tmp_path) as url:  # and the data dir is still usable
         assert await anyio.to_thread.run_sync(etcd_healthy, url)
 

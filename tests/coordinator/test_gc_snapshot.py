@@ -47,7 +47,7 @@ async def test_the_read_model_snapshot_equals_a_read_of_etcd(etcd):
 
             collector = GarbageCollector(metadata)
             from_model = await collector.snapshot()
-            from_etcd = await collector.read_snapshot()
+            from_etcd = await collector.state.read_snapshot()
             tg.cancel_scope.cancel()
 
     assert from_model.manifests == from_etcd.manifests and len(from_model.manifests) == 29

@@ -1,4 +1,5 @@
-from cargohold.gc.mark import Snapshot, mark
+from cargohold.coordinator.records import Snapshot
+from cargohold.gc.mark import mark
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
 
 NOW = 10_000.0

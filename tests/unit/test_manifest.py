@@ -62,6 +62,8 @@ def test_docker_schema2_and_foreign_layers_skipped():
     (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": D1, "size": -1,
                                                                           "mediaType": "x"}}).encode(), None),
     (json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX}).encode(), None),
+    (b"[" * 100_000 + b"]" * 100_000, OCI_MANIFEST),                       # issue 12 item 10: was a 500
+    (b'{"schemaVersion": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", OCI_MANIFEST),
 ])
 def test_invalid_manifests(body, content_type):
     with pytest.raises(errors.RegistryError) as info:

@@ -9,7 +9,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from cargohold.node.metrics import (
     LATENCY_BUCKETS, Metrics, ReplicationFigures, SiteRuleLag, _gc, _histogram, _replication,
 )
-from cargohold.replication.replicator import ReplicationStats
 from cargohold.runtime.durations import DurationHistogram
 
 
@@ -88,8 +87,8 @@ def test_durations_become_a_prometheus_histogram():
 
 
 def test_replication_figures_are_counters_and_gauges_with_units_in_names():
-    stats = ReplicationStats(queued=2, in_flight=1, copies_made=5, bytes_fetched=4096, remote_reads=3)
-    figures = ReplicationFigures(stats=stats, queued=7, sites=[SiteRuleLag("eu", "* -> *", 4, 12.5)])
+    figures = ReplicationFigures(queued=7, in_flight=1, copies_made=5, fetched_bytes=4096, remote_reads=3,
+                                 sites=[SiteRuleLag("eu", "* -> *", 4, 12.5)])
     found = families(_render(*_replication(figures)))
     assert found["cargohold_replication_fetched_bytes"].type == "counter"
     assert sample(found["cargohold_replication_fetched_bytes"], "_total") == 4096
