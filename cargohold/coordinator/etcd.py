@@ -97,7 +97,6 @@ class LeaseLost(EtcdError):
     """The lease is gone (expired, revoked, or not refreshable within its TTL)."""
 
 
-
 # --------------------------------------------------------------------------- health
 
 # Seconds requests may keep failing as unavailable before etcd counts as down. Long enough to
@@ -143,6 +142,7 @@ class EtcdHealth:
 
     @property
     def down(self) -> bool:
+        """Failures have gone on for `outage_after` seconds (the first look counts the outage)."""
         if self.failing_since is None or self._clock() - self.failing_since < self.outage_after:
             return False
         if not self._counted:
@@ -167,6 +167,7 @@ class EtcdHealth:
             return False
         self._last_probe = now
         return True
+
 
 # --------------------------------------------------------------------------- data
 

@@ -16,7 +16,7 @@ from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import (
     ClusterMetadata, ConcurrentChange, MissingReferences, Referenced, TagImmutable, TagProtected,
 )
-from cargohold.coordinator.records import ManifestRecord
+from cargohold.coordinator.records import BlobRecord, ManifestRecord
 from cargohold.oci import errors
 from cargohold.node.access import AccessControl
 from cargohold.node.cache import ContentCache
@@ -410,7 +410,7 @@ class RegistryAPI:
             await withdraw_damaged_copy(self.metadata, self.store, digest, f"read found {found}")
         return False
 
-    async def _keep_hold(self, request: Request, digest: str, record) -> bool:
+    async def _keep_hold(self, request: Request, digest: str, record: BlobRecord) -> bool:
         """Refresh the blob's GC hold without letting etcd hold up the read; False if the
         refresh found the blob swept.
 
