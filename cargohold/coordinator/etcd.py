@@ -21,6 +21,14 @@ rotating over the endpoints, for up to ``retry_timeout`` seconds, then ``EtcdUna
 is raised. A Txn is only retried when the failure shows the request never reached etcd,
 because re-running a txn that did commit would report the wrong outcome; otherwise the
 caller gets ``EtcdUnavailable`` and must treat the outcome as unknown.
+
+Failing fast during an outage (``EtcdHealth``): once requests have been failing as
+unavailable for ``outage_after`` seconds (2 s), etcd counts as down, and a request fails at
+once with ``EtcdUnavailable`` instead of retrying for ``retry_timeout``; one request a second
+still goes through, as a single short attempt, to find out whether etcd is back. Any answer
+from etcd, to a request or on a stream (the watch re-subscribes and the lease keepalive
+retries throughout an outage, so they notice first), ends the outage. Background streams
+(watch, lease keepalive) are never failed fast.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ __all__ = [
     "EtcdClient",
     "EtcdCompacted",
     "EtcdError",
+    "EtcdHealth",
     "EtcdUnavailable",
     "Get",
     "KeyValue",
@@ -86,6 +95,78 @@ class EtcdCompacted(EtcdError):
 
 class LeaseLost(EtcdError):
     """The lease is gone (expired, revoked, or not refreshable within its TTL)."""
+
+
+# --------------------------------------------------------------------------- health
+
+# Seconds requests may keep failing as unavailable before etcd counts as down. Long enough to
+# ride out a leader election (well under a second), short enough that a push during a real
+# outage gets its 503 within a few seconds.
+OUTAGE_AFTER = 2.0
+# While etcd is down: how often one request may try it, and how long that attempt may take.
+PROBE_INTERVAL = 1.0
+PROBE_TIMEOUT = 2.0
+
+
+class EtcdHealth:
+    """Whether etcd answers, as this client's requests and streams saw it (no I/O).
+
+    ``failing_since`` is set by the first failure after an answer and cleared by the next
+    answer; etcd is *down* once failures have gone on for ``outage_after`` seconds.
+    """
+
+    def __init__(self, outage_after: float = OUTAGE_AFTER, probe_interval: float = PROBE_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.outage_after = outage_after
+        self.probe_interval = probe_interval
+        self._clock = clock
+        self.last_answer = clock()
+        self.failing_since: float | None = None
+        self.outages = 0                  # times etcd went down (for /metrics)
+        self._last_probe = float("-inf")
+        self._counted = False
+
+    def answered(self) -> None:
+        self.last_answer = self._clock()
+        self.failing_since = None
+        self._counted = False
+
+    def failed(self) -> None:
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+
+    @property
+    def reachable(self) -> bool:
+        """No request or stream has failed since etcd last answered."""
+        return self.failing_since is None
+
+    @property
+    def down(self) -> bool:
+        """Failures have gone on for `outage_after` seconds (the first look counts the outage)."""
+        if self.failing_since is None or self._clock() - self.failing_since < self.outage_after:
+            return False
+        if not self._counted:
+            self._counted = True
+            self.outages += 1
+        return True
+
+    def until_down(self) -> float:
+        """Seconds until failures going on now make etcd count as down (inf while it answers)."""
+        if self.failing_since is None:
+            return float("inf")
+        return max(self.failing_since + self.outage_after - self._clock(), 0.0)
+
+    def unreachable_for(self) -> float:
+        """Seconds since etcd last answered, while it is not answering; 0 while it is."""
+        return 0.0 if self.failing_since is None else self._clock() - self.last_answer
+
+    def take_probe(self) -> bool:
+        """While down: whether this request may try etcd (one a `probe_interval`)."""
+        now = self._clock()
+        if now - self._last_probe < self.probe_interval:
+            return False
+        self._last_probe = now
+        return True
 
 
 # --------------------------------------------------------------------------- data
@@ -436,6 +517,7 @@ class EtcdClient:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        outage_after: float = OUTAGE_AFTER,
     ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
@@ -452,6 +534,7 @@ class EtcdClient:
         self._endpoints = [_Endpoint(target, credentials if tls else None) for target, tls in parsed]
         self._current = random.randrange(len(self._endpoints))
         self._closed = False
+        self.health = EtcdHealth(outage_after)
         # Every unary round trip (including retries) and its duration, for /metrics.
         self.request_durations = DurationHistogram(REQUEST_DURATION_BUCKETS)
         self.lease_refreshes = 0       # of which lease keepalives (background, every ttl/3)
@@ -502,7 +585,10 @@ class EtcdClient:
         idempotent: bool,
         deadline: float | None = None,
         revision: int = 0,
+        persistent: bool = False,
     ) -> _T:
+        """Run `attempt` until it succeeds, retrying transient failures until `deadline` (or,
+        unless `persistent`, until etcd counts as down)."""
         if deadline is None:
             deadline = anyio.current_time() + self._retry_timeout
         backoff = _Backoff()
@@ -510,31 +596,50 @@ class EtcdClient:
             endpoint = self._pick()
             started = time.perf_counter()
             try:
-                return await attempt(endpoint)
+                result = await attempt(endpoint)
             except grpc.RpcError as err:
                 if self._closed:
                     raise EtcdError("etcd client is closed") from err
+                self._note_failure(err)
                 if not _is_transient(err, idempotent):
                     raise _translate(err, what, revision) from err
                 self._failed(endpoint)
                 remaining = deadline - anyio.current_time()
-                if remaining <= 0:
+                if remaining <= 0 or (self.health.down and not persistent):
                     targets = ", ".join(e.target for e in self._endpoints)
                     raise EtcdUnavailable(f"etcd {what}: no answer from {targets}: {_details(err)}") from err
+            else:
+                self.health.answered()
+                return result
             finally:
                 # Every unary round trip, whoever asked for it (for /metrics); the backoff
                 # below is not part of the round trip.
                 self.request_durations.observe(time.perf_counter() - started)
-            await anyio.sleep(min(backoff.next(), remaining))
+            # A request that may fail fast wakes when etcd would count as down, to fail then.
+            wake_for_outage = float("inf") if persistent else self.health.until_down() + 0.01
+            await anyio.sleep(min(backoff.next(), remaining, wake_for_outage))
+
+    def _note_failure(self, err: grpc.RpcError) -> None:
+        """A transient failure means etcd did not answer; any other error is etcd's answer."""
+        if _code(err) in _TRANSIENT:
+            self.health.failed()
+        else:
+            self.health.answered()
 
     async def _unary(self, method: str, request: Any, *, idempotent: bool = True, revision: int = 0) -> Any:
         service, name = method.split(".")
+        timeout, deadline = self._request_timeout, None
+        if self.health.down:
+            if not self.health.take_probe():
+                raise EtcdUnavailable(f"etcd {name}: etcd has not answered for "
+                                      f"{self.health.unreachable_for():.1f} s; not waiting for it")
+            timeout, deadline = PROBE_TIMEOUT, anyio.current_time()   # one short attempt: is it back?
 
         async def attempt(endpoint: _Endpoint) -> Any:
             multicallable = getattr(getattr(endpoint, service), name)
-            return await await_future(multicallable.future(request, timeout=self._request_timeout))
+            return await await_future(multicallable.future(request, timeout=timeout))
 
-        return await self._retrying(attempt, name, idempotent=idempotent, revision=revision)
+        return await self._retrying(attempt, name, idempotent=idempotent, revision=revision, deadline=deadline)
 
     # -- key/value
 
@@ -670,7 +775,7 @@ class EtcdClient:
             started = anyio.current_time()
             try:
                 resp = await self._retrying(
-                    attempt, "LeaseKeepAlive", idempotent=True, deadline=refreshed_at + ttl
+                    attempt, "LeaseKeepAlive", idempotent=True, deadline=refreshed_at + ttl, persistent=True
                 )
             except EtcdUnavailable as exc:
                 raise LeaseLost(f"lease {lease_id:x} not refreshed for {ttl} s: {exc}") from exc
@@ -760,6 +865,7 @@ class Watch:
                 resp = await next_message(self._call, self._limiter)
             except grpc.RpcError as err:
                 self._drop_stream()
+                self._client._note_failure(err)
                 if self._client._closed or _code(err) in _PERMANENT_FOR_WATCH:
                     raise self._fail(_translate(err, "Watch")) from err
                 self._client._failed(self._endpoint)
@@ -771,6 +877,7 @@ class Watch:
             if resp is None:  # the server ended the stream: subscribe again
                 self._drop_stream()
                 continue
+            self._client.health.answered()
             batch = self._batch(resp)
             if batch is not None:
                 return batch

@@ -5,6 +5,11 @@ watch events keep current; when the model misses, a linearizable etcd read confi
 anything is reported unknown, so an acknowledged write is never answered 404 by any node.
 After its own write a node waits (briefly) until its model has seen that revision, so a
 client reads its own writes from the same node without a second etcd round trip.
+
+While etcd is down (see `EtcdHealth`) the read model answers what it knows, and anything
+that needs etcd, a write or a miss's confirming read, fails at once with EtcdUnavailable
+(the API's 503 with Retry-After) rather than waiting. `staleness()` says for how long the
+model may have missed changes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from cargohold.coordinator.etcd import (
     TxnResult,
 )
 from cargohold.coordinator.groupcommit import GroupCommit
+from cargohold.coordinator.holds import HoldRefresher
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import ReplicationRules
 from cargohold.coordinator.readmodel import ReadModel, page
@@ -36,9 +42,9 @@ SNAPSHOT_PAGE = 2000
 # write is still durable; later reads fall back to etcd.
 VISIBILITY_TIMEOUT = 2.0
 TXN_RETRIES = 5
-# How long a list (tags, referrers) waits for etcd before the read model's list is served.
-LIST_CONFIRM_TIMEOUT = 1.0
-_NO_ANSWER = object()
+# Between attempts to get a membership lease while etcd is away.
+LEASE_RETRY_INTERVAL = 1.0
+_NO_ANSWER = object()          # a list etcd could not give: the read model's is served
 
 
 class MissingReferences(Exception):
@@ -124,6 +130,7 @@ class ClusterMetadata:
         self.node_id = node_id
         self.model = ReadModel(self.keys)
         self.loaded = False
+        self.snapshot_loads = 0       # full reads of the cluster's state (start-up, compaction)
         self.following = False        # a watch feeds the read model (run() is going)
         self.txn_count = 0
         # Copy records, releases and tombstone clears come in bursts (a join, a GC run): they
@@ -136,6 +143,7 @@ class ClusterMetadata:
         self.lease: int | None = None
         self.lease_granted = anyio.Event()
         self.grace = 3600.0           # the GC grace period; holds are refreshed at half of it
+        self.holds = HoldRefresher(self.touch)   # pulls refresh holds through it, in the background
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener(changed_blob_digests, changed_sections)` after each applied watch batch.
@@ -198,13 +206,18 @@ class ClusterMetadata:
         """Load a snapshot, report started, then follow the watch until cancelled."""
         revision = await self._load_snapshot()
         self.following = True
-        task_status.started()
-        while True:
-            try:
-                await self._follow(revision + 1)
-            except EtcdCompacted as exc:
-                log.warning("watch revision %d compacted (at %d): reloading snapshot", revision + 1, exc.revision)
-                revision = await self._load_snapshot()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.holds.run)
+            task_status.started()
+            while True:
+                try:
+                    # Resumes from revision + 1 across etcd outages: a restarted etcd that kept
+                    # its data costs no reload.
+                    await self._follow(revision + 1)
+                except EtcdCompacted as exc:
+                    log.warning("watch revision %d compacted (at %d): reloading snapshot",
+                                revision + 1, exc.revision)
+                    revision = await self._load_snapshot()
 
     async def _load_snapshot(self) -> int:
         # Read everything at one revision, then watch from the next: nothing missed, nothing twice.
@@ -220,6 +233,7 @@ class ClusterMetadata:
         gc.freeze()
         model.advance(revision)
         self.loaded = True
+        self.snapshot_loads += 1
         model.take_changes()
         for listener in self._listeners:
             listener(set(model.blobs), set(ALL_SECTIONS))   # a reload may have changed anything
@@ -258,8 +272,13 @@ class ClusterMetadata:
         dies or loses its lease, its leadership ends with it.
         """
         while True:
-            lease = await self.client.grant_lease(ttl)
-            await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
+            try:
+                lease = await self.client.grant_lease(ttl)
+                await self.client.put(self.keys.alive(member.node_id), b"1", lease=lease)
+            except EtcdUnavailable as exc:     # an etcd outage: the node goes on serving pulls
+                log.debug("no membership lease yet: %s", exc)
+                await anyio.sleep(LEASE_RETRY_INTERVAL)
+                continue
             self.lease = lease
             self.lease_granted.set()
             try:
@@ -426,10 +445,10 @@ class ClusterMetadata:
         """A page of the repository's tags in lexical order, or None if the repository is unknown.
 
         Read from etcd, not the read model: a list has no "miss" to confirm, and a model that
-        lags behind another node's acknowledged push would leave its tag out (issue 13). When
-        etcd does not answer in time the model's (possibly older) list is served instead.
+        lags behind another node's acknowledged push would leave its tag out (issue 13). While
+        etcd does not answer, the model's (possibly older) list is served instead.
         """
-        names = await self._listed_by_etcd(self._tags_in_etcd(repo))
+        names = await self._listed_by_etcd(lambda: self._tags_in_etcd(repo))
         if names is _NO_ANSWER:
             state = self.model.repo(repo)
             if state is None or not state.registered:
@@ -439,16 +458,16 @@ class ClusterMetadata:
             return None
         return page(names, n, last)
 
-    async def _listed_by_etcd(self, read: Awaitable):
-        """The answer of `read` (a list read from etcd), or _NO_ANSWER when etcd is unreachable
-        or slower than LIST_CONFIRM_TIMEOUT: the client retries an unreachable etcd for 10 s,
-        and a pull must not wait that long for a list the read model can give."""
-        with anyio.move_on_after(LIST_CONFIRM_TIMEOUT):
-            try:
-                return await read
-            except EtcdUnavailable:
-                return _NO_ANSWER
-        return _NO_ANSWER
+    async def _listed_by_etcd(self, read: Callable[[], Awaitable]):
+        """What `read()` (a list read from etcd) returns, or _NO_ANSWER while etcd does not
+        answer this node: then the read model's list is served at once (a pull does not wait
+        for an etcd that is away), as every other read does during an outage."""
+        if not self.etcd_reachable():
+            return _NO_ANSWER
+        try:
+            return await read()
+        except EtcdUnavailable:
+            return _NO_ANSWER
 
     async def _tags_in_etcd(self, repo: str) -> list[str] | None:
         names = []
@@ -472,10 +491,10 @@ class ClusterMetadata:
 
         Which manifests reference `subject` is read from etcd (its reverse references, keys
         only), because a read model that lags would leave out a referrer another node just
-        acknowledged (issue 13); records come from the model when it has them. When etcd does
-        not answer in time the model's own list is served.
+        acknowledged (issue 13); records come from the model when it has them. While etcd does
+        not answer, the model's own list is served.
         """
-        digests = await self._listed_by_etcd(self._referencing_manifests(repo, subject))
+        digests = await self._listed_by_etcd(lambda: self._referencing_manifests(repo, subject))
         if digests is _NO_ANSWER:
             digests = self.model.referrers.get((repo, subject), ())
         found = []
@@ -517,19 +536,45 @@ class ClusterMetadata:
                                   *self._repo_registration(repo)])
         return record if result.succeeded else None
 
+    def hold_is_cold(self, record: BlobRecord) -> bool:
+        """Older than half the grace period: a pull should refresh it (a younger hold is
+        younger than any sweep's cutoff)."""
+        return time.time() - record.held_since >= self.grace / 2
+
     async def touch(self, digest: str, record: BlobRecord) -> bool:
         """A HEAD or GET saw this blob: refresh its GC hold, at most once per half grace period.
 
         docker skips the upload of a layer that HEAD answers 200 for and pushes the manifest
         next; the refreshed record makes any sweep decided before this HEAD fail its re-check.
         Returns False when the blob turns out to be gone (swept since our read model saw it).
+        Pulls call it through `refresh_hold` / `refresh_hold_later`, never on their own path.
         """
+        if not self.hold_is_cold(record):
+            return True
         now = time.time()
-        if now - record.held_since < self.grace / 2:
-            return True   # a hold this fresh is younger than any sweep's cutoff
         key = self.keys.blob(digest)
         result = await self._txn([Compare.exists(key)], [Put(key, BlobRecord(record.size, record.created, now).encode())])
         return result.succeeded
+
+    def refresh_hold_later(self, digest: str, record: BlobRecord) -> None:
+        """A GET served this blob: refresh a cold hold in the background, best effort."""
+        if self.hold_is_cold(record):
+            self.holds.request(digest, record)
+
+    async def refresh_hold(self, digest: str, record: BlobRecord, timeout: float) -> bool | None:
+        """A HEAD saw this blob: refresh a cold hold, waiting at most `timeout` seconds.
+
+        True: the hold is fresh; False: the blob is gone (swept since the read model saw it);
+        None: not known in time (etcd slow or away; the refresh goes on in the background).
+        """
+        if not self.hold_is_cold(record):
+            return True
+        pending = self.holds.request(digest, record)
+        if pending is None or not self.etcd_reachable():    # no waiting for an etcd that failed
+            return None
+        with anyio.move_on_after(timeout):
+            await pending.done.wait()
+        return pending.outcome
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
         """Unlink a blob from a repository; False if it is not linked there.
@@ -718,6 +763,22 @@ class ClusterMetadata:
     def revision(self) -> int:
         """The etcd revision the read model has applied."""
         return self.model.revision
+
+    def etcd_reachable(self) -> bool:
+        """No etcd request or stream of this node has failed since etcd last answered."""
+        return self.client.health.reachable
+
+    def check_writable(self) -> None:
+        """Raise EtcdUnavailable at once while etcd counts as down: for the start of work that
+        can only end in a write (an upload), so that a client learns before sending the bytes."""
+        if self.client.health.down:
+            raise EtcdUnavailable(f"etcd has not answered for {self.staleness():.1f} s")
+
+    def staleness(self) -> float:
+        """For how many seconds the read model may have missed changes: the time since etcd
+        last answered this node, while it does not answer; 0 while it does (the watch then
+        brings every change within milliseconds)."""
+        return self.client.health.unreachable_for()
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool:
         """Wait (at most `timeout` s) until the read model has applied `revision`."""

@@ -16,7 +16,7 @@ from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import (
     ClusterMetadata, ConcurrentChange, MissingReferences, Referenced, TagImmutable, TagProtected,
 )
-from cargohold.coordinator.records import ManifestRecord
+from cargohold.coordinator.records import BlobRecord, ManifestRecord
 from cargohold.oci import errors
 from cargohold.node.access import AccessControl
 from cargohold.node.cache import ContentCache
@@ -50,6 +50,13 @@ ROUTES: list[tuple[re.Pattern, str]] = [
 # Route names of the paths outside /v2 (metric labels: never the raw path).
 SERVICE_ROUTES = {"/token": "token", "/healthz": "healthz", "/readyz": "readyz", "/metrics": "metrics"}
 OCTET = "application/octet-stream"
+# While etcd is away, a request that needs it is answered 503 at once with this Retry-After
+# (seconds): about how long a short outage (an etcd restart, a leader election) lasts.
+ETCD_RETRY_AFTER = 5
+# How long a blob HEAD waits for its GC hold refresh before answering from the read model.
+HEAD_HOLD_TIMEOUT = 1.0
+# On registry reads answered while etcd does not answer this node: seconds since it last did.
+STALE_HEADER = "X-Cargohold-Stale"
 
 
 def _json(document: object) -> bytes:
@@ -115,13 +122,22 @@ class RegistryAPI:
             return
         except EtcdError as exc:
             log.warning("metadata store unavailable: %s", exc)
-            response = error_response(errors.unavailable())
+            response = error_response(errors.unavailable(headers={"Retry-After": str(ETCD_RETRY_AFTER)}))
+        self._report_staleness(request, response)
         sent = await send_response(send, response, request.method == "HEAD")
         elapsed = time.perf_counter() - started
         self.metrics.observe(request.route, request.method, response.status, elapsed, sent, request.received)
         if log.isEnabledFor(logging.INFO):
             log.info("%s %s %d %d %.1fms", request.method, loggable(request.path), response.status, sent,
                      elapsed * 1000)
+
+    def _report_staleness(self, request: Request, response: Response) -> None:
+        """Mark a registry read answered while etcd does not answer this node: its tags and
+        listings may be behind by up to that many seconds (content by digest never is)."""
+        if request.method in ("GET", "HEAD") and request.path.startswith("/v2"):
+            stale = self.metadata.staleness()
+            if stale > 0:
+                response.header(STALE_HEADER, f"{stale:.0f}")
 
     async def handle(self, request: Request) -> Response:
         kind, params = _route(request)
@@ -143,12 +159,24 @@ class RegistryAPI:
         if request.path == "/healthz":
             return json_response(200, b'{"status":"ok"}')
         if request.path == "/readyz":
-            ready = await self._ready()
-            body = _json({"ready": ready, "revision": self.metadata.revision(), "node": self.node_id})
-            return json_response(200 if ready else 503, body)
+            return await self._readiness(request)
         if request.path == "/metrics":
             return Response(200, [(b"content-type", METRICS_CONTENT_TYPE)], self.metrics.render())
         raise errors.not_found()
+
+    async def _readiness(self, request: Request) -> Response:
+        """200 while this node can serve pulls: its read model is current, or etcd does not
+        answer (then no node's can be checked, and a load balancer that took every node out
+        during an etcd outage would stop pulls the nodes could serve from disk). 503 while
+        etcd answers but this node's model lags. `?writable` also requires etcd: 503 while
+        pushes would fail."""
+        current = await self._ready()
+        reachable = self.metadata.etcd_reachable()
+        ready = current if request.query("writable") is not None else current or not reachable
+        body = _json({"ready": ready, "revision": self.metadata.revision(), "node": self.node_id,
+                      "etcd": "reachable" if reachable else "unreachable",
+                      "stale_seconds": round(self.metadata.staleness(), 1)})
+        return json_response(200 if ready else 503, body)
 
     # ------------------------------------------------------------------ discovery
     def _catalog(self, request: Request) -> Response:
@@ -341,9 +369,7 @@ class RegistryAPI:
 
     async def _get_blob(self, request: Request, name: str, digest: Digest) -> Response:
         record = await self.metadata.blob_in_repo(name, str(digest))
-        if record is None:
-            raise errors.blob_unknown(detail={"digest": str(digest)})
-        if not await self.metadata.touch(str(digest), record):   # refresh the GC hold: docker pushes after a HEAD
+        if record is None or not await self._keep_hold(request, str(digest), record):
             raise errors.blob_unknown(detail={"digest": str(digest)})
         size = record.size
         headers = [(b"docker-content-digest", str(digest).encode()), (b"accept-ranges", b"bytes"),
@@ -384,9 +410,27 @@ class RegistryAPI:
             await withdraw_damaged_copy(self.metadata, self.store, digest, f"read found {found}")
         return False
 
+    async def _keep_hold(self, request: Request, digest: str, record: BlobRecord) -> bool:
+        """Refresh the blob's GC hold without letting etcd hold up the read; False if the
+        refresh found the blob swept.
+
+        GET: in the background. HEAD: docker skips the upload of a layer HEAD answers 200 for
+        and PUTs the manifest next; a refresh that commits before a sweep's re-check makes the
+        sweep fail and the push succeed, one that finds the blob swept answers 404 so docker
+        uploads it again. Safety does not rest on it (the manifest PUT's guard needs the
+        blob's `in/` key, which the sweep deletes), only sparing docker a failed push; so the
+        HEAD waits for it briefly and, with etcd slow or away (when no push can complete
+        anyway), answers from the read model.
+        """
+        if request.method == "GET":
+            self.metadata.refresh_hold_later(digest, record)
+            return True
+        return await self.metadata.refresh_hold(digest, record, HEAD_HOLD_TIMEOUT) is not False
+
     # ------------------------------------------------------------------ uploads
     async def _uploads(self, request: Request, name: str) -> Response:
         _allow(request, "POST")
+        self.metadata.check_writable()     # during an etcd outage: 503 before the layer's bytes come
         mount, source = request.query("mount"), request.query("from")
         if mount is not None and source is not None:
             source = validate_name(source)

@@ -144,8 +144,24 @@ class NodeFigures(Collector):
         yield GaugeMetricFamily("cargohold_blobs_held_bytes", "Size of the blobs this node holds a copy of.", size)
 
     def _read_model(self) -> Iterator[Metric]:
+        metadata = self.metadata
         yield GaugeMetricFamily("cargohold_read_model_revision", "etcd revision the read model has applied.",
-                                self.metadata.revision())
+                                metadata.revision())
+        yield GaugeMetricFamily("cargohold_read_model_staleness_seconds",
+                                "Seconds since etcd last answered this node while it does not answer "
+                                "(0 while it does): how far behind tags and listings may be.",
+                                metadata.staleness())
+        yield CounterMetricFamily("cargohold_read_model_loads",
+                                  "Full reads of the cluster state (start-up, compacted watch).",
+                                  metadata.snapshot_loads)
+        holds = metadata.holds
+        for name, help_text, value in (
+            ("cargohold_hold_refreshes", "GC hold refreshes done for pulls, in the background.", holds.refreshed),
+            ("cargohold_hold_refresh_failures", "GC hold refreshes etcd did not take (best effort).", holds.failed),
+            ("cargohold_hold_refreshes_dropped", "GC hold refreshes not queued: the backlog was full.",
+             holds.dropped),
+        ):
+            yield CounterMetricFamily(name, help_text, value)
 
     def _etcd(self) -> Iterator[Metric]:
         yield _histogram("cargohold_etcd_request_duration_seconds",
@@ -154,6 +170,12 @@ class NodeFigures(Collector):
         yield CounterMetricFamily("cargohold_etcd_lease_refreshes",
                                   "Lease keepalive round trips (counted within the etcd requests).",
                                   self.etcd.lease_refreshes)
+        yield GaugeMetricFamily("cargohold_etcd_reachable",
+                                "1 while etcd answers this node, 0 from its first unanswered request on.",
+                                int(self.etcd.health.reachable))
+        yield CounterMetricFamily("cargohold_etcd_outages",
+                                  "Times etcd stopped answering this node for long enough that requests "
+                                  "needing it fail at once.", self.etcd.health.outages)
 
 
 def _histogram(name: str, help_text: str, durations: DurationHistogram) -> HistogramMetricFamily:

@@ -352,6 +352,49 @@ async def test_round_trips_are_timed_without_the_backoff_between_retries(dead_ur
     assert client.request_seconds < elapsed / 2     # refused at once; the rest was backoff
 
 
+async def test_requests_fail_fast_once_etcd_counts_as_down(dead_url):
+    async with EtcdClient([dead_url], retry_timeout=30, outage_after=0.5) as client:
+        before = anyio.current_time()
+        with pytest.raises(EtcdUnavailable):
+            await client.get("k")
+        first = anyio.current_time() - before
+        refused = []
+        for operation in (lambda: client.put("k", b""), lambda: client.txn([], [Put("k", b"")])):
+            before = anyio.current_time()
+            with pytest.raises(EtcdUnavailable):
+                await operation()
+            refused.append(anyio.current_time() - before)
+        assert client.health.down and not client.health.reachable and client.health.outages == 1
+    # The bounds are the behaviour: the first request gives up once etcd has not answered for
+    # outage_after (not after the 30 s retry budget), and the next ones do not wait at all.
+    assert 0.45 < first < 10
+    assert max(refused) < 0.5, refused
+
+
+async def test_requests_find_etcd_back_after_an_outage(tmp_path):
+    proc = EtcdProcess(tmp_path / "etcd")
+    await anyio.to_thread.run_sync(proc.start)
+    try:
+        async with EtcdClient([proc.url], outage_after=0.3) as client:
+            await client.put("k", b"before")
+            await anyio.to_thread.run_sync(proc.stop)
+            with pytest.raises(EtcdUnavailable):
+                await client.get("k")
+            assert client.health.down and client.health.unreachable_for() > 0
+            await anyio.to_thread.run_sync(proc.start)
+
+            async def answered() -> bool:
+                try:
+                    return (await client.get("k")).value == b"before"
+                except EtcdUnavailable:    # failed fast: no probe was due yet
+                    return False
+
+            await eventually(answered, interval=0.1, what="a request to find etcd back")
+            assert client.health.reachable and client.health.unreachable_for() == 0
+    finally:
+        await anyio.to_thread.run_sync(proc.stop)
+
+
 async def test_keep_alive_reports_lease_lost_when_etcd_stays_down(dead_url):
     async with EtcdClient([dead_url], retry_timeout=30) as client:
         # The bound is the behaviour: lost once the 2 s TTL has passed unrefreshed, not after the 30 s of retries.

@@ -417,19 +417,7 @@ async def test_kill_during_many_manifest_puts(asyncio_node):
             assert g.status_code == 200, describe(g)
 
 
-# -- etcd restarts under a running node ------------------------------------------------------------
-@pytest.fixture
-def local_etcd(tmp_path):
-    from tests.support.etcd import EtcdProcess
-
-    e = EtcdProcess(tmp_path / "etcd")
-    e.start()
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
+# -- etcd restarts under a running node (local_etcd: conftest.py) ---------------------------------
 @pytest.fixture
 def two_nodes(local_etcd, tmp_path):
     cluster = f"t-etcd-restart-{uuid.uuid4().hex[:6]}"
@@ -483,7 +471,7 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
             for d, data in first.blobs.items():
                 await assert_blob_intact(ca, repo, d, data)
             assert "t1" in await tags_on(ca, repo)
-            # etcd stays down until the nodes have felt it: their readiness probe fails
+            # etcd stays down until the nodes have felt it: they report that writes would fail
             for client in (ca, cb):
                 await eventually(lambda: _unready(client), what="the node to notice that etcd is gone")
             await anyio.to_thread.run_sync(local_etcd.start)
@@ -508,7 +496,7 @@ async def test_etcd_restart_node_recovers_and_misses_no_event(two_nodes, local_e
 
 
 async def _unready(c) -> bool:
-    return (await c.get("/readyz")).status_code == 503
+    return (await c.get("/readyz?writable")).status_code == 503
 
 
 async def _has_tags(c, repo: str, expected: set[str]) -> bool:

@@ -1,4 +1,5 @@
-"""A TCP proxy on loopback that cuts connections after a number of bytes: a flaky network link."""
+"""A TCP proxy on loopback that cuts connections after a number of bytes (a flaky network link),
+or all of them until healed (a partition)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import threading
 
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to `target`. The first `cut_connections` connections are closed
-    after `cut_after` bytes have gone from the target to the client."""
+    after `cut_after` bytes have gone from the target to the client. `partition()` resets every
+    open connection and closes new ones as soon as they are accepted (what a partition with a
+    router that answers looks like: connection refused or reset) until `heal()`."""
 
     def __init__(self, target_port: int, *, cut_after: int, cut_connections: int = 1):
         self.target_port = target_port
@@ -21,12 +24,25 @@ class FaultProxy:
         self._closed = False
         self._budget: int | None = None
         self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._partitioned = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def arm(self, cut_after: int) -> None:
         """Cut whichever connection (open or new) next carries `cut_after` bytes to the client."""
         with self._lock:
             self._budget = cut_after
+
+    def partition(self) -> None:
+        with self._lock:
+            self._partitioned = True
+            sockets, self._open = self._open, set()
+        for s in sockets:
+            _close(s)
+
+    def heal(self) -> None:
+        with self._lock:
+            self._partitioned = False
 
     @property
     def address(self) -> str:
@@ -43,11 +59,17 @@ class FaultProxy:
             except OSError:
                 return
             with self._lock:
+                partitioned = self._partitioned
                 self.connections += 1
                 cut = self.cuts_left > 0
                 if cut:
                     self.cuts_left -= 1
+            if partitioned:
+                _close(client)
+                continue
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._open.update((client, upstream))
             limit = self.cut_after if cut else None
             threading.Thread(target=self._pipe, args=(client, upstream, None, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, limit, True), daemon=True).start()
@@ -87,8 +109,14 @@ class FaultProxy:
             pass
         finally:
             for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+                _close(s)
+            with self._lock:
+                self._open.difference_update((source, sink))
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
