@@ -48,19 +48,8 @@ REPLICATION_IDLE = ("cargohold_replication_queue_depth", "cargohold_replication_
 
 
 @pytest.fixture
-def chaos_etcd(tmp_path):
-    """A private etcd: the fault driver restarts it, which must not disturb other tests."""
-    etcd = EtcdProcess(tmp_path / "etcd")
-    etcd.start()
-    try:
-        yield etcd
-    finally:
-        etcd.kill()
-
-
-@pytest.fixture
-def chaos_nodes(chaos_etcd, tmp_path):
-    with all_running([NodeProcess(tmp_path / n, etcd_url=chaos_etcd.url, cluster="chaos", node_id=n)
+def chaos_nodes(local_etcd, tmp_path):
+    with all_running([NodeProcess(tmp_path / n, etcd_url=local_etcd.url, cluster="chaos", node_id=n)
                       for n in NODES]) as nodes:
         yield nodes
 
@@ -242,12 +231,12 @@ async def verify_everywhere(acknowledged: list[PushedImage], nodes: list[NodePro
     return lost
 
 
-async def test_acknowledged_images_survive_kills_stops_and_an_etcd_restart(chaos_etcd, chaos_nodes):
+async def test_acknowledged_images_survive_kills_stops_and_an_etcd_restart(local_etcd, chaos_nodes):
     seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 32)))
     print(f"\nchaos seed {seed} (CHAOS_SEED={seed} replays the schedule); nodes: "
           + ", ".join(f"{n.node_id}={n.url}" for n in chaos_nodes), flush=True)
     rng = random.Random(seed)
-    faults = Faults(chaos_etcd, chaos_nodes, random.Random(rng.random()))
+    faults = Faults(local_etcd, chaos_nodes, random.Random(rng.random()))
     clients = [httpx.AsyncClient(base_url=n.url, timeout=REQUEST_TIMEOUT) for n in chaos_nodes]
     traffic = Traffic(clients, faults, random.Random(rng.random()))
     started = time.monotonic()
