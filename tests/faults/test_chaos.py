@@ -43,6 +43,7 @@ MAX_PUSHES = 2000                # hard bounds on the loops, whatever the timing
 MAX_PULLS = 20000
 REPOS = ("chaos/one", "chaos/two")
 REQUEST_TIMEOUT = 10.0
+PUSH_RETRY_PAUSE = 0.2           # a refused push is tried again after a pause, as docker does
 REPLICATION_IDLE = ("cargohold_replication_queue_depth", "cargohold_replication_in_flight",
                     "cargohold_replication_pending_blobs")
 
@@ -144,7 +145,7 @@ class Traffic:
         self.pull_failures: collections.Counter = collections.Counter()
         self.pulls = 0
         self.corrupt: list[str] = []
-        self.unexplained: list[str] = []       # pull failures that overlapped no fault
+        self.unexplained: list[str] = []       # failures that overlapped no fault
         self._numbers = iter(range(MAX_PUSHES))
 
     async def pusher(self) -> None:
@@ -155,7 +156,8 @@ class Traffic:
             try:
                 await push(self.rng.choice(self.clients), pushed)
             except (httpx.HTTPError, AssertionError) as exc:
-                self.push_failures[(self.faults.during(began, time.monotonic()), _failure_class(exc))] += 1
+                self._failed(self.push_failures, began, _failure_class(exc), f"push: {str(exc)[:400]}")
+                await anyio.sleep(PUSH_RETRY_PAUSE)
                 continue
             self.acknowledged.append(pushed)
 
@@ -165,24 +167,25 @@ class Traffic:
                 await anyio.sleep(0.1)
                 continue
             pushed = self.rng.choice(self.acknowledged)
-            client = self.rng.choice(self.clients)
             began = time.monotonic()
             self.pulls += 1
             try:
-                problems = await verify_bytes(client, pushed)
+                problems = await verify_bytes(self.rng.choice(self.clients), pushed)
             except httpx.HTTPError as exc:
-                during = self.faults.during(began, time.monotonic())
-                self.pull_failures[(during, type(exc).__name__)] += 1
-                if during == "no fault":
-                    self.unexplained.append(f"{self.faults.since_last()}: {exc!r} from {exc.request.url}")
+                self._failed(self.pull_failures, began, type(exc).__name__, f"pull: {exc!r} from {exc.request.url}")
                 continue
-            during = self.faults.during(began, time.monotonic())
             for problem in problems:
-                self.pull_failures[(during, _problem_class(problem))] += 1
-                if during == "no fault":
-                    self.unexplained.append(f"{self.faults.since_last()}: {problem}")
+                during = self._failed(self.pull_failures, began, _problem_class(problem), f"pull: {problem}")
                 if "-> 200 " in problem:            # a 200 whose bytes do not hash to the digest
                     self.corrupt.append(f"during {during}: {problem}")
+
+    def _failed(self, counts: collections.Counter, began: float, kind: str, detail: str) -> str:
+        """Count a failure under the faults it overlapped; keep the details of one that overlapped none."""
+        during = self.faults.during(began, time.monotonic())
+        counts[(during, kind)] += 1
+        if during == "no fault":
+            self.unexplained.append(f"{self.faults.since_last()}: {detail}")
+        return during
 
 
 def _failure_class(exc: Exception) -> str:
@@ -261,7 +264,7 @@ async def test_acknowledged_images_survive_kills_stops_and_an_etcd_restart(local
           f"x {len(clients)} nodes in {time.monotonic() - settled_at:.1f}s")
     print(f"push failures by (fault, class): {dict(traffic.push_failures)}")
     print(f"pulls: {traffic.pulls}; failures by (fault, class): {dict(traffic.pull_failures)}")
-    print("pull failures outside any fault: " + ("\n  " + "\n  ".join(traffic.unexplained[:20])
+    print("failures outside any fault: " + ("\n  " + "\n  ".join(traffic.unexplained[:20])
                                                  if traffic.unexplained else "none"))
     assert traffic.corrupt == [], "\n".join(traffic.corrupt[:10])
     assert len(traffic.acknowledged) > 0
