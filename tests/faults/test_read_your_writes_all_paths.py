@@ -50,8 +50,9 @@ def image_for(iteration: int, pusher: int, rng: random.Random) -> PushedImage:
     """A new image under a new tag; every fourth one moves its pusher's own `latest` tag instead
     (only that pusher pushes it, so the tag's expected digest is known)."""
     image = oci.build_image(f"ryw-{SEED}-{iteration}", layers=rng.randint(1, 3), layer_size=128)
-    tag = f"p{pusher}-latest" if iteration % 4 == 1 else f"i{iteration}"
-    return PushedImage(REPOS[pusher % len(REPOS)] if iteration % 4 == 1 else rng.choice(REPOS), tag, image)
+    if iteration % 4 == 1:
+        return PushedImage(REPOS[pusher % len(REPOS)], f"p{pusher}-latest", image)
+    return PushedImage(rng.choice(REPOS), f"i{iteration}", image)
 
 
 def referrer_of(subject: PushedImage) -> PushedImage:
