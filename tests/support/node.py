@@ -35,6 +35,8 @@ class NodeStartError(RuntimeError):
 
 
 class NodeProcess:
+    ready_path = "/readyz"   # answers 200 once the process serves requests
+
     def __init__(
         self,
         data_dir: Path | str,
@@ -44,6 +46,8 @@ class NodeProcess:
         node_id: str = "n1",
         runtime: str = "asyncio",
         extra_args: Sequence[str] = (),
+        source_dir: Path | str = REPO_ROOT,
+        python: str = sys.executable,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.etcd_url = etcd_url
@@ -51,6 +55,8 @@ class NodeProcess:
         self.node_id = node_id
         self.runtime = runtime
         self.extra_args = list(extra_args)
+        self.source_dir = Path(source_dir)   # the tree whose `cargohold` package runs
+        self.python = python
         self.port: int | None = None
         self.grpc_port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -82,7 +88,7 @@ class NodeProcess:
     # -- lifecycle ----------------------------------------------------------------
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "cargohold", "serve",
+            self.python, "-m", "cargohold", "serve",
             "--listen", f"127.0.0.1:{self.port}",
             "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--data-dir", str(self.data_dir),
@@ -104,7 +110,7 @@ class NodeProcess:
             self.grpc_port = free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            [str(self.source_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_file = open(self.log_path, "ab")
@@ -112,7 +118,7 @@ class NodeProcess:
         self._log_file.flush()
         self.proc = subprocess.Popen(
             self.command(),
-            cwd=str(REPO_ROOT),
+            cwd=str(self.source_dir),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -137,10 +143,10 @@ class NodeProcess:
                         f" log tail:\n{self.log_tail()}"
                     )
                 try:
-                    r = client.get(self.url + "/readyz")
+                    r = client.get(self.url + self.ready_path)
                     if r.status_code == 200:
                         return
-                    last = f"/readyz answered {r.status_code}"
+                    last = f"{self.ready_path} answered {r.status_code}"
                 except httpx.HTTPError as e:
                     last = repr(e)
                 time.sleep(0.05)
