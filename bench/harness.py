@@ -1,9 +1,12 @@
-"""`python -m bench SCENARIO [options]`: common options, a scratch directory, the scenario's
-parts in order, one table, one JSON file. Exit status 1 when a target fails or a part errors.
+"""cargohold benchmarks: `python -m bench SCENARIO [options]` (`--help` after a scenario).
+
+The harness gives every scenario common options, a scratch directory, its parts in order,
+one table and one JSON file. Exit status 1 when a target fails or a part errors.
 
 A scenario module has a docstring (its first line is its `--list` entry), `PARTS` (name ->
 function(ctx) returning rows, run in that order; `--only` picks some), and optionally
-`PEER` (the column label of the same-run peer), `add_arguments(parser)` and `prepare(ctx)`."""
+`PEER` (the column label of the same-run peer), `add_arguments(parser)`, `prepare(ctx)` and
+`finish(ctx)` (always called at the end)."""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class Ctx:
         return Path(self.args.profile or self.base / "profiles")
 
     def log(self, msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        report.log(msg)
 
 
 def load(name: str):
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             module.prepare(ctx)
         rows = run_parts(module, names, ctx)
     finally:
+        if hasattr(module, "finish"):
+            module.finish(ctx)
         if args.keep or args.workdir:
             print(f"scratch kept: {base}")
         else:

@@ -81,6 +81,17 @@ class Etcd(EtcdProcess):
         kvs = self.range(key).get("kvs") or []
         return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 
+    def paged_keys(self, prefix: str, page: int = 5000):
+        """Every key under `prefix`, `page` keys per Range request (bounded requests)."""
+        start, end = prefix.encode(), _b64(_prefix_end(prefix.encode()))
+        while True:
+            doc = self.range(start.decode(), range_end=end, keys_only=True, limit=page)
+            keys = [base64.b64decode(kv["key"]) for kv in doc.get("kvs") or []]
+            yield from (k.decode() for k in keys)
+            if not doc.get("more") or not keys:
+                return
+            start = keys[-1] + b"\0"
+
     def values(self, prefix: str) -> list[bytes]:
         return [base64.b64decode(kv.get("value", "")) for kv in self.range(prefix, prefix=True).get("kvs") or []]
 
@@ -243,12 +254,18 @@ class EtcdWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> "EtcdWatch":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "EtcdWatch":
         self._thread.start()
         if not self._created.wait(10) or self.error:
             raise TimeoutError(f"etcd watch not created: {self.error!r}")
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._closing = True
         if self._response is not None:
             try:

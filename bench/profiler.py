@@ -20,8 +20,8 @@ class Profiler:
     """A context manager: `with Profiler(...) as prof: prof.add("n1", pid); ...`; summaries
     (by label) are in `prof.summaries` afterwards. Disabled (does nothing) when `pyspy` is None."""
 
-    def __init__(self, pyspy: str | None, out_dir: Path, name: str, mode: str = "oncpu"):
-        self.pyspy, self.out_dir, self.name, self.mode = pyspy, Path(out_dir), name, mode
+    def __init__(self, pyspy: str | None, out_dir: Path, name: str, mode: str = "oncpu", rate: int = RATE):
+        self.pyspy, self.out_dir, self.name, self.mode, self.rate = pyspy, Path(out_dir), name, mode, rate
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
         self.summaries: dict[str, dict] = {}
         self.started = 0.0
@@ -31,29 +31,38 @@ class Profiler:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         out = self.out_dir / f"{self.name}-{label}-{time.strftime('%H%M%S')}.txt"
-        cmd = [self.pyspy, "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw",
+        cmd = [self.pyspy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
                "--output", str(out), "--threads", "--nonblocking", *MODES[self.mode]]
         self.procs.append((label, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
 
     def __enter__(self) -> "Profiler":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Profiler":
         self.started = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self, label: str | None = None) -> dict[str, dict]:
+        """Stops every py-spy (or the one of `label`); prints and returns the summaries."""
         window = time.perf_counter() - self.started
-        for _, proc, _ in self.procs:
+        stopping = [p for p in self.procs if label is None or p[0] == label]
+        self.procs = [p for p in self.procs if p not in stopping]
+        for _, proc, _ in stopping:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
-        for label, proc, out in self.procs:
+        for label, proc, out in stopping:
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
             if out.exists():
-                self.summaries[label] = summarize(out, window) | {"raw": str(out)}
+                self.summaries[label] = summarize(out, window, self.rate) | {"raw": str(out)}
                 print(format_summary(f"{self.name} {label}", self.summaries[label]), flush=True)
-        self.procs = []
+        return self.summaries
 
 
 def _short(frame: str) -> str:
@@ -63,7 +72,7 @@ def _short(frame: str) -> str:
     return f"{fn} ({'/'.join(path.split('/')[-2:])})" if path else fn
 
 
-def summarize(raw: Path, window_s: float, top: int = 20) -> dict:
+def summarize(raw: Path, window_s: float, rate: int = RATE, top: int = 20) -> dict:
     """Samples per thread (as % of wall time: without --idle py-spy records a thread only while
     it runs), the hottest frames of the main (event loop) thread and of the others, and the
     cargohold functions by inclusive share."""
@@ -90,7 +99,7 @@ def summarize(raw: Path, window_s: float, top: int = 20) -> dict:
         return [(k, round(100.0 * v / of, 1)) for k, v in counter.most_common(top)] if of else []
 
     return {"window_s": round(window_s, 2), "samples": total,
-            "busy_pct_of_wall": dict(share(threads, RATE * window_s)),
+            "busy_pct_of_wall": dict(share(threads, rate * window_s)),
             "main_self": share(main_self, threads["MainThread"]),
             "main_total": share(main_total, threads["MainThread"]),
             "other_self": share(other_self, total - threads["MainThread"]),

@@ -12,6 +12,10 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
 @dataclass
 class Row:
     """One measured figure. `peer` is the same figure of the peer (CNCF Distribution, or the
@@ -20,11 +24,11 @@ class Row:
     metric: str
     value: float | str | None
     unit: str = ""
-    peer: float | None = None
     target: str = "info"
     passed: bool | None = None          # None: information only
     note: str = ""
     error: str = ""
+    peer: float | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -47,7 +51,7 @@ class Row:
 def compared(benchmark: str, metric: str, unit: str, ours: float | None, peer: float | None, *,
              min_ratio: float | None = None, max_value: float | None = None, **kw) -> Row:
     """A row judged against a minimum ratio to the peer, or a maximum value, or neither."""
-    row = Row(benchmark, metric, ours, unit, peer, **kw)
+    row = Row(benchmark, metric, ours, unit, peer=peer, **kw)
     if min_ratio is not None:
         row.target = f">= {min_ratio:g}x"
         row.passed = None if row.ratio is None else row.ratio >= min_ratio

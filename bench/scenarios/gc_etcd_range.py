@@ -1,7 +1,5 @@
 """Repro: paging through a large etcd prefix costs O(rest of the range) per page (etcd 3.4.23).
 
-    /work/venv/bin/python bench/gc_etcd_range.py [--keys 480000] [--page 1000]
-
 cargohold reads whole sections page by page with a fixed range end
 (`EtcdClient.iter_prefix`: `limit=page`, the next page from the last key + "\\0"): the node's
 start-up snapshot (`ClusterMetadata._load_snapshot`, pages of 2,000 over the whole cluster
@@ -22,26 +20,21 @@ This starts a private etcd on loopback, writes `--keys` keys shaped like cargoho
 3. one small txn at a time: its latency alone, then while (1) runs again;
 4. (1) after as many keys again were written into the range and deleted (their index
    entries stay until a compaction), then after a compaction.
+--quick: 120,000 keys.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import anyio
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from cargohold.coordinator.etcd import Delete, EtcdClient, Put  # noqa: E402
-from tests.support.etcd import EtcdProcess  # noqa: E402
+from bench.launch import Etcd
+from bench.report import Row, log
+from cargohold.coordinator.etcd import Delete, EtcdClient, Put
 
 PREFIX = "/cargohold/repro/blobs/"
 
@@ -78,96 +71,121 @@ async def paged(client: EtcdClient, prefix: str, page: int, revision: int) -> tu
         start = kvs[-1].key + "\0"
 
 
-async def main(args) -> None:
-    with tempfile.TemporaryDirectory(prefix="etcd-range-repro-") as tmp:
-        etcd = EtcdProcess(Path(tmp))
-        etcd.start()
-        try:
-            async with EtcdClient([etcd.url], request_timeout=120.0) as client:
-                names = keys(args.keys)
-                t = time.perf_counter()
-                await fill(client, names)
-                print(f"wrote {len(names)} keys in {time.perf_counter() - t:.1f} s")
-                rev = await client.current_revision()
+async def measure(etcd_url: str, n_keys: int, page: int, reads_only: bool) -> dict:
+    out: dict = {}
+    async with EtcdClient([etcd_url], request_timeout=120.0) as client:
+        names = keys(n_keys)
+        t = time.perf_counter()
+        await fill(client, names)
+        out["write_s"] = time.perf_counter() - t
+        log(f"wrote {len(names)} keys in {out['write_s']:.1f} s")
+        rev = await client.current_revision()
 
-                t = time.perf_counter()
-                n, times = await paged(client, PREFIX, args.page, rev)
-                total = time.perf_counter() - t
-                print(f"1. one range end, limit {args.page}: {n} keys, {len(times)} pages in {total:.1f} s; "
-                      f"first page {times[0] * 1000:.0f} ms, middle {times[len(times) // 2] * 1000:.0f} ms, "
-                      f"last {times[-1] * 1000:.0f} ms")
+        t = time.perf_counter()
+        n, times = await paged(client, PREFIX, page, rev)
+        total = out["one_range_end_s"] = time.perf_counter() - t
+        out["pages_ms"] = {"first": times[0] * 1000, "middle": times[len(times) // 2] * 1000, "last": times[-1] * 1000}
+        log(f"1. one range end, limit {page}: {n} keys, {len(times)} pages in {total:.1f} s; "
+              f"first page {times[0] * 1000:.0f} ms, middle {times[len(times) // 2] * 1000:.0f} ms, "
+              f"last {times[-1] * 1000:.0f} ms")
 
-                t = time.perf_counter()
-                n = 0
-                for h in "0123456789abcdef":
-                    m, _ = await paged(client, PREFIX + "sha256:" + h, args.page, rev)
-                    n += m
-                print(f"2. 16 bounded sub-ranges, limit {args.page}: {n} keys in {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        n = 0
+        for h in "0123456789abcdef":
+            m, _ = await paged(client, PREFIX + "sha256:" + h, page, rev)
+            n += m
+        out["sub_ranges_s"] = time.perf_counter() - t
+        log(f"2. 16 bounded sub-ranges, limit {page}: {n} keys in {out['sub_ranges_s']:.1f} s")
 
-                t = time.perf_counter()
-                reads = client.requests
-                n = sum([len(kvs) async for kvs in client.iter_prefix(PREFIX, revision=rev, page_size=args.page)])
-                print(f"2b. EtcdClient.iter_prefix (each read bounded to about a page), limit {args.page}: {n} keys, "
-                      f"{client.requests - reads} reads in {time.perf_counter() - t:.1f} s")
-                if args.reads_only:
-                    return
+        t = time.perf_counter()
+        reads = client.requests
+        n = sum([len(kvs) async for kvs in client.iter_prefix(PREFIX, revision=rev, page_size=page)])
+        out["iter_prefix_s"] = time.perf_counter() - t
+        log(f"2b. EtcdClient.iter_prefix (each read bounded to about a page), limit {page}: {n} keys, "
+              f"{client.requests - reads} reads in {time.perf_counter() - t:.1f} s")
+        if reads_only:
+            return out
 
-                def stats(latencies: list[float]) -> str:
-                    latencies = sorted(latencies)
-                    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
-                    return (f"{len(latencies)} txns, p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, "
-                            f"max {latencies[-1] * 1000:.0f} ms")
+        def stats(latencies: list[float]) -> str:
+            latencies = sorted(latencies)
+            p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+            return (f"{len(latencies)} txns, p50 {p(0.5):.1f} ms, p99 {p(0.99):.1f} ms, "
+                    f"max {latencies[-1] * 1000:.0f} ms")
 
-                async def writer(latencies: list[float], done: anyio.Event) -> None:
-                    i = 0
-                    while not done.is_set():
-                        t0 = time.perf_counter()
-                        await client.txn([], [Put("/cargohold/repro/probe", str(i).encode())])
-                        latencies.append(time.perf_counter() - t0)
-                        i += 1
+        async def writer(latencies: list[float], done: anyio.Event) -> None:
+            i = 0
+            while not done.is_set():
+                t0 = time.perf_counter()
+                await client.txn([], [Put("/cargohold/repro/probe", str(i).encode())])
+                latencies.append(time.perf_counter() - t0)
+                i += 1
 
-                alone: list[float] = []
-                done = anyio.Event()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(writer, alone, done)
-                    await anyio.sleep(5)
-                    done.set()
-                print(f"3a. one small txn at a time, nothing else running (5 s): {stats(alone)}")
-                during: list[float] = []
-                done = anyio.Event()
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(writer, during, done)
-                    t = time.perf_counter()
-                    await paged(client, PREFIX, args.page, rev)
-                    reading = time.perf_counter() - t
-                    done.set()
-                print(f"3b. the same during the paged read of (1) ({reading:.1f} s): {stats(during)}")
+        alone: list[float] = []
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer, alone, done)
+            await anyio.sleep(5)
+            done.set()
+        out["txn_alone_p99_ms"] = sorted(alone)[min(len(alone) - 1, int(0.99 * len(alone)))] * 1000
+        log(f"3a. one small txn at a time, nothing else running (5 s): {stats(alone)}")
+        during: list[float] = []
+        done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer, during, done)
+            t = time.perf_counter()
+            await paged(client, PREFIX, page, rev)
+            reading = time.perf_counter() - t
+            done.set()
+        out["txn_during_p99_ms"] = sorted(during)[min(len(during) - 1, int(0.99 * len(during)))] * 1000
+        log(f"3b. the same during the paged read of (1) ({reading:.1f} s): {stats(during)}")
 
-                # 4. Deleted keys stay in etcd's index until a compaction (cargohold's private
-                #    etcd compacts hourly): a page still walks them.
-                extra = [k + "/gone" for k in names[::2]]          # spread over the whole range
-                await fill(client, extra)
-                for i in range(0, len(extra), 100):
-                    await client.txn([], [Delete(k) for k in extra[i:i + 100]])
-                rev = await client.current_revision()
-                t = time.perf_counter()
-                n, _ = await paged(client, PREFIX, args.page, rev)
-                deleted = time.perf_counter() - t
-                compacted = subprocess.run(["etcdctl", "--endpoints", etcd.url, "compact", str(rev), "--physical", "--command-timeout", "300s"],
-                               check=False, capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"})
-                if compacted.returncode != 0:
-                    raise RuntimeError(f"etcdctl compact: {compacted.stdout} {compacted.stderr}")
-                t = time.perf_counter()
-                n, _ = await paged(client, PREFIX, args.page, rev)
-                print(f"4. after writing and deleting {len(extra)} more keys in the range: (1) takes "
-                      f"{deleted:.1f} s; after a compaction {time.perf_counter() - t:.1f} s ({n} keys)")
-        finally:
-            etcd.stop()
+        # 4. Deleted keys stay in etcd's index until a compaction (cargohold's private
+        #    etcd compacts hourly): a page still walks them.
+        extra = [k + "/gone" for k in names[::2]]          # spread over the whole range
+        await fill(client, extra)
+        for i in range(0, len(extra), 100):
+            await client.txn([], [Delete(k) for k in extra[i:i + 100]])
+        rev = await client.current_revision()
+        t = time.perf_counter()
+        n, _ = await paged(client, PREFIX, page, rev)
+        deleted = time.perf_counter() - t
+        compacted = subprocess.run(["etcdctl", "--endpoints", etcd_url, "compact", str(rev), "--physical", "--command-timeout", "300s"],
+                       check=False, capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"})
+        if compacted.returncode != 0:
+            raise RuntimeError(f"etcdctl compact: {compacted.stdout} {compacted.stderr}")
+        t = time.perf_counter()
+        n, _ = await paged(client, PREFIX, page, rev)
+        out["after_deletes_s"], out["after_compaction_s"] = deleted, time.perf_counter() - t
+        log(f"4. after writing and deleting {len(extra)} more keys in the range: (1) takes "
+              f"{deleted:.1f} s; after a compaction {time.perf_counter() - t:.1f} s ({n} keys)")
+    return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="etcd 3.4 paged-range cost repro")
-    parser.add_argument("--keys", type=int, default=480000)
-    parser.add_argument("--page", type=int, default=1000)
-    parser.add_argument("--reads-only", action="store_true", help="stop after the read comparisons (1, 2, 2b)")
-    anyio.run(main, parser.parse_args())
+def add_arguments(ap) -> None:
+    ap.add_argument("--keys", type=int, help="keys in the range (default 480000; --quick 120000)")
+    ap.add_argument("--page", type=int, default=1000)
+    ap.add_argument("--reads-only", action="store_true", help="stop after the read comparisons (1, 2, 2b)")
+
+
+def paged_range(ctx) -> list[Row]:
+    n_keys = ctx.args.keys or (120_000 if ctx.quick else 480_000)
+    etcd = Etcd(ctx.base / "etcd")
+    etcd.start()
+    try:
+        r = ctx.details["paged_range"] = anyio.run(measure, etcd.url, n_keys, ctx.args.page, ctx.args.reads_only)
+    finally:
+        etcd.stop()
+    b = "paged_range"
+    rows = [Row(b, f"read {n_keys:,} keys, one range end, limit {ctx.args.page}", r["one_range_end_s"], "s",
+                note="page ms first/middle/last: " + "/".join(f"{v:.0f}" for v in r["pages_ms"].values())),
+            Row(b, "the same as 16 bounded sub-ranges", r["sub_ranges_s"], "s"),
+            Row(b, "the same through EtcdClient.iter_prefix", r["iter_prefix_s"], "s")]
+    if "txn_during_p99_ms" in r:
+        rows += [Row(b, "small txn p99 during the read of (1) (peer: alone)", r["txn_during_p99_ms"], "ms",
+                     peer=r["txn_alone_p99_ms"]),
+                 Row(b, "(1) after as many keys written and deleted (peer: after a compaction)", r["after_deletes_s"],
+                     "s", peer=r["after_compaction_s"])]
+    return rows
+
+
+PARTS = {"paged_range": paged_range}

@@ -1,5 +1,7 @@
-"""cargohold against CNCF Distribution 2.8.2 (Debian `docker-registry`): manifest GET, big and
-parallel blob transfers, and the node's memory with 10,000 repositories.
+"""cargohold vs CNCF Distribution 2.8.2: manifest GET, big and parallel blobs; node memory.
+
+Distribution is Debian's `docker-registry`. The memory part indexes 10,000 repositories x 10 tags
+into one node (cargohold only).
 
 Fresh servers with empty data directories for each side; A/B rounds alternate which side goes
 first; medians are reported, as ratios cargohold / distribution. Needs `docker-registry`,
