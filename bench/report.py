@@ -87,6 +87,8 @@ def fmt(v, unit: str = "") -> str:
         return f"{v:,.0f} {unit}"
     if unit == "cpu-s/GB":
         return f"{v:.3f} {unit}"
+    if unit in ("x", "%"):
+        return f"{v:.2f}{unit}"
     return f"{v:,.2f} {unit}".rstrip()
 
 

@@ -356,8 +356,8 @@ class PlacementPoller(threading.Thread):
 
 def bench_rebalance_join(ctx) -> list[Row]:
     n_blobs, size = (60, 256 * 1024) if ctx.quick else (200, 1 * MiB)
-    n_blobs = ctx.rebalance_blobs or n_blobs
-    size = ctx.rebalance_size or size
+    n_blobs = ctx.args.rebalance_blobs or n_blobs
+    size = int(ctx.args.rebalance_size * MiB) if ctx.args.rebalance_size else size
     disk_total = (256 if ctx.quick else 512) * MiB
     repo = "bench/rebalance"
     wd = Path(tempfile.mkdtemp(prefix="rebalance-", dir=ctx.base))

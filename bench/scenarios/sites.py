@@ -108,8 +108,14 @@ class CopyWatch(EtcdWatch):
 class Sites(Cluster):
     """One etcd and nodes in sites A and B."""
 
-    def add_site_node(self, node_id: str, site: str, replicas: int) -> Node:
-        return self.node(node_id, {"site": site, "replicas_per_site": replicas})
+    def define(self, nodes_per_site: int, replicas: int) -> tuple[list[str], list[str]]:
+        """Start etcd and define (not start) a1.. in site A and b1.. in site B."""
+        self.etcd.start()
+        ids = {site: [f"{site.lower()}{i + 1}" for i in range(nodes_per_site)] for site in ("A", "B")}
+        for site, names in ids.items():
+            for n in names:
+                self.node(n, {"site": site, "replicas_per_site": replicas})
+        return ids["A"], ids["B"]
 
     def start(self, *node_ids: str) -> None:
         start_all([self.nodes[n] for n in node_ids])
@@ -205,16 +211,10 @@ def cross_site_throughput(ctx, *, nodes_per_site: int, replicas: int, mode: str)
     raw: dict = {"nodes_per_site": nodes_per_site, "replicas_per_site": replicas, "mode": mode,
                  "blobs": count, "blob_size": size, "rounds": []}
     sites = _new_sites(ctx, f"tp{nodes_per_site}{replicas}{mode[0]}")
-    a_ids = [f"a{i + 1}" for i in range(nodes_per_site)]
-    b_ids = [f"b{i + 1}" for i in range(nodes_per_site)]
-    a_set, b_set = set(a_ids), set(b_ids)
     watcher = None
     try:
-        sites.etcd.start()
-        for n in a_ids:
-            sites.add_site_node(n, "A", replicas)
-        for n in b_ids:
-            sites.add_site_node(n, "B", replicas)
+        a_ids, b_ids = sites.define(nodes_per_site, replicas)
+        a_set, b_set = set(a_ids), set(b_ids)
         sites.start(*a_ids)
         if mode == "rules":
             sites.start(*b_ids)
@@ -437,16 +437,10 @@ def replication_lag(ctx, *, nodes_per_site: int, replicas: int) -> tuple[list[Ro
     key = f"lag-{nodes_per_site}x{replicas}"
     raw: dict = {"nodes_per_site": nodes_per_site, "replicas_per_site": replicas, "images": n_images, "rate": rate}
     sites = _new_sites(ctx, f"lag{nodes_per_site}{replicas}")
-    a_ids = [f"a{i + 1}" for i in range(nodes_per_site)]
-    b_ids = [f"b{i + 1}" for i in range(nodes_per_site)]
     watcher = None
     prof = _profiler(ctx, key)
     try:
-        sites.etcd.start()
-        for n in a_ids:
-            sites.add_site_node(n, "A", replicas)
-        for n in b_ids:
-            sites.add_site_node(n, "B", replicas)
+        a_ids, b_ids = sites.define(nodes_per_site, replicas)
         sites.start(*a_ids, *b_ids)
         watcher = CopyWatch(sites.etcd.url, sites.name).start()
         b_set = set(b_ids)
