@@ -1,5 +1,6 @@
 """What the bench reads about processes and the machine, from /proc: CPU seconds, memory,
-children; plus pinning, git and machine facts. One copy of each helper for every scenario."""
+children; plus pinning, git and machine facts. One copy of each helper for every scenario
+(free ports come from tests/support, which chooses them for every launched process)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from tests.support.node import free_port  # noqa: F401  (the one free_port, re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")

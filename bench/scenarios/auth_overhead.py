@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import anyio

@@ -158,7 +158,7 @@ class CpuMeter:
 
 # =========================================================================== manifest_get
 
-def _cpu_plan(ctx: Ctx) -> tuple[str | None, str | None]:
+def _cpu_plan(ctx) -> tuple[str | None, str | None]:
     """(server cpus, wrk cpus) for taskset, or (None, None) when not pinning."""
     if ctx.args.no_pin:
         return None, None
@@ -185,7 +185,7 @@ def run_wrk(url: str, seconds: int, cpus: str | None, threads: int = 2, conns: i
     raise RuntimeError(f"no BENCH_JSON in wrk output:\n{r.stdout}\n{r.stderr}")
 
 
-def manifest_get(ctx: Ctx) -> list[Row]:
+def manifest_get(ctx) -> list[Row]:
     seconds = 3 if ctx.quick else 10
     srv_cpus, wrk_cpus = _cpu_plan(ctx)
 
@@ -243,7 +243,7 @@ def manifest_get(ctx: Ctx) -> list[Row]:
 
 # =========================================================================== blob_big
 
-def _files(ctx: Ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[Path, str]]:
+def _files(ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[Path, str]]:
     d = ctx.base / "content"
     d.mkdir(exist_ok=True)
     out = []
@@ -259,7 +259,7 @@ def _files(ctx: Ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[P
     return out
 
 
-def blob_big(ctx: Ctx) -> list[Row]:
+def blob_big(ctx) -> list[Row]:
     size = (32 if ctx.quick else 256) * MiB
     reps = 1 if ctx.quick else 3
     chunk = 16 * MiB
@@ -378,7 +378,7 @@ def _fmt(xs) -> str:
 
 # =========================================================================== blob_parallel
 
-def blob_parallel(ctx: Ctx) -> list[Row]:
+def blob_parallel(ctx) -> list[Row]:
     clients = 8
     size = (8 if ctx.quick else 32) * MiB
     loops = 2 if ctx.quick else 8     # each client fetches its blob this many times

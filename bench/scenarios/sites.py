@@ -24,9 +24,10 @@ import os
 import shutil
 import statistics
 import time
+import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import httpx
@@ -544,6 +545,7 @@ def _variants(ctx, name: str, bench, table: dict) -> list[Row]:
             got, raw = bench(ctx, **table[variant])
             rows += got
         except Exception as exc:  # noqa: BLE001 - one variant's failure is a row, not a crash
+            traceback.print_exc()
             raw = {"error": f"{type(exc).__name__}: {exc}"}
             rows.append(Row(name, variant, None, error=raw["error"]))
         ctx.details[f"{name}/{variant}"] = raw
