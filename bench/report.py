@@ -83,6 +83,8 @@ def fmt(v, unit: str = "") -> str:
         return "-"
     if isinstance(v, str):
         return v
+    if isinstance(v, int):
+        return f"{v:,} {unit}".rstrip()
     if unit in ("req/s", "MB/s", "MB", "ms") and abs(v) >= 100:
         return f"{v:,.0f} {unit}"
     if unit == "cpu-s/GB":
