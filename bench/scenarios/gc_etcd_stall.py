@@ -1,4 +1,4 @@
-"""Repro: an etcd stall of ~12 s during a GC sweep makes the GC leader's node process exit.
+"""Repro: an etcd stall of ~12 s during a GC sweep; the GC leader's node once exited, it must not.
 
 Seen first in the gc scenario at full size, where etcd 3.4's paged range reads (see the
 gc_etcd_range scenario) held up writes for more than 5 s: the leader's txn failed with
