@@ -111,8 +111,12 @@ class Node(NodeProcess):
         self.cpus = cpus
         self.last_ready_s = 0.0
 
+    def pinned(self, command: list[str]) -> list[str]:
+        """`command` under `taskset -c CPUS` when the node has CPUs of its own."""
+        return (["taskset", "-c", self.cpus] if self.cpus else []) + command
+
     def command(self) -> list[str]:
-        return (["taskset", "-c", self.cpus] if self.cpus else []) + super().command()
+        return self.pinned(super().command())
 
     def start(self, timeout: float = 120.0) -> "Node":
         t0 = time.perf_counter()
@@ -134,9 +138,6 @@ class Node(NodeProcess):
         """VmRSS of the registry process(es) only; a private etcd is not counted."""
         pids = [self.pid, *(p for p in procs.descendants_of(self.pid) if procs.comm(p) != "etcd")]
         return sum(procs.status_kib(p, "VmRSS") or 0 for p in pids)
-
-    def tree_cpu(self) -> float:
-        return sum(procs.tree_cpu(self.pid))
 
 
 PEER_CONFIG = """\
@@ -162,7 +163,7 @@ class PeerRegistry(Node):
     def command(self) -> list[str]:
         config = self.data_dir / "distribution.yml"
         config.write_text(PEER_CONFIG.format(root=self.data_dir / "data", port=self.port))
-        return (["taskset", "-c", self.cpus] if self.cpus else []) + [PEER_BIN, "serve", str(config)]
+        return self.pinned([PEER_BIN, "serve", str(config)])
 
 
 def start_all(nodes: list[Node]) -> None:

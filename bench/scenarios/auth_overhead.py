@@ -47,7 +47,6 @@ def _wrk(url: str, script: str, seconds: int) -> float:
 
 
 def over_http(etcd: Etcd, work: Path, rounds: int, seconds: int) -> dict[str, list[float]]:
-    provision(etcd.url, "bench-on", users={"admin": "admin-password"}, robots=(), rules=None)
     nodes, scripts, token = {}, {}, None
     try:
         for mode in ("off", "on"):
@@ -115,12 +114,12 @@ async def in_process(etcd_url: str, data_dir: Path, token: str, n: int = 20000) 
 
 
 async def _token(etcd_url: str, work: Path) -> str:
-    """A fresh pull token from the `on` node, restarted for the in-process measurement."""
+    """A fresh pull token from the `on` node, restarted for the in-process measurement (the image
+    is pushed again, a no-op after over_http, so that this part also runs alone)."""
     node = Node(work / "on", etcd_url=etcd_url, cluster="bench-on", node_id="on", extra_args=["--auth", "on"])
     await anyio.to_thread.run_sync(node.start)
     try:
-        async with httpx.AsyncClient(base_url=node.url, auth=("admin", "admin-password")) as c:
-            return (await c.get("/token", params={"scope": "repository:bench/app:pull"})).json()["token"]
+        return await _prepare(node.url, ("admin", "admin-password"))
     finally:
         await anyio.to_thread.run_sync(node.stop)
 
@@ -133,6 +132,7 @@ def add_arguments(ap) -> None:
 def prepare(ctx) -> None:
     ctx.etcd = Etcd(ctx.base / "etcd")
     ctx.etcd.start()
+    provision(ctx.etcd.url, "bench-on", users={"admin": "admin-password"}, robots=(), rules=None)
 
 
 def finish(ctx) -> None:

@@ -58,10 +58,6 @@ def prepare(ctx) -> None:
     ctx.details["node_settings"] = ctx.settings
 
 
-def new_cluster(ctx, prefix: str, name: str) -> Cluster:
-    return Cluster(Path(tempfile.mkdtemp(prefix=prefix, dir=ctx.base)), name, ctx.settings)
-
-
 def write_blob_file(path: Path, size: int, seed: str) -> str:
     data = oci.random_bytes(size, seed)
     path.write_bytes(data)
