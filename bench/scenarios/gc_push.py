@@ -1,4 +1,4 @@
-"""Small-image pushers for bench/gc.py: push latency with and without a garbage collection.
+"""Small-image pushers for the gc scenario: push latency with and without a garbage collection.
 
 Each client is a thread with one keep-alive HTTP/1.1 connection (stdlib `http.client`, little
 client-side CPU) to one node. It pushes images continuously until told to stop: a config blob
