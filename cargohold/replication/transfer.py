@@ -251,7 +251,7 @@ class PeerClient:
         try:
             reply = await await_future(future)
         except grpc.RpcError as exc:
-            raise PeerUnavailable(f"{address}: {exc.code().name}") from None
+            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
         return reply.size if reply.present else None
 
     async def read(self, address: str, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
