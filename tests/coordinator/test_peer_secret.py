@@ -3,6 +3,7 @@ on one; a rotation, a deletion or a malformed value reaches every follower the r
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import anyio
@@ -26,7 +27,22 @@ async def test_nodes_starting_together_agree_on_one_secret(etcd_client):
     assert await PeerSecretStore(etcd_client, cluster).ensure() == stores[0].current()   # a later node too
 
 
-async def test_followers_take_rotations_and_a_deleted_secret_is_created_again(etcd, caplog):
+@pytest.fixture
+def peer_secret_log():
+    """What coordinator/peersecret.py logs (its own handler: other tests replace the root's)."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("cargohold.peersecret")
+    was_disabled = logger.disabled
+    logger.disabled = False          # a logging dictConfig elsewhere in the session may have disabled it
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+    logger.disabled = was_disabled
+
+
+async def test_followers_take_rotations_and_a_deleted_secret_is_created_again(etcd, peer_secret_log):
     cluster = f"ps-{uuid.uuid4().hex[:8]}"
     async with EtcdClient([etcd.url]) as client, anyio.create_task_group() as tg:
         followers = [PeerSecretStore(client, cluster) for _ in range(2)]
@@ -41,7 +57,8 @@ async def test_followers_take_rotations_and_a_deleted_secret_is_created_again(et
         key = Keys(cluster).peer_secret()
         await client.put(key, b"not a secret")             # a bad hand edit: ignored, never fails open
         await client.put(key + "-unrelated", b"x")          # a key that merely shares the prefix
-        await eventually(lambda: caplog.text.count("ignoring a malformed peer secret") == 2, what="both to ignore it")
+        await eventually(lambda: sum("ignoring a malformed" in line for line in peer_secret_log) == 2,
+                         what="both followers to ignore it")
         assert all(f.current() == rotated for f in followers)
         dropped = await PeerSecretStore(client, cluster).rotate(drop_old=True)   # replaces the bad value
         assert dropped.secrets == (dropped.signing,)
