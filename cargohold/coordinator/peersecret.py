@@ -16,6 +16,7 @@ import time
 import anyio
 
 from cargohold.auth.peer import PeerSecrets
+from cargohold.config import ConfigError
 from cargohold.coordinator.etcd import Compare, EtcdClient, EtcdCompacted, Get, Put, WatchEvent
 from cargohold.coordinator.keys import Keys
 
@@ -39,8 +40,8 @@ class PeerSecretStore:
 
     async def ensure(self) -> PeerSecrets:
         """Load the cluster's secret, creating it if the cluster has none (one transaction).
-        A stored value that does not parse stops the node: refusing every peer, or inventing a
-        secret of its own, would both split the cluster silently."""
+        A stored value that does not parse stops the node (ConfigError, so `serve` says why and
+        exits 2): refusing every peer, or inventing a secret of its own, would split the cluster."""
         fresh = PeerSecrets.generate(time.time())
         result = await self._client.txn([Compare.missing(self._key)], [Put(self._key, fresh.encode())],
                                         [Get(self._key)])
@@ -52,7 +53,7 @@ class PeerSecretStore:
             try:
                 self._secrets = PeerSecrets.decode(stored)
             except ValueError as exc:
-                raise RuntimeError(f"{self._key}: {exc}; run `cargohold access rotate-peer-secret "
+                raise ConfigError(f"{self._key}: {exc}; run `cargohold access rotate-peer-secret "
                                    "--drop-old` to replace it") from None
         self._revision = result.revision
         return self._secrets

@@ -1,7 +1,8 @@
 """The node-to-node gRPC port serves the cluster's nodes only (issue 12): a raw gRPC client without
 the cluster's peer credential, or with a wrong, replayed or expired one, gets UNAUTHENTICATED for
 every method, while the nodes replicate as before; a rotated secret reaches every node without a
-restart; `--grpc-insecure` is refused on a public address and works on loopback.
+restart; `--grpc-insecure` is refused on a public address and works on loopback; a malformed
+stored secret stops a node at start-up.
 
 Real etcd, real node processes, real grpc: the client is the generated stub on a plain channel.
 """
@@ -16,6 +17,7 @@ import pytest
 
 from cargohold.auth.peer import MAX_SKEW, METADATA_KEY, PeerSecrets, sign
 from cargohold.coordinator.etcd import EtcdClient
+from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.peersecret import PeerSecretStore
 from cargohold.replication.v1 import replication_pb2 as pb
 from cargohold.replication.v1 import replication_pb2_grpc as pb_grpc
@@ -147,3 +149,14 @@ async def test_grpc_insecure_is_refused_on_a_public_address_and_allowed_on_loopb
     assert "--grpc-insecure" in local.log_tail(200)
     # It still signs its own calls, so it fetches its copy from the authenticated node.
     cluster.wait_until(lambda: cluster.holders().get(digest) == {"pub", "local"}, what="local's copy from pub")
+
+
+async def test_a_node_refuses_to_start_on_a_malformed_peer_secret(cluster):
+    async with EtcdClient([cluster.etcd_url]) as client:
+        await client.put(Keys(cluster.name).peer_secret(), b"{}")      # a bad hand edit of etcd
+    node = cluster.add("a", start=False)
+    with pytest.raises(NodeStartError):
+        node.start()
+    assert node.proc.returncode == 2 and "rotate-peer-secret --drop-old" in node.log_tail(), node.log_tail()
+    assert cluster.cli("access", "rotate-peer-secret", "--drop-old").returncode == 0
+    node.start()                                                        # the operator's fix is enough

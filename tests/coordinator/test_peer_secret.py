@@ -9,6 +9,7 @@ import uuid
 import anyio
 import pytest
 
+from cargohold.config import ConfigError
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.peersecret import PeerSecretStore
@@ -76,7 +77,7 @@ async def test_followers_take_rotations_and_a_deleted_secret_is_created_again(et
 async def test_a_malformed_stored_secret_stops_a_starting_node(etcd_client):
     cluster = f"ps-{uuid.uuid4().hex[:8]}"
     await etcd_client.put(Keys(cluster).peer_secret(), b"{}")
-    with pytest.raises(RuntimeError, match="rotate-peer-secret --drop-old"):
+    with pytest.raises(ConfigError, match="rotate-peer-secret --drop-old"):
         await PeerSecretStore(etcd_client, cluster).ensure()
     await PeerSecretStore(etcd_client, cluster).rotate(drop_old=True)
     assert await PeerSecretStore(etcd_client, cluster).ensure()
