@@ -2,7 +2,7 @@
 the cluster's peer credential, or with a wrong, replayed or expired one, gets UNAUTHENTICATED for
 every method, while the nodes replicate as before; a rotated secret reaches every node without a
 restart; `--grpc-insecure` is refused on a public address and works on loopback; a malformed
-stored secret stops a node at start-up.
+stored secret stops a node at start-up; under mutual TLS the credential is still checked.
 
 Real etcd, real node processes, real grpc: the client is the generated stub on a plain channel.
 """
@@ -25,16 +25,19 @@ from tests.cluster.conftest import client_for
 from tests.support import oci
 from tests.support.node import NodeStartError, free_port
 from tests.support.poll import eventually
+from tests.support.tls import make_ca_and_certs
 
 pytestmark = pytest.mark.anyio
 
 SERVICE = "/cargohold.replication.v1.Replication/"
 
 
-def call(port: int, method: str, digest: str, credential: str | None = None):
+def call(port: int, method: str, digest: str, credential: str | None = None,
+         tls: grpc.ChannelCredentials | None = None):
     """One raw call of `method` for `digest`; returns the reply (streams read to the end)."""
     metadata = [(METADATA_KEY, credential)] if credential is not None else None
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) if tls is None else grpc.secure_channel(target, tls) as channel:
         stub = pb_grpc.ReplicationStub(channel)
         if method == "StatBlob":
             return stub.StatBlob(pb.StatBlobRequest(digest=digest), timeout=10, metadata=metadata)
@@ -45,9 +48,10 @@ def call(port: int, method: str, digest: str, credential: str | None = None):
                                                        metadata=metadata))
 
 
-def refused(port: int, method: str, digest: str, credential: str | None = None) -> str:
+def refused(port: int, method: str, digest: str, credential: str | None = None,
+            tls: grpc.ChannelCredentials | None = None) -> str:
     with pytest.raises(grpc.RpcError) as caught:
-        call(port, method, digest, credential)
+        call(port, method, digest, credential, tls)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method, caught.value)
     return caught.value.details()
 
@@ -160,3 +164,26 @@ async def test_a_node_refuses_to_start_on_a_malformed_peer_secret(cluster):
     assert node.proc.returncode == 2 and "rotate-peer-secret --drop-old" in node.log_tail(), node.log_tail()
     assert cluster.cli("access", "rotate-peer-secret", "--drop-old").returncode == 0
     node.start()                                                        # the operator's fix is enough
+
+
+async def test_mutual_tls_does_not_replace_the_credential(cluster, tmp_path):
+    files = make_ca_and_certs(tmp_path / "tls", ["node", "client"])
+    tls_args = ["--grpc-tls-cert", str(files["node"][0]), "--grpc-tls-key", str(files["node"][1]),
+                "--grpc-tls-ca", str(files["ca"])]
+    cert, key = (path.read_bytes() for path in files["client"])
+    signed_by_the_ca = grpc.ssl_channel_credentials(files["ca"].read_bytes(), key, cert)
+    port = free_port()
+    node = cluster.add("a", start=False, args=["--grpc-listen", f"0.0.0.0:{port}", *tls_args])
+    node.grpc_port = port
+    node.start()
+    digest = await push(node, "tls/app", os.urandom(1000))
+    secrets = await stored_secrets(cluster)
+    assert "no peer credential" in refused(port, "StatBlob", digest, tls=signed_by_the_ca)   # a certificate alone
+    assert call(port, "StatBlob", digest, signed(secrets, "StatBlob"), signed_by_the_ca).present
+
+    node.stop()                                  # the switch is accepted off loopback under mutual TLS ...
+    node.extra_args.append("--grpc-insecure")
+    node.start()
+    assert call(port, "StatBlob", digest, tls=signed_by_the_ca).present     # ... where the CA alone gates the port
+    with pytest.raises(grpc.RpcError):
+        call(port, "StatBlob", digest)                                      # and a plain client still gets nothing
