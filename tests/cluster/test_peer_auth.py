@@ -4,7 +4,8 @@ every method, while the nodes replicate as before; a rotated secret reaches ever
 restart; `--grpc-insecure` is refused on a public address and works on loopback; a malformed
 stored secret stops a node at start-up; under mutual TLS the credential is still checked.
 
-Real etcd, real node processes, real grpc: the client is the generated stub on a plain channel.
+Real etcd, real node processes, real grpc: the client is the generated stub on a plain channel
+(a TLS one with a certificate from the nodes' CA in the mutual TLS test).
 """
 
 from __future__ import annotations
