@@ -1,4 +1,5 @@
-"""Minimal OCI Distribution client used by the benchmarks (httpx, sync)."""
+"""The small OCI Distribution client of every scenario (httpx). Functions take a client and,
+for a client without a base URL (one client, many nodes), `base=URL`."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class RegistryError(RuntimeError):
     pass
 
 
-def sha256_digest(data: bytes) -> str:
+def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -74,15 +75,15 @@ def _file_chunks(path: Path, start: int = 0, length: int | None = None, chunk: i
 
 # --------------------------------------------------------------------------- blob push
 
-def push_blob_bytes(c: httpx.Client, repo: str, data: bytes, digest: str | None = None) -> str:
+def push_blob(c: httpx.Client, repo: str, data: bytes, digest: str | None = None, *, base: str = "") -> str:
     """Monolithic ``POST /v2/<repo>/blobs/uploads/?digest=`` with the body.
 
     A registry that does not take the body on the POST (Distribution 2.x
     answers 202, as the spec allows) gets it with a single PUT to the Location,
     the spec's fallback.
     """
-    digest = digest or sha256_digest(data)
-    r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data,
+    digest = digest or digest_of(data)
+    r = c.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data,
                headers={"Content-Type": "application/octet-stream"})
     if r.status_code == 202:
         loc = urljoin(str(r.url), r.headers["Location"])
@@ -92,10 +93,31 @@ def push_blob_bytes(c: httpx.Client, repo: str, data: bytes, digest: str | None 
     return digest
 
 
+def push_blob_docker(c: httpx.Client, repo: str, data: bytes, digest: str, *, base: str = "") -> None:
+    """What `docker push` does for a layer: HEAD (404), POST, PATCH with the body, PUT ?digest=."""
+    _check(c.head(f"{base}/v2/{repo}/blobs/{digest}"), 404)
+    r = _check(c.post(f"{base}/v2/{repo}/blobs/uploads/"), 202)
+    r = _check(c.patch(urljoin(str(r.url), r.headers["Location"]), content=data,
+                       headers={"Content-Type": "application/octet-stream"}), 202)
+    _check(c.put(_with_digest(urljoin(str(r.url), r.headers["Location"]), digest)), 201)
+
+
+async def apush_blob(c: httpx.AsyncClient, repo: str, data: bytes) -> str:
+    """`push_blob` for an async client with a base URL (a registry that takes the POST body)."""
+    digest = digest_of(data)
+    _check(await c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data,
+                        headers={"Content-Type": "application/octet-stream"}), 201)
+    return digest
+
+
+async def apush_manifest(c: httpx.AsyncClient, repo: str, tag: str, body: bytes) -> None:
+    _check(await c.put(f"/v2/{repo}/manifests/{tag}", content=body, headers={"Content-Type": OCI_MANIFEST}), 201)
+
+
 def supports_single_post(c: httpx.Client, repo: str) -> bool:
     """Does ``POST ?digest=`` with a body complete the upload (201), or answer 202?"""
     data = b"single-post-probe"
-    r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": sha256_digest(data)},
+    r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest_of(data)},
                content=data, headers={"Content-Type": "application/octet-stream"})
     if r.status_code == 201:
         return True
@@ -104,11 +126,11 @@ def supports_single_post(c: httpx.Client, repo: str) -> bool:
     return False
 
 
-def push_blob_file_monolithic(c: httpx.Client, repo: str, path: Path, digest: str) -> float:
+def push_blob_file_monolithic(c: httpx.Client, repo: str, path: Path, digest: str, *, base: str = "") -> float:
     """Monolithic POST ``?digest=`` streaming ``path``; seconds until the 201 arrived."""
     size = path.stat().st_size
     t0 = time.perf_counter()
-    r = c.post(f"/v2/{repo}/blobs/uploads/", params={"digest": digest},
+    r = c.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest},
                content=_file_chunks(path),
                headers={"Content-Type": "application/octet-stream",
                         "Content-Length": str(size)})
@@ -222,34 +244,40 @@ def image_blobs(seed: int = 1, layer_size: int = 1024) -> dict[str, bytes]:
     return {"config": config, "layer": layer}
 
 
-def manifest_for(blobs: dict[str, bytes], annotations: dict[str, str] | None = None) -> bytes:
+def random_bytes(size: int, seed: str | int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def manifest_bytes(config: tuple[str, int], layers: list[tuple[str, int]],
+                   annotations: dict[str, str] | None = None) -> bytes:
+    """An OCI image manifest from (digest, size) of its config and layers."""
     m = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": sha256_digest(blobs["config"]),
-                   "size": len(blobs["config"])},
-        "layers": [{"mediaType": OCI_LAYER, "digest": sha256_digest(blobs["layer"]),
-                    "size": len(blobs["layer"])}],
+        "config": {"mediaType": OCI_CONFIG, "digest": config[0], "size": config[1]},
+        "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": n} for d, n in layers],
     }
     if annotations:
         m["annotations"] = annotations
     return json.dumps(m, sort_keys=True, separators=(",", ":")).encode()
 
 
-def put_manifest(c: httpx.Client, repo: str, ref: str, body: bytes,
-                 media_type: str = OCI_MANIFEST) -> str:
-    r = c.put(f"/v2/{repo}/manifests/{ref}", content=body,
-              headers={"Content-Type": media_type})
-    _check(r, 201)
-    return sha256_digest(body)
+def manifest_for(blobs: dict[str, bytes], annotations: dict[str, str] | None = None) -> bytes:
+    return manifest_bytes((digest_of(blobs["config"]), len(blobs["config"])),
+                          [(digest_of(blobs["layer"]), len(blobs["layer"]))], annotations)
+
+
+def push_manifest(c: httpx.Client, repo: str, ref: str, body: bytes, *, base: str = "") -> str:
+    _check(c.put(f"{base}/v2/{repo}/manifests/{ref}", content=body, headers={"Content-Type": OCI_MANIFEST}), 201)
+    return digest_of(body)
 
 
 def push_image(c: httpx.Client, repo: str, tag: str, seed: int = 1) -> tuple[bytes, str]:
     blobs = image_blobs(seed)
     for b in blobs.values():
-        push_blob_bytes(c, repo, b)
+        push_blob(c, repo, b)
     body = manifest_for(blobs)
-    digest = put_manifest(c, repo, tag, body)
+    digest = push_manifest(c, repo, tag, body)
     return body, digest
 
 

@@ -43,6 +43,7 @@ class Settings:
     grpc_tls_cert: str | None = None                    # node-to-node gRPC over mutual TLS
     grpc_tls_key: str | None = None
     grpc_tls_ca: str | None = None
+    grpc_insecure: bool = False                         # DANGEROUS: serve gRPC without checking the peer credential
     down_after: float = 300.0                           # a dead node's blobs are re-replicated after this
     replication_workers: int = 8
     tls_cert: str | None = None
@@ -84,6 +85,11 @@ class Settings:
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]") or "0.0.0.0", int(port)
+
+    @property
+    def grpc_host(self) -> str:
+        """The host part of `grpc_listen` ("" for all addresses)."""
+        return self.grpc_listen.rpartition(":")[0].strip("[]")
 
 
 class ConfigError(ValueError):
@@ -209,9 +215,7 @@ def validate(settings: Settings) -> None:
             parse_size(settings.storage_limit)
         except ValueError:
             raise ConfigError(f"storage_limit {settings.storage_limit!r} is not a size like 500G") from None
-    tls = [settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca]
-    if any(tls) and not all(tls):
-        raise ConfigError("--grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca go together")
+    _validate_peer_port(settings)
     if settings.gc_window is not None:
         try:
             parse_window(settings.gc_window)
@@ -257,6 +261,21 @@ def _validate_access(settings: Settings) -> None:
     if settings.auth == "off" and not settings.insecure_open and not is_loopback(settings.host_port[0]):
         raise ConfigError(f"auth is off and {settings.listen} is not a loopback address: anybody could push and "
                           "delete. Configure access control, or pass --insecure-open if that is what you want")
+
+
+def _validate_peer_port(settings: Settings) -> None:
+    """Every gRPC call between nodes is authenticated (the cluster's peer secret). Turning that
+    off is allowed only where something else keeps strangers out: a loopback address, or mutual
+    TLS. Unlike an open HTTP registry (a public mirror is a use), an open replication port has
+    none: every node has the credential, so the only new caller it admits is a stranger."""
+    tls = [settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca]
+    if any(tls) and not all(tls):
+        raise ConfigError("--grpc-tls-cert, --grpc-tls-key and --grpc-tls-ca go together")
+    if settings.grpc_insecure and not all(tls) and not is_loopback(settings.grpc_host):
+        raise ConfigError(f"grpc_insecure is set and {settings.grpc_listen} is not a loopback address: anybody who "
+                          "reaches it could read every blob of every repository. Drop --grpc-insecure (nodes "
+                          "authenticate each other by themselves), use a loopback address, or add mutual TLS "
+                          "(--grpc-tls-cert/--grpc-tls-key/--grpc-tls-ca)")
 
 
 def is_loopback(host: str) -> bool:

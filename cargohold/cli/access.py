@@ -25,6 +25,7 @@ from cargohold.auth.rules import DEFAULT_RULES, Policy, RulesError
 from cargohold.auth.subjects import valid_account_name
 from cargohold.cli.options import cluster_command, etcd_client, fail, print_table, read_rules_file, report
 from cargohold.coordinator.accounts import Account, AccountStore
+from cargohold.coordinator.peersecret import PeerSecretStore
 
 
 def register(sub) -> None:
@@ -82,7 +83,7 @@ def _unlock_command(actions, kind: str) -> None:
 
 
 def _access_commands(sub) -> None:
-    access = sub.add_parser("access", help="access rules and token signing keys")
+    access = sub.add_parser("access", help="access rules, token signing keys and the nodes' peer secret")
     what = access.add_subparsers(dest="what", required=True)
     rules = what.add_parser("rules", help="who may do what: set FILE, list").add_subparsers(dest="action", required=True)
     p = _command(rules, "set", "validate and store an access rules file (YAML or JSON)", rules_set)
@@ -91,6 +92,10 @@ def _access_commands(sub) -> None:
     p = _command(what, "rotate-key", "sign tokens with a new key from now on", rotate_key)
     p.add_argument("--drop-old", action="store_true",
                    help="also invalidate every token signed with the older keys (a leaked key)")
+    p = _command(what, "rotate-peer-secret", "nodes sign their gRPC calls to each other with a new secret",
+                 rotate_peer_secret)
+    p.add_argument("--drop-old", action="store_true",
+                   help="also refuse calls signed with the previous secret at once (a leaked secret)")
 
 
 def _audit_commands(sub) -> None:
@@ -295,6 +300,16 @@ async def rotate_key(args) -> int:
     report(args, {"key_id": key.key_id, "dropped_old": args.drop_old},
            f"tokens are signed with key {key.key_id} from now on"
            + ("; every older token is invalid" if args.drop_old else "; the previous key stays valid for its tokens"))
+    return 0
+
+
+async def rotate_peer_secret(args) -> int:
+    client = etcd_client(args)
+    async with client:
+        await PeerSecretStore(client, args.cluster).rotate(drop_old=args.drop_old)
+    report(args, {"rotated": True, "dropped_old": args.drop_old},
+           "nodes sign gRPC calls with a new peer secret from now on"
+           + ("; the previous one is refused" if args.drop_old else "; the previous one stays accepted"))
     return 0
 
 

@@ -59,15 +59,18 @@ async def node_join(args) -> int:
 async def node_leave(args) -> int:
     async with etcd_client(args) as client:
         try:
-            member = await admin.leave(client, args.cluster, args.node_id)
+            started = await admin.leave(client, args.cluster, args.node_id)
         except KeyError:
             return fail(f"no node {args.node_id!r} in cluster {args.cluster!r}")
+        member = started.member
         if not args.wait:
-            report(args, {"node": member.node_id, "state": member.state},
-                   f"node {member.node_id} is draining; `cargohold node leave {member.node_id} --wait` follows it")
+            report(args, {"node": member.node_id, "state": member.state, "holds": started.held},
+                   f"node {member.node_id} is draining ({started.held} blobs to hand over); "
+                   f"`cargohold node leave {member.node_id} --wait` follows it")
             return 0
         show = (lambda progress: None) if args.json else _show_progress
-        last = await admin.follow_leave(client, args.cluster, args.node_id, show, replicas=args.replicas)
+        last = await admin.follow_leave(client, args.cluster, args.node_id, show, replicas=args.replicas,
+                                        held_at_start=started.held)
     if not args.json:
         sys.stderr.write("\n")
     report(args, {"node": last.node, "state": last.state, "moved": last.total},

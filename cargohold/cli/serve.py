@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--grpc-tls-cert", help="this node's certificate for mutual TLS between nodes")
     p.add_argument("--grpc-tls-key", help="this node's key for mutual TLS between nodes")
     p.add_argument("--grpc-tls-ca", help="the CA that signs every node's certificate")
+    p.add_argument("--grpc-insecure", action="store_true", default=None,
+                   help="DANGEROUS: serve gRPC to callers without the cluster's peer credential "
+                        "(only on a loopback address or with mutual TLS; for debugging)")
     p.add_argument("--advertise-url", help="the URL other nodes and clients reach this node at")
     p.add_argument("--runtime", choices=["asyncio", "trio"], help="asyncio (uvicorn, default) or trio (hypercorn)")
     p.add_argument("--min-copies", type=int, help="copies a blob must have before its upload is acknowledged")

@@ -116,6 +116,10 @@ class Keys:
     def signing_key(self, key_id: str) -> str:
         return f"{self.prefix}auth/keys/{key_id}"
 
+    def peer_secret(self) -> str:
+        """The secret nodes sign their gRPC calls to each other with (coordinator/peersecret.py)."""
+        return f"{self.prefix}auth/peer-secret"
+
     def parse_auth(self, key: str) -> tuple[str, str]:
         """(section, name) of a key under auth/: ("users", "alice"), ("rules", ""), ("keys", kid)."""
         section, _, name = key[len(self.auth_prefix()):].partition("/")

@@ -19,6 +19,7 @@ from cargohold.gc.node_sweep import NodeSweep
 from cargohold.coordinator.embedded import embedded_etcd
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
+from cargohold.coordinator.peersecret import PeerSecretStore
 from cargohold.node.api import RegistryAPI
 from cargohold.node.access import access_control
 from cargohold.node.forward import UploadForwarder, owner_tag
@@ -58,9 +59,12 @@ async def serve(settings: Settings) -> None:
                                 max_per_account=settings.max_uploads_per_account or None)
         tls = (TlsFiles(settings.grpc_tls_cert, settings.grpc_tls_key, settings.grpc_tls_ca)
                if settings.grpc_tls_cert else None)
-        peers = PeerClient(tls=tls)
+        peer_secret = PeerSecretStore(client, settings.cluster)
+        await peer_secret.ensure()      # the cluster's first node creates it
+        peers = PeerClient(tls=tls, keyring=peer_secret.current)
         stack.callback(peers.close)
-        grpc_port = await stack.enter_async_context(grpc_server(settings.grpc_listen, _service(store), tls=tls))
+        grpc_port = await stack.enter_async_context(grpc_server(
+            settings.grpc_listen, _service(store), tls=tls, keyring=_checked_keyring(settings, peer_secret)))
         grace = parse_duration(settings.gc_grace)
         foreground = Foreground()
         replicator = Replicator(metadata, store, peers, _replication_settings(settings, node_id))
@@ -93,6 +97,7 @@ async def serve(settings: Settings) -> None:
                 tg.start_soon(access.run)
             member = await metadata.register(member)
             tg.start_soon(metadata.keep_membership, member)
+            tg.start_soon(peer_secret.run)
             tg.start_soon(replicator.run)
             tg.start_soon(sweep.run)
             tg.start_soon(collector.run)
@@ -130,6 +135,16 @@ def _service(store: FilesystemBlobStore) -> ReplicationService:
     return ReplicationService(open_blob, valid)
 
 
+def _checked_keyring(settings: Settings, peer_secret: PeerSecretStore):
+    """What the gRPC server checks calls against: None with --grpc-insecure (config.py allows it
+    only on loopback or with mutual TLS)."""
+    if not settings.grpc_insecure:
+        return peer_secret.current
+    log.warning("--grpc-insecure: the gRPC port %s serves anybody who reaches it, without a peer credential",
+                settings.grpc_listen)
+    return None
+
+
 def _live_urls(metadata: ClusterMetadata) -> dict[str, str]:
     alive = metadata.alive()
     return {node_id: m.url for node_id, m in metadata.members().items() if node_id in alive}
@@ -145,7 +160,7 @@ def _http_url(settings: Settings) -> str:
 def _grpc_address(settings: Settings, port: int) -> str:
     if settings.grpc_advertise:
         return settings.grpc_advertise
-    host = settings.grpc_listen.rpartition(":")[0].strip("[]")
+    host = settings.grpc_host
     if host in ("", "0.0.0.0", "::"):
         host = urlsplit(_http_url(settings)).hostname or "127.0.0.1"
     return f"{host}:{port}"

@@ -70,14 +70,24 @@ async def join(client: EtcdClient, cluster: str, node_id: str, site: str = "defa
     return await metadata.set_member_state(node_id, "active", template=template)
 
 
-async def leave(client: EtcdClient, cluster: str, node_id: str) -> Member:
+@dataclass
+class LeaveStarted:
+    member: Member
+    held: int               # blobs the node held a copy of when it was marked draining
+
+
+async def leave(client: EtcdClient, cluster: str, node_id: str) -> LeaveStarted:
+    """Mark the node draining, and count what it holds at that moment: a live node may finish
+    its drain before anybody follows it, so the count cannot be taken later."""
     metadata = ClusterMetadata(client, cluster, node_id="cli")
+    await metadata.load()
+    held = sum(1 for s in metadata.blob_states().values() if node_id in s.nodes and s.record is not None)
     member = await metadata.set_member_state(node_id, "draining")
-    return member
+    return LeaveStarted(member, held)
 
 
 async def follow_leave(client: EtcdClient, cluster: str, node_id: str, report: Callable[[LeaveProgress], None],
-                       replicas: int = 2) -> LeaveProgress:
+                       replicas: int = 2, held_at_start: int = 0) -> LeaveProgress:
     """Report progress each time the cluster changes, until the node has left; return the last.
 
     A live node drains itself: its peers fetch the blobs it owned, then it withdraws its
@@ -87,19 +97,19 @@ async def follow_leave(client: EtcdClient, cluster: str, node_id: str, report: C
     """
     metadata = ClusterMetadata(client, cluster, node_id="cli", replicas_per_site=replicas)
     with metadata.changes() as changed:
-        return await _follow_leave(metadata, node_id, report, changed)
+        return await _follow_leave(metadata, node_id, report, changed, held_at_start)
 
 
-async def _follow_leave(metadata: ClusterMetadata, node_id: str, report, changed) -> LeaveProgress:
+async def _follow_leave(metadata: ClusterMetadata, node_id: str, report, changed, held_at_start: int) -> LeaveProgress:
     async with anyio.create_task_group() as tg:
         await tg.start(metadata.run)
-        total = None
+        total = held_at_start
         while True:
             member = metadata.members().get(node_id)
             if member is None:
                 raise KeyError(node_id)
             remaining = sum(1 for s in metadata.blob_states().values() if node_id in s.nodes)
-            total = remaining if total is None else max(total, remaining)
+            total = max(total, remaining)
             alive = node_id in metadata.alive()
             progress = LeaveProgress(node_id, member.state, alive, remaining, total)
             report(progress)

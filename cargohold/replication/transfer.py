@@ -4,12 +4,18 @@ The server is grpcio's thread-pool server: each open stream holds one pool threa
 the file and yields chunks, so the pool is sized for the concurrent streams it must carry.
 The client side bridges grpc calls into anyio tasks (cargohold.runtime.grpc_bridge): awaiting never
 blocks the loop, and cancelling the awaiting task cancels the call.
+
+Every call carries the cluster's peer credential (`cargohold.auth.peer`: an HMAC of the method
+and the time) and the server's interceptor refuses any call without a valid one, UNAUTHENTICATED,
+before a handler runs: the port serves blobs to the cluster's nodes only, whatever address it
+listens on, with or without mutual TLS.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +25,7 @@ from typing import AsyncIterator, BinaryIO, Callable, Iterator
 import anyio
 import grpc
 
+from cargohold.auth.peer import METADATA_KEY, PeerSecrets, check, sign
 from cargohold.runtime.grpc_bridge import await_future, consume_stream, next_message
 from cargohold.replication.v1 import replication_pb2 as pb
 from cargohold.replication.v1 import replication_pb2_grpc as pb_grpc
@@ -35,6 +42,8 @@ _OPTIONS = [
 ]
 
 OpenBlob = Callable[[str], "BinaryIO | None"]
+Keyring = Callable[[], PeerSecrets]      # the peer secrets in force now (they rotate)
+_SERVICE = "/" + pb.DESCRIPTOR.services_by_name["Replication"].full_name + "/"
 
 
 @dataclass(frozen=True)
@@ -116,13 +125,71 @@ def _chunks(f: BinaryIO, offset: int, remaining: int | None, context) -> Iterato
             remaining -= len(data)
 
 
+class PeerCheck(grpc.ServerInterceptor):
+    """Refuses every call without a valid peer credential, UNAUTHENTICATED, before its handler
+    runs; an unknown method too, so a stranger learns nothing. Runs on grpc's threads: the
+    check is a few HMACs of a short string, and `keyring` an attribute read."""
+
+    def __init__(self, keyring: Keyring):
+        self._keyring = keyring
+        self._refusals = _RefusalLog()
+
+    def intercept_service(self, continuation, details):
+        value = next((m.value for m in details.invocation_metadata or () if m.key == METADATA_KEY), None)
+        reason = check(value, details.method, self._keyring(), time.time())
+        handler = continuation(details)           # only looks the handler up: nothing of it runs
+        if reason is None:
+            return handler
+        return _refusal(handler, reason, self._refusals)
+
+
+_HANDLER_SHAPES = {(False, False): grpc.unary_unary_rpc_method_handler,
+                   (False, True): grpc.unary_stream_rpc_method_handler,
+                   (True, False): grpc.stream_unary_rpc_method_handler,
+                   (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _refusal(handler, reason: str, refusals: "_RefusalLog"):
+    """A handler of the refused method's shape that only answers UNAUTHENTICATED."""
+    def refuse(request, context):
+        refusals.note(context.peer(), reason)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    shape = (handler.request_streaming, handler.response_streaming) if handler is not None else (False, False)
+    return _HANDLER_SHAPES[shape](refuse)
+
+
+class _RefusalLog:
+    """At most one warning a minute about refused calls: a port scanner, or a node of an older
+    version that sends no credential, must not flood the log."""
+    INTERVAL = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._quiet = 0
+
+    def note(self, peer: str, reason: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._quiet += 1
+                return
+            self._next, quiet, self._quiet = now + self.INTERVAL, self._quiet, 0
+        log.warning("refused a gRPC call from %s: %s%s", peer, reason,
+                    f" ({quiet} more refused since the last warning)" if quiet else "")
+
+
 @asynccontextmanager
 async def grpc_server(address: str, service: ReplicationService, max_streams: int = 32,
-                      tls: TlsFiles | None = None) -> AsyncIterator[int]:
-    """Run the replication server on `address`; yields the bound port. With `tls`, peers must
-    present a certificate signed by the CA."""
+                      tls: TlsFiles | None = None, *, keyring: Keyring | None) -> AsyncIterator[int]:
+    """Run the replication server on `address`; yields the bound port. Every call must carry a
+    credential signed with one of `keyring()`'s secrets; None checks nothing (`--grpc-insecure`,
+    so required here: an open port is never the default). With `tls`, peers must also present a
+    certificate signed by the CA."""
     server = grpc.server(ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="grpc-repl"),
-                         options=_OPTIONS, maximum_concurrent_rpcs=max_streams * 4)
+                         options=_OPTIONS, maximum_concurrent_rpcs=max_streams * 4,
+                         interceptors=[] if keyring is None else [PeerCheck(keyring)])
     pb_grpc.add_ReplicationServicer_to_server(service, server)
     if tls is None:
         port = server.add_insecure_port(address)
@@ -141,9 +208,11 @@ async def grpc_server(address: str, service: ReplicationService, max_streams: in
 
 
 class PeerClient:
-    """Client side of the replication service, one channel per peer address."""
+    """Client side of the replication service, one channel per peer address. Each call is signed
+    with `keyring()`'s newest secret (without a keyring, calls carry no credential)."""
 
-    def __init__(self, max_streams: int = 16, tls: TlsFiles | None = None):
+    def __init__(self, max_streams: int = 16, tls: TlsFiles | None = None, keyring: Keyring | None = None):
+        self._keyring = keyring
         self._credentials = None
         if tls is not None:
             cert, key, ca = tls.read()
@@ -164,6 +233,12 @@ class PeerClient:
             stub = self._stubs[address] = pb_grpc.ReplicationStub(channel)
         return stub
 
+    def _signed(self, method: str) -> tuple[tuple[str, str], ...] | None:
+        """The call metadata that authenticates one call of `method`, signed now."""
+        if self._keyring is None:
+            return None
+        return ((METADATA_KEY, sign(self._keyring().signing, _SERVICE + method, time.time())),)
+
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
@@ -171,16 +246,18 @@ class PeerClient:
         self._stubs.clear()
 
     async def stat(self, address: str, digest: str, timeout: float = 5.0) -> int | None:
+        future = self._stub(address).StatBlob.future(pb.StatBlobRequest(digest=digest), timeout=timeout,
+                                                     metadata=self._signed("StatBlob"))
         try:
-            reply = await await_future(self._stub(address).StatBlob.future(pb.StatBlobRequest(digest=digest),
-                                                                          timeout=timeout))
+            reply = await await_future(future)
         except grpc.RpcError as exc:
-            raise PeerUnavailable(f"{address}: {exc.code().name}") from None
+            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
         return reply.size if reply.present else None
 
     async def read(self, address: str, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         """Stream `length` bytes (0: to the end) of a blob from `offset`. Raises PeerUnavailable."""
-        call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length))
+        call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length),
+                                            metadata=self._signed("ReadBlob"))
         expected = offset
         try:
             while True:
@@ -205,7 +282,8 @@ class PeerClient:
         `stopping` and returns once the thread has). The chunks' offsets are checked. Raises
         PeerUnavailable when the stream fails; a stream that ends early just returns. Either
         way the bytes sunk so far stay sunk, and the caller goes on from where its sink got to."""
-        call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length))
+        call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length),
+                                            metadata=self._signed("ReadBlob"))
         expected = offset
 
         def consume(chunk, stopping: threading.Event) -> None:
@@ -224,7 +302,7 @@ class PeerClient:
         when the peer does not hold `digests[index]`. Blobs arrive in order, each from offset
         0 with contiguous chunks (checked). Raises PeerUnavailable when the stream fails;
         what was consumed before stays consumed."""
-        call = self._stub(address).ReadBlobs(pb.ReadBlobsRequest(digests=digests))
+        call = self._stub(address).ReadBlobs(pb.ReadBlobsRequest(digests=digests), metadata=self._signed("ReadBlobs"))
         position = [-1, 0]      # the blob being received and the offset expected next
 
         def receive(chunk, stopping: threading.Event) -> None:

@@ -21,6 +21,7 @@ from cargohold.node.access import AccessControl
 from cargohold.node.http import Request
 from cargohold.oci.errors import RegistryError
 from tests.auth.conftest import cli, provision, start_secured
+from tests.support.poll import eventually
 from tests.support.oci import build_image, describe, error_codes, push_blob, push_image, random_bytes
 
 pytestmark = pytest.mark.anyio
@@ -30,14 +31,11 @@ def _events(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-async def _wait_for_event(path, timeout: float = 5.0, **fields) -> dict:
+async def _wait_for_event(path, **fields) -> dict:
     """The newest audit event with these fields, once the node has written it."""
-    with anyio.fail_after(timeout):
-        while True:
-            found = [e for e in _events(path) if all(e.get(k) == v for k, v in fields.items())]
-            if found:
-                return found[-1]
-            await anyio.sleep(0.05)
+    found = await eventually(lambda: [e for e in _events(path) if all(e.get(k) == v for k, v in fields.items())],
+                             what=f"an audit event {fields}")
+    return found[-1]
 
 
 async def _token(url: str, login: str, password: str, scope: str) -> str:
@@ -65,12 +63,9 @@ async def test_a_token_cannot_be_traded_at_the_token_endpoint(secured):
     await _wait_for_event(secured.audit_log, event="auth_failed", reason="token offered to /token")
 
 
-async def _until(predicate, timeout: float = 5.0):
+async def _until(predicate):
     """Wait for a node to see a change through its watch on auth/."""
-    with anyio.fail_after(timeout):
-        while not (result := await predicate()):
-            await anyio.sleep(0.05)
-        return result
+    return await eventually(predicate, what="the node to see the change under auth/")
 
 
 async def test_a_password_change_ends_the_accounts_tokens_at_once(secured):
@@ -176,10 +171,8 @@ async def test_a_flood_of_failures_is_summarized_not_written_line_by_line(proxie
         return flood, sum(1 if e["event"] == "denied" else e["count"] for e in flood
                           if e["event"] == "denied" or e.get("failure") == "denied")
 
-    with anyio.fail_after(10):
-        while (found := counted())[1] < 60:          # the summaries come when their windows close
-            await anyio.sleep(0.1)
-    flood, total = found
+    # The summaries come when their windows close.
+    flood, total = await eventually(lambda: (found := counted())[1] >= 60 and found, what="60 counted failures")
     denied = [e for e in flood if e["event"] == "denied"]
     assert total == 60 and 2 <= len(denied) < 20                # 2 every 3 s, however long the flood took
     assert all(e["status"] == 401 for e in flood if e["event"] == "suppressed")

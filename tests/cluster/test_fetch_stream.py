@@ -84,7 +84,7 @@ async def test_copy_streams_every_chunk_in_order_into_one_thread(blob):
     path, data, digest = blob
     closed = threading.Event()
     service = ReplicationService(lambda d: TrackedFile(path, closed) if d == digest else None, lambda d: True)
-    async with grpc_server("127.0.0.1:0", service) as port:
+    async with grpc_server("127.0.0.1:0", service, keyring=None) as port:
         peers = PeerClient()
         try:
             received, threads = [], set()
@@ -108,7 +108,7 @@ async def test_cancelling_a_copy_cancels_the_grpc_stream_and_ends_its_thread(blo
     closed, resume = threading.Event(), threading.Event()
     stall_after = 2 * MiB if blocked_in == "next message" else None
     service = ReplicationService(lambda d: TrackedFile(path, closed, stall_after, resume), lambda d: True)
-    async with grpc_server("127.0.0.1:0", service) as port:
+    async with grpc_server("127.0.0.1:0", service, keyring=None) as port:
         peers = PeerClient()
         try:
             calls, returned, blocked = [], threading.Event(), threading.Event()
@@ -195,7 +195,7 @@ async def test_copy_many_streams_whole_blobs_in_order_and_flags_the_ones_not_hel
         return open(path, "rb") if path.exists() else None
 
     service = ReplicationService(open_blob, lambda d: d.startswith("sha256:") and len(d) == 71)
-    async with grpc_server("127.0.0.1:0", service) as port:
+    async with grpc_server("127.0.0.1:0", service, keyring=None) as port:
         peers = PeerClient()
         try:
             received: dict[int, list] = {}

@@ -37,6 +37,8 @@ class NodeStartError(RuntimeError):
 
 
 class NodeProcess:
+    ready_path = "/readyz"   # answers 200 once the process serves requests
+
     def __init__(
         self,
         data_dir: Path | str,
@@ -46,6 +48,8 @@ class NodeProcess:
         node_id: str = "n1",
         runtime: str = "asyncio",
         extra_args: Sequence[str] = (),
+        source_dir: Path | str = REPO_ROOT,
+        python: str = sys.executable,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.etcd_url = etcd_url
@@ -53,6 +57,8 @@ class NodeProcess:
         self.node_id = node_id
         self.runtime = runtime
         self.extra_args = list(extra_args)
+        self.source_dir = Path(source_dir)   # the tree whose `cargohold` package runs
+        self.python = python
         self.port: int | None = None
         self.grpc_port: int | None = None
         self.proc: subprocess.Popen | None = None
@@ -84,7 +90,7 @@ class NodeProcess:
     # -- lifecycle ----------------------------------------------------------------
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "cargohold", "serve",
+            self.python, "-m", "cargohold", "serve",
             "--listen", f"127.0.0.1:{self.port}",
             "--grpc-listen", f"127.0.0.1:{self.grpc_port}",
             "--data-dir", str(self.data_dir),
@@ -106,7 +112,7 @@ class NodeProcess:
             self.grpc_port = free_port()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+            [str(self.source_dir)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_file = open(self.log_path, "ab")
@@ -114,7 +120,7 @@ class NodeProcess:
         self._log_file.flush()
         self.proc = subprocess.Popen(
             self.command(),
-            cwd=str(REPO_ROOT),
+            cwd=str(self.source_dir),
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -137,11 +143,11 @@ class NodeProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise NodeStartError(f"node exited with code {self.proc.returncode} before it was ready;"
                                      f" log tail:\n{self.log_tail()}")
-            return client.get(self.url + "/readyz").status_code == 200
+            return client.get(self.url + self.ready_path).status_code == 200
 
         with self.ready_client() as client:
             try:
-                until(ready, timeout=timeout, what=f"{self.url}/readyz to answer 200")
+                until(ready, timeout=timeout, what=f"{self.url}{self.ready_path} to answer 200")
             except AssertionError as exc:
                 raise NodeStartError(f"{exc}; log tail:\n{self.log_tail()}") from None
 

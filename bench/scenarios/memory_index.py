@@ -16,7 +16,7 @@ import time
 
 import httpx
 
-import oci
+from bench import oci
 
 ANNOTATION = "org.cargohold.bench.repo"
 
@@ -45,7 +45,7 @@ def _worker(url, indices, n_tags, deadline, conc, repos_done, requests, errors, 
 async def _worker_main(url, indices, n_tags, deadline, conc, repos_done, requests, errors,
                        stop, errq):
     blobs = oci.image_blobs(seed=7)
-    blob_list = [(oci.sha256_digest(b), b) for b in blobs.values()]
+    blob_list = [(oci.digest_of(b), b) for b in blobs.values()]
     it = iter(indices)
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
     async with httpx.AsyncClient(base_url=url, limits=limits,

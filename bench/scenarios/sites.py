@@ -1,8 +1,4 @@
-#!/usr/bin/env python3
-"""cargohold sites benchmarks (issue 4, "Performance"): sites A and B on one etcd, loopback only.
-
-    /work/venv/bin/python bench/sites.py [--only NAME[:VARIANT][,...]] [--quick] [--rounds N]
-                                         [--json FILE] [--profile] [--keep | --workdir DIR]
+"""Sites (issue 4): cross-site replication throughput vs the disk, and replication lag.
 
     cross_site_throughput  1 GiB of layers (16 x 64 MiB; --quick 4 x 16 MiB) pushed at A while B is
                            down; B started; MB/s from B's registration until B holds every blob,
@@ -18,135 +14,152 @@
                            not in --quick).
 
 Arrival times come from an etcd watch on the cluster's prefix (`blobs/<d>/at/<node>` puts),
-timestamped as they arrive: nothing is polled. Every process is started and stopped here,
-everything listens on 127.0.0.1, every wait has a deadline. Run by hand; see bench/SITES.md.
+timestamped as they arrive: nothing is polled. See bench/SITES.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
-import platform
 import shutil
 import statistics
-import sys
-import tempfile
 import time
 import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
+import anyio
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import metrics, oci, procs
+from bench.disk import fsync_write_speed
+from bench.launch import Cluster, EtcdWatch, Node, start_all
+from bench.profiler import Profiler
+from bench.report import Row, fmt, percentile
 
-import sites_harness as H  # noqa: E402
-
-import anyio  # noqa: E402
-
-MiB = H.MiB
-MB = H.MB
+MiB = 1 << 20
+MB = 1_000_000
+GiB = 1 << 30
 THROUGHPUT_TARGET = 0.70
 LAG_TARGET_P99 = 2.0
 
 
-# --------------------------------------------------------------------------- results
+def add_arguments(ap) -> None:
+    ap.add_argument("--variant", action="append", default=[],
+                    help="only these variants (repeat or comma list), e.g. 1x1; default: all of the size")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds per cross_site_throughput variant, median reported (default 3; --quick 1)")
+    ap.add_argument("--profile-idle", action="store_true",
+                    help="with --profile: sample waiting threads too (wall-clock view: where each worker waits)")
 
-@dataclass
-class Row:
-    benchmark: str
-    metric: str
-    value: float | str | None
-    unit: str = ""
-    target: str = "info"
-    passed: bool | None = None      # None: information only
-    note: str = ""
-    error: str = ""
 
-    @property
-    def verdict(self) -> str:
-        if self.error:
-            return "ERROR"
-        if self.passed is None:
-            return "info"
-        return "pass" if self.passed else "FAIL"
+def _rounds(ctx) -> int:
+    return ctx.args.rounds or (1 if ctx.quick else 3)
 
 
 @dataclass
-class Ctx:
-    base: Path
-    quick: bool
-    profile: bool = False
-    pyspy: str = "py-spy"
-    rounds: int = 3
-    profile_idle: bool = False
-    keep: bool = False
-    raw: dict = field(default_factory=dict)
-
-    def log(self, msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+class CopyEvent:
+    t: float           # time.monotonic() when the watch received it
+    kind: str          # "put" or "delete"
+    digest: str
+    node: str
+    revision: int
 
 
-def fmt(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if unit == "MB/s":
-        return f"{v:,.0f} MB/s"
-    if unit == "%":
-        return f"{v:.1f} %"
-    if unit == "s":
-        return f"{v:.3f} s"
-    if unit == "ms":
-        return f"{v:,.0f} ms"
-    return f"{v:,.2f} {unit}".rstrip()
+class CopyWatch(EtcdWatch):
+    """Follows `/cargohold/<cluster>/`: every `blobs/<d>/at/<node>` event (and member records,
+    replication rules) timestamped as it arrives. Nothing is polled."""
+
+    def __init__(self, etcd_url: str, cluster: str):
+        super().__init__(etcd_url, f"/cargohold/{cluster}/")
+        self.copies: list[CopyEvent] = []
+        self.holders: dict[str, set[str]] = {}
+        self.first_at: dict[tuple[str, str], float] = {}
+        self.member_puts: dict[str, list[float]] = {}
+        self.policy_put: list[tuple[float, int]] = []
+
+    def apply(self, t: float, kind: str, key: str, revision: int) -> None:
+        if key.startswith("blobs/"):
+            digest, _, sub = key[len("blobs/"):].partition("/")
+            rel, _, node = sub.partition("/")
+            if rel == "at" and node:
+                self._copy(CopyEvent(t, kind, digest, node, revision))
+        elif key.startswith("members/") and kind == "put":
+            self.member_puts.setdefault(key[len("members/"):], []).append(t)
+        elif key.startswith("policies/replication") and kind == "put":
+            self.policy_put.append((t, revision))
+
+    def _copy(self, e: CopyEvent) -> None:
+        self.copies.append(e)
+        if e.kind == "put":
+            self.holders.setdefault(e.digest, set()).add(e.node)
+            self.first_at.setdefault((e.digest, e.node), e.t)
+        else:
+            self.holders.get(e.digest, set()).discard(e.node)
+
+    def registered_since(self, node: str, since: float) -> float | None:
+        """When `node` (re)wrote its member record at or after `since` (first such put)."""
+        return next((t for t in self.member_puts.get(node, []) if t >= since), None)
+
+    def count_in(self, digest: str, nodes: set[str]) -> int:
+        return len(self.holders.get(digest, set()) & nodes)
 
 
-def table(rows: list[Row]) -> str:
-    head = ["benchmark", "metric", "value", "target", "result"]
-    body = [[r.benchmark, r.metric, fmt(r.value, r.unit), r.target, r.verdict] for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    notes = [f"- {r.benchmark} / {r.metric}: {r.note}" for r in rows if r.note]
-    errs = [f"- {r.benchmark} / {r.metric}: ERROR {r.error}" for r in rows if r.error]
-    return "\n".join([line(head), sep, *(line(b) for b in body), "", *notes, *errs])
+class Sites(Cluster):
+    """One etcd and nodes in sites A and B."""
 
+    def define(self, nodes_per_site: int, replicas: int) -> tuple[list[str], list[str]]:
+        """Start etcd and define (not start) a1.. in site A and b1.. in site B."""
+        self.etcd.start()
+        ids = {site: [f"{site.lower()}{i + 1}" for i in range(nodes_per_site)] for site in ("A", "B")}
+        for site, names in ids.items():
+            for n in names:
+                self.node(n, {"site": site, "replicas_per_site": replicas})
+        return ids["A"], ids["B"]
 
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100): the smallest value with at least p % at or below it."""
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100.0 * len(ordered)))
-    return ordered[rank - 1]
+    def start(self, *node_ids: str) -> None:
+        start_all([self.nodes[n] for n in node_ids])
+
+    def replication_status(self) -> dict | None:
+        try:
+            return self.cli_json("replication", "status")
+        except (RuntimeError, ValueError):
+            return None
+
+    def set_replication_rules(self, rules: list[dict]) -> None:
+        path = self.workdir / f"rules-{time.monotonic_ns()}.yaml"
+        path.write_text(json.dumps({"replication": rules}))
+        r = self.cli("replication", "rules", "set", str(path))
+        if r.returncode != 0:
+            raise RuntimeError(f"replication rules set failed: {r.stderr.strip()}")
+
+    def log_tails(self, lines: int = 8) -> dict[str, str]:
+        return {n: t for n, node in self.nodes.items() if (t := node.log_tail(lines)).strip() and t != "(no log)"}
 
 
 # --------------------------------------------------------------------------- helpers
 
-def _new_sites(ctx: Ctx, label: str) -> H.Sites:
+def _new_sites(ctx, label: str) -> Sites:
     name = f"bench-{label}-{uuid.uuid4().hex[:6]}"
-    return H.Sites(ctx.base / name, name)
+    return Sites(ctx.base / name, name)
 
 
-def _discard(ctx: Ctx, sites: H.Sites) -> None:
-    """Remove a variant's data (GiBs of blobs) as soon as it is done, unless --keep; py-spy output stays."""
-    if not ctx.keep:
-        shutil.rmtree(sites.root, ignore_errors=True)
+def _discard(ctx, sites: Sites) -> None:
+    """Remove a variant's data (GiBs of blobs) as soon as it is done, unless --keep."""
+    if not ctx.args.keep:
+        shutil.rmtree(sites.workdir, ignore_errors=True)
 
 
-def _check_space(ctx: Ctx) -> None:
-    need = (2 if ctx.quick else 4 + 4 * ctx.rounds) * (1 << 30)   # 2+2 nodes x replicas 2 x rounds GiB, + probes
+def _check_space(ctx) -> None:
+    need = (2 if ctx.quick else 4 + 4 * _rounds(ctx)) * GiB   # 2+2 nodes x replicas 2 x rounds GiB, + probes
     free = shutil.disk_usage(ctx.base).free
     if free < need:
-        raise RuntimeError(f"{free / 2**30:.1f} GiB free under {ctx.base}; these benchmarks need about "
-                           f"{need / 2**30:.0f} GiB (use --workdir elsewhere, or --rounds 1)")
+        raise RuntimeError(f"{free / GiB:.1f} GiB free under {ctx.base}; these benchmarks need about "
+                           f"{need / GiB:.0f} GiB (use --workdir elsewhere, or --rounds 1)")
 
 
-def _quiet(w: H.Watcher, seconds: float, timeout: float) -> None:
+def _quiet(w: CopyWatch, seconds: float, timeout: float) -> None:
     """Wait until no copy event has arrived for `seconds` (placement inside a site settled)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,29 +181,21 @@ def _status_summary(status: dict | None, site: str) -> dict:
             "failures": [f for s in sites for f in s.get("failures", [])][:5]}
 
 
-def _profiler(ctx: Ctx, name: str) -> H.Profiler:
-    return H.Profiler(ctx.pyspy, ctx.base / "profiles", name, enabled=ctx.profile, idle=ctx.profile_idle)
+def _profiler(ctx, name: str) -> Profiler:
+    return Profiler(ctx.pyspy, ctx.profile_dir, name, mode="idle" if ctx.args.profile_idle else "oncpu").start()
 
 
-def _profile_report(ctx: Ctx, key: str, outputs: dict[str, str]) -> None:
-    for label, path in outputs.items():
-        summary = H.summarize_profile(path)
-        ctx.raw.setdefault("profiles", {})[f"{key}/{label}"] = {"file": path, **summary}
-        ctx.log(f"[profile] {key} {label}: {summary['samples']} samples ({summary['idle_share']:.0f} % waiting), "
-                f"threads " + ", ".join(f"{t} {p:.0f} %" for t, p in summary["threads"][:4]))
-        for name, share in summary["busy_leaves"][:8]:
-            ctx.log(f"    busy {share:5.1f} %  {name}")
-        for name, share in summary["cargohold_inclusive"][:8]:
-            ctx.log(f"    incl {share:5.1f} %  {name}")
-        if ctx.profile_idle:
-            for name, share in summary["cargohold_where"][:10]:
-                ctx.log(f"    wall {share:5.1f} %  {name}")
+def _fetched(node: Node) -> float:
+    try:
+        return metrics.value(node.samples(), metrics.BYTES_FETCHED)
+    except httpx.HTTPError:
+        return 0.0
 
 
 # --------------------------------------------------------------------------- 1. cross-site throughput
 
-def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode: str) -> tuple[list[Row], dict]:
-    """Push the layers at A, then let B replicate them; time B's part only. `ctx.rounds` rounds,
+def cross_site_throughput(ctx, *, nodes_per_site: int, replicas: int, mode: str) -> tuple[list[Row], dict]:
+    """Push the layers at A, then let B replicate them; time B's part only. `_rounds(ctx)` rounds,
     each with new content, each with its own disk probes right before and right after it.
 
     mode "restart": B's nodes are down during the push (round 1: never started yet; later
@@ -207,23 +212,17 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
     raw: dict = {"nodes_per_site": nodes_per_site, "replicas_per_site": replicas, "mode": mode,
                  "blobs": count, "blob_size": size, "rounds": []}
     sites = _new_sites(ctx, f"tp{nodes_per_site}{replicas}{mode[0]}")
-    a_ids = [f"a{i + 1}" for i in range(nodes_per_site)]
-    b_ids = [f"b{i + 1}" for i in range(nodes_per_site)]
-    a_set, b_set = set(a_ids), set(b_ids)
     watcher = None
     try:
-        sites.start_etcd()
-        for n in a_ids:
-            sites.add(n, "A", {"replicas_per_site": replicas})
-        for n in b_ids:
-            sites.add(n, "B", {"replicas_per_site": replicas})
+        a_ids, b_ids = sites.define(nodes_per_site, replicas)
+        a_set, b_set = set(a_ids), set(b_ids)
         sites.start(*a_ids)
         if mode == "rules":
             sites.start(*b_ids)
-        watcher = H.Watcher(sites.etcd.url, sites.name).start(sites.nodes[a_ids[0]])
+        watcher = CopyWatch(sites.etcd.url, sites.name).start()
         a1 = sites.nodes[a_ids[0]]
 
-        for rnd in range(1, ctx.rounds + 1):
+        for rnd in range(1, _rounds(ctx) + 1):
             r: dict = {"round": rnd}
             raw["rounds"].append(r)
             repo = f"bench/r{rnd}"
@@ -240,10 +239,10 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
                                  "nonce": uuid.uuid4().hex}).encode()
             t0 = time.perf_counter()
             with httpx.Client(timeout=300) as c, ThreadPoolExecutor(2) as pool:
-                layer_digests = list(pool.map(lambda data: H.push_blob(c, a1.url, repo, data), layers))
-                config_digest = H.push_blob(c, a1.url, repo, config)
-                body = H.manifest_bytes((config_digest, len(config)), [(d, size) for d in layer_digests])
-                manifest_digest = H.push_manifest(c, a1.url, repo, "v1", body)
+                layer_digests = list(pool.map(lambda data: oci.push_blob(c, repo, data, base=a1.url), layers))
+                config_digest = oci.push_blob(c, repo, config, base=a1.url)
+                body = oci.manifest_bytes((config_digest, len(config)), [(d, size) for d in layer_digests])
+                manifest_digest = oci.push_manifest(c, repo, "v1", body, base=a1.url)
             r["push_mbps"] = count * size / (time.perf_counter() - t0) / MB
             sizes = {d: size for d in layer_digests}
             sizes[config_digest] = len(config)
@@ -257,14 +256,14 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
             os.sync()
 
             # -- the disk, right before the transfer (same file system, 1 GiB, 8 MiB writes, fsync)
-            disk_before = H.fsync_write_speed(sites.root)
+            disk_before = fsync_write_speed(sites.workdir, 1024 * MiB)
             os.sync()
             r["loadavg_before"] = os.getloadavg()[0]
 
             # -- the transfer into B
             prof = _profiler(ctx, f"{key}-r{rnd}")
-            cpu0 = {n: H.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes if sites.nodes[n].alive()}
-            fetched0 = {n: H.scrape_metric(sites.nodes[n].url, "cargohold_replication_fetched_bytes_total") or 0
+            cpu0 = {n: procs.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes if sites.nodes[n].alive()}
+            fetched0 = {n: _fetched(sites.nodes[n])
                         for n in b_ids if sites.nodes[n].alive()}
             n_events_before = len(watcher.copies)
             for n in a_ids:
@@ -278,7 +277,7 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
                 t_start = min(watcher.registered_since(b, t_spawn) for b in b_ids)
                 r["registered_after_spawn"] = t_start - t_spawn
                 r["ready_after_registered"] = t_ready - t_start
-                cpu0.update({n: H.cpu_seconds(sites.nodes[n].pid) for n in b_ids})   # counted from ready
+                cpu0.update({n: procs.cpu_seconds(sites.nodes[n].pid) for n in b_ids})   # counted from ready
                 for n in b_ids:
                     prof.add(n, sites.nodes[n].pid)
             else:
@@ -298,11 +297,11 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
                     done_at[d], first[d] = times[replicas - 1], times[0]
                 b_events = [e for e in watcher.copies[n_events_before:] if e.node in b_set]
             all_done = max(done_at.values())
-            outputs = prof.stop()
-            cpu1 = {n: H.cpu_seconds(sites.nodes[n].pid) for n in cpu0}
-            fetched = {n: (H.scrape_metric(sites.nodes[n].url, "cargohold_replication_fetched_bytes_total") or 0)
+            ctx.details.setdefault("profiles", {})[f"{key}-r{rnd}"] = prof.stop()
+            cpu1 = {n: procs.cpu_seconds(sites.nodes[n].pid) for n in cpu0}
+            fetched = {n: _fetched(sites.nodes[n])
                        - (fetched0.get(n, 0) if mode == "rules" else 0) for n in b_ids}
-            disk_after = H.fsync_write_speed(sites.root)
+            disk_after = fsync_write_speed(sites.workdir, 1024 * MiB)
             r["loadavg_after"] = os.getloadavg()[0]
 
             copy_bytes = replicas * sum(sizes.values())
@@ -335,8 +334,6 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
             ctx.log(f"{key} round {rnd}: {copy_bytes / MB:,.0f} MB in {elapsed:.2f}s = {mbps:,.0f} MB/s; disk "
                     f"{disk_before:,.0f} before / {disk_after:,.0f} after = {disk:,.0f} MB/s; ratio {mbps / disk:.0%};"
                     f" load {r['loadavg_before']:.1f}")
-            if outputs:
-                _profile_report(ctx, f"{key}-r{rnd}", outputs)
 
         rounds = raw["rounds"]
         mbps = statistics.median(x["mbps"] for x in rounds)
@@ -372,8 +369,8 @@ def cross_site_throughput(ctx: Ctx, *, nodes_per_site: int, replicas: int, mode:
     finally:
         if watcher is not None:
             watcher.stop()
-        raw["logs"] = {n: t for n, t in sites.log_tails(8).items() if t.strip() and t != "(no log)"}
-        sites.stop()
+        raw["logs"] = sites.log_tails()
+        sites.close()
         _discard(ctx, sites)
 
 
@@ -394,10 +391,10 @@ def _images(n: int, tag: str) -> list[Image]:
     for i in range(n):
         config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"},
                              "bench": tag, "i": i}).encode()
-        layer = H.random_blob(4096, f"{tag}-layer-{i}")
-        cd, ld = H.digest_of(config), H.digest_of(layer)
-        manifest = H.manifest_bytes((cd, len(config)), [(ld, len(layer))])
-        out.append(Image(config, layer, manifest, cd, ld, H.digest_of(manifest)))
+        layer = oci.random_bytes(4096, f"{tag}-layer-{i}")
+        cd, ld = oci.digest_of(config), oci.digest_of(layer)
+        manifest = oci.manifest_bytes((cd, len(config)), [(ld, len(layer))])
+        out.append(Image(config, layer, manifest, cd, ld, oci.digest_of(manifest)))
     return out
 
 
@@ -413,10 +410,10 @@ async def _push_paced(urls: list[str], images: list[Image], rate: float, repo: s
             r["start"] = time.monotonic()
             try:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(H.apush_blob, c, repo, img.config)
-                    tg.start_soon(H.apush_blob, c, repo, img.layer)
+                    tg.start_soon(oci.apush_blob, c, repo, img.config)
+                    tg.start_soon(oci.apush_blob, c, repo, img.layer)
                 r["blobs_acked"] = time.monotonic()
-                await H.apush_manifest(c, repo, f"t{i}", img.manifest)
+                await oci.apush_manifest(c, repo, f"t{i}", img.manifest)
                 r["acked"] = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - recorded, reported as an error
                 r["error"] = f"{type(exc).__name__}: {exc}"
@@ -434,25 +431,19 @@ async def _push_paced(urls: list[str], images: list[Image], rate: float, repo: s
     return results
 
 
-def replication_lag(ctx: Ctx, *, nodes_per_site: int, replicas: int) -> tuple[list[Row], dict]:
+def replication_lag(ctx, *, nodes_per_site: int, replicas: int) -> tuple[list[Row], dict]:
     n_images = 30 if ctx.quick else 100
     rate = 10.0
     label = f"{nodes_per_site}+{nodes_per_site} nodes, replicas_per_site {replicas}"
     key = f"lag-{nodes_per_site}x{replicas}"
     raw: dict = {"nodes_per_site": nodes_per_site, "replicas_per_site": replicas, "images": n_images, "rate": rate}
     sites = _new_sites(ctx, f"lag{nodes_per_site}{replicas}")
-    a_ids = [f"a{i + 1}" for i in range(nodes_per_site)]
-    b_ids = [f"b{i + 1}" for i in range(nodes_per_site)]
     watcher = None
     prof = _profiler(ctx, key)
     try:
-        sites.start_etcd()
-        for n in a_ids:
-            sites.add(n, "A", {"replicas_per_site": replicas})
-        for n in b_ids:
-            sites.add(n, "B", {"replicas_per_site": replicas})
+        a_ids, b_ids = sites.define(nodes_per_site, replicas)
         sites.start(*a_ids, *b_ids)
-        watcher = H.Watcher(sites.etcd.url, sites.name).start(sites.nodes[a_ids[0]])
+        watcher = CopyWatch(sites.etcd.url, sites.name).start()
         b_set = set(b_ids)
         urls = [sites.nodes[n].url for n in a_ids]
         tag = uuid.uuid4().hex[:8]
@@ -468,15 +459,15 @@ def replication_lag(ctx: Ctx, *, nodes_per_site: int, replicas: int) -> tuple[li
         images = _images(n_images, tag)
         for n in b_ids:
             prof.add(n, sites.nodes[n].pid)
-        cpu0 = {n: H.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes}
+        cpu0 = {n: procs.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes}
         ctx.log(f"{key}: pushing {n_images} images at {rate:.0f}/s at {', '.join(a_ids)}")
         timings = anyio.run(_push_paced, urls, images, rate, "bench/lag")
         errors = [t["error"] for t in timings if "error" in t]
         if errors:
             raise RuntimeError(f"{len(errors)} pushes failed, first: {errors[0]}")
         watcher.wait_for(lambda: all(b_done(img.digest) for img in images), 120, "B to hold every manifest")
-        profile_outputs = prof.stop()
-        cpu1 = {n: H.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes}
+        ctx.details.setdefault("profiles", {})[key] = prof.stop()
+        cpu1 = {n: procs.cpu_seconds(sites.nodes[n].pid) for n in sites.nodes}
 
         def arrival(d: str) -> float:
             times = sorted(watcher.first_at[(d, n)] for n in b_ids if (d, n) in watcher.first_at)
@@ -509,8 +500,6 @@ def replication_lag(ctx: Ctx, *, nodes_per_site: int, replicas: int) -> tuple[li
         last10 = statistics.median(lags[-10:])
         ctx.log(f"{key}: manifest lag p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {worst * 1000:.0f} ms;"
                 f" blob lag p50 {percentile(blob_lags, 50) * 1000:.0f} ms; push p50 {percentile(push_lat, 50) * 1000:.0f} ms")
-        if profile_outputs:
-            _profile_report(ctx, key, profile_outputs)
         note = (f"{n_images} images at {raw['push_rate_achieved']:.1f}/s over {', '.join(a_ids)}; from the manifest "
                 f"PUT's 201 to the {'last B copy' if replicas > 1 else 'B copy'}'s `at/` put; blobs (config + layer) reached B "
                 f"p50 {percentile(blob_lags, 50) * 1000:.0f} ms / p99 {percentile(blob_lags, 99) * 1000:.0f} ms after "
@@ -530,108 +519,40 @@ def replication_lag(ctx: Ctx, *, nodes_per_site: int, replicas: int) -> tuple[li
         prof.stop()
         if watcher is not None:
             watcher.stop()
-        raw["logs"] = {n: t for n, t in sites.log_tails(8).items() if t.strip() and t != "(no log)"}
-        sites.stop()
+        raw["logs"] = sites.log_tails()
+        sites.close()
         _discard(ctx, sites)
 
 
 # --------------------------------------------------------------------------- driver
 
-def plan(quick: bool) -> dict[str, list[tuple[str, dict]]]:
-    tp = [("1x1", {"nodes_per_site": 1, "replicas": 1, "mode": "restart"}),
-          ("2x2-r1", {"nodes_per_site": 2, "replicas": 1, "mode": "restart"})]
-    if not quick:
-        tp += [("2x2-r2", {"nodes_per_site": 2, "replicas": 2, "mode": "restart"}),
-               ("1x1-rules", {"nodes_per_site": 1, "replicas": 1, "mode": "rules"})]
-    lag = [("1x1", {"nodes_per_site": 1, "replicas": 1})]
-    if not quick:
-        lag.append(("2x2-r2", {"nodes_per_site": 2, "replicas": 2}))
-    return {"cross_site_throughput": [(v, kw) for v, kw in tp],
-            "replication_lag": [(v, kw) for v, kw in lag]}
+THROUGHPUT = {"1x1": {"nodes_per_site": 1, "replicas": 1, "mode": "restart"},
+              "2x2-r1": {"nodes_per_site": 2, "replicas": 1, "mode": "restart"},
+              "2x2-r2": {"nodes_per_site": 2, "replicas": 2, "mode": "restart"},
+              "1x1-rules": {"nodes_per_site": 1, "replicas": 1, "mode": "rules"}}
+LAG = {"1x1": {"nodes_per_site": 1, "replicas": 1}, "2x2-r2": {"nodes_per_site": 2, "replicas": 2}}
+QUICK = {"1x1", "2x2-r1"}
 
 
-BENCHES = {"cross_site_throughput": cross_site_throughput, "replication_lag": replication_lag}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "nproc": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version(), "kernel": platform.release(),
-            "loadavg_start": os.getloadavg()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default="", help="comma list of: " + ", ".join(BENCHES)
-                    + "; a variant with NAME:VARIANT (e.g. cross_site_throughput:1x1)")
-    ap.add_argument("--quick", action="store_true", help="4 x 16 MiB layers, 30 images, fewer variants")
-    ap.add_argument("--json", help="write rows, raw measurements and machine info to this file")
-    ap.add_argument("--rounds", type=int, default=None,
-                    help="rounds per cross_site_throughput variant, median reported (default 3; --quick 1)")
-    ap.add_argument("--profile", action="store_true",
-                    help="py-spy record the nodes while B receives; summaries in the log and --json (--keep keeps the raw stacks)")
-    ap.add_argument("--profile-idle", action="store_true",
-                    help="with --profile: sample waiting threads too (wall-clock view: where each worker waits)")
-    ap.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    ap.add_argument("--workdir", help="scratch directory (default: a new one under $TMPDIR)")
-    args = ap.parse_args(argv)
-
-    selected: list[tuple[str, str | None]] = []
-    for item in [x.strip() for x in args.only.split(",") if x.strip()] or list(BENCHES):
-        name, _, variant = item.partition(":")
-        if name not in BENCHES:
-            ap.error(f"unknown benchmark {name!r}")
-        selected.append((name, variant or None))
-
-    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cargohold-sites-"))
-    base.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(base=base, quick=args.quick, profile=args.profile, pyspy=args.py_spy,
-              rounds=args.rounds or (1 if args.quick else 3), profile_idle=args.profile_idle,
-              keep=args.keep or bool(args.workdir))
-    info = machine()
-    ctx.log(f"sites benchmarks: {info['cpu']}, nproc {info['nproc']}, scratch {base}")
+def _variants(ctx, name: str, bench, table: dict) -> list[Row]:
+    wanted = [v for o in ctx.args.variant for v in o.split(",") if v]
+    names = [v for v in table if v in wanted] if wanted else [v for v in table if not ctx.quick or v in QUICK]
     rows: list[Row] = []
-    full_plan = plan(args.quick)
-    # variants named explicitly may come from the full plan even with --quick
-    every = plan(False)
-    try:
-        for name, variant in selected:
-            variants = full_plan[name] if variant is None else [v for v in every[name] if v[0] == variant]
-            if not variants:
-                ap.error(f"unknown variant {variant!r} of {name}: {[v for v, _ in every[name]]}")
-            for vname, kw in variants:
-                ctx.log(f"== {name} {vname}")
-                try:
-                    _check_space(ctx)
-                    got, raw = BENCHES[name](ctx, **kw)
-                    rows += got
-                except Exception as exc:  # noqa: BLE001 - one benchmark's failure is a row, not a crash
-                    traceback.print_exc()
-                    raw = {"error": f"{type(exc).__name__}: {exc}"}
-                    rows.append(Row(name, vname, None, error=raw["error"]))
-                ctx.raw[f"{name}/{vname}"] = raw
-    finally:
-        print()
-        print(table(rows), flush=True)
-        info["loadavg_end"] = os.getloadavg()
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"machine": info, "quick": args.quick,
-                                                   "rows": [asdict(r) | {"verdict": r.verdict} for r in rows],
-                                                   "raw": ctx.raw}, indent=2, default=str))
-            ctx.log(f"wrote {args.json}")
-        if not args.keep and not args.workdir:
-            shutil.rmtree(base, ignore_errors=True)
-    return 0 if rows and all(r.verdict in ("pass", "info") for r in rows) else 1
+    for variant in names:
+        ctx.log(f"== {name} {variant}")
+        try:
+            _check_space(ctx)
+            got, raw = bench(ctx, **table[variant])
+            rows += got
+        except Exception as exc:  # noqa: BLE001 - one variant's failure is a row, not a crash
+            traceback.print_exc()
+            raw = {"error": f"{type(exc).__name__}: {exc}"}
+            rows.append(Row(name, variant, None, error=raw["error"]))
+        ctx.details[f"{name}/{variant}"] = raw
+    return rows
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+PARTS = {
+    "cross_site_throughput": lambda ctx: _variants(ctx, "cross_site_throughput", cross_site_throughput, THROUGHPUT),
+    "replication_lag": lambda ctx: _variants(ctx, "replication_lag", replication_lag, LAG),
+}

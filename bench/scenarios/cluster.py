@@ -1,7 +1,4 @@
-#!/usr/bin/env python3
-"""cargohold cluster benchmarks (issue 3, "Performance"): one etcd and 1-4 nodes on loopback.
-
-    /work/venv/bin/python bench/cluster.py [--only NAME[,NAME]] [--quick] [--json FILE]
+"""Cluster (issue 3): aggregate pull 1 vs 3 nodes, rebalance on join, etcd round trips per request.
 
     aggregate_pull     24 different 32 MiB blobs pulled by 24 parallel curl clients,
                        1 node vs 3 nodes (replicas 2); the ratio, and the share served remotely
@@ -10,169 +7,67 @@
     etcd_round_trips   etcd requests per blob upload and per manifest PUT, counted by the nodes'
                        /metrics and by etcd's own gRPC counters, on 1 and 3 nodes
 
-Run by hand; never part of the test suite. See bench/CLUSTER.md.
+--quick: 24 x 8 MiB pull blobs, 1 round; 60 x 256 KiB rebalance blobs and a 256 MiB disk test;
+K = 20. See bench/CLUSTER.md.
 """
 
 from __future__ import annotations
 
-import argparse
+import collections
 import hashlib
-import json
 import os
-import platform
-import random
-import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import cluster_harness as H  # noqa: E402
-from cluster_harness import Cluster, metric  # noqa: E402
+from bench import metrics, oci, procs
+from bench.disk import blob_pattern_speed, device_write_speed, fsync_write_speed
+from bench.launch import Cluster, EtcdWatch
+from bench.profiler import Profiler
+from bench.report import Row
 
 MiB = 1 << 20
 MB = 1_000_000
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 SETTLE_POLL = 0.2        # seconds between placement polls (the nodes' /metrics) in rebalance_join
+SETTINGS = {"replicas_per_site": 2}
 
 
-# --------------------------------------------------------------------------- results
-
-@dataclass
-class Row:
-    benchmark: str
-    metric: str
-    value: float | str | None
-    unit: str = ""
-    target: str = "info"
-    passed: bool | None = None      # None: information only
-    note: str = ""
-    error: str = ""
-
-    @property
-    def verdict(self) -> str:
-        if self.error:
-            return "ERROR"
-        if self.passed is None:
-            return "info"
-        return "pass" if self.passed else "FAIL"
+def add_arguments(ap) -> None:
+    ap.add_argument("--rebalance-blobs", type=int, metavar="N",
+                    help="rebalance_join: number of blobs (default 200 x 1 MiB; --quick 60 x 256 KiB)")
+    ap.add_argument("--rebalance-size", type=float, metavar="MIB",
+                    help="rebalance_join: size of each blob in MiB (default 1; --quick 0.25)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra node setting for every cluster (YAML value), e.g. replication_workers=16")
 
 
-@dataclass
-class Ctx:
-    base: Path
-    quick: bool
-    raw: dict = field(default_factory=dict)
-    profile: bool = False
-    rebalance_blobs: int | None = None
-    rebalance_size: int | None = None      # bytes per blob
-    node_settings: dict = field(default_factory=dict)
-    pyspy: str = "py-spy"
-    profile_gil: bool = False
-
-    def log(self, msg: str) -> None:
-        print(msg, flush=True)
-
-
-def fmt(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    if unit in ("MB/s",):
-        return f"{v:,.0f} {unit}"
-    if unit == "x" or unit == "":
-        return f"{v:.2f}{unit}"
-    if unit == "%":
-        return f"{v:.1f} %"
-    return f"{v:,.2f} {unit}"
-
-
-def table(rows: list[Row]) -> str:
-    head = ["benchmark", "metric", "value", "target", "result"]
-    body = [[r.benchmark, r.metric, fmt(r.value, r.unit), r.target, r.verdict] for r in rows]
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    notes = [f"- {r.benchmark} / {r.metric}: {r.note}" for r in rows if r.note]
-    errs = [f"- {r.benchmark} / {r.metric}: ERROR {r.error}" for r in rows if r.error]
-    return "\n".join([line(head), sep, *(line(b) for b in body), "", *notes, *errs])
-
-
-# --------------------------------------------------------------------------- content and OCI client
-
-def make_blob(size: int, seed: str) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def prepare(ctx) -> None:
+    import yaml
+    ctx.settings = dict(SETTINGS)
+    for item in ctx.args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, not {item!r}")
+        ctx.settings[key.strip()] = yaml.safe_load(value)
+    ctx.details["node_settings"] = ctx.settings
 
 
 def write_blob_file(path: Path, size: int, seed: str) -> str:
-    data = make_blob(size, seed)
+    data = oci.random_bytes(size, seed)
     path.write_bytes(data)
-    return digest_of(data)
-
-
-def _check(r: httpx.Response, *codes: int) -> httpx.Response:
-    if r.status_code not in codes:
-        try:
-            body = r.read()[:300]
-        except httpx.HTTPError:
-            body = b""
-        raise RuntimeError(f"{r.request.method} {r.request.url} -> {r.status_code}: {body!r}")
-    return r
-
-
-def push_blob(c: httpx.Client, base: str, repo: str, data: bytes, digest: str | None = None) -> str:
-    digest = digest or digest_of(data)
-    _check(c.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=data,
-                  headers={"Content-Type": "application/octet-stream"}), 201)
-    return digest
-
-
-def push_blob_file(c: httpx.Client, base: str, repo: str, path: Path, digest: str) -> None:
-    size = path.stat().st_size
-
-    def chunks():
-        with open(path, "rb") as f:
-            while b := f.read(4 * MiB):
-                yield b
-
-    _check(c.post(f"{base}/v2/{repo}/blobs/uploads/", params={"digest": digest}, content=chunks(),
-                  headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)}), 201)
-
-
-def manifest_bytes(config: tuple[str, int], layers: list[tuple[str, int]]) -> bytes:
-    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-           "config": {"mediaType": OCI_CONFIG, "digest": config[0], "size": config[1]},
-           "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": s} for d, s in layers]}
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def push_manifest(c: httpx.Client, base: str, repo: str, tag: str, body: bytes) -> None:
-    _check(c.put(f"{base}/v2/{repo}/manifests/{tag}", content=body, headers={"Content-Type": OCI_MANIFEST}), 201)
+    return oci.digest_of(data)
 
 
 # --------------------------------------------------------------------------- placement helpers
 
 def owners_fn():
-    """cargohold's own rendezvous rule (imported read-only from the benchmarked tree)."""
-    if str(H.SOURCE["dir"]) not in sys.path:
-        sys.path.insert(0, str(H.SOURCE["dir"]))
+    """cargohold's own rendezvous rule, imported read-only from the benchmarked tree."""
     from cargohold.replication.placement import owners
     return owners
 
@@ -202,110 +97,56 @@ def wait_placement(cl: Cluster, digests: set[str], members: list[str], replicas:
     raise TimeoutError(f"placement not settled after {timeout:.0f}s: {last}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process, from /proc (all threads)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return 0.0
+def _quiet_now(cl: Cluster, c: httpx.Client, copies: int | None, held: dict[str, int] | None) -> str:
+    """Why replication is not idle right now ("" when it is), from /metrics only."""
+    rev = cl.etcd.revision()
+    total = 0
+    for nid, n in cl.nodes.items():
+        s = n.samples(c)
+        model = int(metrics.value(s, metrics.READ_MODEL_REVISION))
+        queue = metrics.value(s, metrics.QUEUE_DEPTH)
+        mine = int(metrics.value(s, metrics.BLOBS_HELD))
+        total += mine
+        if model != rev or queue:
+            return f"{nid}: model rev {model} vs etcd {rev}, queue {queue}"
+        if held is not None and held.get(nid, 0) != mine:
+            return f"{nid} holds {mine} blobs, want {held.get(nid, 0)}"
+    return f"{total} copies held, want {copies}" if copies is not None and total != copies else ""
 
 
-def machine_cpu() -> tuple[float, float]:
-    """(busy, idle) jiffies of all CPUs so far, from /proc/stat (every process on the machine)."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]          # idle + iowait
-    return float(sum(fields) - idle), float(idle)
+def wait_quiet(cl: Cluster, timeout: float, *, copies: int | None = None, held: dict[str, int] | None = None,
+               stable: float = 0.5, interval: float = 0.05) -> float:
+    """Wait until replication is idle: every node's read model is at etcd's revision, no node has
+    queued work, (optionally) the nodes hold `copies` copies in all and each node exactly
+    `held[node]` blobs, and this stays so for `stable` seconds. Returns the seconds waited."""
+    t0 = time.monotonic()
+    quiet_since = None
+    last = ""
+    with httpx.Client(timeout=10.0) as c:
+        while time.monotonic() - t0 < timeout:
+            last = _quiet_now(cl, c, copies, held)
+            if last:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= stable:
+                return time.monotonic() - t0
+            time.sleep(interval)
+    raise TimeoutError(f"cluster not quiet after {timeout:.0f}s ({last})")
 
 
-def children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
-
-
-# --------------------------------------------------------------------------- py-spy (optional)
-
-class Profiler:
-    """`py-spy record` of every node of a cluster while a step runs (--profile)."""
-
-    def __init__(self, ctx: Ctx, cl: Cluster, name: str):
-        self.ctx, self.cl, self.name = ctx, cl, name
-        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
-
-    def __enter__(self):
-        if not self.ctx.profile:
-            return self
-        for nid, node in self.cl.nodes.items():
-            self.add(nid, node.pid)
-        time.sleep(1.0)
-        return self
-
-    def add(self, nid: str, pid: int) -> None:
-        """Sample one more process (e.g. a node started inside the profiled step)."""
-        if not self.ctx.profile:
-            return
-        d = self.ctx.base / "profiles"
-        d.mkdir(exist_ok=True)
-        out = d / f"{self.name}-{nid}.txt"
-        p = subprocess.Popen([self.ctx.pyspy, "record", "--pid", str(pid), "--rate", "200",
-                              "--format", "raw", "--output", str(out), "--threads",
-                              "--gil" if self.ctx.profile_gil else "--idle", "--nonblocking"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs.append((nid, p, out))
-
-    def __exit__(self, *exc):
-        import signal as _signal
-        for nid, p, out in self.procs:
-            if p.poll() is None:
-                p.send_signal(_signal.SIGINT)
-        for nid, p, out in self.procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-            if out.exists():
-                self.ctx.raw.setdefault("profiles", {})[f"{self.name}-{nid}"] = str(out)
-                self.ctx.log(f"[profile] {self.name} {nid}: {out}")
-                self.ctx.log(summarize_profile(out))
-
-
-def summarize_profile(raw: Path, top: int = 15) -> str:
-    import collections
-    self_c: collections.Counter = collections.Counter()
-    total_c: collections.Counter = collections.Counter()
-    threads: collections.Counter = collections.Counter()
-    n = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        c = int(count)
-        frames = stack.split(";")
-        thread = next((f for f in frames if f.startswith("thread (")), "?")
-        frames = [f.split(" (")[0] + " (" + f.split(" (", 1)[1].split("site-packages/")[-1].split("/work/main/")[-1]
-                  if " (" in f else f for f in frames if not f.startswith(("thread (", "process "))]
-        if not frames:
-            continue
-        n += c
-        threads[thread] += c
-        self_c[frames[-1]] += c
-        for f in set(frames):
-            total_c[f] += c
-    if not n:
-        return "  (no samples)"
-    out = [f"  {n} samples; self (top of stack):"]
-    out += [f"   {100 * c / n:5.1f}%  {f}" for f, c in self_c.most_common(top)]
-    out += ["  total (anywhere on stack):"]
-    out += [f"   {100 * c / n:5.1f}%  {f}" for f, c in total_c.most_common(top)]
-    return "\n".join(out)
+def profiled(ctx, cl: Cluster, name: str) -> Profiler:
+    """py-spy of every node of the cluster while the block runs (with --profile)."""
+    prof = Profiler(ctx.pyspy, ctx.profile_dir, name, mode="idle")
+    for nid, node in cl.nodes.items():
+        if node.alive():
+            prof.add(nid, node.pid)
+    return prof
 
 
 # =========================================================================== aggregate_pull
 
-def bench_aggregate_pull(ctx: Ctx) -> list[Row]:
+def bench_aggregate_pull(ctx) -> list[Row]:
     n_blobs = 24
     size = (8 if ctx.quick else 32) * MiB
     rounds = 1 if ctx.quick else 5
@@ -322,7 +163,7 @@ def bench_aggregate_pull(ctx: Ctx) -> list[Row]:
     results = {}
     for n_nodes in (1, 3):
         results[n_nodes] = _pull_cluster(ctx, n_nodes, files, size, clients, rounds)
-    raw = ctx.raw["aggregate_pull"] = {"blob_size": size, "blobs": n_blobs, "clients": clients,
+    raw = ctx.details["aggregate_pull"] = {"blob_size": size, "blobs": n_blobs, "clients": clients,
                                        "rounds": rounds, "runs": results}
     one, three = results[1], results[3]
     ratio = three["MBps"] / one["MBps"]
@@ -355,26 +196,26 @@ def _cpu_note(r: dict) -> str:
             f"{os.cpu_count()} cpus")
 
 
-def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds: int) -> dict:
+def _pull_cluster(ctx, n_nodes: int, files, size: int, clients: int, rounds: int) -> dict:
     repo = "bench/pull"
     wd = Path(tempfile.mkdtemp(prefix=f"pull{n_nodes}-", dir=ctx.base))
-    with Cluster(wd, f"pull{n_nodes}", ctx.node_settings) as cl:
+    with Cluster(wd, f"pull{n_nodes}", ctx.settings) as cl:
         for i in range(n_nodes):
             cl.add(f"n{i + 1}")
-        urls = cl.urls()
+        urls = [n.url for n in cl.nodes.values()]
         ids = list(cl.nodes)
         t0 = time.perf_counter()
         with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as c:
             def push(i):
                 p, d = files[i]
-                push_blob_file(c, urls[i % n_nodes], repo, p, d)
+                oci.push_blob_file_monolithic(c, repo, p, d, base=urls[i % n_nodes])
             with ThreadPoolExecutor(4) as ex:
                 list(ex.map(push, range(len(files))))
         ctx.log(f"[aggregate_pull] {n_nodes} node(s): pushed {len(files)} blobs in {time.perf_counter() - t0:.1f}s")
         digests = {d for _, d in files}
         replicas = min(2, n_nodes)
         settle_s, holders = wait_placement(cl, digests, ids, replicas, timeout=600)
-        cl.wait_quiet(120, copies=replicas * len(files))
+        wait_quiet(cl, 120, copies=replicas * len(files))
         ctx.log(f"[aggregate_pull] {n_nodes} node(s): every blob on its {replicas} owner(s) "
                 f"{settle_s:.1f}s after the last push")
 
@@ -392,7 +233,7 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
             n = 0
             with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as c2:
                 with c2.stream("GET", f"{urls[ni]}/v2/{repo}/blobs/{files[bi][1]}") as r:
-                    _check(r, 200)
+                    r.raise_for_status()
                     for chunk in r.iter_raw(1 * MiB):
                         h.update(chunk)
                         n += len(chunk)
@@ -404,23 +245,23 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
                 f"in {time.perf_counter() - t0:.1f}s (untimed)")
 
         before = cl.samples()
-        cpu0 = {nid: cpu_seconds(n.pid) for nid, n in cl.nodes.items()}
-        ccpu0 = children_cpu()
-        procs = []
+        cpu0 = {nid: procs.cpu_seconds(n.pid) for nid, n in cl.nodes.items()}
+        ccpu0 = procs.children_cpu()
+        curls = []
         t0 = time.perf_counter()
         for client in plan:
             cmd = ["curl", "-s", "-S", "--max-time", "600", "-w", "%{http_code} %{size_download} %{time_total}\\n"]
             for ni, bi in client:
                 cmd += ["-o", "/dev/null", f"{urls[ni]}/v2/{repo}/blobs/{files[bi][1]}"]
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        outs = [p.communicate(timeout=900) for p in procs]
+            curls.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=900) for p in curls]
         wall = time.perf_counter() - t0
-        ccpu = children_cpu() - ccpu0
-        node_cpu = {nid: cpu_seconds(n.pid) - cpu0[nid] for nid, n in cl.nodes.items()}
+        ccpu = procs.children_cpu() - ccpu0
+        node_cpu = {nid: procs.cpu_seconds(n.pid) - cpu0[nid] for nid, n in cl.nodes.items()}
         after = cl.samples()
         total = 0
         times = {"local": [], "remote": []}
-        for client, p, (out, err) in zip(plan, procs, outs):
+        for client, p, (out, err) in zip(plan, curls, outs):
             words = out.split()
             if p.returncode != 0 or len(words) != 3 * rounds:
                 raise RuntimeError(f"curl exited {p.returncode}: {err.strip()[:300]} / {out[:200]}")
@@ -432,12 +273,12 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
         pulls = clients * rounds
         remote = sum(1 for client in plan for ni, bi in client if ids[ni] not in holders[files[bi][1]])
         planned_per_node = {nid: sum(1 for client in plan for ni, _ in client if ids[ni] == nid) for nid in ids}
-        got_per_node = {nid: int(metric(after[nid], "cargohold_http_requests_total", route="blob", method="GET",
+        got_per_node = {nid: int(metrics.value(after[nid], metrics.HTTP_REQUESTS, route="blob", method="GET",
                                         status="200")
-                                 - metric(before[nid], "cargohold_http_requests_total", route="blob", method="GET",
+                                 - metrics.value(before[nid], metrics.HTTP_REQUESTS, route="blob", method="GET",
                                           status="200")) for nid in ids}
-        sent = {nid: int(metric(after[nid], "cargohold_http_sent_bytes_total")
-                         - metric(before[nid], "cargohold_http_sent_bytes_total")) for nid in ids}
+        sent = {nid: int(metrics.value(after[nid], metrics.HTTP_BYTES_SENT)
+                         - metrics.value(before[nid], metrics.HTTP_BYTES_SENT)) for nid in ids}
         res = {"nodes": n_nodes, "seconds": wall, "bytes": total, "MBps": total / wall / MB,
                "pulls": pulls, "remote_pulls": remote, "remote_share": remote / pulls,
                "planned_gets_per_node": planned_per_node, "metrics_gets_per_node": got_per_node,
@@ -445,7 +286,7 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
                "node_cpu_s": sum(node_cpu.values()), "node_cpu_per_node": node_cpu, "curl_cpu_s": ccpu,
                "placement_settle_s": settle_s,
                "mean_transfer_s": {k: (sum(v) / len(v) if v else None) for k, v in times.items()},
-               "held": {nid: int(metric(after[nid], "cargohold_blobs_held")) for nid in ids}}
+               "held": {nid: int(metrics.value(after[nid], metrics.BLOBS_HELD)) for nid in ids}}
         ctx.log(f"[aggregate_pull] {n_nodes} node(s): {total / MB:,.0f} MB in {wall:.2f}s = "
                 f"{res['MBps']:,.0f} MB/s; remote pulls {remote}/{pulls}; node CPU "
                 f"{res['node_cpu_s']:.1f}s, curl CPU {ccpu:.1f}s; GETs per node {got_per_node}")
@@ -454,81 +295,6 @@ def _pull_cluster(ctx: Ctx, n_nodes: int, files, size: int, clients: int, rounds
 
 
 # =========================================================================== rebalance_join
-
-def blob_pattern_speed(directory: Path, count: int, size: int, writers: int) -> float:
-    """MB/s of the store's write pattern for fetched blobs: ``writers`` threads each writing
-    ``size``-byte files to a staging dir, fsync, rename into a fan-out dir, fsync that dir."""
-    root = directory / "blob-pattern"
-    (root / "staging").mkdir(parents=True, exist_ok=True)
-    data = random.Random("pattern").randbytes(size)
-
-    def one(i: int) -> None:
-        staging = root / "staging" / f"{i}"
-        with open(staging, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        d = root / "blobs" / f"{i % 256:02x}"
-        d.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, d / f"{i}")
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(writers) as ex:
-        list(ex.map(one, range(count)))
-    seconds = time.perf_counter() - t0
-    shutil.rmtree(root, ignore_errors=True)
-    return count * size / seconds / MB
-
-
-def disk_write_speed(directory: Path, total: int, chunk: int = 8 * MiB) -> float:
-    """MB/s writing ``total`` bytes in ``chunk`` writes to a new file, fsync included."""
-    path = directory / "disk-speed.tmp"
-    block = random.Random("disk").randbytes(chunk)
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        left = total
-        while left > 0:
-            left -= os.write(fd, block[:min(chunk, left)])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return total / seconds / MB
-
-
-def device_write_speed(directory: Path, total: int, chunk: int = 8 * MiB) -> float | None:
-    """MB/s writing ``total`` bytes with O_DIRECT from one reused aligned buffer, fsync included:
-    the device itself, without the page cache (whose fresh pages cost this VM more CPU than the
-    copy, which makes the buffered figure swing between ~350 and ~1,700 MB/s). None where the
-    file system refuses O_DIRECT."""
-    import mmap
-    path = directory / "device-speed.tmp"
-    buffer = mmap.mmap(-1, chunk)
-    buffer.write(random.Random("device").randbytes(chunk))
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o600)
-    except OSError:
-        return None
-    t0 = time.perf_counter()
-    try:
-        left = total
-        while left > 0:
-            left -= os.write(fd, buffer)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-        buffer.close()
-    seconds = time.perf_counter() - t0
-    path.unlink()
-    return total / seconds / MB
-
 
 class PlacementPoller(threading.Thread):
     """Every SETTLE_POLL s, reads every node's /metrics (no etcd request: the counts come from
@@ -562,10 +328,10 @@ class PlacementPoller(threading.Thread):
                     for nid, node in list(self.cl.nodes.items()):
                         try:
                             s = node.samples(c)
-                        except httpx.HTTPError:
+                        except (httpx.HTTPError, RuntimeError):
                             continue            # not listening yet
-                        held[nid] = int(metric(s, "cargohold_blobs_held"))
-                        queued += metric(s, "cargohold_replication_queue_depth")
+                        held[nid] = int(metrics.value(s, metrics.BLOBS_HELD))
+                        queued += metrics.value(s, metrics.QUEUE_DEPTH)
                     mine = held.get(self.newcomer, 0)
                     if self.first_copy_at is None and mine > 0:
                         self.first_copy_at = now
@@ -584,48 +350,55 @@ class PlacementPoller(threading.Thread):
             self.error = e
 
 
-def bench_rebalance_join(ctx: Ctx) -> list[Row]:
+def bench_rebalance_join(ctx) -> list[Row]:
     n_blobs, size = (60, 256 * 1024) if ctx.quick else (200, 1 * MiB)
-    n_blobs = ctx.rebalance_blobs or n_blobs
-    size = ctx.rebalance_size or size
+    n_blobs = ctx.args.rebalance_blobs or n_blobs
+    size = int(ctx.args.rebalance_size * MiB) if ctx.args.rebalance_size else size
     disk_total = (256 if ctx.quick else 512) * MiB
     repo = "bench/rebalance"
     wd = Path(tempfile.mkdtemp(prefix="rebalance-", dir=ctx.base))
-    raw = ctx.raw["rebalance_join"] = {"blobs": n_blobs, "blob_size": size, "poll_interval_s": SETTLE_POLL}
-    disk_runs = [disk_write_speed(wd, disk_total) for _ in range(2)]
+    raw = ctx.details["rebalance_join"] = {"blobs": n_blobs, "blob_size": size, "poll_interval_s": SETTLE_POLL}
+    disk_runs = [fsync_write_speed(wd, disk_total) for _ in range(2)]
     ctx.log(f"[rebalance_join] disk: {disk_total // MiB} MiB in 8 MiB writes + fsync: "
             + ", ".join(f"{x:,.0f}" for x in disk_runs) + " MB/s")
     owners = owners_fn()
-    with Cluster(wd, "rebalance", ctx.node_settings) as cl:
+    with Cluster(wd, "rebalance", ctx.settings) as cl:
         for i in range(3):
             cl.add(f"n{i + 1}")
-        urls = cl.urls()
-        blobs = [make_blob(size, f"rebalance-{i}-{size}") for i in range(n_blobs)]
-        digests = [digest_of(b) for b in blobs]
+        urls = [n.url for n in cl.nodes.values()]
+        blobs = [oci.random_bytes(size, f"rebalance-{i}-{size}") for i in range(n_blobs)]
+        digests = [oci.digest_of(b) for b in blobs]
         t0 = time.perf_counter()
         with httpx.Client(timeout=60.0) as c:
             with ThreadPoolExecutor(4) as ex:
-                list(ex.map(lambda i: push_blob(c, urls[i % 3], repo, blobs[i], digests[i]), range(n_blobs)))
+                list(ex.map(lambda i: oci.push_blob(c, repo, blobs[i], digests[i], base=urls[i % 3]), range(n_blobs)))
         blobs.clear()        # free the memory
         three = ["n1", "n2", "n3"]
         settle_s, holders_before = wait_placement(cl, set(digests), three, 2, timeout=300)
-        cl.wait_quiet(120, copies=2 * n_blobs)
+        wait_quiet(cl, 120, copies=2 * n_blobs)
         ctx.log(f"[rebalance_join] {n_blobs} x {size // 1024} KiB pushed round-robin in "
                 f"{time.perf_counter() - t0:.1f}s, on their 2 owners {settle_s:.1f}s later")
-        list_before = cl.node_list()
-        fetched_before = {nid: metric(s, "cargohold_replication_fetched_bytes_total") for nid, s in cl.samples().items()}
+        list_before = cl.cli_json("node", "list")
+        fetched_before = {nid: metrics.value(s, metrics.BYTES_FETCHED) for nid, s in cl.samples().items()}
 
-        trace_before = _read_traces(cl)
-        cpu_before = {nid: cpu_seconds(node.pid) for nid, node in cl.nodes.items()}
-        cpu_before["etcd"] = cpu_seconds(cl.etcd.proc.pid)
-        machine_before = machine_cpu()
+        cpu_before = {nid: procs.cpu_seconds(node.pid) for nid, node in cl.nodes.items()}
+        cpu_before["etcd"] = procs.cpu_seconds(cl.etcd.pid)
+        machine_before = procs.machine_cpu()
         four = three + ["n4"]
         poller = PlacementPoller(cl, set(digests), four, "n4", 2)
-        with H.WatchRecorder(cl.etcd, cl.prefix) as watch, Profiler(ctx, cl, "rebalance_join") as prof:
-            node4 = cl.add("n4", wait=False)
-            prof.add("n4", node4.pid)
+        node4 = cl.node("n4")
+        with EtcdWatch(cl.etcd.url, cl.prefix) as watch, profiled(ctx, cl, "rebalance_join") as prof:
+            starting = threading.Thread(target=node4.start, daemon=True)
+            t_spawn = time.monotonic()
+            starting.start()
             poller.start()
-            node4.wait_ready(120)
+            while node4.pid is None and starting.is_alive():
+                time.sleep(0.005)
+            prof.add("n4", node4.pid)
+            starting.join(120)
+            t_ready = time.monotonic() if node4.alive() and not starting.is_alive() else None
+            if t_ready is None:
+                raise RuntimeError(f"n4 did not start:\n{node4.log_tail()}")
             poller.join(600)
             poller.stop_flag.set()
             if poller.settled_at is not None:
@@ -637,18 +410,17 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
         if poller.settled_at is None:
             raise TimeoutError(f"placement with n4 not settled after 600s: {poller.last}")
         # CPU over the join (spawn -> settled + 0.5 s): where the 2 cores went
-        cpu_join = {nid: cpu_seconds(node.pid) - cpu_before.get(nid, 0.0) for nid, node in cl.nodes.items()}
-        cpu_join["etcd"] = cpu_seconds(cl.etcd.proc.pid) - cpu_before["etcd"]
-        busy, idle = (a - b for a, b in zip(machine_cpu(), machine_before))
-        cl.wait_quiet(120, copies=2 * n_blobs)
-        trace_after = _read_traces(cl)
+        cpu_join = {nid: procs.cpu_seconds(node.pid) - cpu_before.get(nid, 0.0) for nid, node in cl.nodes.items()}
+        cpu_join["etcd"] = procs.cpu_seconds(cl.etcd.pid) - cpu_before["etcd"]
+        busy, idle = (a - b for a, b in zip(procs.machine_cpu(), machine_before))
+        wait_quiet(cl, 120, copies=2 * n_blobs)
         samples = cl.samples()
-        fetched = {nid: int(metric(s, "cargohold_replication_fetched_bytes_total") - fetched_before.get(nid, 0))
+        fetched = {nid: int(metrics.value(s, metrics.BYTES_FETCHED) - fetched_before.get(nid, 0))
                    for nid, s in samples.items()}
-        n4_etcd = (int(metric(samples["n4"], "cargohold_etcd_request_duration_seconds_count")),
-                   metric(samples["n4"], "cargohold_etcd_request_duration_seconds_sum"))
-        n4_cpu = cpu_seconds(node4.pid)
-        list_after = cl.node_list()
+        n4_etcd = (int(metrics.value(samples["n4"], metrics.ETCD_REQUESTS)),
+                   metrics.value(samples["n4"], metrics.ETCD_REQUEST_SECONDS))
+        n4_cpu = procs.cpu_seconds(node4.pid)
+        list_after = cl.cli_json("node", "list")
         holders_after, _ = cl.holders()
 
     moved = sum(fetched.values())
@@ -661,7 +433,6 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
                   if holders_after[d] - holders_before[d] - {"n4"}}
     needless = [d for d in digests if set(owners(d, four, 2)) == set(owners(d, three, 2))
                 and holders_after[d] != holders_before[d]]
-    t_spawn, t_ready = node4.spawned_at, node4.ready_at
     window_ready = poller.settled_at - t_ready
     window_spawn = poller.settled_at - t_spawn
     window_first = poller.settled_at - poller.first_copy_at if poller.first_copy_at else None
@@ -670,7 +441,7 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
     tl = _timeline(watch.events, "n4")
     fetch_window = (tl["last_n4_copy"] - tl["registered"]) if tl["last_n4_copy"] and tl["registered"] else None
     rate_watch = moved / fetch_window / MB if fetch_window else None
-    disk_runs.append(disk_write_speed(ctx.base, disk_total))
+    disk_runs.append(fsync_write_speed(ctx.base, disk_total))
     disk = sorted(disk_runs)[len(disk_runs) // 2]
     device = device_write_speed(ctx.base, 4 * disk_total)
     workers = int(cl.settings.get("replication_workers", 4))
@@ -704,9 +475,6 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
                                                               for r in list_before))
     ctx.log("[rebalance_join] node list after:  " + ", ".join(f"{r['id']} {r['blobs']} blobs {r['bytes'] / MiB:.0f} MiB"
                                                               for r in list_after))
-    if trace_after:
-        raw["trace"] = _trace_delta(trace_before, trace_after)
-        ctx.log(format_trace(raw["trace"]))
     dev = moved / ideal - 1
     rows = [
         Row("rebalance_join", "bytes moved / ideal (1/4 of copy-bytes)", moved / ideal, "x", "within 10% (0.90-1.10)",
@@ -745,56 +513,22 @@ def bench_rebalance_join(ctx: Ctx) -> list[Row]:
     return rows
 
 
-def _read_traces(cl: Cluster) -> dict[str, dict]:
-    """The step timers of every traced node (--trace); waits for the 0.5 s dump."""
-    if H.TRACE["dir"] is None:
-        return {}
-    time.sleep(0.7)
-    out = {}
-    for nid, node in cl.nodes.items():
-        if node.trace_path is not None and node.trace_path.exists():
-            out[nid] = json.loads(node.trace_path.read_text())
-    return out
-
-
-def _trace_delta(before: dict, after: dict) -> dict:
-    out: dict = {}
-    for nid, steps in after.items():
-        prev = before.get(nid, {})
-        for step, v in steps.items():
-            p = prev.get(step, {"calls": 0, "seconds": 0.0})
-            calls = v["calls"] - p["calls"]
-            if calls:
-                out.setdefault(nid, {})[step] = {"calls": calls, "seconds": v["seconds"] - p["seconds"],
-                                                 "mean_ms": 1000 * (v["seconds"] - p["seconds"]) / calls}
-    return out
-
-
-def format_trace(trace: dict) -> str:
-    lines = ["[trace] wall-clock time in replication steps during the join (sum over concurrent calls):"]
-    for nid in sorted(trace):
-        for step, v in sorted(trace[nid].items()):
-            lines.append(f"  {nid} {step:<28} {v['calls']:6d} calls {v['seconds']:8.2f} s  "
-                         f"mean {v['mean_ms']:7.2f} ms")
-    return "\n".join(lines)
-
-
 def _ms(t: float | None, t0: float) -> str:
     return "-" if t is None else f"{t - t0:.2f}s"
 
 
 def _timeline(events, newcomer: str) -> dict:
     tl = {"registered": None, "alive": None, "first_n4_copy": None, "last_n4_copy": None, "last_drop": None}
-    for t, kind, key in events:
+    for t, kind, key, _rev in events:
         if key == f"members/{newcomer}" and tl["registered"] is None:
             tl["registered"] = t
         elif key == f"alive/{newcomer}" and tl["alive"] is None:
             tl["alive"] = t
         elif key.startswith("blobs/") and "/at/" in key:
-            if kind == "PUT" and key.endswith(f"/at/{newcomer}"):
+            if kind == "put" and key.endswith(f"/at/{newcomer}"):
                 tl["first_n4_copy"] = tl["first_n4_copy"] or t
                 tl["last_n4_copy"] = t
-            elif kind == "DELETE":
+            elif kind == "delete":
                 tl["last_drop"] = t
     return tl
 
@@ -812,11 +546,11 @@ RT_PHASES = (
 STATUS_SETTLE = 2.5     # s: longer than the nodes' 2 s status-report interval
 
 
-def bench_etcd_round_trips(ctx: Ctx) -> list[Row]:
+def bench_etcd_round_trips(ctx) -> list[Row]:
     k = 20 if ctx.quick else 50
     size = 64 * 1024
     rows: list[Row] = []
-    raw = ctx.raw["etcd_round_trips"] = {"K": k, "blob_size": size, "runs": {}}
+    raw = ctx.details["etcd_round_trips"] = {"K": k, "blob_size": size, "runs": {}}
     for n_nodes in (1, 3):
         res = raw["runs"][n_nodes] = _round_trips(ctx, n_nodes, k, size)
         for phase, label, target, limit in RT_PHASES:
@@ -864,34 +598,24 @@ def bench_etcd_round_trips(ctx: Ctx) -> list[Row]:
 
 
 def _etcd_counts(cl: Cluster) -> dict[str, int]:
-    counts = cl.etcd.rpc_counts(cl.etcd.samples())
+    counts = metrics.etcd_rpc_counts(cl.etcd.samples())
     return {m: counts.get(m, 0) for m in ("Txn", "Range", "Put", "DeleteRange", "LeaseGrant", "LeaseRevoke")}
 
 
 def _node_requests(s: dict) -> int:
     """The node's etcd round trips less its lease keepalives (background, every ttl/3; trees
     before the keepalive counter are taken as they are)."""
-    refreshes = metric(s, "cargohold_etcd_lease_refreshes_total")
-    return int(metric(s, "cargohold_etcd_request_duration_seconds_count") - (refreshes or 0))
+    refreshes = metrics.value(s, metrics.LEASE_REFRESHES)
+    return int(metrics.value(s, metrics.ETCD_REQUESTS) - (refreshes or 0))
 
 
-def push_blob_docker(c: httpx.Client, base: str, repo: str, data: bytes, digest: str) -> None:
-    """What `docker push` does for a layer: HEAD (404), POST, PATCH with the body, PUT ?digest=."""
-    _check(c.head(f"{base}/v2/{repo}/blobs/{digest}"), 404)
-    r = _check(c.post(f"{base}/v2/{repo}/blobs/uploads/"), 202)
-    loc = httpx.URL(base).join(r.headers["Location"])
-    r = _check(c.patch(loc, content=data, headers={"Content-Type": "application/octet-stream"}), 202)
-    loc = httpx.URL(base).join(r.headers["Location"])
-    _check(c.put(loc, params={"digest": digest}), 201)
-
-
-def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
+def _round_trips(ctx, n_nodes: int, k: int, size: int) -> dict:
     repo = "bench/rt"
     wd = Path(tempfile.mkdtemp(prefix=f"rt{n_nodes}-", dir=ctx.base))
     owners = owners_fn()
     replicas = min(2, n_nodes)
     res: dict = {}
-    with Cluster(wd, f"rt{n_nodes}", ctx.node_settings) as cl:
+    with Cluster(wd, f"rt{n_nodes}", ctx.settings) as cl:
         ids = [f"n{i + 1}" for i in range(n_nodes)]
         for nid in ids:
             cl.add(nid)
@@ -903,29 +627,28 @@ def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
         def expected_held() -> dict[str, int]:
             return {nid: sum(1 for d in pushed if nid in owners(d, ids, replicas)) for nid in ids}
 
-        with httpx.Client(timeout=60.0) as c, H.WatchRecorder(cl.etcd, cl.prefix) as watch:
+        with httpx.Client(timeout=60.0) as c, EtcdWatch(cl.etcd.url, cl.prefix) as watch:
             # warm-up (not counted): the repository record, a config blob, one image
             config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-            cfg = (push_blob(c, base, repo, config), len(config))
-            warm = make_blob(size, "rt-warm")
-            wd_ = push_blob(c, base, repo, warm)
-            warm_manifest = manifest_bytes(cfg, [(wd_, size)])
-            push_manifest(c, base, repo, "warm", warm_manifest)
-            pushed += [cfg[0], wd_, digest_of(warm_manifest)]
+            cfg = (oci.push_blob(c, repo, config, base=base), len(config))
+            warm = oci.random_bytes(size, "rt-warm")
+            wd_ = oci.push_blob(c, repo, warm, base=base)
+            warm_manifest = oci.manifest_bytes(cfg, [(wd_, size)])
+            oci.push_manifest(c, repo, "warm", warm_manifest, base=base)
+            pushed += [cfg[0], wd_, oci.digest_of(warm_manifest)]
             copies += 3 * replicas
-            cl.wait_quiet(60, copies=copies, held=expected_held())
+            wait_quiet(cl, 60, copies=copies, held=expected_held())
 
-            layers = [make_blob(size, f"rt-{n_nodes}-{i}") for i in range(k)]
-            layer_digests = [digest_of(b) for b in layers]
-            docker_layers = [make_blob(size, f"rt-docker-{n_nodes}-{i}") for i in range(k)]
-            docker_digests = [digest_of(b) for b in docker_layers]
-            manifests = [manifest_bytes(cfg, [(layer_digests[i], size), (docker_digests[i], size)])
+            layers = [oci.random_bytes(size, f"rt-{n_nodes}-{i}") for i in range(k)]
+            layer_digests = [oci.digest_of(b) for b in layers]
+            docker_layers = [oci.random_bytes(size, f"rt-docker-{n_nodes}-{i}") for i in range(k)]
+            docker_digests = [oci.digest_of(b) for b in docker_layers]
+            manifests = [oci.manifest_bytes(cfg, [(layer_digests[i], size), (docker_digests[i], size)])
                          for i in range(k)]
 
             for phase, _label, _target, _limit in RT_PHASES:
                 node_per_request, server_per_request, server_by_method, background = [], [], [], []
                 digests = []
-                t0_trace = _read_traces(cl)
                 # the nodes report their replication status every 2 s while it changes: with no
                 # report near either end of the phase, the receiving node's own reports inside
                 # it are counted exactly from the watch
@@ -937,21 +660,21 @@ def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
                     a, ea = recv.samples(c), _etcd_counts(cl)
                     ta = time.monotonic()
                     if phase == "blob":
-                        push_blob(c, base, repo, layers[i], layer_digests[i])
+                        oci.push_blob(c, repo, layers[i], layer_digests[i], base=base)
                         digests.append(layer_digests[i])
                     elif phase == "blob_docker":
-                        push_blob_docker(c, base, repo, docker_layers[i], docker_digests[i])
+                        oci.push_blob_docker(c, repo, docker_layers[i], docker_digests[i], base=base)
                         digests.append(docker_digests[i])
                     else:
-                        push_manifest(c, base, repo, f"t{i}", manifests[i])
-                        digests.append(digest_of(manifests[i]))
+                        oci.push_manifest(c, repo, f"t{i}", manifests[i], base=base)
+                        digests.append(oci.digest_of(manifests[i]))
                     copies += replicas
                     pushed.append(digests[-1])
                     # The window closes only when this request's replication is over (every blob on
                     # exactly its owners): then it holds, deterministically, the request's own etcd
                     # calls plus that replication, and the next window starts clean.
                     if n_nodes > 1:
-                        cl.wait_quiet(60, copies=copies, held=expected_held(), stable=0.15, interval=0.02)
+                        wait_quiet(cl, 60, copies=copies, held=expected_held(), stable=0.15, interval=0.02)
                     b, eb = recv.samples(c), _etcd_counts(cl)
                     tb = time.monotonic()
                     time.sleep(0.05)                   # let the window's watch events arrive
@@ -962,8 +685,8 @@ def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
                     # status reports (plain Puts of status/<node>) and readiness probes (probes/<node>);
                     # found by key in the watch, taken out of the window's counts (etcd's, and the
                     # receiving node's own for its own reports) and reported
-                    window = [key for t, kind, key in list(watch.events) if ta <= t <= tb + 0.05
-                              and kind == "PUT" and key.startswith(("status/", "probes/"))]
+                    window = [key for t, kind, key, _rev in list(watch.events) if ta <= t <= tb + 0.05
+                              and kind == "put" and key.startswith(("status/", "probes/"))]
                     bg = len(window)
                     own_bg = sum(1 for key in window if key in ("status/n1", "probes/n1"))
                     node_per_request.append(_node_requests(b) - _node_requests(a) - drops - own_bg)
@@ -975,15 +698,15 @@ def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
                     background.append(bg)
                     server_by_method.append(by_method)
                     server_per_request.append(sum(by_method.values()))
-                cl.wait_quiet(60, copies=copies, held=expected_held())
+                wait_quiet(cl, 60, copies=copies, held=expected_held())
                 time.sleep(STATUS_SETTLE)
                 tp1 = time.monotonic()
                 s1 = cl.samples()
                 e1 = _etcd_counts(cl)
                 cluster_total = sum(_node_requests(s1[n]) - _node_requests(s0[n]) for n in ids)
                 node_total = _node_requests(s1["n1"]) - _node_requests(s0["n1"])
-                own_reports = sum(1 for t, kind, key in list(watch.events) if tp0 <= t <= tp1
-                                  and kind == "PUT" and key in ("status/n1", "probes/n1"))
+                own_reports = sum(1 for t, kind, key, _rev in list(watch.events) if tp0 <= t <= tp1
+                                  and kind == "put" and key in ("status/n1", "probes/n1"))
                 withdrawals = sum(1 for d in digests if "n1" not in owners(d, ids, replicas))
                 server = {m: e1[m] - e0[m] for m in e0}
                 exp = 0
@@ -999,13 +722,6 @@ def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
                     "copy_txn_expected": exp / k,
                     "per_node": {n: _node_requests(s1[n]) - _node_requests(s0[n]) for n in ids},
                 }
-                t1_trace = _read_traces(cl)
-                if t1_trace:
-                    calls = {nid: {step.split("etcd.call.", 1)[1]: v["calls"] for step, v in steps.items()
-                                   if step.startswith("etcd.call.")}
-                             for nid, steps in _trace_delta(t0_trace, t1_trace).items()}
-                    res[phase + "_trace"] = calls
-                    ctx.log(f"[trace] {n_nodes} node(s), {phase} phase, etcd calls by method<-caller: {calls}")
                 ctx.log(f"[etcd_round_trips] {n_nodes} node(s), {k} x {phase}: receiving node's metric "
                         f"{sum(node_per_request)} in the requests ({node_total} over the phase); all nodes "
                         f"{cluster_total} {res[phase]['per_node']}; etcd saw {server} "
@@ -1016,184 +732,12 @@ def _round_trips(ctx: Ctx, n_nodes: int, k: int, size: int) -> dict:
 
 
 def _summary(per_request: list[dict]) -> str:
-    import collections
     c = collections.Counter(tuple(sorted(d.items())) for d in per_request)
     return ", ".join(f"{n}x {dict(k) or '{}'}" for k, n in c.most_common())
 
 
-# =========================================================================== main
-
-BENCHMARKS = {
+PARTS = {
     "aggregate_pull": bench_aggregate_pull,
     "rebalance_join": bench_rebalance_join,
     "etcd_round_trips": bench_etcd_round_trips,
 }
-
-
-def machine_info() -> dict:
-    model = "?"
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(H.SOURCE["dir"]), *args], capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except Exception:  # noqa: BLE001
-            return "?"
-
-    def ver(cmd):
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-            return (r.stdout or r.stderr).strip().splitlines()[0]
-        except Exception:  # noqa: BLE001
-            return "?"
-
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "nproc": os.cpu_count(),
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-        "etcd": ver([H.ETCD_BIN, "--version"]),
-        "curl": ver(["curl", "--version"]),
-        "source": str(H.SOURCE["dir"]),
-        "git_commit": H.SOURCE.get("commit") or git("rev-parse", "HEAD"),
-        "cargohold_uncommitted": [] if H.SOURCE.get("commit") else
-        git("status", "--porcelain", "--", "cargohold").splitlines(),
-        "loadavg_start": open("/proc/loadavg").read().split()[:3],
-    }
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", action="append", default=[],
-                    help=f"run only these (repeat or comma list): {', '.join(BENCHMARKS)}")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 8 MiB pull blobs x 1 round, 60 x 256 KiB rebalance, K=20")
-    ap.add_argument("--json", metavar="FILE", help="write rows + raw measurements as JSON")
-    ap.add_argument("--source", metavar="DIR",
-                    help="the tree whose cargohold package the nodes run (default: this repository; "
-                         "e.g. a `git worktree` of a commit); its root or its cargohold/ directory")
-    ap.add_argument("--commit", metavar="REF",
-                    help="run the nodes from `git archive REF` of this repository (extracted into the scratch "
-                         "dir) instead of the working tree, e.g. --commit HEAD when others have uncommitted edits")
-    ap.add_argument("--trace", action="store_true",
-                    help="run the nodes under bench/cluster_trace.py (wall-clock timers around replication "
-                         "steps, cargohold unchanged) and print where the rebalance time goes")
-    ap.add_argument("--profile", action="store_true",
-                    help="py-spy record every node during the rebalance (needs py-spy)")
-    ap.add_argument("--profile-gil", action="store_true",
-                    help="like --profile, but only samples of threads holding the GIL (where Python CPU goes)")
-    ap.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
-    ap.add_argument("--rebalance-blobs", type=int, metavar="N",
-                    help="rebalance_join: number of blobs (default 200 x 1 MiB; --quick 60 x 256 KiB)")
-    ap.add_argument("--rebalance-size", type=float, metavar="MIB",
-                    help="rebalance_join: size of each blob in MiB (default 1; --quick 0.25)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra node setting for every cluster (YAML value), e.g. replication_workers=16")
-    ap.add_argument("--workdir", help="scratch directory (default: a new one in /tmp)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, data)")
-    args = ap.parse_args(argv)
-
-    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every etcd and node is stopped by its pid
-    import signal
-
-    def _terminate(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, _terminate)
-
-    names = [n for o in args.only for n in o.split(",") if n] or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        ap.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
-    for tool in ("curl", H.ETCD_BIN):
-        if not shutil.which(tool):
-            ap.error(f"{tool} not found")
-    if args.commit and args.source:
-        ap.error("--commit and --source are exclusive")
-    if args.source:
-        source = Path(args.source).resolve()
-        # The tree root goes on the nodes' PYTHONPATH. Given the package directory itself, the
-        # nodes would not find `cargohold` there and silently import the venv's editable install.
-        if not (source / "cargohold" / "__init__.py").exists() and (source / "__init__.py").exists() \
-                and source.name == "cargohold":
-            source = source.parent
-        if not (source / "cargohold" / "__init__.py").exists():
-            ap.error(f"--source {args.source}: no cargohold package there")
-        H.SOURCE["dir"] = source
-    base = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cargohold-cluster-bench-"))
-    base.mkdir(parents=True, exist_ok=True)
-    if args.commit:
-        sha = subprocess.run(["git", "-C", str(H.REPO_ROOT), "rev-parse", "--verify", args.commit + "^{commit}"],
-                             capture_output=True, text=True).stdout.strip()
-        if not sha:
-            ap.error(f"unknown commit {args.commit!r}")
-        src = base / f"src-{sha[:12]}"
-        src.mkdir(exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(H.REPO_ROOT), "archive", sha, "cargohold"],
-                                 capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
-        H.SOURCE["dir"] = src
-        H.SOURCE["commit"] = sha
-    if args.trace:
-        H.TRACE["dir"] = base / "traces"
-        H.TRACE["dir"].mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(base=base, quick=args.quick, profile=args.profile or args.profile_gil,
-              profile_gil=args.profile_gil, pyspy=args.py_spy,
-              rebalance_blobs=args.rebalance_blobs,
-              rebalance_size=int(args.rebalance_size * MiB) if args.rebalance_size else None)
-    import yaml
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set wants KEY=VALUE, not {item!r}")
-        ctx.node_settings[key.strip()] = yaml.safe_load(value)
-    if ctx.node_settings:
-        print(f"node settings: {ctx.node_settings}")
-
-    info = machine_info()
-    print(f"machine: {info['nproc']} cpus ({info['cpu_model']}), load {info['loadavg_start']}, {info['etcd']}")
-    print(f"cargohold from {info['source']} at {info['git_commit']}"
-          + (f" + uncommitted changes: {' '.join(x.split()[-1] for x in info['cargohold_uncommitted'])}"
-             if info["cargohold_uncommitted"] else ""))
-    print(f"scratch: {base}")
-
-    rows: list[Row] = []
-    t_all = time.perf_counter()
-    try:
-        for name in names:
-            t0 = time.perf_counter()
-            print(f"\n=== {name} ===", flush=True)
-            try:
-                rows += BENCHMARKS[name](ctx)
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                rows.append(Row(name, "(benchmark failed)", None, error=f"{type(e).__name__}: {e}"))
-            print(f"=== {name}: {time.perf_counter() - t0:.0f}s ===", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; every process was stopped; partial results follow")
-    finally:
-        if args.keep:
-            print(f"scratch kept: {base}")
-        elif not args.workdir:
-            shutil.rmtree(base, ignore_errors=True)
-
-    info["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-    info["seconds"] = round(time.perf_counter() - t_all, 1)
-    print("\n" + table(rows))
-    print(f"\n{info['date']}; {info['nproc']} cpus {info['cpu_model']}; load "
-          f"{'/'.join(info['loadavg_start'])} -> {'/'.join(info['loadavg_end'])}; "
-          f"{info['seconds']:.0f}s total" + ("; QUICK" if args.quick else ""))
-    if args.json:
-        doc = {"machine": info, "quick": args.quick, "rows": [asdict(r) | {"verdict": r.verdict} for r in rows],
-               "details": ctx.raw}
-        Path(args.json).write_text(json.dumps(doc, indent=2, default=str))
-        print(f"JSON written to {args.json}")
-    return 1 if any(r.verdict in ("FAIL", "ERROR") for r in rows) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,160 +1,146 @@
-"""The benchmarks.  Each one runs against both sides and returns summary rows.
+"""cargohold vs CNCF Distribution 2.8.2: manifest GET, big and parallel blobs; node memory.
 
-A side is a label ("cargohold" or "distribution") and the kind of server that
-plays it (normally the same; ``--self-compare`` makes both distribution).
-Every benchmark starts its servers fresh, with empty data directories, and
-stops them before returning.
-"""
+Distribution is Debian's `docker-registry`. The memory part indexes 10,000 repositories x 10 tags
+into one node (cargohold only).
+
+Fresh servers with empty data directories for each side; A/B rounds alternate which side goes
+first; medians are reported, as ratios cargohold / distribution. Needs `docker-registry`,
+`wrk`, `curl`, `taskset` and `etcd` on PATH. --quick: 3 s wrk, 32 MiB big blob, 8 x 8 MiB
+parallel blobs, 1,000 repositories."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import random
+import shutil
 import statistics
 import subprocess
-import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-import oci
-import profiling
-import servers
+from bench import launch, oci, procs
+from bench.profiler import Profiler
+from bench.report import Row, compared, median
+from bench.scenarios import memory_index
 
 MiB = 1 << 20
 MB = 1_000_000
 HERE = Path(__file__).resolve().parent
 SIDES = ("cargohold", "distribution")
+PEER = "distribution"
 
 
-@dataclass
-class Ctx:
-    base: Path                       # scratch directory for this run
-    quick: bool = False
-    rounds: int = 1                  # A/B rounds (alternating order); medians reported
-    pin: bool = True                 # manifest_get: server on one core, wrk on another
-    runtime: str | None = "asyncio"  # passed as --runtime when cargohold supports it
-    kinds: dict[str, str] = field(default_factory=lambda: {s: s for s in SIDES})
-    mem_repos: int | None = None
-    mem_timeout: float | None = None
-    profile_dir: Path | None = None  # py-spy record of every cargohold run when set
-    pyspy: str = "py-spy"
-    raw: dict = field(default_factory=dict)      # per-benchmark details for --json
-    errors: dict = field(default_factory=dict)   # benchmark -> side -> message
-
-    def profile(self, srv, name: str):
-        """Context manager: py-spy the cargohold node during the block (with --profile)."""
-        return profiling.window(self, srv, name)
-
-    def log(self, msg: str) -> None:
-        print(msg, flush=True)
+def add_arguments(ap) -> None:
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="A/B rounds per benchmark, alternating order; medians (default 1)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="manifest_get: don't pin the registry and wrk to separate cores")
+    ap.add_argument("--runtime", default="asyncio", help="cargohold --runtime (default asyncio)")
+    ap.add_argument("--mem-repos", type=int, help="memory: repositories (default 10000)")
+    ap.add_argument("--mem-timeout", type=float, help="memory: indexing deadline in seconds")
+    ap.add_argument("--self-compare", action="store_true",
+                    help="plumbing check: a second docker-registry plays cargohold (ratios ~1)")
 
 
-@dataclass
-class Row:
-    benchmark: str
-    metric: str
-    unit: str
-    values: dict[str, float | None]              # side -> value
-    higher_is_better: bool = True
-    target_ratio: float | None = None            # ratio cargohold/distribution must be >=
-    target_max: float | None = None              # cargohold value must be <
-    note: str = ""
-    error: str | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        c, d = self.values.get("cargohold"), self.values.get("distribution")
-        if c is None or d is None or d == 0:
-            return None
-        return c / d
-
-    @property
-    def target(self) -> str:
-        if self.target_ratio is not None:
-            return f">= {self.target_ratio:g}x"
-        if self.target_max is not None:
-            return f"< {self.target_max:g} {self.unit}"
-        return "info"
-
-    @property
-    def verdict(self) -> str:
-        if self.error:
-            return "ERROR"
-        if self.target_ratio is not None:
-            r = self.ratio
-            return "-" if r is None else ("pass" if r >= self.target_ratio else "FAIL")
-        if self.target_max is not None:
-            c = self.values.get("cargohold")
-            return "-" if c is None else ("pass" if c < self.target_max else "FAIL")
-        return ""
-
-    def as_dict(self) -> dict:
-        return {"benchmark": self.benchmark, "metric": self.metric, "unit": self.unit,
-                "cargohold": self.values.get("cargohold"),
-                "distribution": self.values.get("distribution"),
-                "ratio": self.ratio, "target": self.target, "verdict": self.verdict,
-                "note": self.note, "error": self.error}
+def prepare(ctx) -> None:
+    for tool in ("wrk", "curl", "taskset", launch.PEER_BIN):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found")
+    need_gb = 2 if ctx.quick else 8
+    free_gb = shutil.disk_usage(ctx.base).free / 1e9
+    if free_gb < need_gb:
+        raise SystemExit(f"only {free_gb:.1f} GB free under {ctx.base}; this run needs about {need_gb} GB")
+    ctx.details["errors"] = {}
+    ctx.details["distribution"] = procs.tool_version([launch.PEER_BIN, "--version"])
+    ctx.details["wrk"] = procs.tool_version(["wrk", "-v"])
+    if ctx.args.self_compare:
+        ctx.log("SELF-COMPARE: both sides are docker-registry (plumbing check; ratios should be ~1)")
 
 
-def median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+def _rounds(ctx) -> int:
+    return max(1, ctx.args.rounds)
 
 
-def ab_rounds(ctx: Ctx, name: str, fn, *, cpus: str | None = None) -> dict[str, list]:
-    """Run ``fn(server, side)`` on each side in fresh servers, ``ctx.rounds`` times.
+@contextlib.contextmanager
+def running(ctx, side: str, cpus: str | None = None):
+    """A fresh server for `side` with its own empty data dir; its data is dropped when it stops
+    (blobs are big and the disk is shared), its log kept."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{side}-", dir=ctx.base))
+    peer = side == "distribution" or ctx.args.self_compare
+    srv = (launch.PeerRegistry(workdir / "data", cpus=cpus) if peer else
+           launch.Node(workdir / "data", cpus=cpus, runtime=ctx.args.runtime))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        for d in (workdir / "data" / "data", workdir / "data" / "blobs"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def profiled(ctx, srv, name: str):
+    """py-spy the cargohold node while the block runs (with --profile)."""
+    with Profiler(ctx.pyspy if srv.kind == "cargohold" else None, ctx.profile_dir, name) as prof:
+        prof.add("node", srv.pid)
+        yield
+    ctx.details.setdefault("profiles", {}).update({f"{name}-{k}": v for k, v in prof.summaries.items()})
+
+
+def ab_rounds(ctx, name: str, fn, *, cpus: str | None = None) -> dict[str, list]:
+    """Run ``fn(server, side, tag)`` on each side in fresh servers, once per round.
 
     The order alternates between rounds (C,D / D,C / ...) so slow drift of the
     shared machine does not favour one side.  Returns side -> [result per round].
     """
     out: dict[str, list] = {s: [] for s in SIDES}
-    for rnd in range(ctx.rounds):
-        order = SIDES if rnd % 2 == 0 else SIDES[::-1]
-        for side in order:
-            kind = ctx.kinds[side]
-            tag = f"[{name}] {side}" + (f" (played by {kind})" if kind != side else "")
-            if ctx.rounds > 1:
-                tag += f" round {rnd + 1}/{ctx.rounds}"
-            ctx.log(f"{tag}: starting {kind}")
+    for rnd in range(_rounds(ctx)):
+        for side in SIDES if rnd % 2 == 0 else SIDES[::-1]:
+            tag = f"[{name}] {side}" + (f" round {rnd + 1}/{_rounds(ctx)}" if _rounds(ctx) > 1 else "")
             try:
-                with servers.running(kind, ctx.base, cpus=cpus,
-                                     runtime=ctx.runtime if kind == "cargohold" else None) as srv:
+                with running(ctx, side, cpus) as srv:
                     ctx.log(f"{tag}: {srv.url} pid {srv.pid} ready in {srv.last_ready_s:.2f}s")
                     out[side].append(fn(srv, side, tag))
             except Exception as e:  # noqa: BLE001 - one side failing must not hide the other
                 msg = f"{type(e).__name__}: {e}"
                 ctx.log(f"{tag}: FAILED: {msg}")
-                ctx.errors.setdefault(name, {})[side] = msg.splitlines()[0][:300]
+                ctx.details["errors"].setdefault(name, {})[side] = msg.splitlines()[0][:300]
     return out
 
 
-def side_error(ctx: Ctx, name: str) -> str | None:
-    errs = ctx.errors.get(name)
-    return "; ".join(f"{s}: {m}" for s, m in errs.items()) if errs else None
+def side_error(ctx, name: str) -> str:
+    errs = ctx.details["errors"].get(name)
+    return "; ".join(f"{s}: {m}" for s, m in errs.items()) if errs else ""
+
+
+def row(benchmark: str, metric: str, unit: str, by_side: dict, **kw) -> Row:
+    """A cargohold row with distribution's figure as its same-run peer."""
+    return compared(benchmark, metric, unit, by_side.get("cargohold"), by_side.get("distribution"), **kw)
 
 
 class CpuMeter:
     """Server CPU seconds (user + sys, whole process tree) spent inside the block."""
 
-    def __init__(self, srv: servers.Server):
+    def __init__(self, srv: launch.Node):
         self.srv = srv
         self.user = self.sys = self.main = self.wall = 0.0
 
+    def _main_thread(self) -> float:
+        return sum(procs.cpu_split(self.srv.pid, tid=self.srv.pid))
+
     def __enter__(self):
-        self._start = self.srv.tree_cpu()
-        self._main = self.srv.main_thread_cpu()
+        self._start = procs.tree_cpu(self.srv.pid)
+        self._main = self._main_thread()
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        end = self.srv.tree_cpu()
-        self.user += end["user"] - self._start["user"]
-        self.sys += end["sys"] - self._start["sys"]
-        self.main += self.srv.main_thread_cpu() - self._main
+        user, system = procs.tree_cpu(self.srv.pid)
+        self.user += user - self._start[0]
+        self.sys += system - self._start[1]
+        self.main += self._main_thread() - self._main
         self.wall += time.perf_counter() - self._t0
         return False
 
@@ -172,9 +158,9 @@ class CpuMeter:
 
 # =========================================================================== manifest_get
 
-def _cpu_plan(ctx: Ctx) -> tuple[str | None, str | None]:
+def _cpu_plan(ctx) -> tuple[str | None, str | None]:
     """(server cpus, wrk cpus) for taskset, or (None, None) when not pinning."""
-    if not ctx.pin:
+    if ctx.args.no_pin:
         return None, None
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -199,11 +185,11 @@ def run_wrk(url: str, seconds: int, cpus: str | None, threads: int = 2, conns: i
     raise RuntimeError(f"no BENCH_JSON in wrk output:\n{r.stdout}\n{r.stderr}")
 
 
-def manifest_get(ctx: Ctx) -> list[Row]:
+def manifest_get(ctx) -> list[Row]:
     seconds = 3 if ctx.quick else 10
     srv_cpus, wrk_cpus = _cpu_plan(ctx)
 
-    def one(srv: servers.Server, side: str, tag: str, wrk_cpus: str | None) -> dict:
+    def one(srv: launch.Node, side: str, tag: str, wrk_cpus: str | None) -> dict:
         repo = "bench/app"
         with oci.client(srv.url) as c:
             body, digest = oci.push_image(c, repo, "latest")
@@ -216,7 +202,7 @@ def manifest_get(ctx: Ctx) -> list[Row]:
             resp_bytes = len(r.content)
         url = srv.url
         run_wrk(url, 1, wrk_cpus)  # warm-up, discarded
-        with ctx.profile(srv, "manifest_get" + ("" if wrk_cpus else "_unpinned")):
+        with profiled(ctx, srv, "manifest_get" + ("" if wrk_cpus else "_unpinned")):
             res = run_wrk(url, seconds, wrk_cpus)
         bad = {k: v for k, v in res["errors"].items() if v}
         if bad:
@@ -246,18 +232,18 @@ def manifest_get(ctx: Ctx) -> list[Row]:
         p99 = {s: median(r["latency_us"]["p99"] / 1000 for r in res[s]) for s in SIDES}
         label = "pinned" if s_cpus else "unpinned"
         rows += [
-            Row("manifest_get", f"GET by tag, {label}", "req/s", rps, True, target_ratio=target,
+            row("manifest_get", f"GET by tag, {label}", "req/s", rps, min_ratio=target,
                 note=f"wrk -t2 -c16 -d{seconds}s keep-alive; {pin_note}", error=err),
-            Row("manifest_get", f"p99 latency, {label}", "ms", p99, False,
+            row("manifest_get", f"p99 latency, {label}", "ms", p99,
                 note="lower is better (ratio < 1 is good)", error=err),
         ]
-        ctx.raw[name] = res
+        ctx.details[name] = res
     return rows
 
 
 # =========================================================================== blob_big
 
-def _files(ctx: Ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[Path, str]]:
+def _files(ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[Path, str]]:
     d = ctx.base / "content"
     d.mkdir(exist_ok=True)
     out = []
@@ -273,7 +259,7 @@ def _files(ctx: Ctx, prefix: str, n: int, size: int, seed0: int) -> list[tuple[P
     return out
 
 
-def blob_big(ctx: Ctx) -> list[Row]:
+def blob_big(ctx) -> list[Row]:
     size = (32 if ctx.quick else 256) * MiB
     reps = 1 if ctx.quick else 3
     chunk = 16 * MiB
@@ -285,14 +271,14 @@ def blob_big(ctx: Ctx) -> list[Row]:
             f"({time.perf_counter() - t0:.1f}s, not timed)")
     flows: dict[str, str] = {}
 
-    def one(srv: servers.Server, side: str, tag: str) -> dict:
+    def one(srv: launch.Node, side: str, tag: str) -> dict:
         repo = "bench/big"
         out = {"push_mono_s": [], "push_postput_s": [], "push_chunked_s": [], "pull_s": []}
         with oci.client(srv.url) as c:
             single = oci.supports_single_post(c, repo)
             flows[side] = "POST ?digest= + body" if single else "202, then PUT ?digest= + body"
             push_cpu, pull_cpu = CpuMeter(srv), CpuMeter(srv)
-            with ctx.profile(srv, "blob_big-push"), push_cpu:
+            with profiled(ctx, srv, "blob_big-push"), push_cpu:
                 for i in range(reps):   # interleave the three flows
                     p, dg = mono[i]
                     out["push_mono_s"].append(oci.push_blob_file(c, repo, p, dg, single))
@@ -306,7 +292,7 @@ def blob_big(ctx: Ctx) -> list[Row]:
             for p, dg in (*mono, *postput, *chunked):
                 oci.verify_blob(c, repo, dg, size)
             # timed pulls: curl to /dev/null, the cheapest client (bytes already verified)
-            with ctx.profile(srv, "blob_big-pull"), pull_cpu:
+            with profiled(ctx, srv, "blob_big-pull"), pull_cpu:
                 for i in range(reps):
                     out["pull_s"].append(
                         curl_get(f"{srv.url}/v2/{repo}/blobs/{mono[i][1]}", size)[0])
@@ -328,7 +314,7 @@ def blob_big(ctx: Ctx) -> list[Row]:
 
     res = ab_rounds(ctx, "blob_big", one)
     err = side_error(ctx, "blob_big")
-    ctx.raw["blob_big"] = res
+    ctx.details["blob_big"] = res
 
     def med(key):
         return {s: median(x for r in res[s] for x in r[key]) for s in SIDES}
@@ -336,26 +322,26 @@ def blob_big(ctx: Ctx) -> list[Row]:
     def med1(key):
         return {s: median(r[key] for r in res[s]) for s in SIDES}
 
-    n = f"{size // MiB} MiB, median of {reps * ctx.rounds}"
+    n = f"{size // MiB} MiB, median of {reps * _rounds(ctx)}"
     flow_note = "; ".join(f"{s}: {f}" for s, f in flows.items())
     return [
-        Row("blob_big", "push monolithic", "MB/s", med("push_mono_MBps"), True, 1.0,
+        row("blob_big", "push monolithic", "MB/s", med("push_mono_MBps"), min_ratio=1.0,
             note=f"{n}; {flow_note}", error=err),
-        Row("blob_big", "push POST then one PUT", "MB/s", med("push_postput_MBps"), True, 1.0,
+        row("blob_big", "push POST then one PUT", "MB/s", med("push_postput_MBps"), min_ratio=1.0,
             note=n + "; same flow on both sides", error=err),
-        Row("blob_big", f"push chunked PATCH {chunk // MiB} MiB", "MB/s",
-            med("push_chunked_MBps"), True, 1.0, note=n, error=err),
-        Row("blob_big", "pull GET", "MB/s", med("pull_MBps"), True, 1.0,
+        row("blob_big", f"push chunked PATCH {chunk // MiB} MiB", "MB/s",
+            med("push_chunked_MBps"), min_ratio=1.0, note=n, error=err),
+        row("blob_big", "pull GET", "MB/s", med("pull_MBps"), min_ratio=1.0,
             note=n + "; curl -o /dev/null; sha256 checked on an untimed read first",
             error=err),
-        Row("blob_big", "pull GET, httpx + sha256", "MB/s", med("pull_httpx_MBps"), True,
+        row("blob_big", "pull GET, httpx + sha256", "MB/s", med("pull_httpx_MBps"),
             note=n + "; hashed in a 2nd client thread while reading; client-bound, info only",
             error=err),
-        Row("blob_big", "server CPU per GB pushed", "cpu-s/GB", med1("push_cpu_s_per_GB"),
-            False, note="user+sys of the registry process tree (incl. cargohold's etcd) "
+        row("blob_big", "server CPU per GB pushed", "cpu-s/GB", med1("push_cpu_s_per_GB"),
+            note="user+sys of the registry process tree (incl. cargohold's etcd) "
                         "over all pushes; lower is better", error=err),
-        Row("blob_big", "server CPU per GB pulled", "cpu-s/GB", med1("pull_cpu_s_per_GB"),
-            False, note="same, over the timed curl pulls", error=err),
+        row("blob_big", "server CPU per GB pulled", "cpu-s/GB", med1("pull_cpu_s_per_GB"),
+            note="same, over the timed curl pulls", error=err),
     ]
 
 
@@ -392,14 +378,14 @@ def _fmt(xs) -> str:
 
 # =========================================================================== blob_parallel
 
-def blob_parallel(ctx: Ctx) -> list[Row]:
+def blob_parallel(ctx) -> list[Row]:
     clients = 8
     size = (8 if ctx.quick else 32) * MiB
     loops = 2 if ctx.quick else 8     # each client fetches its blob this many times
     reps = 1 if ctx.quick else 3
     files = _files(ctx, "par", clients, size, 3000)
 
-    def one(srv: servers.Server, side: str, tag: str) -> dict:
+    def one(srv: launch.Node, side: str, tag: str) -> dict:
         repo = "bench/par"
         with oci.client(srv.url) as c:
             single = oci.supports_single_post(c, repo)
@@ -409,7 +395,7 @@ def blob_parallel(ctx: Ctx) -> list[Row]:
                 oci.verify_blob(c, repo, dg, size)
         out = {"aggregate_MBps": [], "wall_s": [], "per_client": []}
         cpu = CpuMeter(srv)
-        with ctx.profile(srv, "blob_parallel"), cpu:
+        with profiled(ctx, srv, "blob_parallel"), cpu:
             for _ in range(reps):
                 _parallel_rep(srv, repo, side, out)
         out["cpu_s_per_GB"] = cpu.total / (reps * clients * loops * size / 1e9)
@@ -453,16 +439,16 @@ def blob_parallel(ctx: Ctx) -> list[Row]:
 
     res = ab_rounds(ctx, "blob_parallel", one)
     err = side_error(ctx, "blob_parallel")
-    ctx.raw["blob_parallel"] = res
+    ctx.details["blob_parallel"] = res
     agg = {s: median(x for r in res[s] for x in r["aggregate_MBps"]) for s in SIDES}
     cpu = {s: median(r["cpu_s_per_GB"] for r in res[s]) for s in SIDES}
     idle = median(x for s in SIDES for r in res[s] for x in r["machine_idle_pct"])
-    return [Row("blob_parallel", f"{clients} clients x {size // MiB} MiB pull, aggregate",
-                "MB/s", agg, True, 1.0,
+    return [row("blob_parallel", f"{clients} clients x {size // MiB} MiB pull, aggregate",
+                "MB/s", agg, min_ratio=1.0,
                 note=f"curl -o /dev/null, {loops} GETs/client/rep on one connection, "
-                     f"median of {reps * ctx.rounds}; machine idle during the pulls: "
+                     f"median of {reps * _rounds(ctx)}; machine idle during the pulls: "
                      f"{idle}% (0 = CPU-bound box)", error=err),
-            Row("blob_parallel", "server CPU per GB pulled", "cpu-s/GB", cpu, False,
+            row("blob_parallel", "server CPU per GB pulled", "cpu-s/GB", cpu,
                 note="user+sys of the registry process tree; lower is better", error=err)]
 
 
@@ -475,67 +461,56 @@ def _cpu_idle() -> tuple[int, int]:
 
 # =========================================================================== memory
 
-def memory(ctx: Ctx) -> list[Row]:
-    import memory_index
-    side = "cargohold"
-    kind = ctx.kinds[side]
-    n_repos = ctx.mem_repos or (1000 if ctx.quick else 10_000)
+def memory(ctx) -> list[Row]:
+    n_repos = ctx.args.mem_repos or (1000 if ctx.quick else 10_000)
     n_tags = 10
-    timeout = ctx.mem_timeout or (600 if ctx.quick else 2400)
-    label = "[memory]" + (f" (played by {kind})" if kind != side else "")
+    timeout = ctx.args.mem_timeout or (600 if ctx.quick else 2400)
+    label = "[memory]"
     info: dict = {"repos": n_repos, "tags_per_repo": n_tags}
-    ctx.raw["memory"] = info
-    with servers.running(kind, ctx.base,
-                         runtime=ctx.runtime if kind == "cargohold" else None) as srv:
+    ctx.details["memory"] = info
+    with running(ctx, "cargohold") as srv:
         ctx.log(f"{label} {srv.url} pid {srv.pid} ready in {srv.last_ready_s:.2f}s")
         time.sleep(2)
         info["rss_start"] = srv.rss_kib()
-        ctx.log(f"{label} RSS before indexing: {_mb(info['rss_start']['rss_kib']):.1f} MB")
+        ctx.log(f"{label} RSS before indexing: {_mb(info['rss_start']):.1f} MB")
         idx = memory_index.index(srv.url, n_repos, n_tags, timeout=timeout,
-                                 progress=lambda s: ctx.log(
-                                     f"{label} {s}; node RSS {_mb(srv.rss_kib()['rss_kib']):.1f} MB"))
+                                 progress=lambda s: ctx.log(f"{label} {s}; node RSS {_mb(srv.rss_kib()):.1f} MB"))
         info["index"] = idx
         ctx.log(f"{label} indexed {idx['repos_done']:,}/{n_repos:,} repos "
                 f"({idx['requests']:,} requests, {idx['errors']} errors) in {idx['seconds']:.1f}s "
                 f"= {idx['requests'] / idx['seconds']:,.0f} req/s")
         time.sleep(2)
         info["rss_indexed"] = srv.rss_kib()
-        ctx.log(f"{label} RSS after indexing: {_mb(info['rss_indexed']['rss_kib']):.1f} MB "
-                f"(peak {_mb(info['rss_indexed']['hwm_kib']):.1f} MB)")
+        ctx.log(f"{label} RSS after indexing: {_mb(info['rss_indexed']):.1f} MB")
         info["check_indexed"] = memory_index.spot_check(srv.url, idx["repos_done"], n_tags)
-        ctx.log(f"{label} restarting the node (read model rebuilt from its store)")
-        srv.restart()
+        ctx.log(f"{label} restarting the node (read model rebuilt from etcd)")
+        srv.stop()
+        srv.start()
         info["restart_ready_s"] = srv.last_ready_s
         ctx.log(f"{label} ready again in {srv.last_ready_s:.2f}s, pid {srv.pid}")
         time.sleep(2)
         info["rss_restart"] = srv.rss_kib()
         info["check_restart"] = memory_index.spot_check(srv.url, idx["repos_done"], n_tags)
         info["rss_restart_after_reads"] = srv.rss_kib()
-        ctx.log(f"{label} RSS after restart: {_mb(info['rss_restart']['rss_kib']):.1f} MB, "
-                f"after spot-check reads {_mb(info['rss_restart_after_reads']['rss_kib']):.1f} MB")
+        ctx.log(f"{label} RSS after restart: {_mb(info['rss_restart']):.1f} MB, "
+                f"after spot-check reads {_mb(info['rss_restart_after_reads']):.1f} MB")
     complete = idx["repos_done"] == n_repos and idx["errors"] == 0
-    err = None if complete else (f"indexing incomplete: {idx['repos_done']}/{n_repos} repos, "
-                                 f"{idx['errors']} errors {idx.get('first_errors')}")
+    err = "" if complete else (f"indexing incomplete: {idx['repos_done']}/{n_repos} repos, "
+                               f"{idx['errors']} errors {idx.get('first_errors')}")
     for when in ("check_indexed", "check_restart"):
         chk = info[when]
         if complete and (chk["bad"] or not chk.get("tags_list_ok")):
             err = f"{when}: {chk['bad']}/{chk['checked']} wrong reads {chk['problems']}"
     scale = f"{idx['repos_done']:,} repos x {n_tags} tags"
-
-    def v(x):
-        return {"cargohold": x, "distribution": None}
-
-    rss_after_restart = max(info["rss_restart"]["rss_kib"],
-                            info["rss_restart_after_reads"]["rss_kib"])
+    rss_after_restart = max(info["rss_restart"], info["rss_restart_after_reads"])
     return [
-        Row("memory", "node RSS, empty", "MB", v(_mb(info["rss_start"]["rss_kib"])), False,
+        Row("memory", "node RSS, empty", _mb(info["rss_start"]), "MB",
             note="VmRSS of the node process (etcd excluded)"),
-        Row("memory", "node RSS, indexed", "MB", v(_mb(info["rss_indexed"]["rss_kib"])), False,
-            target_max=300, note=scale, error=err),
-        Row("memory", "node RSS, after restart", "MB", v(_mb(rss_after_restart)), False,
-            target_max=300, note=f"{scale}; ready in {info['restart_ready_s']:.1f}s", error=err),
-        Row("memory", "indexing rate (API)", "req/s",
-            v(idx["requests"] / idx["seconds"]), True,
+        compared("memory", "node RSS, indexed", "MB", _mb(info["rss_indexed"]), None,
+                 max_value=300, note=scale, error=err),
+        compared("memory", "node RSS, after restart", "MB", _mb(rss_after_restart), None,
+                 max_value=300, note=f"{scale}; ready in {info['restart_ready_s']:.1f}s", error=err),
+        Row("memory", "indexing rate (API)", idx["requests"] / idx["seconds"], "req/s",
             note=f"{idx['concurrency']} concurrent clients, {idx['seconds']:.0f}s"),
     ]
 
@@ -544,7 +519,7 @@ def _mb(kib: int) -> float:
     return kib * 1024 / MB
 
 
-BENCHMARKS = {
+PARTS = {
     "manifest_get": manifest_get,
     "blob_big": blob_big,
     "blob_parallel": blob_parallel,

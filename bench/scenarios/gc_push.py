@@ -1,4 +1,4 @@
-"""Small-image pushers for bench/gc.py: push latency with and without a garbage collection.
+"""Small-image pushers for the gc scenario: push latency with and without a garbage collection.
 
 Each client is a thread with one keep-alive HTTP/1.1 connection (stdlib `http.client`, little
 client-side CPU) to one node. It pushes images continuously until told to stop: a config blob
@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from bench.report import percentile
+
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 
 
@@ -37,15 +39,6 @@ class Samples:
     def between(self, start: float, end: float) -> "Samples":
         pick = lambda xs: [x for x in xs if start <= x[0] < end]  # noqa: E731
         return Samples(pick(self.blob), pick(self.manifest), pick(self.image), pick(self.errors))
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, int(-(-q * len(ordered) // 100)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def summary(samples: list[tuple[float, float]]) -> dict:

@@ -1,4 +1,4 @@
-"""Synthetic registry state for the GC benchmark (bench/gc.py), written straight into etcd.
+"""Synthetic registry state for the GC benchmark (the gc scenario), written straight into etcd.
 
 Pushing 100,000 blobs and 20,000 manifests through the HTTP API takes far too long on a
 2-core machine, so this module writes the *same records the node writes* (see

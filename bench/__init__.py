@@ -1,0 +1,1 @@
+"""cargohold's benchmarks: `python -m bench SCENARIO [options]`, `python -m bench --list`."""
