@@ -28,6 +28,7 @@ from cargohold.coordinator.etcd import (
     Compare, Delete, EtcdClient, EtcdCompacted, EtcdError, EtcdUnavailable, Get, KeyValue, LeaseLost, Put,
     TxnResult,
 )
+from cargohold.coordinator.barrier import ReadBarrier
 from cargohold.coordinator.groupcommit import GroupCommit
 from cargohold.coordinator.holds import HoldRefresher
 from cargohold.coordinator.keys import Keys
@@ -144,6 +145,7 @@ class ClusterMetadata:
         self.lease_granted = anyio.Event()
         self.grace = 3600.0           # the GC grace period; holds are refreshed at half of it
         self.holds = HoldRefresher(self.touch)   # pulls refresh holds through it, in the background
+        self.read_barrier = ReadBarrier(client.current_revision)   # by-tag reads see every acknowledged write
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener(changed_blob_digests, changed_sections)` after each applied watch batch.
@@ -208,6 +210,7 @@ class ClusterMetadata:
         self.following = True
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.holds.run)
+            tg.start_soon(self.read_barrier.run)
             task_status.started()
             while True:
                 try:
@@ -408,13 +411,27 @@ class ClusterMetadata:
 
     # ------------------------------------------------------------------ reads
     async def resolve_tag(self, repo: str, tag: str) -> str | None:
+        """The tag's digest as etcd had it when this call began, so a tag moved through another
+        node a moment ago is seen moved: the read model once it has applied the revision a
+        shared round trip reports (or etcd itself if the model cannot catch up in time). While
+        etcd does not answer, the model as it is. A miss is confirmed in etcd."""
+        current = await self._model_is_current()
         state = self.model.repo(repo)
-        if state is not None:
+        if current and state is not None:
             digest = state.tags.get(tag)
             if digest is not None:
                 return digest
         kv = await self._get(self.keys.tag(repo, tag))
         return kv.value.decode() if kv else None
+
+    async def _model_is_current(self) -> bool:
+        """Whether the read model has everything etcd had when this call began. Also True while
+        etcd does not answer (the outage rule: serve what the model knows) and for a model no
+        watch feeds; False only when etcd answered and the model did not catch up in time."""
+        if not self.following or not self.etcd_reachable():
+            return True
+        revision = await self.read_barrier.revision()
+        return revision is None or await self.model.wait_for(revision, VISIBILITY_TIMEOUT)
 
     async def manifest(self, repo: str, digest: str) -> ManifestRecord | None:
         state = self.model.repo(repo)
