@@ -74,6 +74,7 @@ class Settings:
     login_rate_client: str = "30/60"                    # failed logins allowed per client address: N/SECONDS
     trusted_proxies: list[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For names the client
     gc_grace: str = "1h"                                # blobs younger than this are never swept
+    consistent_tag_reads: bool = True                   # a read by tag sees every tag push acknowledged before it
     untagged_after: str | None = None                   # delete untagged manifests older than this (off)
     gc_interval: str | None = None                      # scheduled collections every ... (off)
     gc_window: str | None = None                        # only start scheduled runs in "HH:MM-HH:MM" (UTC)

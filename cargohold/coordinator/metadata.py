@@ -146,6 +146,7 @@ class ClusterMetadata:
         self.grace = 3600.0           # the GC grace period; holds are refreshed at half of it
         self.holds = HoldRefresher(self.touch)   # pulls refresh holds through it, in the background
         self.read_barrier = ReadBarrier(client.current_revision)   # by-tag reads see every acknowledged write
+        self.consistent_tag_reads = True   # False: tags from the read model as it is (faster, may lag)
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener(changed_blob_digests, changed_sections)` after each applied watch batch.
@@ -428,7 +429,7 @@ class ClusterMetadata:
         """Whether the read model has everything etcd had when this call began. Also True while
         etcd does not answer (the outage rule: serve what the model knows) and for a model no
         watch feeds; False only when etcd answered and the model did not catch up in time."""
-        if not self.following or not self.etcd_reachable():
+        if not self.consistent_tag_reads or not self.following or not self.etcd_reachable():
             return True
         revision = await self.read_barrier.revision()
         return revision is None or await self.model.wait_for(revision, VISIBILITY_TIMEOUT)

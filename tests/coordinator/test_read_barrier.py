@@ -64,3 +64,14 @@ async def test_a_reader_that_goes_away_strands_nobody(etcd):
                 gone.cancel()
                 await metadata.resolve_tag(REPO, "v2")
         assert await metadata.resolve_tag(REPO, "v2") == f"sha256:{2:064x}"
+
+
+async def test_without_consistent_tag_reads_the_model_answers_alone(etcd):
+    async with reader(etcd) as (metadata, other, keys):
+        metadata.consistent_tag_reads = False
+        await other.put(keys.tag(REPO, "v3"), f"sha256:{3:064x}".encode())
+        assert await metadata.resolve_tag(REPO, "v3") == f"sha256:{3:064x}"   # a miss still asks etcd
+        before = metadata.read_barrier.round_trips
+        for _ in range(10):
+            await metadata.resolve_tag(REPO, "v3")
+        assert metadata.read_barrier.round_trips == before
