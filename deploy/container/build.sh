@@ -51,13 +51,15 @@ find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 "$python" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/wheels" "$work/src"
 
 echo "== root filesystem (mmdebstrap, Debian 12)"
-# Hooks run on the host with the root filesystem as $1.
-install_venv='chroot "$1" python3 -m venv --without-pip /opt/cargohold
+# Hooks run on the host with the root filesystem as $1; in_root runs a command inside it with
+# a clean environment (the host's PIP_* settings must not reach the image's pip).
+in_root='chroot "$1" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root SOURCE_DATE_EPOCH='"$SOURCE_DATE_EPOCH"
+install_venv="$in_root"' python3 -m venv --without-pip /opt/cargohold
     cp -r '"$work"'/wheels "$1/tmp/wheels"
-    chroot "$1" /opt/cargohold/bin/python /tmp/wheels/pip-'"$pip_version"'-py3-none-any.whl/pip install -q \
+    '"$in_root"' /opt/cargohold/bin/python /tmp/wheels/pip-'"$pip_version"'-py3-none-any.whl/pip install -q \
         --no-index --find-links /tmp/wheels --no-compile --no-warn-script-location \
         -r /tmp/wheels/requirements.txt cargohold
-    chroot "$1" /opt/cargohold/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/cargohold/lib
+    '"$in_root"' /opt/cargohold/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/cargohold/lib
     rm -rf "$1/tmp/wheels"'
 cp "$here/requirements.txt" "$work/wheels/requirements.txt"
 add_user='echo "cargohold:x:10001:10001:cargohold:/data:/usr/sbin/nologin" >> "$1/etc/passwd"
@@ -67,7 +69,7 @@ add_user='echo "cargohold:x:10001:10001:cargohold:/data:/usr/sbin/nologin" >> "$
     chown 10001:10001 "$1/data"
     cp '"$here"'/entrypoint.sh '"$here"'/healthcheck.py "$1/usr/local/lib/cargohold/"'
 # Only what the image needs at run time: no apt, no docs, no caches, no logs of the build.
-trim='chroot "$1" dpkg -l | awk "/^ii/ {print \$2, \$3}" > '"$work"'/packages.txt
+trim="$in_root"' dpkg -l | awk "/^ii/ {print \$2, \$3}" > '"$work"'/packages.txt
     rm -rf "$1/var/cache/"* "$1/var/lib/apt/lists/"* "$1/var/log/"* "$1/etc/machine-id" \
         "$1/usr/share/python-wheels" "$1/tmp/"*'
 set -- "deb $mirror bookworm main" "deb $mirror bookworm-updates main"
@@ -102,4 +104,4 @@ buildah config \
     "$container"
 buildah commit --quiet --format docker --timestamp "$SOURCE_DATE_EPOCH" --rm "$container" "$tag" >/dev/null
 [ -z "$archive" ] || buildah push --quiet "$tag" "docker-archive:$archive:$tag" >/dev/null
-buildah inspect --type image --format '{{.FromImageDigest}}' "$tag" | sed "s|^|$tag |"
+printf '%s %s\n' "$tag" "$(buildah inspect --type image --format '{{.FromImageDigest}}' "$tag")"
