@@ -75,7 +75,7 @@ trim="$in_root"' dpkg -l | awk "/^ii/ {print \$2, \$3}" > '"$work"'/packages.txt
 set -- "deb $mirror bookworm main" "deb $mirror bookworm-updates main"
 [ -n "$security" ] && set -- "$@" "deb $security bookworm-security main"
 # merged-usr: /usr merged by mmdebstrap itself, so usrmerge (and with it perl, ~55 MB) stays out.
-mmdebstrap --quiet --variant=essential --include=python3,etcd-server,ca-certificates \
+mmdebstrap --quiet --variant=essential --include=python3,libstdc++6,etcd-server,ca-certificates \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
@@ -90,7 +90,7 @@ container=$(buildah from scratch)
 buildah add --quiet "$container" "$work/rootfs.tar" / >/dev/null
 buildah config \
     --os linux --arch "$(dpkg --print-architecture)" \
-    --user 10001:10001 --workingdir /data --volume /data --port 5000 \
+    --user 10001:10001 --workingdir /data --volume /data --port 5000/tcp \
     --env PATH=/opt/cargohold/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env PYTHONDONTWRITEBYTECODE=1 --env CARGOHOLD_LISTEN=0.0.0.0:5000 --env CARGOHOLD_DATA_DIR=/data \
     --entrypoint '["/usr/local/lib/cargohold/entrypoint.sh"]' --cmd serve \
