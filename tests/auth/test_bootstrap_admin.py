@@ -10,6 +10,8 @@ import uuid
 import httpx
 import pytest
 
+from cargohold import config
+from cargohold.config import ConfigError
 from tests.auth.conftest import cli
 from tests.auth.test_secure_default import _node, _public, _refused
 
@@ -66,3 +68,11 @@ def test_admin_password_file_and_name(tmp_path_factory, etcd, monkeypatch, tmp_p
 def test_bad_or_missing_admin_password_refuses_to_start(tmp_path_factory, etcd, monkeypatch, env, text):
     node = _node(tmp_path_factory, etcd, f"t-bootx-{uuid.uuid4().hex[:8]}")
     _refused(_start_public(node, monkeypatch, **env), text)
+
+
+def test_admin_password_settings_are_checked_and_never_shown():
+    both = {"CARGOHOLD_ADMIN_PASSWORD": PASSWORD, "CARGOHOLD_ADMIN_PASSWORD_FILE": "/run/secrets/admin"}
+    with pytest.raises(ConfigError, match="not both"):
+        config.load(None, {}, both)
+    settings = config.load(None, {}, {"CARGOHOLD_ADMIN_PASSWORD": PASSWORD})
+    assert settings.admin_password == PASSWORD and PASSWORD not in repr(settings)
