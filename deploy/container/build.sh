@@ -89,7 +89,7 @@ export BUILDAH_FORMAT=docker    # the OCI image config has no HEALTHCHECK
 container=$(buildah from scratch)
 buildah add --quiet "$container" "$work/rootfs.tar" / >/dev/null
 buildah config \
-    --os linux --arch "$(dpkg --print-architecture)" \
+    --os linux --arch "$(dpkg --print-architecture)" --hostname cargohold \
     --user 10001:10001 --workingdir /data --volume /data --port 5000/tcp \
     --env PATH=/opt/cargohold/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env PYTHONDONTWRITEBYTECODE=1 --env CARGOHOLD_LISTEN=0.0.0.0:5000 --env CARGOHOLD_DATA_DIR=/data \
@@ -103,5 +103,11 @@ buildah config \
     --label org.opencontainers.image.licenses=Apache-2.0 \
     "$container"
 buildah commit --quiet --format docker --timestamp "$SOURCE_DATE_EPOCH" --rm "$container" "$tag" >/dev/null
+# Same inputs, same image id: through a dir: layout, without the random container id in the config.
+buildah push --quiet --format v2s2 "$tag" "dir:$work/image" >/dev/null
+"$python" "$here/normalize_config.py" "$work/image"
+buildah rmi "$tag" >/dev/null
+image=$(buildah pull --quiet "dir:$work/image")
+buildah tag "$image" "$tag"
 [ -z "$archive" ] || buildah push --quiet "$tag" "docker-archive:$archive:$tag" >/dev/null
-printf '%s %s\n' "$tag" "$(buildah inspect --type image --format '{{.FromImageDigest}}' "$tag")"
+printf '%s %s\n' "$tag" "$image"

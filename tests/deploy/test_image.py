@@ -98,6 +98,8 @@ def test_push_pull_and_host_its_own_image(podman, cargohold_image, tmp_path):
         assert _manifest_digest(tmp_path / "back") == _manifest_digest(layout)
         until(lambda: podman.run("healthcheck", "run", name, check=False).returncode == 0, timeout=30,
               what="the image's HEALTHCHECK passes")
+        users = json.loads(podman.run("exec", name, "cargohold", "user", "list", "--json").stdout)
+        assert [(u["name"], u["admin"]) for u in users] == [("admin", True)]     # the CLI finds /data's etcd
         # the image itself, into the registry it runs
         _skopeo(podman, "copy", *creds, f"containers-storage:{cargohold_image.tag}",
                 f"docker://{host}/cargohold/cargohold:self", timeout=600)
