@@ -4,13 +4,13 @@ Only the two published ports are used, both on 127.0.0.1."""
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.deploy.podman import podman_env, pull, push_test_image, require, run, wait_ready, write_htpasswd
+from tests.deploy.clients import pull, push_test_image, wait_ready, write_htpasswd
+from tests.deploy.conftest import Podman, require
 from tests.support.node import free_port
 from tests.support.poll import until
 
@@ -19,30 +19,30 @@ SERVICES = ["etcd1", "etcd2", "etcd3", "eu1", "eu2", "us1", "us2"]
 
 
 @pytest.fixture
-def compose_cluster(cargohold_image, tmp_path):
+def compose_cluster(podman, cargohold_image, tmp_path):
     """The compose file up under a project name of its own; down (with its volumes) afterwards."""
-    require("podman", "podman-compose", "skopeo")
+    require("podman-compose", "skopeo")
     project = f"cargohold-test-{uuid.uuid4().hex[:6]}"
     eu, us = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {**podman_env(tmp_path), "CARGOHOLD_IMAGE": cargohold_image, "CARGOHOLD_EU_PORT": eu,
-           "CARGOHOLD_US_PORT": us, "CARGOHOLD_HTPASSWD": str(write_htpasswd(tmp_path / "htpasswd"))}
-    compose = ["podman-compose", "-p", project, "-f", str(COMPOSE_FILE)]
+    compose = Podman(podman.root, {**podman.env, "CARGOHOLD_IMAGE": cargohold_image.tag, "CARGOHOLD_EU_PORT": eu,
+                                   "CARGOHOLD_US_PORT": us,
+                                   "CARGOHOLD_HTPASSWD": str(write_htpasswd(tmp_path / "htpasswd"))})
+    project_args = ["-p", project, "-f", str(COMPOSE_FILE)]
     try:
-        run([*compose, "up", "-d"], env, timeout=300)
+        compose.run(*project_args, "up", "-d", tool="podman-compose", timeout=300)
         yield eu, us
     except BaseException:
-        _print_logs(project, env)
+        _print_logs(podman, project)
         raise
     finally:
-        run([*compose, "down", "-v"], env, timeout=300)
-        run(["podman", "network", "rm", "-f", f"{project}_default"], env, timeout=60)   # `down` leaves it
+        compose.run(*project_args, "down", "-v", tool="podman-compose", timeout=300)
+        podman.run("network", "rm", "-f", f"{project}_default", check=False)   # `down` leaves it
 
 
-def _print_logs(project: str, env: dict) -> None:
+def _print_logs(podman: Podman, project: str) -> None:
     """What each container said last (pytest shows it with the failure)."""
     for service in SERVICES:
-        logs = subprocess.run(["podman", "logs", "--tail", "30", f"{project}_{service}_1"], env=env,
-                              capture_output=True, text=True, timeout=30)
+        logs = podman.run("logs", "--tail", "30", f"{project}_{service}_1", check=False)
         print(f"--- {service}\n{logs.stdout}{logs.stderr}")
 
 

@@ -1,5 +1,5 @@
-"""What the deployment tests share: podman set up for this machine, an htpasswd user, and a
-push and a pull with skopeo and credentials, all against 127.0.0.1."""
+"""What the compose and Kubernetes tests do as a registry client, always against 127.0.0.1:
+an htpasswd user, waiting for /readyz, a push and a pull with skopeo and credentials."""
 
 from __future__ import annotations
 
@@ -10,42 +10,12 @@ from pathlib import Path
 
 import bcrypt
 import httpx
-import pytest
 
 from tests.support.oci import build_image, write_oci_layout
 from tests.support.poll import until
 from tests.support.skopeo import SKOPEO
 
 USER, PASSWORD = "deployer", "a-long-test-password"
-# podman here needs runc, cgroupfs and no default ulimits (the sandbox refuses to raise them)
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = []
-
-[engine]
-cgroup_manager = "cgroupfs"
-runtime = "runc"
-"""
-
-
-def require(*tools: str) -> None:
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (apt-get install {' '.join(missing)})")
-
-
-def podman_env(directory: Path) -> dict[str, str]:
-    """The environment for podman and podman-compose, with this machine's containers.conf."""
-    conf = directory / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)
-    return {**os.environ, "CONTAINERS_CONF": str(conf)}
-
-
-def run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command; a failure fails the test with its output."""
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done
 
 
 def write_htpasswd(path: Path) -> Path:
@@ -64,7 +34,10 @@ def wait_ready(host_port: str, timeout: float = 180) -> None:
 
 
 def _skopeo(*args: str, timeout: float = 120) -> str:
-    return run([SKOPEO, "--insecure-policy", *args], dict(os.environ), timeout).stdout
+    done = subprocess.run([SKOPEO, "--insecure-policy", *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL, env=dict(os.environ))
+    assert done.returncode == 0, f"skopeo {' '.join(args)} exited {done.returncode}:\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 def push_test_image(host_port: str, repo: str, directory: Path) -> str:
@@ -77,7 +50,8 @@ def push_test_image(host_port: str, repo: str, directory: Path) -> str:
 
 
 def pull(host_port: str, repo: str, directory: Path) -> str:
-    """Pull repo:v1 (every blob) into an OCI layout; the pulled manifest's digest."""
+    """Pull repo:v1 (every blob) into an OCI layout; the pulled manifest's digest. A failed pull
+    is an AssertionError, so `until` retries it."""
     target = directory / f"pulled-{host_port.replace(':', '-')}"
     shutil.rmtree(target, ignore_errors=True)
     _skopeo("copy", "--src-tls-verify=false", "--src-creds", f"{USER}:{PASSWORD}",
