@@ -64,6 +64,11 @@ class Settings:
     auth: str = "auto"                                  # auto, on or off
     insecure_open: bool = False                         # let a node without access control listen on a public address
     htpasswd: str | None = None                         # more users, from an htpasswd file (bcrypt only)
+    # The first administrator, created at start while the cluster has no account (README "Deploy");
+    # from the environment or a file only, never a flag (no `ps`, no shell history); never logged.
+    admin_user: str = "admin"
+    admin_password: str | None = field(default=None, repr=False)
+    admin_password_file: str | None = None
     token_ttl: float = 300.0                            # lifetime of the tokens /token issues, seconds
     auth_service: str | None = None                     # the tokens' audience; default cargohold-<cluster>
     auth_realm: str | None = None                       # the token URL in challenges; default: from the Host header
@@ -254,6 +259,10 @@ def _validate_access(settings: Settings) -> None:
             ipaddress.ip_network(network.strip(), strict=False)
         except ValueError:
             raise ConfigError(f"trusted_proxies: {network[:80]!r} is not an address or CIDR") from None
+    if settings.admin_password is not None and settings.admin_password_file is not None:
+        raise ConfigError("give admin_password or admin_password_file, not both")
+    if settings.admin_password is not None and len(settings.admin_password) < 8:
+        raise ConfigError("admin_password must have at least 8 characters")
     if settings.auth == "off" and not settings.insecure_open and not is_loopback(settings.host_port[0]):
         raise ConfigError(f"auth is off and {settings.listen} is not a loopback address: anybody could push and "
                           "delete. Configure access control, or pass --insecure-open if that is what you want")

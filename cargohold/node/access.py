@@ -159,7 +159,8 @@ class AccessControl:
             raise ConfigError("this cluster has no accounts, access rules or htpasswd users, and the node would "
                               "listen on a non-loopback address: anybody could push and delete. Add an admin "
                               "first (`cargohold user add NAME --admin`, against the cluster's etcd or a "
-                              "loopback node's data dir), give --htpasswd FILE, or pass --insecure-open")
+                              "loopback node's data dir), set CARGOHOLD_ADMIN_PASSWORD (or _FILE) to create the user "
+                              "admin at start, give --htpasswd FILE, or pass --insecure-open")
         self.mode = "on"
 
     # ------------------------------------------------------------------ state

@@ -21,6 +21,7 @@ from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata, Member
 from cargohold.node.api import RegistryAPI
 from cargohold.node.access import access_control
+from cargohold.node.bootstrap import bootstrap_admin
 from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
 from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
@@ -79,6 +80,7 @@ async def serve(settings: Settings) -> None:
         metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep))
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
         if access is not None:
+            await bootstrap_admin(access.accounts, settings)
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
         api = RegistryAPI(metadata, store, uploads, node_id=node_id, remote=remote, forwarder=forwarder,
                           metrics=metrics, min_copies=settings.min_copies, access=access,
