@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs everything cargohold needs on Debian/Ubuntu (run as root): etcd, skopeo,
 # a Python virtual environment in .venv with cargohold in it. Idempotent. With --test also
-# what the container image tests need: mmdebstrap, buildah, podman, runc, containerd (ctr).
+# what the container image tests need: mmdebstrap, buildah, podman, podman-compose, runc, containerd (ctr).
 #   ./install.sh          the registry
 #   ./install.sh --test   the registry and what the test suite needs
 set -eu
@@ -13,7 +13,7 @@ missing=""
 command -v etcd >/dev/null 2>&1 || missing="$missing etcd-server"
 command -v skopeo >/dev/null 2>&1 || missing="$missing skopeo"
 if [ "${1:-}" = "--test" ]; then      # the container image tests (tests/deploy): build offline, run, pull
-    for tool in mmdebstrap buildah podman runc containerd; do
+    for tool in mmdebstrap buildah podman podman-compose runc containerd; do
         command -v $tool >/dev/null 2>&1 || missing="$missing $tool"
     done
 fi
