@@ -124,7 +124,8 @@ OWN_COPIES_KEPT = 4096     # unseen own copy records remembered before the seen 
 
 
 class ClusterMetadata:
-    def __init__(self, client: EtcdClient, cluster: str, node_id: str, replicas_per_site: int = 2):
+    def __init__(self, client: EtcdClient, cluster: str, node_id: str, replicas_per_site: int = 2, *,
+                 consistent_tag_reads: bool = True):
         self.client = client
         self.replicas_per_site = replicas_per_site
         self.keys = Keys(cluster)
@@ -146,7 +147,7 @@ class ClusterMetadata:
         self.grace = 3600.0           # the GC grace period; holds are refreshed at half of it
         self.holds = HoldRefresher(self.touch)   # pulls refresh holds through it, in the background
         self.read_barrier = ReadBarrier(client.current_revision)   # by-tag reads see every acknowledged write
-        self.consistent_tag_reads = True   # False: tags from the read model as it is (faster, may lag)
+        self.consistent_tag_reads = consistent_tag_reads   # False: tags from the read model as it is (faster, may lag)
 
     def subscribe(self, listener: ChangeListener) -> None:
         """Call `listener(changed_blob_digests, changed_sections)` after each applied watch batch.

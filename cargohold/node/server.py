@@ -53,8 +53,8 @@ async def serve(settings: Settings) -> None:
             log.info("started a private etcd at %s", endpoints[0])
         client = await stack.enter_async_context(EtcdClient(
             endpoints, ca_file=settings.etcd_ca, cert_file=settings.etcd_cert, key_file=settings.etcd_key))
-        metadata = ClusterMetadata(client, settings.cluster, node_id)
-        metadata.consistent_tag_reads = settings.consistent_tag_reads
+        metadata = ClusterMetadata(client, settings.cluster, node_id,
+                                   consistent_tag_reads=settings.consistent_tag_reads)
         store = FilesystemBlobStore(data_dir)
         uploads = UploadManager(data_dir / "uploads", store, node_id, id_suffix=owner_tag(node_id),
                                 max_blob_size=parse_size(settings.max_blob_size) or None,
