@@ -8,7 +8,8 @@ import time
 import anyio
 
 from cargohold.cli.options import (
-    cluster_command, end_progress, etcd_client, load_metadata, progress_bar, read_rules_file, report, show_progress,
+    cluster_command, end_progress, etcd_client, load_metadata, print_rules, progress_bar, read_rules_file, report,
+    show_progress,
 )
 from cargohold.coordinator import policies as policy_rules
 from cargohold.coordinator.metadata import ClusterMetadata
@@ -141,13 +142,5 @@ async def retention_set(args) -> int:
 async def retention_list(args) -> int:
     metadata = await load_metadata(args)
     rules = metadata.policies()
-    if args.json:
-        print(rules.encode().decode())
-    else:
-        for rule in rules.retention:
-            print(rule.describe())
-        for rule in rules.immutable:
-            print(rule.describe())
-        if not rules.retention and not rules.immutable:
-            print("no rules")
+    print_rules(args, rules, [rule.describe() for rule in (*rules.retention, *rules.immutable)] or ["no rules"])
     return 0

@@ -77,6 +77,14 @@ def read_rules_file(path: str, parse: Callable[[object], T], errors: tuple[type[
         return None
 
 
+def print_rules(args, rules, lines: list[str]) -> None:
+    """A stored rules document: as JSON with --json, else one line per rule."""
+    if args.json:
+        print(rules.encode().decode())
+    elif lines:
+        print("\n".join(lines))
+
+
 def report(args, document: dict, text: str) -> None:
     """One result: a JSON line with --json, else a sentence."""
     print(json.dumps(document) if args.json else text)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from cargohold.cli.options import cluster_command, etcd_client, load_metadata, read_rules_file, report
+from cargohold.cli.options import (
+    cluster_command, etcd_client, load_metadata, print_rules, read_rules_file, report,
+)
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.policies import PolicyError, parse_replication
 from cargohold.replication.status import replication_status
@@ -37,12 +39,7 @@ async def rules_set(args) -> int:
 async def rules_list(args) -> int:
     metadata = await load_metadata(args)
     rules = metadata.replication_rules()
-    if args.json:
-        print(rules.encode().decode())
-    else:
-        for rule in rules.rules:
-            print(rule.describe())
-        print("* -> every site (default)")
+    print_rules(args, rules, [rule.describe() for rule in rules.rules] + ["* -> every site (default)"])
     return 0
 
 

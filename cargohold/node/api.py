@@ -32,7 +32,7 @@ from cargohold.oci.reference import (
     Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_upload_id,
 )
 from cargohold.blobs.remote import ContentUnavailable, RemoteContent
-from cargohold.blobs.store import FilesystemBlobStore
+from cargohold.blobs.store import BlobStore
 from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
 
@@ -64,7 +64,7 @@ def _json(document: object) -> bytes:
 
 
 class RegistryAPI:
-    def __init__(self, metadata: ClusterMetadata, store: FilesystemBlobStore, uploads: UploadManager,
+    def __init__(self, metadata: ClusterMetadata, store: BlobStore, uploads: UploadManager,
                  *, node_id: str = "", ready=None, remote: RemoteContent | None = None,
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
