@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import ssl
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -68,7 +70,7 @@ class UpstreamClient:
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  timeouts: Timeouts = Timeouts(), offline_period: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, verify_tls: bool | str = True):
+                 clock: Callable[[], float] = time.monotonic, verify_tls: bool | ssl.SSLContext = True):
         self.url = url.rstrip("/")
         self.host = httpx.URL(self.url).host
         self.timeouts = timeouts
@@ -76,6 +78,7 @@ class UpstreamClient:
         self._clock = clock
         self._credentials = _Credentials(username, password or "") if username else None
         self._tokens = protocol.TokenCache(clock)
+        self._token_locks: dict[str, anyio.Lock] = {}        # one token request per scope at a time
         self._challenge: protocol.Challenge | None = None    # the upstream's last auth challenge
         self._http = httpx.AsyncClient(timeout=timeouts.httpx(), verify=verify_tls, follow_redirects=False,
                                        headers={"User-Agent": "cargohold-upstream"})
@@ -135,7 +138,7 @@ class UpstreamClient:
         (`verify.verified`). A read that stalls longer than `timeouts.read` raises UpstreamUnavailable."""
         parse_digest(digest)
         async with self._stream("GET", repository, self._url(repository, f"blobs/{digest}"),
-                                follow_redirects=True) as response:
+                                {"Accept-Encoding": "identity"}, follow_redirects=True) as response:
             yield self._chunks(response, f"blob {repository}@{digest}")
 
     async def tags(self, repository: str, page_size: int | None = None) -> list[str]:
@@ -231,9 +234,10 @@ class UpstreamClient:
             return {}
         if challenge.scheme == "basic":
             return {"Authorization": self._credentials.header()}
-        token = self._tokens.get(scope)
-        if token is None:
-            token = await self._fetch_token(challenge, scope, what)
+        async with self._token_locks.setdefault(scope, anyio.Lock()):
+            token = self._tokens.get(scope)     # concurrent callers wait for the first one's token
+            if token is None:
+                token = await self._fetch_token(challenge, scope, what)
         return {"Authorization": f"Bearer {token}"}
 
     async def _fetch_token(self, challenge: protocol.Challenge, scope: str, what: str) -> str:
@@ -250,7 +254,7 @@ class UpstreamClient:
         finally:
             await response.aclose()
         try:
-            document = httpx.Response(200, content=body).json()
+            document = json.loads(body)
         except ValueError:
             raise errors.UpstreamDenied(f"token for {scope}: answer is not JSON") from None
         token, lifetime = protocol.token_from_response(document)
@@ -310,7 +314,7 @@ async def _check_manifest_digest(body: bytes, expected: list[str], what: str) ->
 
 
 def _transport_reason(exc: httpx.TransportError) -> str:
-    """A short, credential-free reason: the exception's class and the OS's words, not the request."""
-    cause = exc.__context__ or exc.__cause__
-    detail = str(cause or exc).splitlines()[0][:200] if str(cause or exc) else ""
+    """A short reason: the exception's class and the OS's or TLS library's words (httpx puts no
+    URL or header in them, so no credential can leak)."""
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -13,6 +13,7 @@ from pathlib import Path
 import bcrypt
 import httpx
 
+from tests.support.accesslog import settled_log
 from tests.support.node import NodeProcess
 
 DISTRIBUTION_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
@@ -88,6 +89,6 @@ class DistributionProcess(NodeProcess):
 
     def requests(self, path_contains: str = "", method: str | None = None) -> list[LoggedRequest]:
         """The requests in the access log whose path contains `path_contains` (and of `method`)."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        text = settled_log(self.url, self.log_path)
         found = [LoggedRequest(m, p, int(s)) for m, p, s in _ACCESS_LINE.findall(text)]
         return [r for r in found if path_contains in r.path and (method is None or r.method == method)]

@@ -5,7 +5,6 @@ images pushed into it."""
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
 
 import anyio
@@ -13,8 +12,8 @@ import httpx
 import pytest
 
 from tests.auth.conftest import Secured, start_secured
+from tests.support.accesslog import settled_log
 from tests.support.distribution import DistributionProcess
-from tests.support.poll import until
 from tests.support.oci import Image, build_image, build_index, push_image
 
 BASIC_USERS = {"puller": "puller-pass-7f3a"}
@@ -84,19 +83,12 @@ def bearer_cargohold(tmp_path_factory, etcd, cluster_name) -> Upstream:
         secured.node.stop()
 
 
-def settled_log(node) -> str:
-    """The node's log once every request answered so far is in it: a node writes its access line
-    just after the answer, so wait for a marker request sent now to show up."""
-    marker = f"/v2/log-marker-{uuid.uuid4().hex}/tags/list"
-    httpx.get(node.url + marker, timeout=10)
-
-    def log_with_marker() -> str | None:
-        text = node.log_path.read_text(errors="replace")
-        return text if marker in text else None
-
-    return until(log_with_marker, what="the marker request in the node's access log")
-
-
 def token_requests(node) -> int:
     """Token requests in a cargohold node's own access log."""
-    return len(re.findall(r"GET /token \d{3}", settled_log(node)))
+    return len(re.findall(r"GET /token \d{3}", settled_log(node.url, node.log_path)))
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    """The client runs inside nodes on both event loops (uvicorn: asyncio, hypercorn: trio)."""
+    return request.param

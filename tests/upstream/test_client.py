@@ -16,7 +16,8 @@ from cargohold.upstream.verify import verified
 from tests.support.distribution import DistributionProcess
 from tests.support.oci import OCI_INDEX, OCI_MANIFEST, digest
 from tests.support.scripted_http import Answer, scripted_server
-from tests.upstream.conftest import BASIC_USERS, TAGS, settled_log, token_requests
+from tests.support.accesslog import settled_log
+from tests.upstream.conftest import BASIC_USERS, TAGS, token_requests
 
 pytestmark = pytest.mark.anyio
 
@@ -76,11 +77,10 @@ async def test_missing_things_are_not_found(distribution):
 # -- Distribution with htpasswd Basic auth -----------------------------------------------
 async def test_basic_credentials_after_one_challenge(basic_distribution):
     user, password = next(iter(BASIC_USERS.items()))
-    before = len(basic_distribution.process.requests(method="GET")) + \
-        len(basic_distribution.process.requests(method="HEAD"))
+    before = len(basic_distribution.process.requests("/v2/team/app"))
     async with UpstreamClient(basic_distribution.url, username=user, password=password) as upstream:
         await assert_serves_everything(upstream, basic_distribution)
-    logged = [r for r in basic_distribution.process.requests("/v2/team/app")][before:]
+    logged = basic_distribution.process.requests("/v2/team/app")[before:]
     assert [r.status for r in logged].count(401) == 1, "Basic is sent up front once the upstream asked for it"
 
 
@@ -110,6 +110,16 @@ async def test_anonymous_token_flow_runs_once_then_denies(bearer_cargohold):
         with pytest.raises(errors.UpstreamDenied):
             await anonymous.get_manifest(bearer_cargohold.repo, "v1")
         assert token_requests(bearer_cargohold.process) - before == 1, "an anonymous token, then no loop"
+
+
+async def test_concurrent_calls_share_one_token_request(bearer_cargohold):
+    async with UpstreamClient(bearer_cargohold.url, **ALICE) as upstream:
+        await upstream.head_manifest(bearer_cargohold.repo, "v1")     # learns that the upstream wants Bearer
+        before = token_requests(bearer_cargohold.process)
+        async with anyio.create_task_group() as tasks:
+            for tag in TAGS:
+                tasks.start_soon(upstream.head_manifest, "public/app", tag)
+        assert token_requests(bearer_cargohold.process) - before == 1
 
 
 async def test_wrong_password_at_the_token_realm_is_denied(bearer_cargohold):
@@ -143,7 +153,7 @@ async def test_rejected_cached_token_reruns_the_flow_once(bearer_cargohold):
 async def test_tags_follow_link_pagination(bearer_cargohold):
     async with UpstreamClient(bearer_cargohold.url, **ALICE) as upstream:
         assert sorted(await upstream.tags(bearer_cargohold.repo, page_size=2)) == sorted([*TAGS, "multi"])
-    log = settled_log(bearer_cargohold.process)
+    log = settled_log(bearer_cargohold.url, bearer_cargohold.process.log_path)
     assert log.count(f"GET /v2/{bearer_cargohold.repo}/tags/list 200") >= 3
 
 
@@ -179,6 +189,21 @@ async def test_stalled_blob_body_times_out_mid_stream():
             with pytest.raises(errors.UpstreamUnavailable, match="mid-stream"):
                 await fetch_blob(upstream, "team/app", MISSING)
             assert time.monotonic() - started < QUICK.read + 2
+
+
+async def test_tls_failure_is_unavailable():
+    async def plain_http_answer(stream):        # what a TLS client meets at a plain HTTP port
+        async with stream:
+            await stream.send(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, plain_http_answer)
+        async with UpstreamClient(f"https://127.0.0.1:{port}", timeouts=QUICK) as upstream:
+            with pytest.raises(errors.UpstreamUnavailable, match="ConnectError"):
+                await upstream.head_manifest("team/app", "v1")
+        tasks.cancel_scope.cancel()
 
 
 async def test_rate_limited_upstream_carries_retry_after():
@@ -221,7 +246,7 @@ async def test_wrong_blob_bytes_fail_at_the_end_of_the_stream():
                 await fetch_blob(upstream, "team/app", wanted)
 
 
-async def test_blob_redirect_is_followed_without_our_authorization():
+async def test_blob_redirect_is_followed():
     data = b"layer bytes behind a redirect" * 100
 
     def script(asked):
