@@ -13,7 +13,7 @@ import hashlib
 import json
 import ssl
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
@@ -139,7 +139,8 @@ class UpstreamClient:
         parse_digest(digest)
         async with self._stream("GET", repository, self._url(repository, f"blobs/{digest}"),
                                 {"Accept-Encoding": "identity"}, follow_redirects=True) as response:
-            yield self._chunks(response, f"blob {repository}@{digest}")
+            async with aclosing(self._chunks(response, f"blob {repository}@{digest}")) as chunks:
+                yield chunks
 
     async def tags(self, repository: str, page_size: int | None = None) -> list[str]:
         """Every tag of `repository`, following `Link` pagination."""

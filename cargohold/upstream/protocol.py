@@ -90,6 +90,8 @@ class TokenCache:
     def put(self, scope: str, token: str, lifetime: float, obtained_at: float) -> None:
         """`obtained_at` is the clock before the token was asked for, so the lifetime is not overestimated."""
         margin = min(TOKEN_RENEWAL_MARGIN, lifetime / 10)
+        now = self._clock()
+        self._tokens = {s: entry for s, entry in self._tokens.items() if entry[1] > now}   # drop the dead
         self._tokens[scope] = (token, obtained_at + lifetime - margin)
 
     def forget(self, scope: str) -> None:

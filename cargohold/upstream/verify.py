@@ -23,7 +23,8 @@ async def hash_chunk(hasher, chunk: bytes) -> None:
 
 async def verified(chunks: AsyncIterable[bytes], expected: Digest, *, what: str = "blob") -> AsyncIterator[bytes]:
     """Yield `chunks` unchanged, hashing them; after the last one raise DigestMismatch if the bytes
-    do not hash to `expected`. The caller publishes only once the iteration ended without error."""
+    do not hash to `expected`. The caller publishes only once the iteration ended without error
+    (and wraps it in `contextlib.aclosing` if it may stop early)."""
     hasher = expected.hasher()
     async for chunk in chunks:
         await hash_chunk(hasher, chunk)

@@ -267,3 +267,13 @@ async def test_calls_are_cancellable():
             with anyio.move_on_after(0.3) as scope:
                 await upstream.get_manifest("team/app", "v1")
             assert scope.cancelled_caught
+
+
+async def test_leaving_a_blob_stream_early_frees_the_connection(distribution):
+    layer = next(d for d, data in distribution.image.blobs.items() if len(data) > 100_000)
+    async with UpstreamClient(distribution.url) as upstream:
+        for _ in range(3):      # more times than a leaked connection would allow to go unnoticed
+            async with upstream.stream_blob(distribution.repo, layer) as chunks:
+                async for _chunk in chunks:
+                    break
+        assert await upstream.head_manifest(distribution.repo, "v1") is not None
