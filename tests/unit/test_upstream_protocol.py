@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from email.utils import formatdate
 
+import anyio
 import pytest
 
 from cargohold.upstream import errors, protocol
@@ -157,5 +158,15 @@ def test_credentials_never_show_in_repr():
         assert "s3cret" not in repr(_Credentials("alice", "s3cret-pw"))
         assert "s3cret" not in repr(vars(client))
     finally:
-        import anyio
         anyio.run(client.aclose)
+
+
+def test_client_applies_docker_hub_naming_to_its_upstream_only():
+    hub, other = UpstreamClient("https://registry-1.docker.io"), UpstreamClient("https://ghcr.io")
+    try:
+        assert hub.repository("alpine") == "library/alpine"
+        assert hub._url("alpine", "tags/list") == "https://registry-1.docker.io/v2/library/alpine/tags/list"
+        assert other.repository("alpine") == "alpine"
+    finally:
+        anyio.run(hub.aclose)
+        anyio.run(other.aclose)
