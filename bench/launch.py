@@ -22,11 +22,11 @@ from typing import Callable
 import httpx
 
 from bench import metrics, procs
+from tests.support.distribution import DISTRIBUTION_BIN as PEER_BIN, distribution_config
 from tests.support.etcd import EtcdProcess
 from tests.support.node import NodeProcess
 
 PYTHON = os.environ.get("CARGOHOLD_BENCH_PYTHON", sys.executable)
-PEER_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 
 
@@ -140,20 +140,6 @@ class Node(NodeProcess):
         return sum(procs.status_kib(p, "VmRSS") or 0 for p in pids)
 
 
-PEER_CONFIG = """\
-version: 0.1
-log: {{level: warn, accesslog: {{disabled: true}}}}
-storage:
-  cache: {{blobdescriptor: inmemory}}
-  filesystem: {{rootdirectory: {root}}}
-  delete: {{enabled: true}}
-  maintenance: {{uploadpurging: {{enabled: false}}}}
-http:
-  addr: 127.0.0.1:{port}
-  headers: {{X-Content-Type-Options: [nosniff]}}
-"""
-
-
 class PeerRegistry(Node):
     """CNCF Distribution 2.8.2 (Debian's `docker-registry`): in-memory blob descriptor cache as in
     Debian's shipped config, log level warn, no access log, no auth, upload purging off."""
@@ -162,7 +148,7 @@ class PeerRegistry(Node):
 
     def command(self) -> list[str]:
         config = self.data_dir / "distribution.yml"
-        config.write_text(PEER_CONFIG.format(root=self.data_dir / "data", port=self.port))
+        config.write_text(distribution_config(self.data_dir / "data", self.port))
         return self.pinned([PEER_BIN, "serve", str(config)])
 
 
