@@ -457,11 +457,7 @@ class RegistryAPI:
         validate_upload_id(upload)
         if self.forwarder is not None and upload[32:] != self.forwarder.tag:
             return await self.forwarder.forward(request, upload[32:], upload)
-        session = await self.uploads.get(name, upload)
-        if session.account != _opener(request)[0]:
-            # Bound to the account that opened it (issue 12): another account, even one that may
-            # push here, neither sees nor changes it. Unknown, not denied: nothing is revealed.
-            raise errors.blob_upload_unknown(detail={"uuid": upload})
+        session = await self.uploads.get(name, upload, account=_opener(request)[0])
         method = request.method
         if method == "GET":
             return _upload_progress(204, session, await self.uploads.size(session))

@@ -99,14 +99,17 @@ class UploadManager:
         fsync_directory(session.directory)
         fsync_directory(self.root)
 
-    async def get(self, repo: str, upload_id: str) -> UploadSession:
+    async def get(self, repo: str, upload_id: str, account: str = "") -> UploadSession:
+        """The session `account` opened in `repo` ("" for anonymous). Any other repository or
+        account gets BLOB_UPLOAD_UNKNOWN: a session is bound to its opener, and unknown, not
+        denied, reveals nothing about it."""
         validate_upload_id(upload_id)
         directory = self.root / upload_id
         try:
             meta = json.loads(await anyio.to_thread.run_sync((directory / "meta.json").read_text))
         except (FileNotFoundError, NotADirectoryError, ValueError):
             raise errors.blob_upload_unknown(detail={"uuid": upload_id}) from None
-        if meta.get("repo") != repo:
+        if meta.get("repo") != repo or meta.get("account", "") != account:
             raise errors.blob_upload_unknown(detail={"uuid": upload_id})
         return UploadSession(upload_id, repo, meta.get("created", 0.0), directory, meta.get("account", ""))
 

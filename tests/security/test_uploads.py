@@ -76,7 +76,7 @@ async def test_a_session_records_who_opened_it(tmp_path):
     session = await manager.create("repo", "robot$ci", "10.0.0.1")
     meta = json.loads((session.directory / "meta.json").read_text())
     assert meta["account"] == "robot$ci" and meta["client"] == "10.0.0.1"
-    assert (await manager.get("repo", session.id)).account == "robot$ci"
+    assert (await manager.get("repo", session.id, account="robot$ci")).account == "robot$ci"
 
 
 def test_defaults_expire_idle_sessions_in_a_day_and_limit_blob_size():
