@@ -35,6 +35,7 @@ from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import ReplicationRules
 from cargohold.coordinator.readmodel import ReadModel, page
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot, encode_repo
+from cargohold.repositories.definitions import RemoteRepository, decode_definition
 
 log = logging.getLogger("cargohold.coordinator")
 
@@ -59,6 +60,10 @@ class MissingReferences(Exception):
 
 class ConcurrentChange(Exception):
     """A transaction kept losing to concurrent writers."""
+
+
+class DefinitionConflict(Exception):
+    """A repository definition that clashes with what exists (the message says what)."""
 
 
 class TagImmutable(Exception):
@@ -843,6 +848,56 @@ class ClusterMetadata:
     async def request_gc_run(self, run: dict) -> None:
         """Queue a GC run (the leader picks it up through its watch)."""
         await self._txn([], [Put(self.keys.gc_run(run["id"]), json.dumps(run).encode())])
+
+    # ------------------------------------------------------------------ repository definitions
+    def repository_definitions(self) -> Mapping[str, RemoteRepository]:
+        """name -> definition of every remote repository, as the read model has them."""
+        return MappingProxyType(self.model.definitions)
+
+    async def stored_definitions(self) -> dict[str, RemoteRepository]:
+        """The definitions as etcd has them now (for the CLI, which follows no watch)."""
+        kvs, _, _ = await self.client.get_prefix(self.keys.repos_prefix())
+        found = {}
+        for kv in kvs:
+            name = kv.key[len(self.keys.repos_prefix()):]
+            definition = decode_definition(name, kv.value)
+            if definition is not None:
+                found[name] = definition
+        return found
+
+    async def define_repository(self, definition: RemoteRepository, *, replace: bool = False) -> None:
+        """Store a definition. A new one must not clash with a local namespace of that name or
+        under it, nor nest in or around another definition; `replace` changes an existing one."""
+        key = self.keys.repo(definition.name)
+        current = await self._get(key)
+        existing = decode_definition(definition.name, current.value) if current else None
+        if replace:
+            if existing is None:
+                raise DefinitionConflict(f"no remote repository {definition.name} to change")
+            guard = [Compare(key, "mod", "==", current.mod_revision)]
+        else:
+            if existing is not None:
+                raise DefinitionConflict(f"remote repository {definition.name} exists (change it with --replace)")
+            if current is not None:
+                raise DefinitionConflict(f"{definition.name} is a local repository with content")
+            others = await self.stored_definitions()
+            for other in others:
+                if other.startswith(definition.name + "/") or definition.name.startswith(other + "/"):
+                    raise DefinitionConflict(f"{definition.name} would nest with remote repository {other}")
+            guard = [Compare.missing(key), Compare.none_with_prefix(key + "/")]
+        result = await self._txn(guard, [Put(key, definition.encode())])
+        if not result.succeeded:
+            raise DefinitionConflict(f"{definition.name}: local repositories exist under it, or it changed "
+                                     "meanwhile; nothing was stored")
+
+    async def remove_definition(self, name: str) -> bool:
+        """Delete a remote repository's definition; False if there was none."""
+        key = self.keys.repo(name)
+        current = await self._get(key)
+        if current is None or decode_definition(name, current.value) is None:
+            return False
+        result = await self._txn([Compare(key, "mod", "==", current.mod_revision)], [Delete(key)])
+        return result.succeeded
 
     # ------------------------------------------------------------------ replication reads
     # (added for the remote-content read path; kept together at the end of the class)

@@ -16,6 +16,7 @@ import anyio
 from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import Policies, ReplicationRules
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot
+from cargohold.repositories.definitions import RemoteRepository, decode_definition
 from cargohold.runtime.memory import without_cycle_collection
 
 
@@ -78,6 +79,7 @@ class ReadModel:
         self.policies = Policies()
         self.replication_rules = ReplicationRules()
         self.node_status: dict[str, dict] = {}
+        self.definitions: dict[str, RemoteRepository] = {}   # repos/<name> of kind remote
         # What changed since the last take_changes(): replication and GC react to these.
         self.changed_blobs: set[str] = set()
         self.changed_sections: set[str] = set()       # "members", "gc", "policies"
@@ -112,6 +114,8 @@ class ReadModel:
             self.changed_sections.add("gc")
         elif kind in ("policies", "replication_rules"):
             self.changed_sections.add("policies")
+        elif kind == "repo":
+            self.changed_sections.add("repositories")
 
     def apply_put(self, key: str, value: bytes, mod_revision: int = 0) -> None:
         parsed = self.keys.parse(key)
@@ -141,6 +145,10 @@ class ReadModel:
         elif kind == "blob_in":
             self._blob(parsed.digest).repos.add(sys.intern(parsed.repo))
         elif kind == "repo":
+            definition = decode_definition(parsed.repo, value)
+            if definition is not None:
+                self.definitions[parsed.repo] = definition
+                return
             repo = self._repo(parsed.repo)
             if not repo.registered:
                 repo.registered = True
@@ -188,6 +196,8 @@ class ReadModel:
             if state.empty():
                 del self.blobs[parsed.digest]
         elif kind == "repo":
+            if self.definitions.pop(parsed.repo, None) is not None:
+                return
             repo = self.repos.get(parsed.repo)
             if repo is not None and repo.registered:
                 repo.registered = False
