@@ -15,6 +15,9 @@ import pytest
 
 from tests.cluster.conftest import client_for
 from tests.support import oci
+from tests.support.faultproxy import FaultProxy
+from tests.support.node import free_port
+from tests.support.placement import blob_owned_by
 
 pytestmark = pytest.mark.anyio
 
@@ -76,3 +79,26 @@ async def test_a_blob_no_holder_can_deliver_is_a_503_before_any_header(cluster):
         r = await client.get(f"/v2/drop/one/blobs/{digest}")
     assert r.status_code == 503, oci.describe(r)
     assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_a_peer_stream_cut_midway_resumes_and_the_client_gets_every_byte(cluster):
+    """Node b serves a blob only node a holds; the gRPC link drops after 2 MiB. The read goes on
+    from where it stopped (here from a again, the only holder) and the 200 carries every byte."""
+    settings = {"replicas_per_site": 1}
+    grpc_port = free_port()
+    proxy = FaultProxy(grpc_port, cut_after=2 * 1024 * 1024, cut_connections=1)
+    try:
+        a = cluster.add("a", start=False, settings=settings, args=["--grpc-advertise", proxy.address])
+        a.grpc_port = grpc_port
+        a.start()
+        b = cluster.add("b", settings=settings)
+        data = blob_owned_by({"a"}, members=["a", "b"], replicas=1, size=8 * 1024 * 1024, seed="resume")
+        async with client_for(a) as client_a, client_for(b) as client_b:
+            digest = await oci.push_blob(client_a, "drop/big", data)
+            r = await client_b.get(f"/v2/drop/big/blobs/{digest}")
+        assert r.status_code == 200 and r.content == data
+        assert proxy.cuts_made == 1
+        log = b.log_path.read_text()
+        assert f"remote read of {digest} from a interrupted at" in log
+    finally:
+        proxy.close()
