@@ -33,6 +33,7 @@ from cargohold.oci.reference import (
 )
 from cargohold.blobs.remote import ContentUnavailable, RemoteContent
 from cargohold.blobs.store import BlobStore
+from cargohold.blobs.streams import primed
 from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
 
@@ -387,14 +388,26 @@ class RegistryAPI:
         return Response(status, headers, stream=await self._blob_stream(digest, size, start, length), length=length)
 
     async def _blob_stream(self, digest: Digest, size: int, start: int, length: int):
-        """This node's copy when it can serve it, else a peer's."""
+        """This node's copy when it can serve it, else a peer's, with the first chunk already
+        read: the response commits its status and Content-Length only once some source has
+        delivered, since after that a failure can only close the connection short."""
         if await self._usable_local_copy(digest, size):
-            return self.store.read(digest, start, length)
+            try:
+                return await primed(self.store.read(digest, start, length))
+            except errors.RegistryError:
+                # Gone since its stat: placement dropped a copy this node does not own (or a
+                # sweep took it) the moment we looked. The copies that stand serve it.
+                if self.remote is None:
+                    raise
+                log.info("local copy of %s went between its stat and its open; reading it from a peer", digest)
         if self.remote is None:
             raise errors.blob_unknown("blob is indexed but not held by this node", detail={"digest": str(digest)})
         if not await self.remote.can_read(str(digest)):
             raise errors.unavailable("no live node holds this blob right now", detail={"digest": str(digest)})
-        return self.remote.read(str(digest), start, length)
+        try:
+            return await primed(self.remote.read(str(digest), start, length))
+        except ContentUnavailable as exc:
+            raise errors.unavailable(str(exc), detail={"digest": str(digest)}) from None
 
     async def _usable_local_copy(self, digest: Digest, size: int) -> bool:
         """Whether this node's file of `digest` can be served: it has the recorded size (the

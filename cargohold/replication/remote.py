@@ -30,9 +30,13 @@ class PeerContent:
         return bool(await self.holders.confirmed(digest))
 
     async def read(self, digest: str, offset: int, length: int) -> AsyncIterator[bytes]:
-        """Part of a blob, chunk by chunk (never the whole blob in memory)."""
+        """Part of a blob, chunk by chunk (never the whole blob in memory). A holder that fails
+        or ends short is followed by the next one from where it stopped; ContentUnavailable when
+        none can deliver (before the first byte: the API then answers 503)."""
         self.remote_reads += 1
         position, end = offset, offset + length
+        if length <= 0:
+            return          # nothing to read (a peer would take length 0 for "to the end")
         async with aclosing(self.holders.in_turn(digest, lambda: position > offset)) as sources:
             async for source in sources:
                 try:
