@@ -27,7 +27,8 @@ def register(sub) -> None:
     actions = repo.add_subparsers(dest="action", required=True)
     p = actions.add_parser("add", help="declare a remote repository (a read-only cache of an upstream registry)")
     p.add_argument("name", help="the namespace it serves: NAME/library/alpine")
-    p.add_argument("--remote", required=True, metavar="URL", help="the upstream registry, e.g. https://registry-1.docker.io")
+    p.add_argument("--remote", required=True, metavar="URL",
+                   help="the upstream registry, e.g. https://registry-1.docker.io")
     p.add_argument("--username", help="upstream account (the password comes from --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the upstream password from standard input")
     p.add_argument("--ttl", help="serve a cached tag this long before asking the upstream again (default 10m)")
