@@ -139,7 +139,8 @@ async def test_pulls_are_written_in_one_transaction_per_flush(etcd):
 
 # ---------------------------------------------------------------------- eviction and GC
 async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_stays(cluster):  # noqa: F811
-    node = cluster.add("a", settings={"eviction_interval": 0.5, "gc_grace": "1s"})
+    audit_log = cluster.root / "audit.log"
+    node = cluster.add("a", settings={"eviction_interval": 0.5, "gc_grace": "1s", "audit_log": str(audit_log)})
     old, recent = oci.build_image("evict-old", layers=2), oci.build_image("evict-recent", layers=2)
     await push_source(node, "src/old", old)
     await push_source(node, "src/recent", recent)
@@ -167,6 +168,9 @@ async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_s
                             "repos/hub/library/old")
     assert left == []
     assert "evicted hub/library/old" in node.log_tail(200)
+    events = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    evicted = [e for e in events if e["event"] == "evict"]
+    assert [(e["repository"], e["remote"], e["complete"]) for e in evicted] == [("hub/library/old", "hub", True)]
 
     await anyio.sleep(1.2)                                     # past the 1 s grace of the blobs
     run = gc_run(cluster)
