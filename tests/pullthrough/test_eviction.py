@@ -62,18 +62,26 @@ def unreachable_upstream() -> str:
 
 
 async def cache_image(etcd_url: str, cluster: str, node_id: str, source: str, local_name: str,
-                      image: oci.Image, *, created: float, tag: str = "v1") -> None:
+                      image: oci.Image, *, created: float, tag: str | None = "v1") -> None:
     """Record `image` (pushed to local repository `source` on node `node_id`) as cached under
-    `local_name`, as the pull-through engine would: blobs linked, manifest recorded and tagged."""
+    `local_name`, as the pull-through engine would: blobs linked, an index's children recorded
+    first, the manifest recorded and tagged."""
     async with EtcdClient([etcd_url]) as client:
         metadata = ClusterMetadata(client, cluster, node_id)
-        for digest in image.blobs:
-            assert await metadata.link_blob(local_name, source, digest) is not None
-        document = image.json
-        record = ManifestRecord(image.media_type, image.size,
-                                tuple(d["digest"] for d in [document["config"], *document["layers"]]),
-                                (), None, None, created)
-        await metadata.put_manifest(local_name, image.digest, record, tag)
+        await _record(metadata, source, local_name, image, created, tag)
+
+
+async def _record(metadata: ClusterMetadata, source: str, local_name: str, image: oci.Image,
+                  created: float, tag: str | None) -> None:
+    for child in image.children:
+        await _record(metadata, source, local_name, child, created, None)
+    for digest in image.blobs:
+        assert await metadata.link_blob(local_name, source, digest) is not None
+    document = image.json
+    blobs = [document["config"], *document["layers"]] if "layers" in document else []
+    record = ManifestRecord(image.media_type, image.size, tuple(d["digest"] for d in blobs),
+                            tuple(c.digest for c in image.children), None, None, created)
+    await metadata.put_manifest(local_name, image.digest, record, tag)
 
 
 async def keys_under(etcd_url: str, cluster: str, *sections: str) -> list[str]:
@@ -182,21 +190,26 @@ async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_s
 async def test_repo_remove_releases_the_cache_unless_kept(cluster):  # noqa: F811
     node = cluster.add("a")
     image = oci.build_image("remove-me", layers=1)
+    multi = oci.build_index("remove-me-too")                 # an index and its two children
     await push_source(node, "src/app", image)
+    await push_source(node, "src/multi", multi)
     for name in ("gone", "kept"):
         assert cluster.cli("repo", "add", name, "--remote", unreachable_upstream()).returncode == 0
         await cache_image(cluster.etcd_url, cluster.name, "a", "src/app", f"{name}/team/app", image,
                           created=time.time())
-        await cache_image(cluster.etcd_url, cluster.name, "a", "src/app", f"{name}/team/app/nested", image,
+        await cache_image(cluster.etcd_url, cluster.name, "a", "src/multi", f"{name}/team/app/nested", multi,
                           created=time.time(), tag="v2")
 
     removed = cluster.cli("repo", "remove", "gone", "--json")
     assert removed.returncode == 0, removed.stderr
-    report = json.loads(removed.stdout)
-    assert sorted(r["repository"] for r in report["released"]) == ["gone/team/app", "gone/team/app/nested"]
-    assert all(r["complete"] and r["tags"] == 1 and r["manifests"] == 1 for r in report["released"])
+    report = {r["repository"]: r for r in json.loads(removed.stdout)["released"]}
+    assert report == {"gone/team/app": {"repository": "gone/team/app", "tags": 1, "manifests": 1, "complete": True},
+                      "gone/team/app/nested": {"repository": "gone/team/app/nested", "tags": 1, "manifests": 3,
+                                               "complete": True}}
+    child = multi.children[0]
     assert await keys_under(cluster.etcd_url, cluster.name, "tags/gone/", "manifests/gone/", "repos/gone",
-                            f"refs/{image.digest}/gone/", f"refs/{layers_of(image)[0]}/gone/") == []
+                            f"refs/{image.digest}/gone/", f"refs/{layers_of(image)[0]}/gone/",
+                            f"refs/{child.digest}/gone/", f"refs/{layers_of(child)[0]}/gone/") == []
 
     kept = cluster.cli("repo", "remove", "kept", "--keep-cache")
     assert kept.returncode == 0 and "stay as ordinary repositories" in kept.stdout, kept.stderr
