@@ -172,8 +172,8 @@ async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_s
     kept = await keys_under(cluster.etcd_url, cluster.name, "tags/hub/library/recent/",
                             "manifests/hub/library/recent/")
     assert kept == ["tags/hub/library/recent/v1", f"manifests/hub/library/recent/{recent.digest}"]
-    left = await keys_under(cluster.etcd_url, cluster.name, f"refs/{layers_of(old)[0]}/", "cache/pulled/hub/library/old",
-                            "repos/hub/library/old")
+    left = await keys_under(cluster.etcd_url, cluster.name, f"refs/{layers_of(old)[0]}/",
+                            "cache/pulled/hub/library/old", "repos/hub/library/old")
     assert left == []
     assert "evicted hub/library/old" in node.log_tail(200)
     events = [json.loads(line) for line in audit_log.read_text().splitlines()]
