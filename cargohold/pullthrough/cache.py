@@ -42,7 +42,7 @@ from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import Route
 from cargohold.upstream.client import Timeouts, UpstreamClient
 from cargohold.upstream.errors import (
-    DigestMismatch, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
+    DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable, outcome_label,
 )
 
 log = logging.getLogger("cargohold.pullthrough")
@@ -313,7 +313,7 @@ class PullThrough:
         try:
             result = await call
         except UpstreamError as exc:
-            outcome = _outcome(exc)
+            outcome = outcome_label(exc)
             self.figures.upstream(repository.name, method, outcome)
             self.audit("upstream-fetch", **event, bytes=0, outcome=outcome)
             raise
@@ -343,21 +343,6 @@ async def _close_later(client: UpstreamClient, delay: float) -> None:
 
 def _tags_size(tags: list[str]) -> int:
     return sum(len(tag) + 3 for tag in tags)       # about the JSON's size
-
-
-def _outcome(exc: UpstreamError) -> str:
-    """A short, bounded label for a failed upstream call (metrics, audit)."""
-    if isinstance(exc, UpstreamNotFound):
-        return "not_found"
-    if isinstance(exc, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(exc, UpstreamUnavailable):
-        return "unavailable"
-    if isinstance(exc, UpstreamDenied):
-        return "denied"
-    if isinstance(exc, DigestMismatch):
-        return "mismatch"
-    return "error"
 
 
 _UPSTREAM_5XX = re.compile(r"upstream answered 5\d\d$")

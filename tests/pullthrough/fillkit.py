@@ -49,6 +49,10 @@ class FillNode:
     audited: list[dict] = field(default_factory=list)
     scope: anyio.CancelScope | None = None
 
+    def waiting(self) -> bool:
+        """Whether this node waits for another node's fill (its claim attempt found that one)."""
+        return any(fill.waiting_on for fill in self.filler._fills.values())
+
     def stop(self) -> None:
         """Stop the node's tasks as a shutdown would (its lease is revoked on the way out)."""
         self.scope.cancel()
@@ -124,10 +128,12 @@ async def read_published(cluster: list[FillNode], node: FillNode, digest: Digest
 @dataclass
 class PacedBlob:
     """One blob the paced upstream serves: `body` (what it sends, right or wrong) under `digest`,
-    `pause_at` bytes sent before it waits for `resume` (None: no pause)."""
+    `pause_at` bytes sent before it waits for `resume` (None: no pause), and with `cut` the
+    connection closes there instead of going on."""
     digest: str
     body: bytes
     pause_at: int | None = None
+    cut: bool = False
     resume: anyio.Event = field(default_factory=anyio.Event)
     paused: anyio.Event = field(default_factory=anyio.Event)
 
@@ -161,6 +167,8 @@ async def _serve_paced(upstream: PacedUpstream, stream: SocketStream) -> None:
             if blob.pause_at is not None:
                 blob.paused.set()
                 await blob.resume.wait()
+                if blob.cut:
+                    return
             await _send_in_pieces(stream, blob.body[first:])
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return

@@ -14,8 +14,8 @@ import pytest
 from cargohold.oci.reference import parse_digest
 from cargohold.pullthrough.staging import GrowingFile
 from cargohold.upstream.client import UpstreamClient
-from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound
-from tests.pullthrough.fillkit import PacedBlob, fill_cluster, paced_upstream, pull, read_all, remote_route
+from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound, UpstreamUnavailable
+from tests.pullthrough.fillkit import PacedBlob, fill_cluster, paced_upstream, pull, remote_route
 from tests.support.distribution import DistributionProcess
 from tests.support.oci import push_blob, random_bytes
 from tests.support.poll import eventually
@@ -130,7 +130,7 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
             for node in nodes:
                 pulls.start_soon(one_pull, node)
             await wrong.paused.wait()
-            await eventually(lambda: sum(len(n.filler._fills) for n in nodes) == 3, what="every node waiting")
+            await eventually(lambda: sum(n.waiting() for n in nodes) == 2, what="two nodes waiting for the third")
             wrong.resume.set()
 
         assert [kind for kind, _ in outcomes] == ["mismatch"] * 3, outcomes
@@ -140,6 +140,34 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
             assert await node.store.stat(parse_digest(claimed)) is None
             assert _staged_files(node) == []
         assert sum(node.figures.fills["mismatch"] for node in nodes) == 1
+
+
+async def test_an_upstream_breaking_off_mid_body_fails_every_pull_and_publishes_nothing(etcd, tmp_path):
+    data = random_bytes(2 * 1024 * 1024, "broken off")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    broken = PacedBlob(digest, data, pause_at=1024 * 1024, cut=True)
+    async with paced_upstream(broken) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
+            UpstreamClient(server.url) as upstream:
+        the_route = remote_route(server.url, "library/app")
+        failures: list[BaseException] = []
+
+        async def one_pull(node) -> None:
+            try:
+                await pull(nodes, node, upstream, the_route, digest)
+            except UpstreamUnavailable as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as pulls:
+            for node in nodes:
+                pulls.start_soon(one_pull, node)
+            await broken.paused.wait()
+            await eventually(lambda: any(n.waiting() for n in nodes), what="a node waiting for the other")
+            broken.resume.set()
+        assert len(failures) == 2 and len(server.gets) == 1
+        for node in nodes:
+            assert await node.metadata.blob_in_repo(the_route.local_name, digest) is None
+            assert _staged_files(node) == []
+        assert sum(node.figures.fills["failed"] for node in nodes) == 1
 
 
 async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path):
@@ -200,7 +228,7 @@ async def test_a_node_stopping_mid_fill_hands_it_to_a_waiting_node(etcd, tmp_pat
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(waiting_pull)
-            await eventually(lambda: second.filler._fills, what="the second node waiting")
+            await eventually(second.waiting, what="the second node waiting")
             first.stop()
             paced.resume.set()
         assert got == [data]
