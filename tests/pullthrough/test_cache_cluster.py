@@ -1,0 +1,53 @@
+"""The cache is the cluster's, not a node's: what one node fetched or revalidated, another
+serves without asking the upstream again (one HEAD per ttl for the whole cluster)."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from tests.pullthrough.conftest import REPO, client_of, remote
+from tests.support.node import NodeProcess
+
+pytestmark = pytest.mark.anyio
+
+MANIFESTS = f"/v2/{REPO}/manifests/"
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory, etcd, cluster_name, node):
+    process = NodeProcess(tmp_path_factory.mktemp("second"), etcd_url=etcd.url, cluster=cluster_name,
+                          node_id="n2").start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def other(second):
+    async with client_of(second) as c:
+        yield c
+
+
+async def test_cache_fetched_by_one_node_served_by_another(etcd, cluster_name, client, other, upstream):
+    hub = await remote(etcd, cluster_name, client, upstream.url, ttl=3600)
+    path = f"/v2/{hub.name}/{REPO}/manifests/v1"
+    assert (await client.get(path)).headers["x-cargohold-cache"] == "miss"
+    before = upstream.count(MANIFESTS)
+    there = await other.get(path)
+    assert there.status_code == 200 and there.content == upstream.image.manifest
+    assert there.headers["x-cargohold-cache"] == "hit"
+    assert upstream.count(MANIFESTS) == before
+
+
+async def test_cache_one_revalidation_per_ttl_for_the_cluster(etcd, cluster_name, client, other, upstream):
+    hub = await remote(etcd, cluster_name, client, upstream.url, ttl=2)
+    path = f"/v2/{hub.name}/{REPO}/manifests/v1"
+    assert (await client.get(path)).status_code == 200
+    assert (await other.get(path)).headers["x-cargohold-cache"] == "hit"
+    await anyio.sleep(2.2)
+    heads = upstream.count(MANIFESTS, "HEAD")
+    assert (await client.get(path)).headers["x-cargohold-cache"] == "revalidated"
+    assert (await other.get(path)).headers["x-cargohold-cache"] == "hit"     # node 1's check counts here
+    assert upstream.count(MANIFESTS, "HEAD") == heads + 1
