@@ -114,6 +114,9 @@ class _Fill:
 
 
 class BlobFiller:
+    """Fills for this node's requests. Other nodes' clients wait for a fill's publication
+    rather than stream from the filling node; `remote` (peer reads) is kept for that."""
+
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, remote: RemoteContent | None,
                  node_id: str, *, figures: "CacheFigures", audit: Callable[..., None],
                  join_timeout: float = JOIN_TIMEOUT):
@@ -150,8 +153,9 @@ class BlobFiller:
             fill.local_names.add(route.local_name)
             self.figures.fill(route.repository.name, "joined")
         await fill.decided.wait()
-        if fill.error is not None:
-            raise fill.error
+        failed = fill.error or (fill.staged.error if fill.staged is not None else None)
+        if failed is not None:
+            raise failed
         if fill.staged is not None:
             return FilledBlob(fill.staged, self.store)
         # Published without streaming (another node filled it, or no size was announced): the
