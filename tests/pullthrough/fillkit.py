@@ -4,6 +4,7 @@ session's real etcd, and a blob upstream whose body the test paces (`PacedUpstre
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import Counter
 from contextlib import aclosing, asynccontextmanager
@@ -23,6 +24,7 @@ from cargohold.pullthrough.fill import BlobFiller
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import route
 from cargohold.upstream.client import UpstreamClient
+from tests.support.oci import random_bytes
 
 
 class Figures:
@@ -137,6 +139,12 @@ class PacedBlob:
     resume: anyio.Event = field(default_factory=anyio.Event)
     paused: anyio.Event = field(default_factory=anyio.Event)
 
+    @classmethod
+    def of(cls, size: int, seed: str, **pacing) -> "PacedBlob":
+        """`size` pseudo-random bytes from `seed`, served under their own digest."""
+        body = random_bytes(size, seed)
+        return cls("sha256:" + hashlib.sha256(body).hexdigest(), body, **pacing)
+
 
 @dataclass
 class PacedUpstream:
@@ -190,3 +198,12 @@ async def paced_upstream(*blobs: PacedBlob) -> AsyncIterator[PacedUpstream]:
             yield upstream
         finally:
             tasks.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def paced_cluster(etcd_url: str, data: Path, *blobs: PacedBlob, nodes: int = 2):
+    """(a paced upstream serving `blobs`, `nodes` in-process nodes, a client of the upstream, the
+    route of an image of it)."""
+    async with paced_upstream(*blobs) as server, fill_cluster(etcd_url, data, nodes) as started, \
+            UpstreamClient(server.url) as upstream:
+        yield server, started, upstream, remote_route(server.url, "library/app")
