@@ -251,7 +251,7 @@ class BlobFiller:
         async with upstream.stream_blob(route.upstream_name, str(fill.digest)) as chunks:
             staged = await GrowingFile.create(self.store.staging_path(), fill.digest, chunks.size)
             try:
-                if staged.size is not None:
+                if staged.size:          # (an empty or unsized blob is served once published)
                     fill.stream(staged)
                 await self._receive(chunks, staged)
                 await staged.verify()

@@ -1,6 +1,6 @@
 """A blob being filled from upstream: a staging file that grows while readers follow it.
 
-The filler appends batches (written and hashed on a worker thread); readers on this node read
+The filler appends batches (written and hashed on worker threads); readers on this node read
 what has been released so far and wait for more. `released` is the one rule that keeps wrong
 bytes from ever being accepted: everything written is released except the last byte, which
 waits until the whole blob has hashed to its digest. A client therefore never receives a
