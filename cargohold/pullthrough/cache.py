@@ -38,13 +38,11 @@ from cargohold.oci.errors import RegistryError
 from cargohold.oci.manifest import parse_manifest
 from cargohold.oci.reference import Digest, is_digest, parse_digest
 from cargohold.pullthrough.figures import CacheFigures
-from cargohold.pullthrough.fill import BlobFiller, FilledBlob
+from cargohold.pullthrough.fill import BlobFiller, FilledBlob, outcome_of
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import Route
 from cargohold.upstream.client import Timeouts, UpstreamClient
-from cargohold.upstream.errors import (
-    DigestMismatch, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
-)
+from cargohold.upstream.errors import DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger("cargohold.pullthrough")
 
@@ -318,7 +316,7 @@ class PullThrough:
         try:
             result = await call
         except UpstreamError as exc:
-            outcome = _outcome(exc)
+            outcome = outcome_of(exc)
             self.figures.upstream(repository.name, method, outcome)
             self.audit("upstream-fetch", **event, bytes=0, outcome=outcome)
             raise
@@ -348,21 +346,6 @@ async def _close_later(client: UpstreamClient, delay: float) -> None:
 
 def _tags_size(tags: list[str]) -> int:
     return sum(len(tag) + 3 for tag in tags)       # about the JSON's size
-
-
-def _outcome(exc: UpstreamError) -> str:
-    """A short, bounded label for a failed upstream call (metrics, audit)."""
-    if isinstance(exc, UpstreamNotFound):
-        return "not_found"
-    if isinstance(exc, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(exc, UpstreamUnavailable):
-        return "unavailable"
-    if isinstance(exc, UpstreamDenied):
-        return "denied"
-    if isinstance(exc, DigestMismatch):
-        return "mismatch"
-    return "error"
 
 
 # An UpstreamUnavailable's reason says whether the upstream answered 5xx (see upstream.protocol);

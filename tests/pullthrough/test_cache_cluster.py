@@ -7,8 +7,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.pullthrough.conftest import REPO, client_of, remote, wait_routed
-from tests.support.node import NodeProcess
+from tests.pullthrough.conftest import REPO, client_of, remote, running_node, wait_routed
 from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
@@ -18,12 +17,8 @@ MANIFESTS = f"/v2/{REPO}/manifests/"
 
 @pytest.fixture(scope="module")
 def second(tmp_path_factory, etcd, cluster_name, node):
-    process = NodeProcess(tmp_path_factory.mktemp("second"), etcd_url=etcd.url, cluster=cluster_name,
-                          node_id="n2", runtime="trio").start()
-    try:
+    with running_node(tmp_path_factory.mktemp("second"), etcd, cluster_name, node_id="n2", runtime="trio") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture
