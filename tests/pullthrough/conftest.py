@@ -78,15 +78,21 @@ def upstream(tmp_path_factory):
         yield registry
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, etcd, cluster_name):
-    data = tmp_path_factory.mktemp("node")
-    process = NodeProcess(data, etcd_url=etcd.url, cluster=cluster_name,
-                          extra_args=["--audit-log", str(data / "audit.log")]).start()
+@contextmanager
+def running_node(data, etcd, cluster: str, *extra_args: str, **settings) -> Iterator[NodeProcess]:
+    """A cargohold node with an audit log (`data/audit.log`), stopped at the end."""
+    process = NodeProcess(data, etcd_url=etcd.url, cluster=cluster,
+                          extra_args=["--audit-log", str(data / "audit.log"), *extra_args], **settings).start()
     try:
         yield process
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, etcd, cluster_name):
+    with running_node(tmp_path_factory.mktemp("node"), etcd, cluster_name) as process:
+        yield process
 
 
 @pytest.fixture
