@@ -267,8 +267,8 @@ class BlobFiller:
     async def _receive(self, chunks: AsyncIterator[bytes], staged: GrowingFile) -> None:
         """Upstream chunks into the staging file and its hash: receiving, writing and hashing
         go on side by side, each batch in order."""
-        to_disk, disk_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
-        to_hasher, hash_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+        to_disk, disk_queue = anyio.create_memory_object_stream[list[bytes]](QUEUED_BATCHES)
+        to_hasher, hash_queue = anyio.create_memory_object_stream[list[bytes]](QUEUED_BATCHES)
 
         async def drain(queue, step) -> None:
             async with queue:
