@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -348,11 +347,6 @@ def _tags_size(tags: list[str]) -> int:
     return sum(len(tag) + 3 for tag in tags)       # about the JSON's size
 
 
-# An UpstreamUnavailable's reason says whether the upstream answered 5xx (see upstream.protocol);
-# once it is assumed offline after that, the reason starts with "assumed offline".
-_UPSTREAM_5XX = re.compile(r"^(?!assumed offline).*upstream answered 5\d\d$")
-
-
 def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -> RegistryError:
     """The answer to a request the upstream could not serve, with nothing cached (pure).
 
@@ -365,7 +359,7 @@ def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -
         return unknown(f"{what} not found upstream", detail=detail)
     if isinstance(exc, DigestMismatch):
         return unknown(f"the upstream sent a {what} that does not match its digest", detail=detail, status=502)
-    if isinstance(exc, UpstreamUnavailable) and not _UPSTREAM_5XX.search(exc.reason):
+    if isinstance(exc, UpstreamUnavailable) and exc.status is None:
         wait = getattr(exc, "retry_after", None) or offline_for or 1.0
         return errors.unavailable(f"the upstream cannot be reached now and nothing is cached: {exc.reason}",
                                   detail=detail, headers={"Retry-After": str(max(1, math.ceil(wait)))})
