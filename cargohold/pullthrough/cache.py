@@ -89,6 +89,7 @@ class PullThrough:
         self.clock = clock
         self.verify_tls = verify_tls
         self._clients: dict[str, tuple[RemoteRepository, UpstreamClient]] = {}
+        self._retired: list[UpstreamClient] = []       # replaced, to be closed by run()
         self._checks: dict[tuple[str, str], TagCheck] = {}
         self._tag_lists: dict[str, _TagList] = {}
         self._flights: dict[tuple[str, str], list] = {}     # key -> [lock, users]
@@ -100,6 +101,8 @@ class PullThrough:
         entry = self._clients.get(repository.name)
         if entry is not None and entry[0] == repository:
             return entry[1]
+        if entry is not None:       # changed before run() saw it: run() closes the old one
+            self._retire(repository.name)
         client = UpstreamClient(repository.url, username=repository.username, password=repository.password,
                                 timeouts=self.timeouts, offline_period=repository.offline_period,
                                 verify_tls=self.verify_tls)
@@ -120,19 +123,23 @@ class PullThrough:
                             tg.start_soon(_close_later, client, CLIENT_CLOSE_DELAY)
         finally:
             with anyio.CancelScope(shield=True):
-                for _, client in self._clients.values():
+                for client in [*self._retired, *(client for _, client in self._clients.values())]:
                     await client.aclose()
 
     def _drop_outdated(self) -> list[UpstreamClient]:
         definitions = self.metadata.repository_definitions()
-        dropped = []
-        for name, (definition, client) in list(self._clients.items()):
+        for name, (definition, _) in list(self._clients.items()):
             if definitions.get(name) != definition:
-                del self._clients[name]
-                dropped.append(client)
-                self._tag_lists = {k: v for k, v in self._tag_lists.items() if not k.startswith(name + "/")}
-                log.info("remote repository %s changed: its upstream client is rebuilt", name)
+                self._retire(name)
+        dropped, self._retired = self._retired, []
         return dropped
+
+    def _retire(self, name: str) -> None:
+        """Forget a changed or removed definition's client (closed later) and tag lists."""
+        _, client = self._clients.pop(name)
+        self._retired.append(client)
+        self._tag_lists = {k: v for k, v in self._tag_lists.items() if not k.startswith(name + "/")}
+        log.info("remote repository %s changed: its upstream client is rebuilt", name)
 
     # ------------------------------------------------------------------ manifests
     async def manifest(self, route: Route, reference: str) -> CachedManifest:
@@ -339,8 +346,12 @@ class PullThrough:
 
 
 async def _close_later(client: UpstreamClient, delay: float) -> None:
-    await anyio.sleep(delay)
-    await client.aclose()
+    """After the requests that began with it are done; at once when the node stops."""
+    try:
+        await anyio.sleep(delay)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
 
 
 def _tags_size(tags: list[str]) -> int:
