@@ -337,7 +337,12 @@ class RegistryAPI:
         is withdrawn and None returned, so that a peer serves it."""
         if not await self._usable_local_copy(digest, size):
             return None
-        data = await self.store.read_all(digest)
+        try:
+            data = await self.store.read_all(digest)
+        except errors.RegistryError:
+            if self.remote is None:
+                raise
+            return None     # dropped between its stat and its read (a non-owner's copy): a peer serves it
         if await anyio.to_thread.run_sync(Digest.of, data, digest.algorithm) == digest:
             return data
         if self.remote is None:
