@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from cargohold.coordinator.readmodel import page
+from cargohold.coordinator.metadata import page   # the read model's paging
 from cargohold.node.http import Request, Response
 from cargohold.oci import errors
 from cargohold.oci.reference import Digest, lookup_reference, parse_digest
