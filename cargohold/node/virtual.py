@@ -117,12 +117,13 @@ class VirtualRepositories:
 
     def _sources(self, found: VirtualName) -> list[Source]:
         """The candidates in order, without the remote ones whose own globs exclude the name
-        (never asked upstream)."""
+        (never asked upstream), and all remote ones on a node that serves no remote repository."""
         remotes = self.metadata.repository_definitions()
+        serves_remotes = self.api.pullthrough is not None
         sources = []
         for candidate in found.candidates:
             route = _remote_route(remotes, candidate)
-            if route is None or route.allowed:
+            if route is None or (route.allowed and serves_remotes):
                 sources.append(Source(candidate, route.local_name if route is not None else candidate.name, route))
         return sources
 
@@ -187,8 +188,7 @@ class VirtualRepositories:
         raise misses.answer(errors.manifest_unknown(detail={"name": found.name, "reference": reference}))
 
     async def _blob(self, request: Request, found: VirtualName, digest: Digest) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            raise errors.unsupported(f"method {request.method} is not allowed here")
+        _allow(request, "GET", "HEAD")
         misses, sources = self._misses(request, found), self._sources(found)
         known = _first_known(sources, misses, lambda s: self.metadata.known_blob(s.storage, str(digest)))
         ordered = sources if known is None else [known] + [s for s in sources if s is not known]
@@ -207,8 +207,7 @@ class VirtualRepositories:
         raise misses.answer(errors.blob_unknown(detail={"digest": str(digest)}))
 
     async def _tags(self, request: Request, found: VirtualName) -> Response:
-        if request.method != "GET":
-            raise errors.unsupported(f"method {request.method} is not allowed here")
+        _allow(request, "GET")
         misses = self._misses(request, found)
         union: set[str] = set()
         any_found = False
@@ -321,6 +320,11 @@ def _leaf_members(virtuals, virtual: VirtualRepository, depth: int) -> set[str]:
 def _storage(remotes, candidate: Candidate) -> str:
     route = _remote_route(remotes, candidate)
     return route.local_name if route is not None else candidate.name
+
+
+def _allow(request: Request, *methods: str) -> None:
+    if request.method not in methods:
+        raise errors.unsupported(f"method {request.method} is not allowed here")
 
 
 def _from(response: Response, source: Source) -> Response:
