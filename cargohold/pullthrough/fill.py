@@ -143,7 +143,16 @@ class BlobFiller:
     async def open(self, upstream: UpstreamClient, route: Route, digest: Digest) -> FilledBlob | None:
         """None when the cluster already has the blob (it is then linked into route.local_name, and
         the caller serves it the ordinary way); else a FilledBlob streaming from the fill.
-        Raises upstream errors (UpstreamNotFound, UpstreamUnavailable, ...) before any byte."""
+        Raises upstream errors (UpstreamNotFound, UpstreamUnavailable, ...) before any byte.
+
+        Blobs are scoped to repositories: content the cluster holds for other names is linked
+        into `route.local_name` only once the upstream confirms that its name has the blob (a
+        HEAD), so nobody reads another repository's private layer by asking a cache for its digest."""
+        if self._linked(route.local_name, str(digest)):
+            return None
+        fill = self._fills.get(str(digest))
+        if self._held_elsewhere(str(digest)) or (fill is not None and route.local_name not in fill.local_names):
+            await self._confirm(upstream, route, digest)
         if await self._link_known(route.local_name, str(digest)):
             return None
         fill = self._fills.get(str(digest))
@@ -163,6 +172,29 @@ class BlobFiller:
         if not await self._link_known(route.local_name, str(digest)):
             raise UpstreamUnavailable(f"blob {digest}: filled, but removed from the cluster meanwhile")
         return None
+
+    async def _confirm(self, upstream: UpstreamClient, route: Route, digest: Digest) -> None:
+        """The upstream has `digest` under `route.upstream_name`, or UpstreamNotFound. While the
+        upstream is unavailable, content this same remote repository cached under another name
+        counts as confirmed (it came from that upstream); other content does not."""
+        try:
+            found = await upstream.has_blob(route.upstream_name, str(digest))
+        except UpstreamUnavailable:
+            state = self.metadata.blob_states().get(str(digest))
+            prefix = route.repository.name + "/"
+            if state is not None and any(repo.startswith(prefix) for repo in state.repos):
+                return
+            raise
+        if not found:
+            raise UpstreamNotFound(f"{route.upstream_name} has no blob {digest}")
+
+    def _linked(self, local_name: str, digest: str) -> bool:
+        state = self.metadata.blob_states().get(digest)
+        return state is not None and local_name in state.repos
+
+    def _held_elsewhere(self, digest: str) -> bool:
+        state = self.metadata.blob_states().get(digest)
+        return state is not None and bool(state.repos)
 
     def _start(self, upstream: UpstreamClient, route: Route, digest: Digest) -> _Fill:
         if self._tasks is None:
@@ -205,6 +237,8 @@ class BlobFiller:
             if answer.won is not None:
                 await self._fill(fill, upstream, route, answer.won)
                 return
+            if answer.linked_in is not None and answer.linked_in not in fill.local_names:
+                await self._confirm(upstream, route, fill.digest)    # someone else's content: see open()
             if answer.linked_in is not None and await self._link_all(fill, answer.linked_in):
                 if waited:
                     self.figures.fill(fill.repository, "joined")

@@ -137,6 +137,16 @@ class UpstreamClient:
         digest = await _check_manifest_digest(body, expected, what)
         return body, _media_type(response), digest
 
+    async def has_blob(self, repository: str, digest: str) -> bool:
+        """Whether the upstream serves `digest` under `repository` (a HEAD: nothing is fetched)."""
+        parse_digest(digest)
+        try:
+            with self._bounded(f"HEAD blob {repository}@{digest}"):
+                await self._call("HEAD", repository, self._url(repository, f"blobs/{digest}"))
+        except errors.UpstreamNotFound:
+            return False
+        return True
+
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str) -> AsyncIterator["BlobChunks"]:
         """`async with upstream.stream_blob(repo, digest) as chunks: async for chunk in chunks`.

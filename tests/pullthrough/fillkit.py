@@ -151,6 +151,7 @@ class PacedUpstream:
     url: str
     blobs: dict[str, PacedBlob]
     gets: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
 
 
 async def _serve_paced(upstream: PacedUpstream, stream: SocketStream) -> None:
@@ -166,9 +167,11 @@ async def _serve_paced(upstream: PacedUpstream, stream: SocketStream) -> None:
         if blob is None:
             await stream.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             return
-        upstream.gets.append(path)
+        (upstream.heads if method == "HEAD" else upstream.gets).append(path)
         await stream.send(f"HTTP/1.1 200 OK\r\nContent-Length: {len(blob.body)}\r\nConnection: close\r\n"
                           f"Content-Type: application/octet-stream\r\n\r\n".encode())
+        if method == "HEAD":
+            return
         first = len(blob.body) if blob.pause_at is None else blob.pause_at
         try:
             await _send_in_pieces(stream, blob.body[:first])

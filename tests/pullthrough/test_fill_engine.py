@@ -81,7 +81,7 @@ async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get
     assert len(registry.requests(f"/blobs/{digest}", method="GET")) == 1
 
 
-async def test_a_blob_the_cluster_has_is_linked_not_fetched(etcd, tmp_path):
+async def test_a_blob_the_cluster_has_is_linked_once_the_upstream_confirms_it(etcd, tmp_path):
     known = PacedBlob.of(1000, "linked")
     data, digest = known.body, known.digest
     async with paced_cluster(etcd.url, tmp_path, known, nodes=2) as (server, nodes, upstream, the_route):
@@ -89,6 +89,21 @@ async def test_a_blob_the_cluster_has_is_linked_not_fetched(etcd, tmp_path):
         await nodes[0].metadata.record_blob("local/app", digest, len(data))
         assert await nodes[1].filler.open(upstream, the_route, parse_digest(digest)) is None
         assert await nodes[1].metadata.blob_in_repo(the_route.local_name, digest) is not None
+        assert server.gets == [] and len(server.heads) == 1
+
+
+async def test_a_private_blob_is_never_linked_into_a_cache_whose_upstream_lacks_it(etcd, tmp_path):
+    """Blobs are scoped to repositories: asking a remote repository for the digest of a layer
+    pushed to a private repository must not hand that layer out (the upstream says 404)."""
+    data = random_bytes(1000, "private")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with paced_cluster(etcd.url, tmp_path, nodes=2) as (server, nodes, upstream, the_route):
+        await nodes[0].store.write(parse_digest(digest), data)
+        await nodes[0].metadata.record_blob("private/app", digest, len(data))
+        for node in nodes:
+            with pytest.raises(UpstreamNotFound):
+                await node.filler.open(upstream, the_route, parse_digest(digest))
+            assert await node.metadata.blob_in_repo(the_route.local_name, digest) is None
         assert server.gets == []
 
 
