@@ -1,0 +1,288 @@
+"""Pull-through cache (issue 14): pulls through a remote repository vs direct and vs Distribution's proxy.
+
+One upstream for the whole run: Distribution 2.8.2 (Debian `docker-registry`) with its access log
+on, holding a 5-layer image of random (incompressible) layers, 5 x 40 MiB. A pull is what a
+container runtime does (`bench/pull.py`): the manifest by tag, then the config and every layer,
+three curl downloads at a time, into /dev/null.
+
+    pull               per round, in rotating order: a direct pull from the upstream; a fresh
+                       cargohold (its own etcd, remote repository `hub` defined with `cargohold
+                       repo add` before the node starts) pulled cold, then warm; a fresh
+                       Distribution in proxy mode (`proxy: remoteurl:`) pulled cold, then warm.
+                       Each cache's bytes are sha256-checked between its cold and warm pulls
+                       (untimed). Upstream requests of each cold and warm pull are counted from
+                       the upstream's own access log.
+    upstream_requests  one cargohold with two remote repositories of the same upstream: `hub`
+                       (ttl 10m) and `hubttl` (ttl 1 s, or --expired-ttl); a small 5-layer image
+                       is pulled once through each, then N more times (N = --pulls, 100), through
+                       `hubttl` with a pause longer than its ttl before each pull. Counted from
+                       the upstream's log: expect 0 requests within the ttl, 1 HEAD per pull after it.
+
+--quick: 5 x 8 MiB layers, 1 round, 20 pulls. See the "Pull-through cache" section of
+bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench import launch, pull
+from bench.report import Row, compared, median
+from tests.support.distribution import DistributionProcess
+
+MiB = 1 << 20
+PEER = "baseline"
+LAYERS = 5
+REMOTE, CACHE_TTL = "hub", "10m"          # the remote repository every cache cluster defines
+EXPIRED = "hubttl"                        # the same upstream with a ttl that runs out between pulls
+SIDES = ("direct", "cargohold", "distribution")
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--rounds", type=int, help="pull: rounds, rotating the order of the sides (default 3; --quick 1)")
+    ap.add_argument("--warm-pulls", type=int, default=3, help="pull: warm pulls per cache per round (default 3)")
+    ap.add_argument("--layer-mib", type=int, help="pull: size of each of the 5 layers (default 40; --quick 8)")
+    ap.add_argument("--pulls", type=int, help="upstream_requests: pulls counted per ttl case (default 100; --quick 20)")
+    ap.add_argument("--expired-ttl", type=float, default=1.0,
+                    help="upstream_requests: ttl in seconds of the repository whose tag expires "
+                         "before every pull (default 1; 0 = no pause)")
+
+
+def prepare(ctx) -> None:
+    for tool in ("curl", launch.ETCD_BIN, launch.PEER_BIN):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found")
+    layer = (ctx.args.layer_mib or (8 if ctx.quick else 40)) * MiB
+    content = ctx.base / "content"
+    t0 = time.perf_counter()
+    ctx.image = pull.make_image(content, "library/bench", "v1", [layer] * LAYERS, seed=14_000)
+    ctx.small = pull.make_image(content, "library/small", "v1", [64 * 1024] * LAYERS, seed=14_100)
+    ctx.upstream = DistributionProcess(ctx.base / "upstream")
+    ctx.upstream.start()
+    for image in (ctx.image, ctx.small):
+        pull.push(ctx.upstream.url, image)
+    ctx.log(f"upstream {ctx.upstream.url}: {ctx.image.name}:{ctx.image.tag} "
+            f"({ctx.image.size / MiB:.1f} MiB) and {ctx.small.name}:{ctx.small.tag} pushed "
+            f"({time.perf_counter() - t0:.1f}s, not timed)")
+    ctx.details |= {"errors": {}, "image": _describe(ctx.image), "small_image": _describe(ctx.small)}
+
+
+def finish(ctx) -> None:
+    if getattr(ctx, "upstream", None) is not None:
+        ctx.upstream.stop()
+
+
+def _describe(image: pull.Image) -> dict:
+    return {"name": image.name, "tag": image.tag, "digest": image.digest, "bytes": image.size,
+            "layers": [b.size for b in image.layers]}
+
+
+# =========================================================================== the processes
+
+@contextlib.contextmanager
+def cache_node(ctx, repositories: dict[str, str]):
+    """A fresh one-node cluster (its own etcd) whose remote repositories (name -> ttl) all cache
+    the upstream. They are defined with the CLI before the node starts, so the node's read model
+    holds them when it is ready. All its data is deleted afterwards (the disk is shared)."""
+    workdir = Path(tempfile.mkdtemp(prefix="cache-", dir=ctx.base))
+    try:
+        with launch.Cluster(workdir, "pullthrough") as cluster:
+            for name, ttl in repositories.items():
+                r = cluster.cli("repo", "add", name, "--remote", ctx.upstream.url, "--ttl", ttl)
+                if r.returncode != 0:
+                    said = (r.stderr or r.stdout).strip().splitlines() or ["(nothing)"]
+                    raise RuntimeError(f"cargohold repo add {name} failed: {said[-1][:300]}")
+            yield cluster.add("n1")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def distribution_proxy(ctx):
+    """A fresh Distribution in proxy mode in front of the upstream; its data deleted afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix="proxy-", dir=ctx.base))
+    proxy = launch.DistributionProxy(workdir / "data", ctx.upstream.url)
+    try:
+        yield proxy.start()
+    finally:
+        proxy.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class UpstreamLog:
+    """What the upstream was asked for one image since the last look, from its own access log."""
+
+    def __init__(self, upstream: DistributionProcess, image: pull.Image):
+        self.upstream, self.path = upstream, f"/v2/{image.name}/"
+        self.seen = len(self.upstream.requests(self.path))
+
+    def since_last(self) -> collections.Counter:
+        """Counts by "METHOD manifest|blob" of the requests logged since the previous call."""
+        new = self.upstream.requests(self.path)[self.seen:]
+        self.seen += len(new)
+        return collections.Counter(f"{r.method} {_kind(r.path)}" for r in new)
+
+
+def _kind(path: str) -> str:
+    return "manifest" if "/manifests/" in path else "blob" if "/blobs/" in path else "other"
+
+
+# =========================================================================== pull
+
+def _pull_record(p: pull.Pull) -> dict:
+    return {"seconds": p.seconds, "MBps": p.mb_per_s, "cache": dict(p.cache)}
+
+
+def pull_from_cache(ctx, base_url: str, name: str) -> dict:
+    """Cold pull, content check, warm pulls; each timed pull's upstream requests counted."""
+    image, log = ctx.image, UpstreamLog(ctx.upstream, ctx.image)
+    cold = pull.pull(base_url, name, image)
+    cold_upstream = log.since_last()
+    pull.verify(base_url, name, image)
+    log.since_last()                       # a check's requests (there should be none) are not a pull's
+    warm = [pull.pull(base_url, name, image) for _ in range(ctx.args.warm_pulls)]
+    return {"cold": _pull_record(cold), "warm": [_pull_record(p) for p in warm],
+            "upstream_cold": dict(cold_upstream), "upstream_warm": dict(log.since_last())}
+
+
+def direct_side(ctx) -> dict:
+    pulls = [pull.pull(ctx.upstream.url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
+    return {"pulls": [_pull_record(p) for p in pulls]}
+
+
+def cargohold_side(ctx) -> dict:
+    with cache_node(ctx, {REMOTE: CACHE_TTL}) as node:
+        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}")
+
+
+def distribution_side(ctx) -> dict:
+    with distribution_proxy(ctx) as proxy:
+        return pull_from_cache(ctx, proxy.url, ctx.image.name)
+
+
+MEASURE = {"direct": direct_side, "cargohold": cargohold_side, "distribution": distribution_side}
+
+
+def _summary(result: dict) -> str:
+    if "pulls" in result:
+        return "MB/s " + "/".join(f"{p['MBps']:,.0f}" for p in result["pulls"])
+    cold = result["cold"]
+    return (f"cold {cold['MBps']:,.0f} MB/s {cold['cache'] or ''}, warm "
+            + "/".join(f"{p['MBps']:,.0f}" for p in result["warm"])
+            + f" MB/s; upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
+
+
+def pull_part(ctx) -> list[Row]:
+    rounds = ctx.args.rounds or (1 if ctx.quick else 3)
+    results: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for rnd in range(rounds):
+        for side in SIDES[rnd % 3:] + SIDES[:rnd % 3]:
+            tag = f"[pull] {side} round {rnd + 1}/{rounds}"
+            try:
+                results[side].append(MEASURE[side](ctx))
+                ctx.log(f"{tag}: {_summary(results[side][-1])}")
+            except Exception as e:  # noqa: BLE001 - one side failing must not hide the others
+                ctx.log(f"{tag}: FAILED: {type(e).__name__}: {e}")
+                ctx.details["errors"].setdefault("pull", {})[side] = f"{type(e).__name__}: {e}"[:300]
+    ctx.details["pull"] = results
+    return pull_rows(ctx, results, rounds)
+
+
+def _errors_of(ctx, *sides: str) -> str:
+    """The failures of these sides in the pull part, one line each."""
+    errors = ctx.details["errors"].get("pull", {})
+    return "; ".join(f"{s}: {errors[s]}" for s in sides if s in errors)
+
+
+def pull_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
+    vs_direct, vs_proxy = _errors_of(ctx, "cargohold", "direct"), _errors_of(ctx, "cargohold", "distribution")
+    direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
+    cold = {s: median(r["cold"]["MBps"] for r in results[s]) for s in SIDES[1:]}
+    warm = {s: median(p["MBps"] for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
+    asked = {s: {when: _median_requests(results[s], when) for when in ("upstream_cold", "upstream_warm")}
+             for s in SIDES[1:]}
+    headers = {when: sum((collections.Counter(p["cache"]) for r in results["cargohold"]
+                          for p in ([r["cold"]] if when == "cold" else r["warm"])), collections.Counter())
+               for when in ("cold", "warm")}
+    size = f"{ctx.image.size / MiB:.0f} MiB image, {LAYERS} layers + config, 3 curl downloads at a time"
+    n_warm = rounds * ctx.args.warm_pulls
+    return [
+        compared("pull", "cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"], direct,
+                 min_ratio=0.9, error=vs_direct,
+                 note=f"{size}; median of {rounds} cold pulls (fresh cluster each) vs {rounds * (1 + ctx.args.warm_pulls)} "
+                      f"direct pulls; X-Cargohold-Cache over the cold pulls: {dict(headers['cold'])}"),
+        compared("pull", "cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
+                 cold["distribution"], min_ratio=1.0, error=vs_proxy,
+                 note=f"median of {rounds} each; Distribution 2.8.2 with proxy.remoteurl, fresh each round"),
+        compared("pull", "warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
+                 warm["distribution"], min_ratio=1.0, error=vs_proxy,
+                 note=f"median of {n_warm} each; X-Cargohold-Cache over the warm pulls: {dict(headers['warm'])}"),
+        compared("pull", "cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"], direct,
+                 error=_errors_of(ctx, "distribution", "direct")),
+        compared("pull", "upstream requests per cold pull", "requests", _total(asked["cargohold"]["upstream_cold"]),
+                 _total(asked["distribution"]["upstream_cold"]), error=vs_proxy,
+                 note=f"cargohold {asked['cargohold']['upstream_cold']}, "
+                      f"Distribution {asked['distribution']['upstream_cold']} (median per round)"),
+        compared("pull", "upstream requests per warm pull", "requests", _total(asked["cargohold"]["upstream_warm"]),
+                 _total(asked["distribution"]["upstream_warm"]), error=vs_proxy,
+                 note=f"over {ctx.args.warm_pulls} warm pulls per round, per pull: cargohold "
+                      f"{asked['cargohold']['upstream_warm']}, Distribution {asked['distribution']['upstream_warm']}"),
+    ]
+
+
+def _median_requests(results: list[dict], when: str) -> dict[str, float] | None:
+    """Per kind of upstream request, the median over rounds of its count per pull (None: no round)."""
+    if not results:
+        return None
+    pulls = (lambda r: 1) if when == "upstream_cold" else (lambda r: max(1, len(r["warm"])))
+    kinds = sorted({k for r in results for k in r[when]})
+    return {k: median(r[when].get(k, 0) / pulls(r) for r in results) for k in kinds}
+
+
+def _total(counts: dict[str, float] | None) -> float | None:
+    return None if counts is None else sum(counts.values())
+
+
+# =========================================================================== upstream_requests
+
+def upstream_requests(ctx) -> list[Row]:
+    n = ctx.args.pulls or (20 if ctx.quick else 100)
+    ttl = ctx.args.expired_ttl
+    with cache_node(ctx, {REMOTE: CACHE_TTL, EXPIRED: f"{ttl:g}s"}) as node:
+        within = counted_pulls(ctx, node.url, REMOTE, n, pause=0.0)
+        expired = counted_pulls(ctx, node.url, EXPIRED, n, pause=ttl + 0.25 if ttl else 0.0)
+    ctx.details["upstream_requests"] = {"pulls": n, "expired_ttl": ttl, "within_ttl": within, "expired": expired}
+    heads = expired["upstream"].get("HEAD manifest", 0)
+    return [
+        Row("upstream_requests", f"within ttl ({CACHE_TTL}): upstream requests per {n} pulls",
+            sum(within["upstream"].values()), "requests", target="0",
+            passed=not within["upstream"],
+            note=f"{within['upstream'] or 'none'}; X-Cargohold-Cache: {within['cache']}"),
+        Row("upstream_requests", f"ttl ({ttl:g}s) expired before each pull: upstream requests per {n} pulls",
+            sum(expired["upstream"].values()), "requests", target=f"{n} HEAD, nothing else",
+            passed=expired["upstream"] == {"HEAD manifest": n},
+            note=f"{expired['upstream']} ({heads / n:.2f} HEAD per pull); X-Cargohold-Cache: {expired['cache']}"),
+    ]
+
+
+def counted_pulls(ctx, base_url: str, repository: str, n: int, pause: float) -> dict:
+    """One pull of the small image that fills the cache, then `n` counted pulls, each after
+    `pause` seconds: the upstream's requests (from its log) and the cache headers over the `n`."""
+    name = f"{repository}/{ctx.small.name}"
+    pull.pull(base_url, name, ctx.small)
+    log = UpstreamLog(ctx.upstream, ctx.small)
+    cache = collections.Counter()
+    for _ in range(n):
+        time.sleep(pause)
+        cache += pull.pull(base_url, name, ctx.small).cache
+    result = {"upstream": dict(log.since_last()), "cache": dict(cache)}
+    ctx.log(f"[upstream_requests] {n} pulls of {name}, {pause:g}s apart: upstream asked "
+            f"{result['upstream'] or 'nothing'}; X-Cargohold-Cache {result['cache']}")
+    return result
+
+
+PARTS = {"pull": pull_part, "upstream_requests": upstream_requests}
