@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import launch, pull
+from bench import launch, procs, pull
 from bench.report import Row, compared, median
 from tests.support.distribution import DistributionProcess
 
@@ -87,7 +87,8 @@ def _describe(image: pull.Image) -> dict:
 def cache_node(ctx, repositories: dict[str, str]):
     """A fresh one-node cluster (its own etcd) whose remote repositories (name -> ttl) all cache
     the upstream. They are defined with the CLI before the node starts, so the node's read model
-    holds them when it is ready. All its data is deleted afterwards (the disk is shared)."""
+    holds them when it is ready. Yields the node and the pids whose CPU is the cache's (the node
+    and its etcd). All its data is deleted afterwards (the disk is shared)."""
     workdir = Path(tempfile.mkdtemp(prefix="cache-", dir=ctx.base))
     try:
         with launch.Cluster(workdir, "pullthrough") as cluster:
@@ -96,7 +97,8 @@ def cache_node(ctx, repositories: dict[str, str]):
                 if r.returncode != 0:
                     said = (r.stderr or r.stdout).strip().splitlines() or ["(nothing)"]
                     raise RuntimeError(f"cargohold repo add {name} failed: {said[-1][:300]}")
-            yield cluster.add("n1")
+            node = cluster.add("n1")
+            yield node, [node.pid, cluster.etcd.pid]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -137,16 +139,31 @@ def _pull_record(p: pull.Pull) -> dict:
     return {"seconds": p.seconds, "MBps": p.mb_per_s, "cache": dict(p.cache)}
 
 
-def pull_from_cache(ctx, base_url: str, name: str) -> dict:
-    """Cold pull, content check, warm pulls; each timed pull's upstream requests counted."""
-    image, log = ctx.image, UpstreamLog(ctx.upstream, ctx.image)
-    cold = pull.pull(base_url, name, image)
+@contextlib.contextmanager
+def cpu_meter(pids: list[int], into: dict, key: str):
+    """CPU seconds (user + sys) the processes `pids` and their children spent in the block."""
+    def used() -> float:
+        return sum(sum(procs.tree_cpu(pid)) for pid in pids)
+    before = used()
+    yield
+    into[key] = used() - before
+
+
+def pull_from_cache(ctx, base_url: str, name: str, pids: list[int]) -> dict:
+    """Cold pull, content check, warm pulls; each timed pull's upstream requests and the cache's
+    CPU seconds counted."""
+    image, log, cpu = ctx.image, UpstreamLog(ctx.upstream, ctx.image), {}
+    with cpu_meter(pids, cpu, "cold"):
+        cold = pull.pull(base_url, name, image)
     cold_upstream = log.since_last()
     pull.verify(base_url, name, image)
     log.since_last()                       # a check's requests (there should be none) are not a pull's
-    warm = [pull.pull(base_url, name, image) for _ in range(ctx.args.warm_pulls)]
+    with cpu_meter(pids, cpu, "warm"):
+        warm = [pull.pull(base_url, name, image) for _ in range(ctx.args.warm_pulls)]
     return {"cold": _pull_record(cold), "warm": [_pull_record(p) for p in warm],
-            "upstream_cold": dict(cold_upstream), "upstream_warm": dict(log.since_last())}
+            "upstream_cold": dict(cold_upstream), "upstream_warm": dict(log.since_last()),
+            "cpu_s_per_GB": {"cold": cpu["cold"] / (image.size / 1e9),
+                             "warm": cpu["warm"] / (len(warm) * image.size / 1e9)}}
 
 
 def direct_side(ctx) -> dict:
@@ -155,13 +172,13 @@ def direct_side(ctx) -> dict:
 
 
 def cargohold_side(ctx) -> dict:
-    with cache_node(ctx, {REMOTE: CACHE_TTL}) as node:
-        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}")
+    with cache_node(ctx, {REMOTE: CACHE_TTL}) as (node, pids):
+        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}", pids)
 
 
 def distribution_side(ctx) -> dict:
     with distribution_proxy(ctx) as proxy:
-        return pull_from_cache(ctx, proxy.url, ctx.image.name)
+        return pull_from_cache(ctx, proxy.url, ctx.image.name, [proxy.pid])
 
 
 MEASURE = {"direct": direct_side, "cargohold": cargohold_side, "distribution": distribution_side}
@@ -173,7 +190,7 @@ def _summary(result: dict) -> str:
     cold = result["cold"]
     return (f"cold {cold['MBps']:,.0f} MB/s {cold['cache'] or ''}, warm "
             + "/".join(f"{p['MBps']:,.0f}" for p in result["warm"])
-            + f" MB/s; upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
+            + f" MB/s; cache CPU {result['cpu_s_per_GB']['cold']:.2f}/{result['cpu_s_per_GB']['warm']:.2f} s/GB cold/warm; upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
 
 
 def pull_part(ctx) -> list[Row]:
@@ -203,6 +220,8 @@ def pull_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
     direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
     cold = {s: median(r["cold"]["MBps"] for r in results[s]) for s in SIDES[1:]}
     warm = {s: median(p["MBps"] for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
+    cpu = {when: {s: median(r["cpu_s_per_GB"][when] for r in results[s]) for s in SIDES[1:]}
+           for when in ("cold", "warm")}
     asked = {s: {when: _median_requests(results[s], when) for when in ("upstream_cold", "upstream_warm")}
              for s in SIDES[1:]}
     headers = {when: sum((collections.Counter(p["cache"]) for r in results["cargohold"]
@@ -223,6 +242,11 @@ def pull_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
                  note=f"median of {n_warm} each; X-Cargohold-Cache over the warm pulls: {dict(headers['warm'])}"),
         compared("pull", "cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"], direct,
                  error=_errors_of(ctx, "distribution", "direct")),
+        compared("pull", "cache CPU per GB, cold pull", "cpu-s/GB", cpu["cold"]["cargohold"],
+                 cpu["cold"]["distribution"], error=vs_proxy,
+                 note="user+sys of the cache's processes (cargohold: node and its etcd); lower is better"),
+        compared("pull", "cache CPU per GB, warm pull", "cpu-s/GB", cpu["warm"]["cargohold"],
+                 cpu["warm"]["distribution"], error=vs_proxy),
         compared("pull", "upstream requests per cold pull", "requests", _total(asked["cargohold"]["upstream_cold"]),
                  _total(asked["distribution"]["upstream_cold"]), error=vs_proxy,
                  note=f"cargohold {asked['cargohold']['upstream_cold']}, "
@@ -252,7 +276,7 @@ def _total(counts: dict[str, float] | None) -> float | None:
 def upstream_requests(ctx) -> list[Row]:
     n = ctx.args.pulls or (20 if ctx.quick else 100)
     ttl = ctx.args.expired_ttl
-    with cache_node(ctx, {REMOTE: CACHE_TTL, EXPIRED: f"{ttl:g}s"}) as node:
+    with cache_node(ctx, {REMOTE: CACHE_TTL, EXPIRED: f"{ttl:g}s"}) as (node, _):
         within = counted_pulls(ctx, node.url, REMOTE, n, pause=0.0)
         expired = counted_pulls(ctx, node.url, EXPIRED, n, pause=ttl + 0.25 if ttl else 0.0)
     ctx.details["upstream_requests"] = {"pulls": n, "expired_ttl": ttl, "within_ttl": within, "expired": expired}
