@@ -19,7 +19,7 @@ ACCEPT = ", ".join([oci.OCI_MANIFEST, "application/vnd.oci.image.index.v1+json",
                     "application/vnd.docker.distribution.manifest.v2+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json"])
 CACHE_HEADER = "x-cargohold-cache"
-CURL = ["curl", "-sS", "--fail", "--noproxy", "*"]
+CURL = ["curl", "-sS", "--no-progress-meter", "--fail", "--noproxy", "*"]
 # One line per transfer; the cache header (empty on other registries) last, in brackets.
 _WRITE_OUT = "%{http_code} %{size_download} %{url_effective} [%header{" + CACHE_HEADER + "}]\n"
 
