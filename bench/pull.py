@@ -21,7 +21,8 @@ ACCEPT = ", ".join([oci.OCI_MANIFEST, "application/vnd.oci.image.index.v1+json",
 CACHE_HEADER = "x-cargohold-cache"
 CURL = ["curl", "-sS", "--no-progress-meter", "--fail", "--noproxy", "*"]
 # One line per transfer; the cache header (empty on other registries) last, in brackets.
-_WRITE_OUT = "%{http_code} %{size_download} %{url_effective} [%header{" + CACHE_HEADER + "}]\n"
+_WRITE_OUT = ("%{http_code} %{size_download} %{time_starttransfer} %{url_effective} [%header{"
+              + CACHE_HEADER + "}]\n")
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ def verify(base_url: str, name: str, image: Image) -> None:
 class Pull:
     seconds: float
     bytes: int
+    first_byte_s: float = 0.0      # the slowest blob's time to its first byte (streaming vs store-then-serve)
     cache: collections.Counter = field(default_factory=collections.Counter)  # X-Cargohold-Cache values
 
     @property
@@ -114,9 +116,9 @@ def pull(base_url: str, name: str, image: Image) -> Pull:
         raise PullError(f"{base_url}/v2/{name}: the manifest of {image.tag} is not the pushed one")
     document = json.loads(body)
     descriptors = [document["config"], *document["layers"]]
-    caches = _get_blobs(base_url, name, {d["digest"]: d["size"] for d in descriptors})
+    caches, first_byte_s = _get_blobs(base_url, name, {d["digest"]: d["size"] for d in descriptors})
     seconds = time.perf_counter() - t0
-    return Pull(seconds, len(body) + sum(d["size"] for d in descriptors),
+    return Pull(seconds, len(body) + sum(d["size"] for d in descriptors), first_byte_s,
                 collections.Counter([cache, *caches]))
 
 
@@ -134,24 +136,26 @@ def _get_manifest(url: str) -> tuple[bytes, str]:
     return r.stdout, cache.strip("[]")
 
 
-def _get_blobs(base_url: str, name: str, sizes: dict[str, int]) -> list[str]:
-    """GET every blob, CONCURRENT_DOWNLOADS at a time, into /dev/null; their cache headers."""
+def _get_blobs(base_url: str, name: str, sizes: dict[str, int]) -> tuple[list[str], float]:
+    """GET every blob, CONCURRENT_DOWNLOADS at a time, into /dev/null; their cache headers and
+    the longest time to a first byte."""
     cmd = [*CURL, "--parallel", "--parallel-max", str(CONCURRENT_DOWNLOADS), "-w", _WRITE_OUT]
     for digest in sizes:
         cmd += ["-o", "/dev/null", f"{base_url}/v2/{name}/blobs/{digest}"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise PullError(f"blobs of {name} from {base_url}: curl exit {r.returncode}: {r.stderr.strip()[-500:]}")
-    caches, seen = [], set()
+    caches, seen, first_byte_s = [], set(), 0.0
     for line in r.stdout.splitlines():
         head, _, cache = line.partition(" [")
-        code, got, url = head.split(" ", 2)
+        code, got, first_byte, url = head.split(" ", 3)
         digest = url.rsplit("/", 1)[1]
         if code != "200" or int(got) != sizes.get(digest):
             raise PullError(f"GET {url}: HTTP {code}, {got} bytes (expected 200, {sizes.get(digest)})")
         seen.add(digest)
+        first_byte_s = max(first_byte_s, float(first_byte))
         caches.append(cache.rstrip("]"))
     if seen != set(sizes):
         raise PullError(f"blobs of {name}: curl reported {len(seen)} of {len(sizes)} transfers")
-    return caches
+    return caches, first_byte_s
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench import launch, procs, pull
+from bench.profiler import Profiler
 from bench.report import Row, compared, median
 from tests.support.distribution import DistributionProcess
 
@@ -136,7 +137,7 @@ def _kind(path: str) -> str:
 # =========================================================================== pull
 
 def _pull_record(p: pull.Pull) -> dict:
-    return {"seconds": p.seconds, "MBps": p.mb_per_s, "cache": dict(p.cache)}
+    return {"seconds": p.seconds, "MBps": p.mb_per_s, "first_byte_s": p.first_byte_s, "cache": dict(p.cache)}
 
 
 @contextlib.contextmanager
@@ -149,16 +150,25 @@ def cpu_meter(pids: list[int], into: dict, key: str):
     into[key] = used() - before
 
 
-def pull_from_cache(ctx, base_url: str, name: str, pids: list[int]) -> dict:
+@contextlib.contextmanager
+def profiler(ctx, when: str, pid: int | None):
+    """py-spy on the cargohold node while the block runs (with --profile); summaries in the JSON."""
+    with Profiler(ctx.pyspy if pid else None, ctx.profile_dir, f"pull-{when}") as prof:
+        prof.add("node", pid)
+        yield
+    ctx.details.setdefault("profiles", []).extend({"when": when, **v} for v in prof.summaries.values())
+
+
+def pull_from_cache(ctx, base_url: str, name: str, pids: list[int], profiled: int | None = None) -> dict:
     """Cold pull, content check, warm pulls; each timed pull's upstream requests and the cache's
-    CPU seconds counted."""
+    CPU seconds counted. With --profile, py-spy records the process `profiled` during each."""
     image, log, cpu = ctx.image, UpstreamLog(ctx.upstream, ctx.image), {}
-    with cpu_meter(pids, cpu, "cold"):
+    with profiler(ctx, "cold", profiled), cpu_meter(pids, cpu, "cold"):
         cold = pull.pull(base_url, name, image)
     cold_upstream = log.since_last()
     pull.verify(base_url, name, image)
     log.since_last()                       # a check's requests (there should be none) are not a pull's
-    with cpu_meter(pids, cpu, "warm"):
+    with profiler(ctx, "warm", profiled), cpu_meter(pids, cpu, "warm"):
         warm = [pull.pull(base_url, name, image) for _ in range(ctx.args.warm_pulls)]
     return {"cold": _pull_record(cold), "warm": [_pull_record(p) for p in warm],
             "upstream_cold": dict(cold_upstream), "upstream_warm": dict(log.since_last()),
@@ -167,13 +177,16 @@ def pull_from_cache(ctx, base_url: str, name: str, pids: list[int]) -> dict:
 
 
 def direct_side(ctx) -> dict:
-    pulls = [pull.pull(ctx.upstream.url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
-    return {"pulls": [_pull_record(p) for p in pulls]}
+    cpu = {}
+    with cpu_meter([ctx.upstream.pid], cpu, "upstream"):
+        pulls = [pull.pull(ctx.upstream.url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
+    return {"pulls": [_pull_record(p) for p in pulls],
+            "upstream_cpu_s_per_GB": cpu["upstream"] / (len(pulls) * ctx.image.size / 1e9)}
 
 
 def cargohold_side(ctx) -> dict:
     with cache_node(ctx, {REMOTE: CACHE_TTL}) as (node, pids):
-        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}", pids)
+        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}", pids, profiled=node.pid)
 
 
 def distribution_side(ctx) -> dict:
@@ -186,9 +199,11 @@ MEASURE = {"direct": direct_side, "cargohold": cargohold_side, "distribution": d
 
 def _summary(result: dict) -> str:
     if "pulls" in result:
-        return "MB/s " + "/".join(f"{p['MBps']:,.0f}" for p in result["pulls"])
+        return ("MB/s " + "/".join(f"{p['MBps']:,.0f}" for p in result["pulls"])
+                + f"; upstream CPU {result['upstream_cpu_s_per_GB']:.2f} s/GB")
     cold = result["cold"]
-    return (f"cold {cold['MBps']:,.0f} MB/s {cold['cache'] or ''}, warm "
+    return (f"cold {cold['MBps']:,.0f} MB/s {cold['cache'] or ''} (first byte of every blob within "
+            f"{cold['first_byte_s']:.2f}s of {cold['seconds']:.2f}s), warm "
             + "/".join(f"{p['MBps']:,.0f}" for p in result["warm"])
             + f" MB/s; cache CPU {result['cpu_s_per_GB']['cold']:.2f}/{result['cpu_s_per_GB']['warm']:.2f} s/GB cold/warm; upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
 
@@ -216,35 +231,55 @@ def _errors_of(ctx, *sides: str) -> str:
 
 
 def pull_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
+    return _speed_rows(ctx, results, rounds) + _cost_rows(ctx, results)
+
+
+def _speed_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
+    """The issue's three ratios, Distribution's own cold ratio, and the streaming evidence."""
     vs_direct, vs_proxy = _errors_of(ctx, "cargohold", "direct"), _errors_of(ctx, "cargohold", "distribution")
     direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
     cold = {s: median(r["cold"]["MBps"] for r in results[s]) for s in SIDES[1:]}
     warm = {s: median(p["MBps"] for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
-    cpu = {when: {s: median(r["cpu_s_per_GB"][when] for r in results[s]) for s in SIDES[1:]}
-           for when in ("cold", "warm")}
-    asked = {s: {when: _median_requests(results[s], when) for when in ("upstream_cold", "upstream_warm")}
-             for s in SIDES[1:]}
+    first_byte = {s: median(r["cold"]["first_byte_s"] for r in results[s]) for s in SIDES[1:]}
     headers = {when: sum((collections.Counter(p["cache"]) for r in results["cargohold"]
                           for p in ([r["cold"]] if when == "cold" else r["warm"])), collections.Counter())
                for when in ("cold", "warm")}
     size = f"{ctx.image.size / MiB:.0f} MiB image, {LAYERS} layers + config, 3 curl downloads at a time"
-    n_warm = rounds * ctx.args.warm_pulls
     return [
         compared("pull", "cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"], direct,
                  min_ratio=0.9, error=vs_direct,
-                 note=f"{size}; median of {rounds} cold pulls (fresh cluster each) vs {rounds * (1 + ctx.args.warm_pulls)} "
-                      f"direct pulls; X-Cargohold-Cache over the cold pulls: {dict(headers['cold'])}"),
+                 note=f"{size}; median of {rounds} cold pulls (a fresh cluster each) vs "
+                      f"{rounds * (1 + ctx.args.warm_pulls)} direct pulls; X-Cargohold-Cache over the cold "
+                      f"pulls: {dict(headers['cold'])}"),
         compared("pull", "cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
                  cold["distribution"], min_ratio=1.0, error=vs_proxy,
                  note=f"median of {rounds} each; Distribution 2.8.2 with proxy.remoteurl, fresh each round"),
         compared("pull", "warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
                  warm["distribution"], min_ratio=1.0, error=vs_proxy,
-                 note=f"median of {n_warm} each; X-Cargohold-Cache over the warm pulls: {dict(headers['warm'])}"),
+                 note=f"median of {rounds * ctx.args.warm_pulls} each; X-Cargohold-Cache over the warm pulls: "
+                      f"{dict(headers['warm'])}"),
         compared("pull", "cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"], direct,
                  error=_errors_of(ctx, "distribution", "direct")),
+        compared("pull", "cold pull: the slowest blob's first byte", "s", first_byte["cargohold"],
+                 first_byte["distribution"], error=vs_proxy,
+                 note="curl's time_starttransfer, median over the cold pulls: far below the pull's "
+                      "time when the cache streams while it fills"),
+    ]
+
+
+def _cost_rows(ctx, results: dict[str, list[dict]]) -> list[Row]:
+    """CPU per GB and upstream requests per pull, cargohold vs Distribution's proxy."""
+    vs_proxy = _errors_of(ctx, "cargohold", "distribution")
+    cpu = {when: {s: median(r["cpu_s_per_GB"][when] for r in results[s]) for s in SIDES[1:]}
+           for when in ("cold", "warm")}
+    asked = {s: {when: _median_requests(results[s], when) for when in ("upstream_cold", "upstream_warm")}
+             for s in SIDES[1:]}
+    return [
         compared("pull", "cache CPU per GB, cold pull", "cpu-s/GB", cpu["cold"]["cargohold"],
                  cpu["cold"]["distribution"], error=vs_proxy,
-                 note="user+sys of the cache's processes (cargohold: node and its etcd); lower is better"),
+                 note="user+sys of the cache's processes (cargohold: node and its etcd); lower is better; "
+                      "the upstream's own CPU per GB on direct pulls: "
+                      f"{median(r['upstream_cpu_s_per_GB'] for r in results['direct']) or 0:.2f}"),
         compared("pull", "cache CPU per GB, warm pull", "cpu-s/GB", cpu["warm"]["cargohold"],
                  cpu["warm"]["distribution"], error=vs_proxy),
         compared("pull", "upstream requests per cold pull", "requests", _total(asked["cargohold"]["upstream_cold"]),
