@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench import launch, procs, pull
+from bench.link import Link
 from bench.profiler import Profiler
 from bench.report import Row, compared, median
 from tests.support.distribution import DistributionProcess
@@ -47,6 +48,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--rounds", type=int, help="pull: rounds, rotating the order of the sides (default 3; --quick 1)")
     ap.add_argument("--warm-pulls", type=int, default=3, help="pull: warm pulls per cache per round (default 3)")
     ap.add_argument("--layer-mib", type=int, help="pull: size of each of the 5 layers (default 40; --quick 8)")
+    ap.add_argument("--link-rate", type=float, default=50.0,
+                    help="pull_link: the upstream link's bandwidth in MB/s, shared by all connections (default 50)")
     ap.add_argument("--pulls", type=int, help="upstream_requests: pulls counted per ttl case (default 100; --quick 20)")
     ap.add_argument("--expired-ttl", type=float, default=1.0,
                     help="upstream_requests: ttl in seconds of the repository whose tag expires "
@@ -85,16 +88,16 @@ def _describe(image: pull.Image) -> dict:
 # =========================================================================== the processes
 
 @contextlib.contextmanager
-def cache_node(ctx, repositories: dict[str, str]):
+def cache_node(ctx, upstream_url: str, repositories: dict[str, str]):
     """A fresh one-node cluster (its own etcd) whose remote repositories (name -> ttl) all cache
-    the upstream. They are defined with the CLI before the node starts, so the node's read model
+    `upstream_url`. They are defined with the CLI before the node starts, so the node's read model
     holds them when it is ready. Yields the node and the pids whose CPU is the cache's (the node
     and its etcd). All its data is deleted afterwards (the disk is shared)."""
     workdir = Path(tempfile.mkdtemp(prefix="cache-", dir=ctx.base))
     try:
         with launch.Cluster(workdir, "pullthrough") as cluster:
             for name, ttl in repositories.items():
-                r = cluster.cli("repo", "add", name, "--remote", ctx.upstream.url, "--ttl", ttl)
+                r = cluster.cli("repo", "add", name, "--remote", upstream_url, "--ttl", ttl)
                 if r.returncode != 0:
                     said = (r.stderr or r.stdout).strip().splitlines() or ["(nothing)"]
                     raise RuntimeError(f"cargohold repo add {name} failed: {said[-1][:300]}")
@@ -105,10 +108,10 @@ def cache_node(ctx, repositories: dict[str, str]):
 
 
 @contextlib.contextmanager
-def distribution_proxy(ctx):
-    """A fresh Distribution in proxy mode in front of the upstream; its data deleted afterwards."""
+def distribution_proxy(ctx, upstream_url: str):
+    """A fresh Distribution in proxy mode in front of `upstream_url`; its data deleted afterwards."""
     workdir = Path(tempfile.mkdtemp(prefix="proxy-", dir=ctx.base))
-    proxy = launch.DistributionProxy(workdir / "data", ctx.upstream.url)
+    proxy = launch.DistributionProxy(workdir / "data", upstream_url)
     try:
         yield proxy.start()
     finally:
@@ -176,21 +179,21 @@ def pull_from_cache(ctx, base_url: str, name: str, pids: list[int], profiled: in
                              "warm": cpu["warm"] / (len(warm) * image.size / 1e9)}}
 
 
-def direct_side(ctx) -> dict:
+def direct_side(ctx, upstream_url: str) -> dict:
     cpu = {}
     with cpu_meter([ctx.upstream.pid], cpu, "upstream"):
-        pulls = [pull.pull(ctx.upstream.url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
+        pulls = [pull.pull(upstream_url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
     return {"pulls": [_pull_record(p) for p in pulls],
             "upstream_cpu_s_per_GB": cpu["upstream"] / (len(pulls) * ctx.image.size / 1e9)}
 
 
-def cargohold_side(ctx) -> dict:
-    with cache_node(ctx, {REMOTE: CACHE_TTL}) as (node, pids):
+def cargohold_side(ctx, upstream_url: str) -> dict:
+    with cache_node(ctx, upstream_url, {REMOTE: CACHE_TTL}) as (node, pids):
         return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}", pids, profiled=node.pid)
 
 
-def distribution_side(ctx) -> dict:
-    with distribution_proxy(ctx) as proxy:
+def distribution_side(ctx, upstream_url: str) -> dict:
+    with distribution_proxy(ctx, upstream_url) as proxy:
         return pull_from_cache(ctx, proxy.url, ctx.image.name, [proxy.pid])
 
 
@@ -209,34 +212,41 @@ def _summary(result: dict) -> str:
 
 
 def pull_part(ctx) -> list[Row]:
+    return pull_rounds(ctx, "pull", ctx.upstream.url)
+
+
+def pull_link_part(ctx) -> list[Row]:
+    with Link(ctx.upstream.port, ctx.args.link_rate) as link:
+        ctx.log(f"[pull_link] the upstream through a {ctx.args.link_rate:g} MB/s link: {link.url}")
+        return pull_rounds(ctx, "pull_link", link.url)
+
+
+def pull_rounds(ctx, part: str, upstream_url: str) -> list[Row]:
+    """Every side once per round, in rotating order, each reaching the upstream at `upstream_url`."""
     rounds = ctx.args.rounds or (1 if ctx.quick else 3)
     results: dict[str, list[dict]] = {s: [] for s in SIDES}
     for rnd in range(rounds):
         for side in SIDES[rnd % 3:] + SIDES[:rnd % 3]:
-            tag = f"[pull] {side} round {rnd + 1}/{rounds}"
+            tag = f"[{part}] {side} round {rnd + 1}/{rounds}"
             try:
-                results[side].append(MEASURE[side](ctx))
+                results[side].append(MEASURE[side](ctx, upstream_url))
                 ctx.log(f"{tag}: {_summary(results[side][-1])}")
             except Exception as e:  # noqa: BLE001 - one side failing must not hide the others
                 ctx.log(f"{tag}: FAILED: {type(e).__name__}: {e}")
-                ctx.details["errors"].setdefault("pull", {})[side] = f"{type(e).__name__}: {e}"[:300]
-    ctx.details["pull"] = results
-    return pull_rows(ctx, results, rounds)
+                ctx.details["errors"].setdefault(part, {})[side] = f"{type(e).__name__}: {e}"[:300]
+    ctx.details[part] = results
+    return _speed_rows(ctx, part, results, rounds) + _cost_rows(ctx, part, results)
 
 
-def _errors_of(ctx, *sides: str) -> str:
-    """The failures of these sides in the pull part, one line each."""
-    errors = ctx.details["errors"].get("pull", {})
+def _errors_of(ctx, part: str, *sides: str) -> str:
+    """The failures of these sides in this part, one line each."""
+    errors = ctx.details["errors"].get(part, {})
     return "; ".join(f"{s}: {errors[s]}" for s in sides if s in errors)
 
 
-def pull_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
-    return _speed_rows(ctx, results, rounds) + _cost_rows(ctx, results)
-
-
-def _speed_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
+def _speed_rows(ctx, part: str, results: dict[str, list[dict]], rounds: int) -> list[Row]:
     """The issue's three ratios, Distribution's own cold ratio, and the streaming evidence."""
-    vs_direct, vs_proxy = _errors_of(ctx, "cargohold", "direct"), _errors_of(ctx, "cargohold", "distribution")
+    vs_direct, vs_proxy = _errors_of(ctx, part, "cargohold", "direct"), _errors_of(ctx, part, "cargohold", "distribution")
     direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
     cold = {s: median(r["cold"]["MBps"] for r in results[s]) for s in SIDES[1:]}
     warm = {s: median(p["MBps"] for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
@@ -246,47 +256,47 @@ def _speed_rows(ctx, results: dict[str, list[dict]], rounds: int) -> list[Row]:
                for when in ("cold", "warm")}
     size = f"{ctx.image.size / MiB:.0f} MiB image, {LAYERS} layers + config, 3 curl downloads at a time"
     return [
-        compared("pull", "cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"], direct,
+        compared(part, "cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"], direct,
                  min_ratio=0.9, error=vs_direct,
                  note=f"{size}; median of {rounds} cold pulls (a fresh cluster each) vs "
                       f"{rounds * (1 + ctx.args.warm_pulls)} direct pulls; X-Cargohold-Cache over the cold "
                       f"pulls: {dict(headers['cold'])}"),
-        compared("pull", "cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
+        compared(part, "cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
                  cold["distribution"], min_ratio=1.0, error=vs_proxy,
                  note=f"median of {rounds} each; Distribution 2.8.2 with proxy.remoteurl, fresh each round"),
-        compared("pull", "warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
+        compared(part, "warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
                  warm["distribution"], min_ratio=1.0, error=vs_proxy,
                  note=f"median of {rounds * ctx.args.warm_pulls} each; X-Cargohold-Cache over the warm pulls: "
                       f"{dict(headers['warm'])}"),
-        compared("pull", "cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"], direct,
-                 error=_errors_of(ctx, "distribution", "direct")),
-        compared("pull", "cold pull: the slowest blob's first byte", "s", first_byte["cargohold"],
+        compared(part, "cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"], direct,
+                 error=_errors_of(ctx, part, "distribution", "direct")),
+        compared(part, "cold pull: the slowest blob's first byte", "s", first_byte["cargohold"],
                  first_byte["distribution"], error=vs_proxy,
                  note="curl's time_starttransfer, median over the cold pulls: far below the pull's "
                       "time when the cache streams while it fills"),
     ]
 
 
-def _cost_rows(ctx, results: dict[str, list[dict]]) -> list[Row]:
+def _cost_rows(ctx, part: str, results: dict[str, list[dict]]) -> list[Row]:
     """CPU per GB and upstream requests per pull, cargohold vs Distribution's proxy."""
-    vs_proxy = _errors_of(ctx, "cargohold", "distribution")
+    vs_proxy = _errors_of(ctx, part, "cargohold", "distribution")
     cpu = {when: {s: median(r["cpu_s_per_GB"][when] for r in results[s]) for s in SIDES[1:]}
            for when in ("cold", "warm")}
     asked = {s: {when: _median_requests(results[s], when) for when in ("upstream_cold", "upstream_warm")}
              for s in SIDES[1:]}
     return [
-        compared("pull", "cache CPU per GB, cold pull", "cpu-s/GB", cpu["cold"]["cargohold"],
+        compared(part, "cache CPU per GB, cold pull", "cpu-s/GB", cpu["cold"]["cargohold"],
                  cpu["cold"]["distribution"], error=vs_proxy,
                  note="user+sys of the cache's processes (cargohold: node and its etcd); lower is better; "
                       "the upstream's own CPU per GB on direct pulls: "
                       f"{median(r['upstream_cpu_s_per_GB'] for r in results['direct']) or 0:.2f}"),
-        compared("pull", "cache CPU per GB, warm pull", "cpu-s/GB", cpu["warm"]["cargohold"],
+        compared(part, "cache CPU per GB, warm pull", "cpu-s/GB", cpu["warm"]["cargohold"],
                  cpu["warm"]["distribution"], error=vs_proxy),
-        compared("pull", "upstream requests per cold pull", "requests", _total(asked["cargohold"]["upstream_cold"]),
+        compared(part, "upstream requests per cold pull", "requests", _total(asked["cargohold"]["upstream_cold"]),
                  _total(asked["distribution"]["upstream_cold"]), error=vs_proxy,
                  note=f"cargohold {asked['cargohold']['upstream_cold']}, "
                       f"Distribution {asked['distribution']['upstream_cold']} (median per round)"),
-        compared("pull", "upstream requests per warm pull", "requests", _total(asked["cargohold"]["upstream_warm"]),
+        compared(part, "upstream requests per warm pull", "requests", _total(asked["cargohold"]["upstream_warm"]),
                  _total(asked["distribution"]["upstream_warm"]), error=vs_proxy,
                  note=f"over {ctx.args.warm_pulls} warm pulls per round, per pull: cargohold "
                       f"{asked['cargohold']['upstream_warm']}, Distribution {asked['distribution']['upstream_warm']}"),
@@ -311,7 +321,7 @@ def _total(counts: dict[str, float] | None) -> float | None:
 def upstream_requests(ctx) -> list[Row]:
     n = ctx.args.pulls or (20 if ctx.quick else 100)
     ttl = ctx.args.expired_ttl
-    with cache_node(ctx, {REMOTE: CACHE_TTL, EXPIRED: f"{ttl:g}s"}) as (node, _):
+    with cache_node(ctx, ctx.upstream.url, {REMOTE: CACHE_TTL, EXPIRED: f"{ttl:g}s"}) as (node, _):
         within = counted_pulls(ctx, node.url, REMOTE, n, pause=0.0)
         expired = counted_pulls(ctx, node.url, EXPIRED, n, pause=ttl + 0.25 if ttl else 0.0)
     ctx.details["upstream_requests"] = {"pulls": n, "expired_ttl": ttl, "within_ttl": within, "expired": expired}
@@ -344,4 +354,4 @@ def counted_pulls(ctx, base_url: str, repository: str, n: int, pause: float) -> 
     return result
 
 
-PARTS = {"pull": pull_part, "upstream_requests": upstream_requests}
+PARTS = {"pull": pull_part, "pull_link": pull_link_part, "upstream_requests": upstream_requests}
