@@ -360,7 +360,9 @@ def _outcome(exc: UpstreamError) -> str:
     return "error"
 
 
-_UPSTREAM_5XX = re.compile(r"upstream answered 5\d\d$")
+# An UpstreamUnavailable's reason says whether the upstream answered 5xx (see upstream.protocol);
+# once it is assumed offline after that, the reason starts with "assumed offline".
+_UPSTREAM_5XX = re.compile(r"^(?!assumed offline).*upstream answered 5\d\d$")
 
 
 def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -> RegistryError:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from tests.pullthrough.conftest import REPO, push, remote, unique
+from cargohold.repositories.definitions import RemoteRepository
+from tests.pullthrough.conftest import REPO, define, push, remote, remove, unique, wait_routed
 from tests.support.oci import OCI_INDEX, build_image, error_codes
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -158,9 +160,6 @@ async def test_cache_catalog_lists_cached_images(etcd, cluster_name, client, ups
 
 
 async def test_cache_definition_changes_followed_without_restart(etcd, cluster_name, client, upstream, node):
-    from tests.pullthrough.conftest import define, remove, wait_routed
-    from cargohold.repositories.definitions import RemoteRepository
-
     name = unique()
     wrong = RemoteRepository(name=name, url="http://127.0.0.1:9")      # nothing listens there
     await define(etcd, cluster_name, wrong)
@@ -173,7 +172,6 @@ async def test_cache_definition_changes_followed_without_restart(etcd, cluster_n
     async def served() -> bool:
         response = await client.get(f"/v2/{name}/{REPO}/manifests/v1")
         return response.status_code == 200 and response.content == upstream.image.manifest
-    from tests.support.poll import eventually
     await eventually(served, what="the changed definition followed")
     await remove(etcd, cluster_name, name)
 
