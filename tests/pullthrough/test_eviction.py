@@ -62,18 +62,26 @@ def unreachable_upstream() -> str:
 
 
 async def cache_image(etcd_url: str, cluster: str, node_id: str, source: str, local_name: str,
-                      image: oci.Image, *, created: float, tag: str = "v1") -> None:
+                      image: oci.Image, *, created: float, tag: str | None = "v1") -> None:
     """Record `image` (pushed to local repository `source` on node `node_id`) as cached under
-    `local_name`, as the pull-through engine would: blobs linked, manifest recorded and tagged."""
+    `local_name`, as the pull-through engine would: blobs linked, an index's children recorded
+    first, the manifest recorded and tagged."""
     async with EtcdClient([etcd_url]) as client:
         metadata = ClusterMetadata(client, cluster, node_id)
-        for digest in image.blobs:
-            assert await metadata.link_blob(local_name, source, digest) is not None
-        document = image.json
-        record = ManifestRecord(image.media_type, image.size,
-                                tuple(d["digest"] for d in [document["config"], *document["layers"]]),
-                                (), None, None, created)
-        await metadata.put_manifest(local_name, image.digest, record, tag)
+        await _record(metadata, source, local_name, image, created, tag)
+
+
+async def _record(metadata: ClusterMetadata, source: str, local_name: str, image: oci.Image,
+                  created: float, tag: str | None) -> None:
+    for child in image.children:
+        await _record(metadata, source, local_name, child, created, None)
+    for digest in image.blobs:
+        assert await metadata.link_blob(local_name, source, digest) is not None
+    document = image.json
+    blobs = [document["config"], *document["layers"]] if "layers" in document else []
+    record = ManifestRecord(image.media_type, image.size, tuple(d["digest"] for d in blobs),
+                            tuple(c.digest for c in image.children), None, None, created)
+    await metadata.put_manifest(local_name, image.digest, record, tag)
 
 
 async def keys_under(etcd_url: str, cluster: str, *sections: str) -> list[str]:
@@ -139,7 +147,8 @@ async def test_pulls_are_written_in_one_transaction_per_flush(etcd):
 
 # ---------------------------------------------------------------------- eviction and GC
 async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_stays(cluster):  # noqa: F811
-    node = cluster.add("a", settings={"eviction_interval": 0.5, "gc_grace": "1s"})
+    audit_log = cluster.root / "audit.log"
+    node = cluster.add("a", settings={"eviction_interval": 0.5, "gc_grace": "1s", "audit_log": str(audit_log)})
     old, recent = oci.build_image("evict-old", layers=2), oci.build_image("evict-recent", layers=2)
     await push_source(node, "src/old", old)
     await push_source(node, "src/recent", recent)
@@ -160,12 +169,16 @@ async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_s
         return not await keys_under(cluster.etcd_url, cluster.name, "tags/hub/library/old/",
                                     "manifests/hub/library/old/")
     await eventually(released, what="the unused image to be released")
-    kept = await keys_under(cluster.etcd_url, cluster.name, "tags/hub/library/recent/", "manifests/hub/library/recent/")
+    kept = await keys_under(cluster.etcd_url, cluster.name, "tags/hub/library/recent/",
+                            "manifests/hub/library/recent/")
     assert kept == ["tags/hub/library/recent/v1", f"manifests/hub/library/recent/{recent.digest}"]
-    left = await keys_under(cluster.etcd_url, cluster.name, f"refs/{layers_of(old)[0]}/", "cache/pulled/hub/library/old",
-                            "repos/hub/library/old")
+    left = await keys_under(cluster.etcd_url, cluster.name, f"refs/{layers_of(old)[0]}/",
+                            "cache/pulled/hub/library/old", "repos/hub/library/old")
     assert left == []
     assert "evicted hub/library/old" in node.log_tail(200)
+    events = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    evicted = [e for e in events if e["event"] == "evict"]
+    assert [(e["repository"], e["remote"], e["complete"]) for e in evicted] == [("hub/library/old", "hub", True)]
 
     await anyio.sleep(1.2)                                     # past the 1 s grace of the blobs
     run = gc_run(cluster)
@@ -177,21 +190,26 @@ async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_s
 async def test_repo_remove_releases_the_cache_unless_kept(cluster):  # noqa: F811
     node = cluster.add("a")
     image = oci.build_image("remove-me", layers=1)
+    multi = oci.build_index("remove-me-too")                 # an index and its two children
     await push_source(node, "src/app", image)
+    await push_source(node, "src/multi", multi)
     for name in ("gone", "kept"):
         assert cluster.cli("repo", "add", name, "--remote", unreachable_upstream()).returncode == 0
         await cache_image(cluster.etcd_url, cluster.name, "a", "src/app", f"{name}/team/app", image,
                           created=time.time())
-        await cache_image(cluster.etcd_url, cluster.name, "a", "src/app", f"{name}/team/app/nested", image,
+        await cache_image(cluster.etcd_url, cluster.name, "a", "src/multi", f"{name}/team/app/nested", multi,
                           created=time.time(), tag="v2")
 
     removed = cluster.cli("repo", "remove", "gone", "--json")
     assert removed.returncode == 0, removed.stderr
-    report = json.loads(removed.stdout)
-    assert sorted(r["repository"] for r in report["released"]) == ["gone/team/app", "gone/team/app/nested"]
-    assert all(r["complete"] and r["tags"] == 1 and r["manifests"] == 1 for r in report["released"])
+    report = {r["repository"]: r for r in json.loads(removed.stdout)["released"]}
+    assert report == {"gone/team/app": {"repository": "gone/team/app", "tags": 1, "manifests": 1, "complete": True},
+                      "gone/team/app/nested": {"repository": "gone/team/app/nested", "tags": 1, "manifests": 3,
+                                               "complete": True}}
+    child = multi.children[0]
     assert await keys_under(cluster.etcd_url, cluster.name, "tags/gone/", "manifests/gone/", "repos/gone",
-                            f"refs/{image.digest}/gone/", f"refs/{layers_of(image)[0]}/gone/") == []
+                            f"refs/{image.digest}/gone/", f"refs/{layers_of(image)[0]}/gone/",
+                            f"refs/{child.digest}/gone/", f"refs/{layers_of(child)[0]}/gone/") == []
 
     kept = cluster.cli("repo", "remove", "kept", "--keep-cache")
     assert kept.returncode == 0 and "stay as ordinary repositories" in kept.stdout, kept.stderr
