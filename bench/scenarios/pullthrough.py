@@ -5,13 +5,16 @@ on, holding a 5-layer image of random (incompressible) layers, 5 x 40 MiB. A pul
 container runtime does (`bench/pull.py`): the manifest by tag, then the config and every layer,
 three curl downloads at a time, into /dev/null.
 
-    pull               per round, in rotating order: a direct pull from the upstream; a fresh
+    pull               per round, in rotating order: 1 + --warm-pulls direct pulls; a fresh
                        cargohold (its own etcd, remote repository `hub` defined with `cargohold
                        repo add` before the node starts) pulled cold, then warm; a fresh
                        Distribution in proxy mode (`proxy: remoteurl:`) pulled cold, then warm.
                        Each cache's bytes are sha256-checked between its cold and warm pulls
                        (untimed). Upstream requests of each cold and warm pull are counted from
                        the upstream's own access log.
+    pull_link          the same, with the upstream reached (by the direct client and both caches)
+                       through a loopback link whose downloads share --link-rate MB/s (50), as a
+                       site's internet link does: there the upstream, not the CPU, is the slow side.
     upstream_requests  one cargohold with two remote repositories of the same upstream: `hub`
                        (ttl 10m) and `hubttl` (ttl 1 s, or --expired-ttl); a small 5-layer image
                        is pulled once through each, then N more times (N = --pulls, 100), through
