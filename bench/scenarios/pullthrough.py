@@ -204,14 +204,16 @@ MEASURE = {"direct": direct_side, "cargohold": cargohold_side, "distribution": d
 
 
 def _summary(result: dict) -> str:
+    """One log line for one side's round."""
     if "pulls" in result:
         return ("MB/s " + "/".join(f"{p['MBps']:,.0f}" for p in result["pulls"])
                 + f"; upstream CPU {result['upstream_cpu_s_per_GB']:.2f} s/GB")
-    cold = result["cold"]
+    cold, cpu = result["cold"], result["cpu_s_per_GB"]
+    warm = "/".join(f"{p['MBps']:,.0f}" for p in result["warm"])
     return (f"cold {cold['MBps']:,.0f} MB/s {cold['cache'] or ''} (first byte of every blob within "
-            f"{cold['first_byte_s']:.2f}s of {cold['seconds']:.2f}s), warm "
-            + "/".join(f"{p['MBps']:,.0f}" for p in result["warm"])
-            + f" MB/s; cache CPU {result['cpu_s_per_GB']['cold']:.2f}/{result['cpu_s_per_GB']['warm']:.2f} s/GB cold/warm; upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
+            f"{cold['first_byte_s']:.2f}s of {cold['seconds']:.2f}s), warm {warm} MB/s; "
+            f"cache CPU {cpu['cold']:.2f}/{cpu['warm']:.2f} s/GB cold/warm; "
+            f"upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
 
 
 def pull_part(ctx) -> list[Row]:
@@ -249,7 +251,8 @@ def _errors_of(ctx, part: str, *sides: str) -> str:
 
 def _speed_rows(ctx, part: str, results: dict[str, list[dict]], rounds: int) -> list[Row]:
     """The issue's three ratios, Distribution's own cold ratio, and the streaming evidence."""
-    vs_direct, vs_proxy = _errors_of(ctx, part, "cargohold", "direct"), _errors_of(ctx, part, "cargohold", "distribution")
+    vs_direct = _errors_of(ctx, part, "cargohold", "direct")
+    vs_proxy = _errors_of(ctx, part, "cargohold", "distribution")
     direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
     cold = {s: median(r["cold"]["MBps"] for r in results[s]) for s in SIDES[1:]}
     warm = {s: median(p["MBps"] for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
