@@ -86,7 +86,8 @@ async def serve(settings: Settings) -> None:
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
-        pullthrough = _pullthrough(metadata, store, remote, node_id, access)
+        recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
+        pullthrough = _pullthrough(metadata, store, remote, node_id, access, recorder)
         replicator.status_sections["pullthrough"] = pullthrough.figures.status
         metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep),
                            pullthrough.figures)
@@ -98,7 +99,6 @@ async def serve(settings: Settings) -> None:
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
                           min_body_rate=parse_size(settings.min_body_rate),
                           foreground=foreground, pullthrough=pullthrough)
-        recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
         evictor = Evictor(metadata, interval=settings.eviction_interval,
                           audit=access.audit.record if access is not None else lambda *a, **k: None)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
@@ -190,7 +190,7 @@ def _metrics(client: EtcdClient, metadata: ClusterMetadata, node_id: str,
 
 
 def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: PeerContent, node_id: str,
-                 access) -> PullThrough:
+                 access, recorder: PullRecorder) -> PullThrough:
     """The cache behind remote repositories, with engine-blobs' filler and eviction's pull
     recorder when this build has them."""
     figures = CacheFigures()
@@ -201,7 +201,7 @@ def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: 
         filler = None
     else:
         filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit)
-    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler)
+    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler, recorder=recorder)
 
 
 def _replication_figures(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent,
