@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,12 +37,11 @@ from cargohold.oci.errors import RegistryError
 from cargohold.oci.manifest import parse_manifest
 from cargohold.oci.reference import Digest, is_digest, parse_digest
 from cargohold.pullthrough.figures import CacheFigures
+from cargohold.pullthrough.fill import BlobFiller, FilledBlob, outcome_of
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import Route
 from cargohold.upstream.client import Timeouts, UpstreamClient
-from cargohold.upstream.errors import (
-    DigestMismatch, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
-)
+from cargohold.upstream.errors import DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger("cargohold.pullthrough")
 
@@ -64,12 +62,6 @@ class PullRecorder(Protocol):
     def note(self, local_name: str) -> None: ...
 
 
-class BlobOpener(Protocol):
-    """The part of engine-blobs' `BlobFiller` this module calls."""
-
-    async def open(self, upstream: UpstreamClient, route: Route, digest: Digest): ...
-
-
 @dataclass(frozen=True)
 class CachedManifest:
     digest: str
@@ -85,7 +77,7 @@ class _TagList:
 class PullThrough:
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, *, figures: CacheFigures | None = None,
                  audit: Callable[..., None] = lambda event, **fields: None, recorder: PullRecorder | None = None,
-                 filler: BlobOpener | None = None, timeouts: Timeouts = UPSTREAM_TIMEOUTS,
+                 filler: BlobFiller | None = None, timeouts: Timeouts = UPSTREAM_TIMEOUTS,
                  clock: Callable[[], float] = time.time, verify_tls: bool = True):
         self.metadata = metadata
         self.store = store
@@ -97,6 +89,7 @@ class PullThrough:
         self.clock = clock
         self.verify_tls = verify_tls
         self._clients: dict[str, tuple[RemoteRepository, UpstreamClient]] = {}
+        self._retired: list[UpstreamClient] = []       # replaced, to be closed by run()
         self._checks: dict[tuple[str, str], TagCheck] = {}
         self._tag_lists: dict[str, _TagList] = {}
         self._flights: dict[tuple[str, str], list] = {}     # key -> [lock, users]
@@ -108,6 +101,8 @@ class PullThrough:
         entry = self._clients.get(repository.name)
         if entry is not None and entry[0] == repository:
             return entry[1]
+        if entry is not None:       # changed before run() saw it: run() closes the old one
+            self._retire(repository.name)
         client = UpstreamClient(repository.url, username=repository.username, password=repository.password,
                                 timeouts=self.timeouts, offline_period=repository.offline_period,
                                 verify_tls=self.verify_tls)
@@ -128,19 +123,23 @@ class PullThrough:
                             tg.start_soon(_close_later, client, CLIENT_CLOSE_DELAY)
         finally:
             with anyio.CancelScope(shield=True):
-                for _, client in self._clients.values():
+                for client in [*self._retired, *(client for _, client in self._clients.values())]:
                     await client.aclose()
 
     def _drop_outdated(self) -> list[UpstreamClient]:
         definitions = self.metadata.repository_definitions()
-        dropped = []
-        for name, (definition, client) in list(self._clients.items()):
+        for name, (definition, _) in list(self._clients.items()):
             if definitions.get(name) != definition:
-                del self._clients[name]
-                dropped.append(client)
-                self._tag_lists = {k: v for k, v in self._tag_lists.items() if not k.startswith(name + "/")}
-                log.info("remote repository %s changed: its upstream client is rebuilt", name)
+                self._retire(name)
+        dropped, self._retired = self._retired, []
         return dropped
+
+    def _retire(self, name: str) -> None:
+        """Forget a changed or removed definition's client (closed later) and tag lists."""
+        _, client = self._clients.pop(name)
+        self._retired.append(client)
+        self._tag_lists = {k: v for k, v in self._tag_lists.items() if not k.startswith(name + "/")}
+        log.info("remote repository %s changed: its upstream client is rebuilt", name)
 
     # ------------------------------------------------------------------ manifests
     async def manifest(self, route: Route, reference: str) -> CachedManifest:
@@ -291,17 +290,27 @@ class PullThrough:
         return self._tag_lists[local].tags
 
     # ------------------------------------------------------------------ blobs
-    async def blob(self, route: Route, digest: Digest):
-        """A blob the cluster does not have linked into `route.local_name`: engine-blobs' fill
-        (None when the cluster had it after all: it is now linked, serve it the ordinary way)."""
+    async def blob(self, route: Route, digest: Digest) -> tuple[FilledBlob | None, str]:
+        """(engine-blobs' FilledBlob streaming from the fill, or None: serve the cluster's blob the
+        ordinary way; hit or miss). Linked into `route.local_name` already: a hit. Else the
+        filler links what the cluster has (a hit too) or fills it from the upstream (a miss,
+        even when the fill is done before `open` returns). Raises RegistryError."""
+        name = route.repository.name
+        if await self.metadata.blob_in_repo(route.local_name, str(digest)) is not None:
+            self.figures.request(name, HIT)
+            return None, HIT
         if self.filler is None:
-            raise errors.unavailable("this node cannot fetch blobs from upstreams",
-                                     detail={"digest": str(digest)}, status=503)
+            raise errors.unavailable("this node cannot fetch blobs from upstreams", detail={"digest": str(digest)})
+        state = self.metadata.blob_states().get(str(digest))
+        outcome = HIT if state is not None and state.repos else MISS
+        upstream = self.client(route.repository)
         try:
-            return await self.filler.open(self.client(route.repository), route, digest)
+            filled = await self.filler.open(upstream, route, digest)
         except UpstreamError as exc:
-            self.figures.request(route.repository.name, ERROR)
-            raise failure(exc, "blob", str(digest), self.client(route.repository).offline.remaining()) from None
+            self.figures.request(name, ERROR)
+            raise failure(exc, "blob", str(digest), upstream.offline.remaining()) from None
+        self.figures.request(name, outcome)
+        return filled, outcome
 
     # ------------------------------------------------------------------ helpers
     async def _upstream(self, route: Route, method: str, reference: str, call: Awaitable[T],
@@ -313,7 +322,7 @@ class PullThrough:
         try:
             result = await call
         except UpstreamError as exc:
-            outcome = _outcome(exc)
+            outcome = outcome_of(exc)
             self.figures.upstream(repository.name, method, outcome)
             self.audit("upstream-fetch", **event, bytes=0, outcome=outcome)
             raise
@@ -337,32 +346,16 @@ class PullThrough:
 
 
 async def _close_later(client: UpstreamClient, delay: float) -> None:
-    await anyio.sleep(delay)
-    await client.aclose()
+    """After the requests that began with it are done; at once when the node stops."""
+    try:
+        await anyio.sleep(delay)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
 
 
 def _tags_size(tags: list[str]) -> int:
     return sum(len(tag) + 3 for tag in tags)       # about the JSON's size
-
-
-def _outcome(exc: UpstreamError) -> str:
-    """A short, bounded label for a failed upstream call (metrics, audit)."""
-    if isinstance(exc, UpstreamNotFound):
-        return "not_found"
-    if isinstance(exc, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(exc, UpstreamUnavailable):
-        return "unavailable"
-    if isinstance(exc, UpstreamDenied):
-        return "denied"
-    if isinstance(exc, DigestMismatch):
-        return "mismatch"
-    return "error"
-
-
-# An UpstreamUnavailable's reason says whether the upstream answered 5xx (see upstream.protocol);
-# once it is assumed offline after that, the reason starts with "assumed offline".
-_UPSTREAM_5XX = re.compile(r"^(?!assumed offline).*upstream answered 5\d\d$")
 
 
 def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -> RegistryError:
@@ -377,7 +370,7 @@ def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -
         return unknown(f"{what} not found upstream", detail=detail)
     if isinstance(exc, DigestMismatch):
         return unknown(f"the upstream sent a {what} that does not match its digest", detail=detail, status=502)
-    if isinstance(exc, UpstreamUnavailable) and not _UPSTREAM_5XX.search(exc.reason):
+    if isinstance(exc, UpstreamUnavailable) and exc.status is None:
         wait = getattr(exc, "retry_after", None) or offline_for or 1.0
         return errors.unavailable(f"the upstream cannot be reached now and nothing is cached: {exc.reason}",
                                   detail=detail, headers={"Retry-After": str(max(1, math.ceil(wait)))})
