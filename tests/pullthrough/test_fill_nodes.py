@@ -26,10 +26,11 @@ pytestmark = pytest.mark.anyio
 BIG = 64 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def nodes(etcd, tmp_path_factory):
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def nodes(etcd, tmp_path_factory, request):
+    """Three nodes on uvicorn (asyncio) or hypercorn (trio)."""
     cluster = Cluster(etcd.url, tmp_path_factory.mktemp("fill-nodes"), f"fill-nodes-{uuid.uuid4().hex[:8]}")
-    started = [cluster.add(f"n{i}") for i in (1, 2, 3)]
+    started = [cluster.add(f"n{i}", args=["--runtime", request.param]) for i in (1, 2, 3)]
     try:
         yield cluster, started
     finally:
@@ -112,9 +113,8 @@ async def test_wrong_bytes_fail_the_pull_and_are_never_cached(nodes):
 
 async def test_a_client_that_disconnects_mid_stream_does_not_abort_the_fill(nodes):
     cluster, started = nodes
-    data = random_bytes(8 * 1024 * 1024, "disconnect through a node")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    paced = PacedBlob(digest, data, pause_at=2 * 1024 * 1024)
+    paced = PacedBlob.of(8 * 1024 * 1024, "disconnect through a node", pause_at=2 * 1024 * 1024)
+    data, digest = paced.body, paced.digest
     async with paced_upstream(paced) as server:
         name = await _declare(cluster, started, server.url)
         path = f"/v2/{name}/library/app/blobs/{digest}"
@@ -135,9 +135,8 @@ async def test_a_client_that_disconnects_mid_stream_does_not_abort_the_fill(node
 async def test_a_node_killed_mid_fill_is_replaced_by_another_and_its_staging_cleaned(nodes):
     cluster, started = nodes
     victim, survivor = started[0], started[1]
-    data = random_bytes(8 * 1024 * 1024, "killed mid-fill")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    paced = PacedBlob(digest, data, pause_at=3 * 1024 * 1024)
+    paced = PacedBlob.of(8 * 1024 * 1024, "killed mid-fill", pause_at=3 * 1024 * 1024)
+    data, digest = paced.body, paced.digest
     async with paced_upstream(paced) as server:
         name = await _declare(cluster, started, server.url)
         path = f"/v2/{name}/library/app/blobs/{digest}"
