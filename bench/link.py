@@ -39,7 +39,7 @@ class Link:
 
     def close(self) -> None:
         self._closed = True
-        self._listener.close()
+        _close(self._listener)
         with self._lock:
             sockets, self._open = self._open, set()
         for s in sockets:
