@@ -146,10 +146,25 @@ class PeerRegistry(Node):
     ready_path = "/v2/"
     kind = "distribution"
 
+    def config_text(self) -> str:
+        return distribution_config(self.data_dir / "data", self.port)
+
     def command(self) -> list[str]:
         config = self.data_dir / "distribution.yml"
-        config.write_text(distribution_config(self.data_dir / "data", self.port))
+        config.write_text(self.config_text())
         return self.pinned([PEER_BIN, "serve", str(config)])
+
+
+class DistributionProxy(PeerRegistry):
+    """The peer registry as a pull-through cache of `remote` (Distribution's `proxy: remoteurl:`
+    mode): it serves pulls only, fetching what it lacks from `remote` and keeping it."""
+
+    def __init__(self, data_dir: Path, remote: str, **kw):
+        super().__init__(data_dir, **kw)
+        self.remote = remote
+
+    def config_text(self) -> str:
+        return super().config_text() + f"proxy:\n  remoteurl: {self.remote}\n"
 
 
 def start_all(nodes: list[Node]) -> None:

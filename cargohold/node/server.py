@@ -87,7 +87,8 @@ async def serve(settings: Settings) -> None:
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
-        pullthrough = _pullthrough(metadata, store, remote, node_id, access)
+        recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
+        pullthrough = _pullthrough(metadata, store, remote, node_id, access, recorder)
         replicator.status_sections["pullthrough"] = pullthrough.figures.status
         metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep),
                            pullthrough.figures)
@@ -99,8 +100,6 @@ async def serve(settings: Settings) -> None:
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
                           min_body_rate=parse_size(settings.min_body_rate),
                           foreground=foreground, pullthrough=pullthrough)
-        recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
-        pullthrough.recorder = recorder
         evictor = Evictor(metadata, interval=settings.eviction_interval,
                           audit=access.audit.record if access is not None else lambda *a, **k: None)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
@@ -191,12 +190,13 @@ def _metrics(client: EtcdClient, metadata: ClusterMetadata, node_id: str,
 
 
 def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: PeerContent, node_id: str,
-                 access) -> PullThrough:
-    """The cache behind remote repositories: manifests and tags here, blobs through the filler."""
+                 access, recorder: PullRecorder) -> PullThrough:
+    """The cache behind remote repositories: manifests and tags here, blobs through the filler,
+    every manifest GET noted by eviction's pull recorder."""
     figures = CacheFigures()
     audit = access.audit.record if access is not None else (lambda event, **fields: None)
     filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit)
-    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler)
+    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler, recorder=recorder)
 
 
 def _replication_figures(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent,
