@@ -1,0 +1,65 @@
+"""skopeo through the pull-through cache: `docker://NODE/<remote repo>/<upstream name>:<tag>` gives
+the upstream's image byte for byte, whatever the upstream's auth (none, htpasswd Basic, the Docker
+token flow of a second cargohold), and once cached it is served by every node of the cluster."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import httpx
+import pytest
+
+from tests.pullthrough.conftest import cache_state
+from tests.support.oci import build_image, digest, layout_manifest, read_oci_layout
+from tests.support.skopeo import copy, inspect
+
+pytestmark = pytest.mark.anyio
+
+if shutil.which("skopeo") is None:
+    pytest.skip("skopeo not installed (Debian package skopeo)", allow_module_level=True)
+
+
+@pytest.fixture(params=["plain", "basic", "bearer"])
+def seeded(request, upstreams, tmp_path):
+    """(upstream, remote repository options, upstream name, tag, image) for each kind of upstream auth."""
+    image = build_image(f"skopeo-{request.param}-{uuid.uuid4().hex[:6]}", layers=3, layer_size=50_000)
+    if request.param == "bearer":
+        upstream = request.getfixturevalue("bearer_upstream")
+        name, username, password = "team/app", "alice", "alice-password"   # tests/auth's accounts
+    else:
+        upstream = upstreams.distribution(basic=request.param == "basic")
+        name = "library/skopeo"
+        username, password = upstream.credentials or (None, None)
+    tag = f"v-{uuid.uuid4().hex[:6]}"
+    upstream.seed(tmp_path, name, tag, image)
+    return upstream, {"username": username, "password": password}, name, tag, image
+
+
+async def test_skopeo_pulls_the_upstream_image_byte_for_byte(seeded, cache_cluster, remote_name, tmp_path):
+    upstream, credentials, name, tag, image = seeded
+    cache_cluster.add_remote(remote_name, upstream.url, **credentials)
+    first, second = cache_cluster.members[:2]
+    through_first = f"docker://{first.host_port}/{remote_name}/{name}:{tag}"
+
+    raw = await inspect(through_first, raw=True)
+    assert raw == image.manifest                                   # the manifest's exact bytes
+    assert (await inspect(through_first))["Digest"] == image.digest
+
+    layout = tmp_path / "pulled"
+    await copy(through_first, f"oci:{layout}:{tag}")
+    entry, manifest = layout_manifest(layout, tag)
+    assert entry["digest"] == image.digest and manifest == image.manifest
+    pulled = read_oci_layout(layout)[1]
+    for blob_digest, data in image.blobs.items():
+        assert digest(pulled[blob_digest]) == blob_digest and pulled[blob_digest] == data
+
+    # cached now: another node serves the same bytes, and says it comes from the cache
+    again = tmp_path / "again"
+    await copy(f"docker://{second.host_port}/{remote_name}/{name}:{tag}", f"oci:{again}:{tag}")
+    assert layout_manifest(again, tag)[1] == image.manifest
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as client:
+        config = image.json["config"]["digest"]
+        response = await client.get(f"/v2/{remote_name}/{name}/blobs/{config}")
+        assert response.status_code == 200 and response.content == image.blobs[config]
+        assert cache_state(response) == "hit"
