@@ -65,7 +65,7 @@ class CacheCluster(Cluster):
         assert done.returncode == 0, f"repo add {name}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
         for node in self.members:
             if node.alive():
-                wait_routed(node, name)
+                wait_until_routed(node, name)
         return name
 
     def start_all(self) -> None:
@@ -73,7 +73,7 @@ class CacheCluster(Cluster):
             list(pool.map(NodeProcess.start, self.members))
 
 
-def wait_routed(node: NodeProcess, name: str) -> None:
+def wait_until_routed(node: NodeProcess, name: str) -> None:
     """Until `node` treats `name/...` as a remote repository: a delete there is refused DENIED
     (and a local name would answer 404 for this absent manifest, so the probe changes nothing)."""
     url = f"{node.url}/v2/{name}/probe/manifests/{ABSENT_MANIFEST}"
@@ -111,7 +111,7 @@ def restart_killed(cache_cluster):
 
 # -- upstream registries ----------------------------------------------------------------------------
 @dataclass
-class Upstream:
+class UpstreamRegistry:
     """A registry the cache fetches from: Distribution, or a cargohold with token auth."""
     process: NodeProcess
     credentials: tuple[str, str] | None = None      # for seeding it
@@ -154,12 +154,12 @@ class Upstream:
 class Upstreams:
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
-        self.started: list[Upstream] = []
+        self.started: list[UpstreamRegistry] = []
 
-    def distribution(self, *, basic: bool = False) -> Upstream:
+    def distribution(self, *, basic: bool = False) -> UpstreamRegistry:
         users = BASIC_USERS if basic else None
         process = DistributionProcess(self.tmp_path / f"distribution-{len(self.started)}", users=users).start()
-        upstream = Upstream(process, next(iter(users.items())) if users else None)
+        upstream = UpstreamRegistry(process, next(iter(users.items())) if users else None)
         self.started.append(upstream)
         return upstream
 
@@ -180,7 +180,7 @@ def upstreams(tmp_path) -> Upstreams:
 
 
 @pytest.fixture(scope="module")
-def bearer_upstream(tmp_path_factory, etcd) -> Upstream:
+def bearer_upstream(tmp_path_factory, etcd) -> UpstreamRegistry:
     """A cargohold with `--auth on` (tests/auth's accounts and rules: the robot `ci` pushes to
     team/**, the user `alice` may pull it through the token flow, anonymous may not)."""
     from tests.auth.conftest import start_secured
@@ -188,7 +188,7 @@ def bearer_upstream(tmp_path_factory, etcd) -> Upstream:
     secured = start_secured(tmp_path_factory, etcd, f"pt-bearer-{uuid.uuid4().hex[:8]}")
     robot, secret = next(iter(secured.robots.items()))
     try:
-        yield Upstream(secured.node, (robot, secret))
+        yield UpstreamRegistry(secured.node, (robot, secret))
     finally:
         secured.node.stop()
 
@@ -226,7 +226,7 @@ def pullthrough_counts(node: NodeProcess, repository: str) -> dict[str, float]:
     return counts
 
 
-def user_agents(upstream: Upstream, path_contains: str) -> set[str]:
+def user_agents(upstream: UpstreamRegistry, path_contains: str) -> set[str]:
     """The User-Agents of the requests in a Distribution's access log whose path contains `path_contains`."""
     text = upstream.process.log_path.read_text(errors="replace")
     line = re.compile(r'"[A-Z]+ (\S+) HTTP/[\d.]+" \d{3} \d+ "[^"]*" "([^"]*)"')
