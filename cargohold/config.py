@@ -86,6 +86,9 @@ class Settings:
     gc_workers: int = 16                                # sweep transactions in flight at once
     gc_batch: int = 64                                  # dead blobs tombstoned per transaction
     gc_busy_rate: float = 100.0                         # dead blobs/s swept and released while serving clients (0: no limit)
+    # -- pull-through cache usage (issue 14; README "Remote repositories")
+    pull_record_interval: float = 30.0                  # seconds between two batched writes of last-pulled times
+    eviction_interval: float = 3600.0                   # seconds between two eviction passes (on the GC leader)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -240,7 +243,8 @@ def _validate_limits(settings: Settings) -> None:
             raise ConfigError(f"{name} {getattr(settings, name)!r} is not a size like 64K") from None
     if parse_size(settings.max_header_size) < 1024:
         raise ConfigError("max_header_size must be at least 1K")
-    for name in ("body_timeout", "header_timeout", "keep_alive_timeout", "upload_expiry"):
+    for name in ("body_timeout", "header_timeout", "keep_alive_timeout", "upload_expiry", "pull_record_interval",
+                 "eviction_interval"):
         if not getattr(settings, name) > 0:
             raise ConfigError(f"{name} must be more than 0 seconds")
     if settings.max_uploads_per_account < 0:

@@ -89,6 +89,16 @@ class Keys:
         """`manifests/`, `tags/`, `blobs/`, ...: whole sections, for the GC's snapshot."""
         return f"{self.prefix}{section}/"
 
+    # -- pull-through cache usage (issue 14, eviction): read and written by coordinator/cacheusage.py only
+    def cache_pulled(self, repo: str) -> str:
+        """When a cached image (`hub/library/alpine`) was last pulled: unix time, written in batches."""
+        return f"{self.prefix}cache/pulled/{repo}"
+
+    def cache_pulled_prefix(self, namespace: str) -> str:
+        """The last-pulled times of every cached image of a remote repository."""
+        return f"{self.prefix}cache/pulled/{namespace}/"
+    # -- end of pull-through cache usage
+
     # -- membership
     def member(self, node_id: str) -> str:
         return f"{self.prefix}members/{node_id}"

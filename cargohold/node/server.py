@@ -27,6 +27,7 @@ from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
 from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest
+from cargohold.pullthrough.usage import Evictor, PullRecorder
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
 from cargohold.runtime.pacing import BackgroundPace, Foreground
@@ -92,6 +93,9 @@ async def serve(settings: Settings) -> None:
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
                           min_body_rate=parse_size(settings.min_body_rate),
                           foreground=foreground)
+        recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
+        evictor = Evictor(metadata, interval=settings.eviction_interval,
+                          audit=access.audit.record if access is not None else lambda *a, **k: None)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
                         "active", __version__)
         async with anyio.create_task_group() as tg:
@@ -104,6 +108,8 @@ async def serve(settings: Settings) -> None:
             tg.start_soon(replicator.run)
             tg.start_soon(sweep.run)
             tg.start_soon(collector.run)
+            tg.start_soon(recorder.run)
+            tg.start_soon(evictor.run)
             tg.start_soon(_purge_uploads, uploads, settings.upload_expiry)
             tg.start_soon(_stop_when_drained, replicator, stop)
             log.info("node %s (site %s, cluster %s, %s) serving on %s, gRPC on %s", node_id, settings.site,
