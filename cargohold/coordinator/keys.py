@@ -136,6 +136,12 @@ class Keys:
         return section, name
     # -- end of accounts and access
 
+    # -- pull-through cache (issue 14, engine-manifests): written by coordinator/cachecheck.py only
+    def cache_checked(self, repo: str, tag: str) -> str:
+        """When `repo`'s `tag` was last confirmed with its upstream (ignored by the read model)."""
+        return f"{self.prefix}cache/checked/{repo}/{tag}"
+    # -- end of pull-through cache (engine-manifests)
+
     def parse(self, key: str) -> ParsedKey:
         if not key.startswith(self.prefix):
             return ParsedKey("other")

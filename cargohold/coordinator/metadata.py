@@ -642,15 +642,7 @@ class ClusterMetadata:
         """
         keys = self.keys
         checked = [keys.blob_in(b, repo) for b in record.blobs] + [keys.manifest(repo, c) for c in record.children]
-        success = [
-            Put(keys.manifest(repo, digest), record.encode()),
-            Put(keys.blob(digest), BlobRecord(record.size, record.created).encode()),
-            Put(keys.blob_at(digest, self.node_id), b""),
-            Put(keys.blob_in(digest, repo), b""),
-            *(Put(keys.ref(child, repo, digest), b"") for child in dict.fromkeys(record.references())),
-            *self._repo_registration(repo),
-        ]
-        success.append(Delete(keys.tombstone(digest)))
+        success = self._manifest_writes(repo, digest, record)
         compare = [Compare.exists(k) for k in checked]
         failure = [Get(k) for k in checked]
         if tag is not None:
@@ -672,6 +664,30 @@ class ClusterMetadata:
             [b for b, ok in zip(record.blobs, present[:n_blobs]) if not ok],
             [c for c, ok in zip(record.children, present[n_blobs:]) if not ok],
         )
+
+    def _manifest_writes(self, repo: str, digest: str, record: ManifestRecord) -> list:
+        """The puts of a manifest record: its record, its bytes as this node's blob copy, its
+        reverse references (which keep what it references from the GC), the repository."""
+        keys = self.keys
+        return [
+            Put(keys.manifest(repo, digest), record.encode()),
+            Put(keys.blob(digest), BlobRecord(record.size, record.created).encode()),
+            Put(keys.blob_at(digest, self.node_id), b""),
+            Put(keys.blob_in(digest, repo), b""),
+            *(Put(keys.ref(child, repo, digest), b"") for child in dict.fromkeys(record.references())),
+            *self._repo_registration(repo),
+            Delete(keys.tombstone(digest)),
+        ]
+
+    async def put_cached_manifest(self, repo: str, digest: str, record: ManifestRecord, tag: str | None) -> None:
+        """Record a manifest fetched from an upstream into its cache repository (the bytes are
+        already stored locally), and optionally tag it: one txn. Unlike `put_manifest`, its
+        blobs and child manifests need not be in the cluster yet (they are fetched on demand);
+        its reverse references are written all the same, so the GC keeps whatever arrives."""
+        success = self._manifest_writes(repo, digest, record)
+        if tag is not None:
+            success.append(Put(self.keys.tag(repo, tag), digest.encode()))
+        await self._txn([], success)
 
     async def _immutable_guard(self, repo: str, tag: str, digest: str) -> Compare | None:
         """For a tag under an immutable rule: the txn guard that it is new or already `digest`."""

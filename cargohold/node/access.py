@@ -315,6 +315,13 @@ class AccessControl:
                            "insufficient_scope" if insufficient else None)
         return _unauthorized("authentication required", header, detail if need.scope else None)
 
+    def require(self, request: Request, repo: str, action: str) -> None:
+        """After `check`: the caller must also be allowed `action` on `repo` (the canonical name
+        of a request routed to a remote repository); raises 401 or 403 like `check`."""
+        if not self.may(request, repo, action):
+            by_rules = action in self._actions(request.auth.subject, repo)
+            raise self._deny(request, Need(action, repo), by_rules=by_rules)
+
     def may(self, request: Request, repo: str, action: str) -> bool:
         """May the caller do `action` on another repository (the `from` of a cross-repo mount)?"""
         identity = request.auth

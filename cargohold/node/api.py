@@ -15,6 +15,7 @@ from cargohold.auth.audit import AuditLog
 from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import (
     ClusterMetadata, ConcurrentChange, MissingReferences, Referenced, TagImmutable, TagProtected,
+    page,   # the read model's paging: also for the tag lists of remote repositories, built here
 )
 from cargohold.coordinator.records import BlobRecord, ManifestRecord
 from cargohold.oci import errors
@@ -35,6 +36,8 @@ from cargohold.blobs.remote import ContentUnavailable, RemoteContent
 from cargohold.blobs.store import BlobStore
 from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
+from cargohold.pullthrough.cache import CACHE_HEADER, HIT, MISS, PullThrough
+from cargohold.repositories.routing import Route, route as route_of
 
 log = logging.getLogger("cargohold.access")
 
@@ -69,7 +72,7 @@ class RegistryAPI:
                  forwarder: UploadForwarder | None = None, metrics: Metrics | None = None,
                  min_copies: int = 1, copy_timeout: float = 60.0, access: AccessControl | None = None,
                  sync_sites: int = 0, body_timeout: float = 60.0, min_body_rate: float = 0.0,
-                 foreground: Foreground | None = None):
+                 foreground: Foreground | None = None, pullthrough: PullThrough | None = None):
         self.metadata = metadata
         self.store = store
         self.uploads = uploads
@@ -85,6 +88,7 @@ class RegistryAPI:
         self.foreground = foreground or Foreground()   # background work paces itself while this is busy
         self.audit = access.audit if access is not None else AuditLog(None)
         self.manifest_cache = ContentCache()
+        self.pullthrough = pullthrough  # remote repositories (issue 14); None: none served
         self._ready = ready or metadata.is_current
         self._handlers = {
             "uploads": self._uploads, "upload": self._upload, "blob": self._blob,
@@ -141,8 +145,11 @@ class RegistryAPI:
 
     async def handle(self, request: Request) -> Response:
         kind, params = _route(request)
+        remote = await self._remote_route(request, kind, params)
         if self.access is not None:
-            await self.access.check(request, kind, params)
+            await self._check_access(request, kind, params, remote)
+        if remote is not None:
+            return await self._remote(request, kind, params, remote)
         if kind == "service":
             return await self._service_route(request)
         if kind == "base":
@@ -152,6 +159,72 @@ class RegistryAPI:
             _allow(request, "GET")
             return self._catalog(request)
         return await self._handlers[kind](request, **params)
+
+    # ------------------------------------------------------------------ remote repositories
+    async def _remote_route(self, request: Request, kind: str, params: dict) -> Route | None:
+        """The remote repository serving this request's name, if any (issue 14)."""
+        if self.pullthrough is None or "name" not in params:
+            return None
+        definitions = self.metadata.repository_definitions()
+        if not definitions:
+            return None
+        found = route_of(definitions, params["name"], ns=request.query("ns"),
+                         read=request.method in ("GET", "HEAD"))
+        if found is not None and found.unprefixed and await self.metadata.repo_exists(params["name"]):
+            return None         # Docker's default mirror: a local repository of that name wins
+        return found
+
+    async def _check_access(self, request: Request, kind: str, params: dict, remote: Route | None) -> None:
+        """A mirror request (`?ns=`) is checked against the cache's name (`hub/library/alpine`);
+        any other routed request against its own name and that one, so that `hub/alpine` cannot
+        dodge a rule on `hub/library/**`."""
+        if remote is not None and request.query("ns"):
+            await self.access.check(request, kind, {**params, "name": remote.local_name})
+            return
+        await self.access.check(request, kind, params)
+        if remote is not None and remote.local_name != params["name"]:
+            self.access.require(request, remote.local_name, "pull")
+
+    async def _remote(self, request: Request, kind: str, params: dict, remote: Route) -> Response:
+        name, definition = params["name"], remote.repository
+        if request.method not in ("GET", "HEAD") or kind in ("uploads", "upload"):
+            raise errors.denied(f"{definition.name} is a remote repository: a read-only cache of {definition.url}",
+                                detail={"name": name, "repository": definition.name})
+        if not remote.allowed:
+            message = (f"{name} is excluded by remote repository {definition.name}" if remote.upstream_name
+                       else f"{name} is a remote repository, not an image in it")
+            raise errors.name_unknown(message, detail={"name": name})
+        if kind == "manifest":
+            return await self._remote_manifest(request, remote, params["reference"])
+        if kind == "blob":
+            return await self._remote_blob(request, remote, parse_digest(params["digest"]))
+        if kind == "tags":
+            _allow(request, "GET")
+            return self._tag_page(request, name, await self.pullthrough.tags(remote))
+        return await self._referrers(request, remote.local_name, params["digest"])   # what is cached
+
+    async def _remote_manifest(self, request: Request, remote: Route, reference: str) -> Response:
+        found = await self.pullthrough.manifest(remote, reference)
+        if request.method == "GET":
+            self.pullthrough.pulled(remote)
+        response = await self._serve_manifest(request, remote.local_name, found.digest, reference)
+        return response.header(CACHE_HEADER, found.outcome)
+
+    async def _remote_blob(self, request: Request, remote: Route, digest: Digest) -> Response:
+        """In the cluster and linked to the cache's repository: the ordinary path. Else a fill
+        from the upstream, streamed as it arrives (engine-blobs)."""
+        figures = self.pullthrough.figures
+        if await self.metadata.blob_in_repo(remote.local_name, str(digest)) is None:
+            filled = await self.pullthrough.blob(remote, digest)
+            if filled is not None:
+                figures.request(remote.repository.name, MISS)
+                status, headers, start, length = _blob_answer(request, digest, filled.size)
+                if request.method == "HEAD":
+                    return Response(status, headers, length=length).header(CACHE_HEADER, MISS)
+                response = Response(status, headers, stream=filled.read(start, length), length=length)
+                return response.header(CACHE_HEADER, MISS)
+        figures.request(remote.repository.name, HIT)
+        return (await self._get_blob(request, remote.local_name, digest)).header(CACHE_HEADER, HIT)
 
     async def _service_route(self, request: Request) -> Response:
         if request.path == "/token" and self.access is not None:
@@ -193,7 +266,13 @@ class RegistryAPI:
         found = await self.metadata.tags(name, n, last)
         if found is None:
             raise errors.name_unknown(detail={"name": name})
-        tags, more = found
+        return self._tag_page(request, name, *found)
+
+    def _tag_page(self, request: Request, name: str, tags: list[str], more: bool | None = None) -> Response:
+        """A page of tags; `more` None: `tags` is the whole sorted list, paged here."""
+        n, last = _pagination(request)
+        if more is None:
+            tags, more = page(tags, n, last)
         response = json_response(200, _json({"name": name, "tags": tags}))
         if more and tags:
             response.header("Link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}>; rel="next"')
@@ -230,6 +309,10 @@ class RegistryAPI:
     async def _get_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, digest = lookup_reference(reference)
         digest_text = str(digest) if digest else await self.metadata.resolve_tag(name, tag)
+        return await self._serve_manifest(request, name, digest_text, reference)
+
+    async def _serve_manifest(self, request: Request, name: str, digest_text: str | None,
+                              reference: str) -> Response:
         record = await self.metadata.manifest(name, digest_text) if digest_text else None
         if record is None:
             raise errors.manifest_unknown(detail={"name": name, "reference": reference})
@@ -372,16 +455,7 @@ class RegistryAPI:
         if record is None or not await self._keep_hold(request, str(digest), record):
             raise errors.blob_unknown(detail={"digest": str(digest)})
         size = record.size
-        headers = [(b"docker-content-digest", str(digest).encode()), (b"accept-ranges", b"bytes"),
-                   (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
-        start, end = 0, size - 1
-        status = 200
-        wanted = parse_range(request.header("range"), size) if request.header("range") else None
-        if wanted is not None:
-            start, end = wanted
-            status = 206
-            headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
-        length = end - start + 1
+        status, headers, start, length = _blob_answer(request, digest, size)
         if request.method == "HEAD":
             return Response(status, headers, length=length)
         return Response(status, headers, stream=await self._blob_stream(digest, size, start, length), length=length)
@@ -543,6 +617,20 @@ def _route(request: Request) -> tuple[str, dict]:
             params["name"] = validate_name(params["name"])
             return kind, params
     raise errors.not_found()
+
+
+def _blob_answer(request: Request, digest: Digest, size: int) -> tuple[int, list, int, int]:
+    """Status, headers, first byte and length of the answer to a blob GET/HEAD (with `Range`)."""
+    headers = [(b"docker-content-digest", str(digest).encode()), (b"accept-ranges", b"bytes"),
+               (b"content-type", OCTET.encode()), (b"etag", f'"{digest}"'.encode())]
+    start, end = 0, size - 1
+    status = 200
+    wanted = parse_range(request.header("range"), size) if request.header("range") else None
+    if wanted is not None:
+        start, end = wanted
+        status = 206
+        headers.append((b"content-range", f"bytes {start}-{end}/{size}".encode()))
+    return status, headers, start, end - start + 1
 
 
 def _allow(request: Request, *methods: str) -> None:

@@ -25,6 +25,7 @@ from prometheus_client.utils import floatToGoString
 
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata
+from cargohold.pullthrough.figures import CacheFigures
 from cargohold.runtime.durations import DurationHistogram
 
 # `_created` series double the output and no dashboard reads them. (Process-wide; a node
@@ -233,3 +234,32 @@ def _gc(runs: Iterable[dict]) -> Iterator[Metric]:
     yield info
     for key, name, help_text in GC_RUN_FIGURES:
         yield GaugeMetricFamily(name, help_text, latest.get(key, 0))
+
+
+class PullThroughFigures(Collector):
+    """The pull-through cache's counters (`pullthrough.figures`), per remote repository."""
+
+    def __init__(self, figures: CacheFigures):
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("cargohold_pullthrough_requests",
+                                       "Manifest and blob requests of remote repositories, by how the cache "
+                                       "answered (hit, miss, revalidated, stale, error).", labels=("repository", "result"))
+        upstream = CounterMetricFamily("cargohold_pullthrough_upstream_requests",
+                                       "Calls to upstream registries, by method and outcome.",
+                                       labels=("repository", "method", "outcome"))
+        received = CounterMetricFamily("cargohold_pullthrough_upstream_bytes", "Bytes received from upstreams.",
+                                       labels=("repository",))
+        fills = CounterMetricFamily("cargohold_pullthrough_fills",
+                                    "Blob fills from upstreams, by outcome (filled, joined, mismatch, failed).",
+                                    labels=("repository", "outcome"))
+        for name, figures in list(self.figures.repositories.items()):
+            for result, count in figures.requests.items():
+                requests.add_metric((name, result), count)
+            for (method, outcome), count in figures.upstream_requests.items():
+                upstream.add_metric((name, method, outcome), count)
+            received.add_metric((name,), figures.upstream_bytes)
+            for outcome, count in figures.fills.items():
+                fills.add_metric((name, outcome), count)
+        yield from (requests, upstream, received, fills)

@@ -25,12 +25,14 @@ from cargohold.node.access import access_control
 from cargohold.node.bootstrap import bootstrap_admin
 from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
-from cargohold.node.metrics import Metrics, NodeFigures, ReplicationFigures, SiteRuleLag
+from cargohold.node.metrics import Metrics, NodeFigures, PullThroughFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest
 from cargohold.pullthrough.usage import Evictor, PullRecorder
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
 from cargohold.runtime.pacing import BackgroundPace, Foreground
+from cargohold.pullthrough.cache import PullThrough
+from cargohold.pullthrough.figures import CacheFigures
 from cargohold.replication.remote import PeerContent
 from cargohold.replication.replicator import Replicator
 from cargohold.replication.sources import ReplicationSettings
@@ -83,8 +85,11 @@ async def serve(settings: Settings) -> None:
             pace=BackgroundPace(foreground, settings.gc_busy_rate))
         forwarder = UploadForwarder(node_id, lambda: _live_urls(metadata))
         stack.push_async_callback(forwarder.aclose)
-        metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep))
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
+        pullthrough = _pullthrough(metadata, store, remote, node_id, access)
+        replicator.status_sections["pullthrough"] = pullthrough.figures.status
+        metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep),
+                           pullthrough.figures)
         if access is not None:
             await bootstrap_admin(access.accounts, settings)
             await access.prepare()   # loads accounts; refuses to serve an open registry on a public address
@@ -92,8 +97,9 @@ async def serve(settings: Settings) -> None:
                           metrics=metrics, min_copies=settings.min_copies, access=access,
                           sync_sites=settings.sync_sites, body_timeout=settings.body_timeout,
                           min_body_rate=parse_size(settings.min_body_rate),
-                          foreground=foreground)
+                          foreground=foreground, pullthrough=pullthrough)
         recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
+        pullthrough.recorder = recorder
         evictor = Evictor(metadata, interval=settings.eviction_interval,
                           audit=access.audit.record if access is not None else lambda *a, **k: None)
         member = Member(node_id, settings.site, _http_url(settings), _grpc_address(settings, grpc_port),
@@ -106,6 +112,9 @@ async def serve(settings: Settings) -> None:
             tg.start_soon(metadata.keep_membership, member)
             tg.start_soon(peer_secret.run)
             tg.start_soon(replicator.run)
+            await tg.start(pullthrough.run)
+            if pullthrough.filler is not None:
+                await tg.start(pullthrough.filler.run)
             tg.start_soon(sweep.run)
             tg.start_soon(collector.run)
             tg.start_soon(recorder.run)
@@ -176,8 +185,24 @@ def _grpc_address(settings: Settings, port: int) -> str:
 
 
 def _metrics(client: EtcdClient, metadata: ClusterMetadata, node_id: str,
-             replication: Callable[[], ReplicationFigures]) -> Metrics:
-    return Metrics(NodeFigures(etcd=client, metadata=metadata, node_id=node_id, replication=replication))
+             replication: Callable[[], ReplicationFigures], pullthrough: CacheFigures) -> Metrics:
+    return Metrics(NodeFigures(etcd=client, metadata=metadata, node_id=node_id, replication=replication),
+                   PullThroughFigures(pullthrough))
+
+
+def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: PeerContent, node_id: str,
+                 access) -> PullThrough:
+    """The cache behind remote repositories, with engine-blobs' filler and eviction's pull
+    recorder when this build has them."""
+    figures = CacheFigures()
+    audit = access.audit.record if access is not None else (lambda event, **fields: None)
+    try:
+        from cargohold.pullthrough.fill import BlobFiller
+    except ImportError:     # engine-blobs not merged yet: blob misses answer 503
+        filler = None
+    else:
+        filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit)
+    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler)
 
 
 def _replication_figures(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent,

@@ -19,6 +19,7 @@ import logging
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Callable
 
 import anyio
 import anyio.lowlevel
@@ -63,6 +64,7 @@ class Replicator:
         self.stats = ReplicationStats()
         self.drained = anyio.Event()
         self.queue = ReconcileQueue()
+        self.status_sections: dict[str, Callable[[], object]] = {}   # more of the node's status record
         metadata.subscribe(self._on_change)
 
     def _on_change(self, blobs: set[str], sections: set[str]) -> None:
@@ -280,4 +282,5 @@ class Replicator:
             **self.queue.report(), "in_flight": self.stats.in_flight,
             "bytes_fetched": self.fetcher.bytes_fetched, "copies_made": self.stats.copies_made,
             "copies_dropped": self.stats.copies_dropped,
+            **{section: report() for section, report in self.status_sections.items()},
         }

@@ -1,5 +1,11 @@
-"""Shared fixtures for the pull-through cache's end-to-end tests (real clients, real faults).
+"""Fixtures for the pull-through cache's tests.
 
+Engine tests (test_cache_*, test_fill_*): a real upstream (CNCF Distribution, Debian's
+`docker-registry`) with test images, a cargohold node on the shared etcd, and remote repositories
+defined in etcd while the node runs (as `cargohold repo add` does): each test defines its own, so
+caches never overlap.
+
+End-to-end tests with real clients and faults (test_clients_*, test_faults_*):
 * `cache_cluster` (session): three cargohold nodes on the session's etcd, one cluster. Each test
   declares its own remote repository (`cache_cluster.add_remote(...)`, through the CLI
   `cargohold repo add`) over its own upstream, so tests share the nodes but not their state. A
@@ -24,17 +30,115 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cargohold.coordinator.etcd import EtcdClient
+from cargohold.coordinator.metadata import ClusterMetadata
+from cargohold.repositories.definitions import RemoteRepository
 from tests.cluster.conftest import Cluster
 from tests.support.distribution import DistributionProcess
 from tests.support.node import REPO_ROOT, NodeProcess
-from tests.support.oci import Image, describe, write_oci_layout
-from tests.support.poll import until
+from tests.support.oci import Image, build_image, build_index, describe, push_image, write_oci_layout
+from tests.support.poll import eventually, until
 from tests.support.skopeo import SKOPEO
 
+# == engine tests: one node, definitions written to etcd ==========================================
+REPO = "team/app"
+
+
+@dataclass
+class Upstream:
+    process: DistributionProcess
+    image: Image        # team/app:v1
+    index: Image        # team/app:multi
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def count(self, path_contains: str, method: str | None = None) -> int:
+        return len(self.process.requests(path_contains, method))
+
+
+async def push(url: str, repo: str, tag: str, image: Image, auth: tuple[str, str] | None = None) -> str:
+    async with httpx.AsyncClient(base_url=url, auth=auth, timeout=30) as client:
+        return await push_image(client, repo, tag, image)
+
+
+def start_upstream(path, users: dict[str, str] | None = None) -> Upstream:
+    process = DistributionProcess(path, users=users).start()
+    image, index = build_image("pt-image"), build_index("pt-index")
+    auth = next(iter(users.items())) if users else None
+
+    async def fill() -> None:
+        await push(process.url, REPO, "v1", image, auth)
+        await push(process.url, REPO, "multi", index, auth)
+
+    anyio.run(fill, backend="trio")
+    return Upstream(process, image, index)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory):
+    registry = start_upstream(tmp_path_factory.mktemp("upstream"))
+    try:
+        yield registry
+    finally:
+        registry.process.stop()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, etcd, cluster_name):
+    data = tmp_path_factory.mktemp("node")
+    process = NodeProcess(data, etcd_url=etcd.url, cluster=cluster_name,
+                          extra_args=["--audit-log", str(data / "audit.log")]).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def client(node):
+    async with httpx.AsyncClient(base_url=node.url, timeout=60) as c:
+        yield c
+
+
+def unique(prefix: str = "r") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+async def define(etcd, cluster: str, definition: RemoteRepository, *, replace: bool = False) -> None:
+    async with EtcdClient([etcd.url]) as etcd_client:
+        await ClusterMetadata(etcd_client, cluster, "test").define_repository(definition, replace=replace)
+
+
+async def remove(etcd, cluster: str, name: str) -> None:
+    async with EtcdClient([etcd.url]) as etcd_client:
+        await ClusterMetadata(etcd_client, cluster, "test").remove_definition(name)
+
+
+async def wait_routed(client: httpx.AsyncClient, name: str) -> None:
+    """Until the node serves `name` as a remote repository (a push there is refused DENIED: no
+    upstream request)."""
+    async def denied() -> bool:
+        response = await client.post(f"/v2/{name}/x/blobs/uploads/")
+        return response.status_code == 403
+    await eventually(denied, what=f"{name} routed as a remote repository")
+
+
+async def remote(etcd, cluster: str, client: httpx.AsyncClient, url: str, **settings) -> RemoteRepository:
+    """Define a new remote repository of `url` and wait until the node follows it."""
+    definition = RemoteRepository(name=settings.pop("name", None) or unique(), url=url, **settings)
+    await define(etcd, cluster, definition)
+    await wait_routed(client, definition.name)
+    return definition
+
+
+# == end-to-end: three nodes, real clients, the CLI, faults ===========================================
 BASIC_USERS = {"puller": "puller-pass-31c9"}
 NODE_IDS = ("n1", "n2", "n3")
 ABSENT_MANIFEST = "sha256:" + "0" * 64
