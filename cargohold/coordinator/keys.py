@@ -136,6 +136,12 @@ class Keys:
         return section, name
     # -- end of accounts and access
 
+    # -- pull-through blob fills (issue 14): read and written by coordinator/fills.py only
+    def fill(self, digest: str) -> str:
+        """The cluster-wide claim on fetching `digest` from an upstream, bound to the filler's lease."""
+        return f"{self.prefix}fills/{digest}"
+    # -- end of pull-through blob fills
+
     # -- pull-through cache (issue 14, engine-manifests): written by coordinator/cachecheck.py only
     def cache_checked(self, repo: str, tag: str) -> str:
         """When `repo`'s `tag` was last confirmed with its upstream (ignored by the read model)."""

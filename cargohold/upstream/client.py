@@ -132,15 +132,16 @@ class UpstreamClient:
         return body, _media_type(response), digest
 
     @asynccontextmanager
-    async def stream_blob(self, repository: str, digest: str) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def stream_blob(self, repository: str, digest: str) -> AsyncIterator["BlobChunks"]:
         """`async with upstream.stream_blob(repo, digest) as chunks: async for chunk in chunks`.
         Follows redirects (Distribution on S3 answers 307); the caller checks the digest as it goes
-        (`verify.verified`). A read that stalls longer than `timeouts.read` raises UpstreamUnavailable."""
+        (`verify.verified`). A read that stalls longer than `timeouts.read` raises UpstreamUnavailable.
+        `chunks.size` is the size the upstream announced (Content-Length), None if it did not."""
         parse_digest(digest)
         async with self._stream("GET", repository, self._url(repository, f"blobs/{digest}"),
                                 {"Accept-Encoding": "identity"}, follow_redirects=True) as response:
             async with aclosing(self._chunks(response, f"blob {repository}@{digest}")) as chunks:
-                yield chunks
+                yield BlobChunks(chunks, _content_length(response))
 
     async def tags(self, repository: str, page_size: int | None = None) -> list[str]:
         """Every tag of `repository`, following `Link` pagination."""
@@ -270,6 +271,22 @@ class UpstreamClient:
             raise self._unavailable(f"{what}: read timed out mid-stream") from None
         except httpx.TransportError as exc:
             raise self._unavailable(f"{what}: {_transport_reason(exc)} mid-stream") from None
+
+
+class BlobChunks:
+    """A blob's chunks as they arrive, and the size the upstream announced for them."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], size: int | None):
+        self._chunks = chunks
+        self.size = size
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    text = response.headers.get("content-length", "")
+    return int(text) if text.isdigit() else None
 
 
 def _media_type(response: httpx.Response) -> str:

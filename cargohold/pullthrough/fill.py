@@ -1,0 +1,297 @@
+"""Blob fills: a blob the cluster lacks is fetched from the upstream once for the whole
+cluster, streamed to the clients that want it while it is written, and published as an
+ordinary cluster blob only once its digest is verified.
+
+Per node, all requests for one digest share one `_Fill`, run as a task of the filler's own
+task group, never of a request: a client that disconnects does not abort it. That task claims
+the fill in etcd (`coordinator.fills`). The winner streams the upstream's response into a
+`staging.GrowingFile` that this node's readers follow as it grows; other nodes wait for the
+claim to go, then link the published blob (or, if the filler died, claim it themselves).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+import anyio
+
+from cargohold.blobs.remote import RemoteContent
+from cargohold.blobs.store import BlobStore
+from cargohold.coordinator.fills import FillClaim, claim_fill, release_fill, wait_for_release
+from cargohold.coordinator.metadata import ClusterMetadata
+from cargohold.oci.reference import Digest
+from cargohold.pullthrough.staging import GrowingFile, batches
+from cargohold.repositories.routing import Route
+from cargohold.upstream.client import UpstreamClient
+from cargohold.upstream.errors import (
+    DigestMismatch, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
+)
+
+if TYPE_CHECKING:
+    from cargohold.pullthrough.figures import CacheFigures
+
+log = logging.getLogger("cargohold.pullthrough")
+
+# How long a node waits for another node's fill of a blob before answering "unavailable". The
+# filler's upstream reads are bounded, so a fill that makes no progress fails well before this.
+JOIN_TIMEOUT = 600.0
+QUEUED_BATCHES = 4        # batches received from the upstream while the disk catches up
+RELEASE_TIMEOUT = 5.0     # for removing a claim on the way out (the lease removes it anyway)
+
+# The outcome a fill's claim records when it fails, and what its waiters then raise.
+_FAILURES: dict[str, type[UpstreamError]] = {
+    "not_found": UpstreamNotFound, "denied": UpstreamDenied, "unavailable": UpstreamUnavailable,
+    "mismatch": DigestMismatch,
+}
+
+
+def outcome_of(exc: BaseException) -> str:
+    """A short, bounded label for how an upstream fetch failed (claims, metrics, audit)."""
+    if isinstance(exc, UpstreamNotFound):
+        return "not_found"
+    if isinstance(exc, UpstreamRateLimited):
+        return "rate_limited"
+    if isinstance(exc, UpstreamUnavailable):
+        return "unavailable"
+    if isinstance(exc, UpstreamDenied):
+        return "denied"
+    if isinstance(exc, DigestMismatch):
+        return "mismatch"
+    return "error"
+
+
+def error_for(claim: FillClaim) -> UpstreamError:
+    """What a waiter raises for a fill that failed on another node."""
+    reason = f"the fill on node {claim.node} failed: {claim.reason or claim.failed}"
+    if claim.failed == "rate_limited":
+        return UpstreamRateLimited(reason, None)
+    return _FAILURES.get(claim.failed, UpstreamUnavailable)(reason)
+
+
+class FilledBlob:
+    """A blob being filled on this node, readable while it arrives."""
+
+    def __init__(self, staged: GrowingFile, store: BlobStore):
+        self._staged = staged
+        self._store = store
+        self.size: int = staged.size
+
+    async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
+        """`length` bytes from `start`, as soon as the fill has them; raises the fill's error
+        (the response must then end uncleanly). Once the fill is published, from the store."""
+        if self._staged.following():
+            async with aclosing(self._staged.follow(start, length)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        if self._staged.error is not None:
+            raise self._staged.error
+        async with aclosing(self._store.read(self._staged.digest, start, length)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
+@dataclass
+class _Fill:
+    """Everything this node's requests for one digest share."""
+
+    digest: Digest
+    repository: str                                        # the remote repository (figures)
+    local_names: set[str] = field(default_factory=set)     # repositories to link the blob into
+    decided: anyio.Event = field(default_factory=anyio.Event)
+    staged: GrowingFile | None = None                      # set: clients stream it
+    error: BaseException | None = None                     # set: clients raise it
+
+    def stream(self, staged: GrowingFile) -> None:
+        self.staged = staged
+        self.decided.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.staged is not None:
+            self.staged.fail(error)
+        elif not self.decided.is_set():
+            self.error = error
+        self.decided.set()
+
+
+class BlobFiller:
+    def __init__(self, metadata: ClusterMetadata, store: BlobStore, remote: RemoteContent | None,
+                 node_id: str, *, figures: "CacheFigures", audit: Callable[..., None],
+                 join_timeout: float = JOIN_TIMEOUT):
+        self.metadata = metadata
+        self.store = store
+        self.remote = remote
+        self.node_id = node_id
+        self.figures = figures
+        self.audit = audit
+        self.join_timeout = join_timeout
+        self._fills: dict[str, _Fill] = {}
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Background work (fills outlive the request that started them); runs in the node's task group."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._tasks = None
+
+    async def open(self, upstream: UpstreamClient, route: Route, digest: Digest) -> FilledBlob | None:
+        """None when the cluster already has the blob (it is then linked into route.local_name, and
+        the caller serves it the ordinary way); else a FilledBlob streaming from the fill.
+        Raises upstream errors (UpstreamNotFound, UpstreamUnavailable, ...) before any byte."""
+        if await self._link_known(route.local_name, str(digest)):
+            return None
+        fill = self._fills.get(str(digest))
+        if fill is None:
+            fill = self._start(upstream, route, digest)
+        else:
+            fill.local_names.add(route.local_name)
+            self.figures.fill(route.repository.name, "joined")
+        await fill.decided.wait()
+        if fill.error is not None:
+            raise fill.error
+        if fill.staged is not None:
+            return FilledBlob(fill.staged, self.store)
+        # Published without streaming (another node filled it, or no size was announced): the
+        # fill linked it into every repository its clients asked for.
+        if not await self._link_known(route.local_name, str(digest)):
+            raise UpstreamUnavailable(f"blob {digest}: filled, but removed from the cluster meanwhile")
+        return None
+
+    def _start(self, upstream: UpstreamClient, route: Route, digest: Digest) -> _Fill:
+        if self._tasks is None:
+            raise RuntimeError("BlobFiller.run is not running")
+        fill = self._fills[str(digest)] = _Fill(digest, route.repository.name, {route.local_name})
+        self._tasks.start_soon(self._settle, fill, upstream, route)
+        return fill
+
+    async def _link_known(self, local_name: str, digest: str) -> bool:
+        """Link the blob into `local_name` if the read model knows a repository that has it."""
+        state = self.metadata.blob_states().get(digest)
+        if state is None or not state.repos:
+            return False
+        if local_name in state.repos:
+            return True
+        return await self.metadata.link_blob(local_name, next(iter(state.repos)), digest) is not None
+
+    # ------------------------------------------------------------------ the shared task
+    async def _settle(self, fill: _Fill, upstream: UpstreamClient, route: Route) -> None:
+        """Claim, wait for another node or fill: until the blob is in the cluster or failed."""
+        try:
+            await self._claim_until_settled(fill, upstream, route)
+        except Exception as exc:     # noqa: BLE001 - handed to every client of the fill
+            fill.fail(exc)
+        finally:
+            fill.decided.set()
+            self._forget(fill)
+
+    def _forget(self, fill: _Fill) -> None:
+        """Later requests no longer join this fill (it is published, or it failed)."""
+        if self._fills.get(str(fill.digest)) is fill:
+            del self._fills[str(fill.digest)]
+
+    async def _claim_until_settled(self, fill: _Fill, upstream: UpstreamClient, route: Route) -> None:
+        digest = str(fill.digest)
+        waited = False
+        deadline = anyio.current_time() + self.join_timeout
+        while True:
+            answer = await claim_fill(self.metadata, digest, route.local_name)
+            if answer.won is not None:
+                await self._fill(fill, upstream, route, answer.won)
+                return
+            if answer.linked_in is not None and await self._link_all(fill, answer.linked_in):
+                if waited:
+                    self.figures.fill(fill.repository, "joined")
+                return
+            if answer.held is not None:
+                log.info("blob %s is being filled by node %s: waiting", digest, answer.held.node)
+                waited = True
+                with anyio.move_on_after(deadline - anyio.current_time()) as waiting:
+                    ended = await wait_for_release(self.metadata, digest, answer.revision)
+                if waiting.cancelled_caught:
+                    raise UpstreamUnavailable(f"blob {digest}: the fill on node {answer.held.node} did not "
+                                              f"finish within {self.join_timeout:g}s")
+                if ended is not None:
+                    raise error_for(ended)
+
+    async def _link_all(self, fill: _Fill, linked_in: str) -> bool:
+        for name in sorted(fill.local_names - {linked_in}):
+            if await self.metadata.link_blob(name, linked_in, str(fill.digest)) is None:
+                return False     # unlinked meanwhile: claim again
+        return True
+
+    # ------------------------------------------------------------------ this node fills
+    async def _fill(self, fill: _Fill, upstream: UpstreamClient, route: Route, claim: FillClaim) -> None:
+        # outcome None: interrupted (the node stops); the claim then goes without a verdict, so
+        # that a waiting node takes the fill over instead of failing with us.
+        received, outcome, reason = 0, None, None
+        try:
+            async with upstream.stream_blob(route.upstream_name, str(fill.digest)) as chunks:
+                staged = await GrowingFile.create(self.store.staging_path(), fill.digest, chunks.size)
+                try:
+                    if staged.size is not None:
+                        fill.stream(staged)
+                    await self._receive(chunks, staged)
+                    received = staged.written
+                    await staged.verify()
+                except BaseException as exc:
+                    received = staged.written
+                    staged.fail(exc)
+                    with anyio.CancelScope(shield=True):
+                        await staged.discard()
+                    raise
+            await self._publish(fill, staged, route)
+            outcome = "filled"
+        except Exception as exc:
+            outcome, reason = outcome_of(exc), str(exc)
+            raise
+        finally:
+            self._count(route, fill, outcome or "interrupted", received)
+            failed = outcome if outcome not in ("filled", None) else None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT):
+                await release_fill(self.metadata, str(fill.digest), claim, failed, reason)
+
+    async def _receive(self, chunks: AsyncIterator[bytes], staged: GrowingFile) -> None:
+        """Upstream chunks into the staging file; receiving goes on while a batch is written."""
+        send, receive = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+
+        async def write() -> None:
+            async with receive:
+                async for batch in receive:
+                    await staged.append(batch)
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(write)
+            async with send:
+                async for batch in batches(chunks):
+                    await send.send(batch)
+
+    async def _publish(self, fill: _Fill, staged: GrowingFile, route: Route) -> None:
+        """Make the verified blob an ordinary cluster blob, as an upload's last PUT does."""
+        digest = str(fill.digest)
+        async with self.store.locked(fill.digest):       # against a GC deletion of the same content here
+            await self.store.ingest(fill.digest, staged.path)
+            await self.metadata.record_blob(route.local_name, digest, staged.size)
+        staged.close_readers()
+        self._forget(fill)            # the read model has the blob: later requests link it
+        await self._link_all(fill, route.local_name)
+        if not fill.decided.is_set():    # not streamed (no announced size): clients link it now
+            fill.decided.set()
+        log.info("filled %s (%d bytes) from %s for %s", digest, staged.size, route.repository.url, route.local_name)
+
+    def _count(self, route: Route, fill: _Fill, outcome: str, received: int) -> None:
+        """Figures and the audit event of this node's one upstream GET of the blob."""
+        repository = route.repository
+        fetched = "ok" if outcome == "filled" else outcome
+        self.figures.upstream(repository.name, "GET", fetched, received)
+        self.figures.fill(repository.name, outcome if outcome in ("filled", "mismatch") else "failed")
+        self.audit("upstream-fetch", repository=route.local_name, upstream=repository.url,
+                   upstream_name=route.upstream_name, reference=str(fill.digest), method="GET",
+                   bytes=received, outcome=fetched)

@@ -1,0 +1,208 @@
+"""BlobFiller against a real etcd, real blob stores and real upstreams (Debian's Distribution,
+and a paced loopback upstream for wrong bytes and fills held mid-body), with three in-process
+nodes: each follows the cluster's watch and holds its own membership lease, as a node does."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import anyio
+import httpx
+import pytest
+
+from cargohold.oci.reference import parse_digest
+from cargohold.pullthrough.staging import GrowingFile
+from cargohold.upstream.client import UpstreamClient
+from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound
+from tests.pullthrough.fillkit import PacedBlob, fill_cluster, paced_upstream, pull, read_all, remote_route
+from tests.support.distribution import DistributionProcess
+from tests.support.oci import push_blob, random_bytes
+from tests.support.poll import eventually
+
+pytestmark = pytest.mark.anyio
+
+BIG = 64 * 1024 * 1024
+UPSTREAM_REPO = "team/big"
+
+
+@pytest.fixture(params=["trio", "asyncio"])
+def anyio_backend(request):
+    """Nodes run on asyncio (uvicorn) or trio (hypercorn)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def upstream_blobs(tmp_path_factory):
+    """Distribution with two 64 MiB blobs nobody has pulled (one per event loop)."""
+    registry = DistributionProcess(tmp_path_factory.mktemp("distribution")).start()
+    blobs = [os.urandom(BIG), os.urandom(BIG)]
+
+    async def push():
+        async with httpx.AsyncClient(base_url=registry.url, timeout=60) as client:
+            return [await push_blob(client, UPSTREAM_REPO, data) for data in blobs]
+
+    digests = anyio.run(push, backend="trio")
+    try:
+        yield registry, dict(zip(digests, blobs))
+    finally:
+        registry.stop()
+
+
+def _staged_files(node) -> list:
+    return list((node.store.root / "staging").iterdir())
+
+
+async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get(
+        etcd, tmp_path, upstream_blobs, anyio_backend):
+    registry, blobs = upstream_blobs
+    digest, data = list(blobs.items())[0 if anyio_backend == "trio" else 1]
+    the_route = remote_route(registry.url, UPSTREAM_REPO)
+    results: list[bytes] = []
+    async with fill_cluster(etcd.url, tmp_path) as nodes, UpstreamClient(registry.url) as upstream:
+        async def one_pull(i: int) -> None:
+            results.append(await pull(nodes, nodes[i % 3], upstream, the_route, digest))
+
+        async with anyio.create_task_group() as pulls:
+            for i in range(20):
+                pulls.start_soon(one_pull, i)
+
+        assert len(results) == 20 and all(r == data for r in results)
+        for node in nodes:      # an ordinary blob of the cluster, linked where it was asked for
+            assert await node.metadata.blob_in_repo(the_route.local_name, digest) is not None
+            assert _staged_files(node) == []
+        fills = sum((node.figures.fills for node in nodes), start=type(nodes[0].figures.fills)())
+        assert fills["filled"] == 1 and fills["joined"] == 19
+        gets = [call for node in nodes for call in node.figures.upstream_calls]
+        assert [(m, o, n) for _, m, o, n in gets] == [("GET", "ok", BIG)]
+        audited = [event for node in nodes for event in node.audited]
+        assert [(e["event"], e["repository"], e["reference"], e["bytes"], e["outcome"]) for e in audited] == \
+            [("upstream-fetch", the_route.local_name, digest, BIG, "ok")]
+    assert len(registry.requests(f"/blobs/{digest}", method="GET")) == 1
+
+
+async def test_a_blob_the_cluster_has_is_linked_not_fetched(etcd, tmp_path):
+    data = random_bytes(1000, "linked")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with paced_upstream(PacedBlob(digest, data)) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
+            UpstreamClient(server.url) as upstream:
+        await nodes[0].store.write(parse_digest(digest), data)
+        await nodes[0].metadata.record_blob("local/app", digest, len(data))
+        the_route = remote_route(server.url, "library/app")
+        assert await nodes[1].filler.open(upstream, the_route, parse_digest(digest)) is None
+        assert await nodes[1].metadata.blob_in_repo(the_route.local_name, digest) is not None
+        assert server.gets == []
+
+
+async def test_an_upstream_404_propagates_before_any_byte_and_leaves_no_claim(etcd, tmp_path):
+    missing = "sha256:" + "ab" * 32
+    async with paced_upstream() as server, fill_cluster(etcd.url, tmp_path, 1) as nodes, \
+            UpstreamClient(server.url) as upstream:
+        the_route = remote_route(server.url, "library/app")
+        for _ in range(2):      # no verdict is left behind: the next pull asks again
+            with pytest.raises(UpstreamNotFound):
+                await nodes[0].filler.open(upstream, the_route, parse_digest(missing))
+        assert nodes[0].figures.fills["failed"] == 2
+        assert await nodes[0].metadata.blob_in_repo(the_route.local_name, missing) is None
+
+
+async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd, tmp_path):
+    body = random_bytes(3 * 1024 * 1024, "wrong")
+    claimed = "sha256:" + hashlib.sha256(b"what the manifest said").hexdigest()
+    wrong = PacedBlob(claimed, body, pause_at=len(body) // 2)
+    async with paced_upstream(wrong) as server, fill_cluster(etcd.url, tmp_path) as nodes, \
+            UpstreamClient(server.url) as upstream:
+        the_route = remote_route(server.url, "library/app")
+        outcomes: list = []
+
+        async def one_pull(node) -> None:
+            try:
+                blob = await node.filler.open(upstream, the_route, parse_digest(claimed))
+                got = b""
+                if blob is not None:
+                    async for chunk in blob.read(0, blob.size):
+                        got += chunk
+                outcomes.append(("complete", len(got)))
+            except DigestMismatch as exc:
+                outcomes.append(("mismatch", str(exc)))
+
+        async with anyio.create_task_group() as pulls:
+            for node in nodes:
+                pulls.start_soon(one_pull, node)
+            await wrong.paused.wait()
+            await eventually(lambda: sum(len(n.filler._fills) for n in nodes) == 3, what="every node waiting")
+            wrong.resume.set()
+
+        assert [kind for kind, _ in outcomes] == ["mismatch"] * 3, outcomes
+        assert server.gets == [f"/v2/library/app/blobs/{claimed}"]
+        for node in nodes:
+            assert await node.metadata.blob_in_repo(the_route.local_name, claimed) is None
+            assert await node.store.stat(parse_digest(claimed)) is None
+            assert _staged_files(node) == []
+        assert sum(node.figures.fills["mismatch"] for node in nodes) == 1
+
+
+async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path):
+    data = random_bytes(100_000, "unverified")
+    digest = parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+    staged = await GrowingFile.create(tmp_path / "staged", digest, len(data))
+    received = bytearray()
+
+    async def reader() -> None:
+        async for chunk in staged.follow(0, len(data)):
+            received.extend(chunk)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(reader)
+        await staged.append(data)
+        await eventually(lambda: len(received) == len(data) - 1, what="all but the last byte")
+        await anyio.sleep(0.1)
+        assert len(received) == len(data) - 1
+        await staged.verify()
+    assert bytes(received) == data
+    await staged.discard()
+
+
+async def test_a_client_that_disconnects_does_not_abort_the_fill(etcd, tmp_path):
+    data = random_bytes(4 * 1024 * 1024, "disconnect")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    paced = PacedBlob(digest, data, pause_at=1024 * 1024)
+    async with paced_upstream(paced) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
+            UpstreamClient(server.url) as upstream:
+        the_route = remote_route(server.url, "library/app")
+        with anyio.CancelScope() as client:       # the request's scope: cancelled when its client goes
+            blob = await nodes[0].filler.open(upstream, the_route, parse_digest(digest))
+            async for chunk in blob.read(0, blob.size):
+                assert chunk
+                client.cancel()
+        paced.resume.set()
+        await eventually(lambda: nodes[0].metadata.blob_in_repo(the_route.local_name, digest),
+                         what="the fill published after its client left")
+        assert await pull(nodes, nodes[1], upstream, the_route, digest) == data
+        assert len(server.gets) == 1
+
+
+async def test_a_node_stopping_mid_fill_hands_it_to_a_waiting_node(etcd, tmp_path):
+    data = random_bytes(4 * 1024 * 1024, "handover")
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    paced = PacedBlob(digest, data, pause_at=1024 * 1024)
+    async with paced_upstream(paced) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
+            UpstreamClient(server.url) as upstream:
+        the_route = remote_route(server.url, "library/app")
+        first, second = nodes
+        assert await first.filler.open(upstream, the_route, parse_digest(digest)) is not None
+        await paced.paused.wait()
+        got: list[bytes] = []
+
+        async def waiting_pull() -> None:
+            got.append(await pull(nodes, second, upstream, the_route, digest))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(waiting_pull)
+            await eventually(lambda: second.filler._fills, what="the second node waiting")
+            first.stop()
+            paced.resume.set()
+        assert got == [data]
+        assert len(server.gets) == 2
+        await eventually(lambda: second.figures.fills["filled"] == 1, what="the second node's fill counted")
+        assert await second.metadata.blob_in_repo(the_route.local_name, digest) is not None
