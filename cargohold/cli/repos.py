@@ -27,7 +27,8 @@ def register(sub) -> None:
     actions = repo.add_subparsers(dest="action", required=True)
     p = actions.add_parser("add", help="declare a remote repository (a read-only cache of an upstream registry)")
     p.add_argument("name", help="the namespace it serves: NAME/library/alpine")
-    p.add_argument("--remote", required=True, metavar="URL", help="the upstream registry, e.g. https://registry-1.docker.io")
+    p.add_argument("--remote", required=True, metavar="URL",
+                   help="the upstream registry, e.g. https://registry-1.docker.io")
     p.add_argument("--username", help="upstream account (the password comes from --password-stdin)")
     p.add_argument("--password-stdin", action="store_true", help="read the upstream password from standard input")
     p.add_argument("--ttl", help="serve a cached tag this long before asking the upstream again (default 10m)")
@@ -57,17 +58,16 @@ def register(sub) -> None:
 
 
 def definition_from(args) -> RemoteRepository:
-    """The definition the `add` flags describe; raises InvalidDefinition or ValueError (a bad
-    duration) with a message that says what is wrong."""
+    """The definition the `add` flags describe; raises InvalidDefinition (a bad duration too)
+    with a message that says what is wrong. The password is one line of standard input."""
     if args.password_stdin and not args.username:
         raise InvalidDefinition("--password-stdin needs --username")
     password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
     optional = {}
-    for flag, field in (("ttl", "ttl"), ("offline_period", "offline_period"),
-                        ("evict_unused_after", "evict_unused_after")):
-        value = getattr(args, flag)
+    for setting in ("ttl", "offline_period", "evict_unused_after"):     # flag and setting share a name
+        value = getattr(args, setting)
         if value is not None:
-            optional[field] = _duration(value, "--" + flag.replace("_", "-"))
+            optional[setting] = _duration(value, "--" + setting.replace("_", "-"))
     return RemoteRepository(name=args.name, url=args.remote.rstrip("/"), username=args.username,
                             password=password, include=tuple(args.include), exclude=tuple(args.exclude),
                             mirror_for=tuple(args.mirror_for), docker_mirror=args.docker_mirror, **optional)

@@ -5,6 +5,7 @@ model with a linearizable fallback, writes as single transactions), the read bar
 lets reads by tag see every acknowledged write (`barrier`), GC hold refreshes off the read path
 (`holds`), accounts and signing keys, the gRPC peer secret (`peersecret`), policies, group
 commit, the garbage collector's leadership and guarded writes (`gcstate`), the withdrawal of a
-damaged local copy (`damaged`), and the private etcd of a single node (`embedded`).
+damaged local copy (`damaged`), the pull-through cache's last-pulled times and the release of
+a cached image (`cacheusage`), and the private etcd of a single node (`embedded`).
 
 May import: `cargohold.auth`, `cargohold.blobs`, `cargohold.oci` and below."""

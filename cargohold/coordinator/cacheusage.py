@@ -89,6 +89,9 @@ class CacheUsage:
                 released.complete = False
                 return released
             released.tags += count
+        # Indexes and referrers before what they point at: an interrupted release never leaves
+        # an index whose child is gone.
+        manifests.sort(key=lambda kv: not _points_at_others(kv))
         for batch, count in _batches([self._manifest_deletion(repo, kv) for kv in manifests]):
             if not await self._apply(guard, batch):
                 released.complete = False
@@ -133,6 +136,11 @@ class CacheUsage:
 
     async def _apply(self, guard: list[Compare], ops: list) -> bool:
         return (await self.metadata._txn(guard, ops, visible=False)).succeeded
+
+
+def _points_at_others(kv: KeyValue) -> bool:
+    record = ManifestRecord.decode(kv.value)
+    return bool(record.children or record.subject)
 
 
 def _batches(groups: list[list]) -> list[tuple[list, int]]:

@@ -35,7 +35,7 @@ from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import ReplicationRules
 from cargohold.coordinator.readmodel import ReadModel, page
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot, encode_repo
-from cargohold.repositories.definitions import RemoteRepository, decode_definition
+from cargohold.repositories.definitions import RemoteRepository, decode_definition, is_remote_record
 
 log = logging.getLogger("cargohold.coordinator")
 
@@ -883,10 +883,14 @@ class ClusterMetadata:
 
     async def define_repository(self, definition: RemoteRepository, *, replace: bool = False) -> None:
         """Store a definition. A new one must not clash with a local namespace of that name or
-        under it, nor nest in or around another definition; `replace` changes an existing one."""
+        under it, nor nest in or around another definition; `replace` changes an existing one.
+        At most one definition answers Docker's `registry-mirrors` requests (with two, neither
+        would: `routing.route` could not choose)."""
         key = self.keys.repo(definition.name)
         current = await self._get(key)
         existing = decode_definition(definition.name, current.value) if current else None
+        others = await self.stored_definitions()
+        self._refuse_second_docker_mirror(definition, others)
         if replace:
             if existing is None:
                 raise DefinitionConflict(f"no remote repository {definition.name} to change")
@@ -896,21 +900,36 @@ class ClusterMetadata:
                 raise DefinitionConflict(f"remote repository {definition.name} exists (change it with --replace)")
             if current is not None:
                 raise DefinitionConflict(f"{definition.name} is a local repository with content")
-            others = await self.stored_definitions()
             for other in others:
                 if other.startswith(definition.name + "/") or definition.name.startswith(other + "/"):
                     raise DefinitionConflict(f"{definition.name} would nest with remote repository {other}")
+            await self._refuse_local_repositories_under(definition.name)
             guard = [Compare.missing(key), Compare.none_with_prefix(key + "/")]
         result = await self._txn(guard, [Put(key, definition.encode())])
         if not result.succeeded:
-            raise DefinitionConflict(f"{definition.name}: local repositories exist under it, or it changed "
-                                     "meanwhile; nothing was stored")
+            raise DefinitionConflict(f"{definition.name} changed meanwhile (or a local repository appeared "
+                                     "under it); nothing was stored")
+
+    @staticmethod
+    def _refuse_second_docker_mirror(definition: RemoteRepository, others: Mapping[str, RemoteRepository]) -> None:
+        if definition.docker_mirror:
+            for name, other in others.items():
+                if other.docker_mirror and name != definition.name:
+                    raise DefinitionConflict(f"remote repository {name} already answers Docker's registry-mirrors "
+                                             "requests (--docker-mirror); only one may")
+
+    async def _refuse_local_repositories_under(self, name: str) -> None:
+        kvs, _, _ = await self.client.get_prefix(self.keys.repo(name) + "/", limit=1, keys_only=True)
+        if kvs:
+            inside = kvs[0].key[len(self.keys.repos_prefix()):]
+            raise DefinitionConflict(f"{name} holds local repositories (e.g. {inside}): choose another name")
 
     async def remove_definition(self, name: str) -> bool:
-        """Delete a remote repository's definition; False if there was none."""
+        """Delete a remote repository's definition (also one that no longer decodes); False if
+        there was none."""
         key = self.keys.repo(name)
         current = await self._get(key)
-        if current is None or decode_definition(name, current.value) is None:
+        if current is None or not is_remote_record(current.value):
             return False
         result = await self._txn([Compare(key, "mod", "==", current.mod_revision)], [Delete(key)])
         return result.succeeded

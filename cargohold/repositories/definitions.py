@@ -157,12 +157,28 @@ class RemoteRepository:
         return replace(self, **changes)
 
 
-def decode_definition(name: str, raw: bytes) -> RemoteRepository | None:
-    """The definition stored at `repos/<name>`, or None for a local namespace's registration."""
+def _remote_document(raw: bytes) -> dict | None:
     try:
         document = json.loads(raw)
     except ValueError:
         return None
-    if not isinstance(document, dict) or document.get("kind") != REMOTE:
+    return document if isinstance(document, dict) and document.get("kind") == REMOTE else None
+
+
+def is_remote_record(raw: bytes) -> bool:
+    """Whether `repos/<name>` holds a remote repository's record (decodable or not)."""
+    return _remote_document(raw) is not None
+
+
+def decode_definition(name: str, raw: bytes) -> RemoteRepository | None:
+    """The definition stored at `repos/<name>`, or None for a local namespace's registration
+    and for a remote record that does not decode (written by hand or by a newer version): every
+    node's watch applies these records, and one bad record must not stop them all. Such a record
+    serves nothing; `repo remove` still deletes it (`is_remote_record`)."""
+    document = _remote_document(raw)
+    if document is None:
         return None
-    return RemoteRepository.decode(name, document)
+    try:
+        return RemoteRepository.decode(name, document)
+    except (InvalidDefinition, KeyError, TypeError, ValueError):
+        return None
