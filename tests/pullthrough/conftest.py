@@ -318,15 +318,16 @@ def json_error_codes(response: httpx.Response) -> list[str]:
     return [error["code"] for error in response.json()["errors"]]
 
 
-def pullthrough_counts(node: NodeProcess, repository: str) -> dict[str, float]:
-    """`cargohold_pullthrough_requests_total` of `repository` on `node`, by result."""
+def pullthrough_counts(node: NodeProcess, repository: str, metric: str = "cargohold_pullthrough_requests_total",
+                       by: str = "result") -> dict[str, float]:
+    """A pull-through counter of `repository` on `node` (from its /metrics), by the label `by`."""
     text = httpx.get(f"{node.url}/metrics", timeout=10).text
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "cargohold_pullthrough_requests_total" and sample.labels.get("repository") == repository:
-                result = sample.labels.get("result", "")
-                counts[result] = counts.get(result, 0.0) + sample.value
+            if sample.name == metric and sample.labels.get("repository") == repository:
+                key = sample.labels.get(by, "")
+                counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 

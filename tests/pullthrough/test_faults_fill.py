@@ -89,5 +89,7 @@ def test_a_node_killed_mid_fill_does_not_stop_a_pull_through_another(upstreams, 
         print(f"survivor served the blob {time.monotonic() - started:.1f}s after the filler died")
         cache_cluster.wait_until(lambda: blob in cache_cluster.holders(),
                                  what="the filled blob is an ordinary blob of the cluster")
+        # the survivor took the fill over: the victim's cut-off GET and its own, nobody else's
+        assert len(upstream.logged(f"/blobs/{blob}", "GET")) == 2
     finally:
         slow_link.close()

@@ -154,13 +154,21 @@ async def test_wrong_bytes_from_the_upstream_fail_the_pull_and_are_never_cached(
         assert body != right and body != wrong, status    # ...and no client ever gets the whole wrong body
         asked_before = [a.path for a in upstream.asked if bad_blob in a.path]
 
+        mismatches = sum(pullthrough_counts(node, remote_name, "cargohold_pullthrough_fills_total", "outcome")
+                         .get("mismatch", 0) for node in (first, second))
+        assert mismatches >= 2, mismatches                 # one failed fill per pull
+
         # nothing was cached: no node holds it, and the next pull asks the upstream again
         holders = await anyio.to_thread.run_sync(cache_cluster.holders)
         assert bad_blob not in holders
         await anyio.to_thread.run_sync(_fetch, f"{first.url}/v2/{name}/blobs/{bad_blob}")
         assert len([a for a in upstream.asked if bad_blob in a.path]) > len(asked_before)
-    config = image.json["config"]["digest"]              # the honest blobs were cached as usual
-    assert config in await anyio.to_thread.run_sync(cache_cluster.holders)
+
+        config = image.json["config"]["digest"]             # an honest blob of the same upstream is cached
+        fetched = await anyio.to_thread.run_sync(_fetch, f"{first.url}/v2/{name}/blobs/{config}")
+        assert fetched == (200, image.blobs[config])
+    await anyio.to_thread.run_sync(lambda: cache_cluster.wait_until(lambda: config in cache_cluster.holders(),
+                                                                    what="the honest blob is in the cluster"))
 
 
 async def test_moved_tag_is_followed_after_ttl_and_the_old_digest_stays(upstreams, cache_cluster, remote_name,
