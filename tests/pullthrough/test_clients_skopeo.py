@@ -4,6 +4,7 @@ token flow of a second cargohold), and once cached it is served by every node of
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 
@@ -12,6 +13,7 @@ import pytest
 
 from tests.pullthrough.conftest import cache_state
 from tests.support.oci import build_image, digest, layout_manifest, read_oci_layout
+from tests.support.poll import until
 from tests.support.skopeo import copy, inspect
 
 pytestmark = pytest.mark.anyio
@@ -22,7 +24,9 @@ if shutil.which("skopeo") is None:
 
 @pytest.fixture(params=["plain", "basic", "bearer"])
 def seeded(request, upstreams, tmp_path):
-    """(upstream, remote repository options, upstream name, tag, image) for each kind of upstream auth."""
+    """(upstream, remote repository options, upstream name, tag, image) for each kind of upstream auth.
+    The basic and bearer upstreams refuse anonymous pulls of the name, so a pull through the cache
+    proves it used the stored credentials (Basic on every request, or a token obtained with them)."""
     image = build_image(f"skopeo-{request.param}-{uuid.uuid4().hex[:6]}", layers=3, layer_size=50_000)
     if request.param == "bearer":
         upstream = request.getfixturevalue("bearer_upstream")
@@ -63,3 +67,15 @@ async def test_skopeo_pulls_the_upstream_image_byte_for_byte(seeded, cache_clust
         response = await client.get(f"/v2/{remote_name}/{name}/blobs/{config}")
         assert response.status_code == 200 and response.content == image.blobs[config]
         assert cache_state(response) == "hit"
+    # the operator's view, summed over the nodes: misses on the first, hits on the second
+    until(lambda: _figures_show_the_pulls(cache_cluster, remote_name, image), interval=0.5,
+          what="`cargohold repo status` counts the pulls")
+
+
+def _figures_show_the_pulls(cache_cluster, remote_name: str, image) -> bool:
+    done = cache_cluster.cli("repo", "status", remote_name, "--json")
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout)[remote_name]
+    assert figures["misses"] >= 1 and figures["hits"] >= 1, figures
+    assert figures["bytes_from_upstream"] >= sum(len(data) for data in image.blobs.values()), figures
+    return True
