@@ -39,6 +39,7 @@ from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.repositories.definitions import RemoteRepository
 from tests.cluster.conftest import Cluster
+from tests.support.accesslog import settled_log
 from tests.support.distribution import DistributionProcess
 from tests.support.node import REPO_ROOT, NodeProcess
 from tests.support.oci import Image, build_image, build_index, describe, push_image, write_oci_layout
@@ -298,14 +299,14 @@ def bearer_upstream(tmp_path_factory, etcd) -> UpstreamRegistry:
 
 
 # -- what clients see -------------------------------------------------------------------------------
-def manifest_get(node: NodeProcess, name: str, reference: str, *, timeout: float = 30) -> httpx.Response:
-    return httpx.get(f"{node.url}/v2/{name}/manifests/{reference}", timeout=timeout,
-                     headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
-
-
 MANIFEST_ACCEPT = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
                    "application/vnd.docker.distribution.manifest.v2+json",
                    "application/vnd.docker.distribution.manifest.list.v2+json")
+
+
+def manifest_get(node: NodeProcess, name: str, reference: str, *, timeout: float = 30) -> httpx.Response:
+    return httpx.get(f"{node.url}/v2/{name}/manifests/{reference}", timeout=timeout,
+                     headers={"Accept": ", ".join(MANIFEST_ACCEPT)})
 
 
 def cache_state(response: httpx.Response) -> str | None:
@@ -333,6 +334,6 @@ def pullthrough_counts(node: NodeProcess, repository: str, metric: str = "cargoh
 
 def user_agents(upstream: UpstreamRegistry, path_contains: str) -> set[str]:
     """The User-Agents of the requests in a Distribution's access log whose path contains `path_contains`."""
-    text = upstream.process.log_path.read_text(errors="replace")
+    text = settled_log(upstream.url, upstream.process.log_path)
     line = re.compile(r'"[A-Z]+ (\S+) HTTP/[\d.]+" \d{3} \d+ "[^"]*" "([^"]*)"')
     return {agent for path, agent in line.findall(text) if path_contains in path}
