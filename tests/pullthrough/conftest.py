@@ -230,11 +230,12 @@ class UpstreamRegistry:
         return self.process.host_port
 
     def seed(self, workdir: Path, name: str, tag: str, image: Image) -> str:
-        """`skopeo copy` an OCI layout holding `image` to `name:tag` here, as a user would (run
-        synchronously: fixtures and tests call it alike); the manifest digest."""
+        """`skopeo copy --all` an OCI layout holding `image` (an index with all its children) to
+        `name:tag` here, as a user would (run synchronously: fixtures and tests call it alike); the
+        manifest digest."""
         layout = write_oci_layout(workdir / f"seed-{uuid.uuid4().hex[:8]}", {tag: image})
         creds = ["--dest-creds", ":".join(self.credentials)] if self.credentials else ["--dest-no-creds"]
-        done = subprocess.run([SKOPEO, "--insecure-policy", "copy", "--dest-tls-verify=false", *creds,
+        done = subprocess.run([SKOPEO, "--insecure-policy", "copy", "--all", "--dest-tls-verify=false", *creds,
                                f"oci:{layout}:{tag}", f"docker://{self.host_port}/{name}:{tag}"],
                               capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, f"seeding {name}:{tag} failed:\n{done.stderr[-2000:]}"
@@ -332,8 +333,10 @@ def pullthrough_counts(node: NodeProcess, repository: str, metric: str = "cargoh
     return counts
 
 
-def user_agents(upstream: UpstreamRegistry, path_contains: str) -> set[str]:
-    """The User-Agents of the requests in a Distribution's access log whose path contains `path_contains`."""
+def user_agents(upstream: UpstreamRegistry, path_contains: str, method: str | None = None) -> set[str]:
+    """The User-Agents of the requests (of `method`) in a Distribution's access log whose path
+    contains `path_contains`."""
     text = settled_log(upstream.url, upstream.process.log_path)
-    line = re.compile(r'"[A-Z]+ (\S+) HTTP/[\d.]+" \d{3} \d+ "[^"]*" "([^"]*)"')
-    return {agent for path, agent in line.findall(text) if path_contains in path}
+    line = re.compile(r'"([A-Z]+) (\S+) HTTP/[\d.]+" \d{3} \d+ "[^"]*" "([^"]*)"')
+    return {agent for verb, path, agent in line.findall(text)
+            if path_contains in path and (method is None or verb == method)}

@@ -1,6 +1,7 @@
 """containerd (`ctr images pull`, a private daemon) through the pull-through cache: as a namespace
 (`NODE/<remote repo>/library/x:tag`) and as a registry mirror (`--hosts-dir`: containerd asks the
-mirror for `/v2/library/x/...?ns=<upstream host>`), with the upstream's digest in both cases."""
+mirror for `/v2/library/x/...?ns=<upstream host>`), with the upstream's digest in both cases; and a
+multi-arch index, of which the cache fetches only the platform containerd asks for."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from tests.pullthrough.conftest import pullthrough_counts, user_agents
 from tests.support.accesslog import settled_log
 from tests.support.containerd import image_digest, missing, private_containerd
-from tests.support.oci import build_image
+from tests.support.oci import build_image, build_index
 
 MIRROR_HOSTS_TOML = """\
 server = "http://{upstream}"
@@ -76,3 +77,25 @@ def test_ctr_uses_the_cache_as_a_mirror(ctr, upstreams, cache_cluster, remote_na
     agents = user_agents(upstream, "/v2/library/ctr-mirror/")
     assert any(agent.startswith("cargohold") for agent in agents), agents
     assert not any(agent.startswith("containerd") for agent in agents), agents
+
+
+def test_ctr_pulls_one_platform_of_an_index_and_the_cache_fetches_only_that(ctr, upstreams, cache_cluster,
+                                                                             remote_name, tmp_path):
+    upstream = upstreams.distribution()
+    index = build_index(f"ctr-index-{uuid.uuid4().hex[:8]}", archs=("amd64", "arm64"))
+    upstream.seed(tmp_path, "library/multi", "v1", index)
+    cache_cluster.add_remote(remote_name, upstream.url)
+    node = cache_cluster.members[1]
+    ref = f"{node.host_port}/{remote_name}/library/multi:v1"
+
+    ctr("images", "pull", "--plain-http", "--platform", "linux/amd64", ref)
+
+    assert image_digest(ctr, ref) == index.digest
+    amd64, arm64 = index.children
+    assert len(upstream.logged(f"/manifests/{amd64.digest}", "GET")) == 1
+    for blob in amd64.blobs:
+        assert len(upstream.logged(f"/blobs/{blob}", "GET")) == 1, blob
+    # the other platform's child and blobs: children are fetched on demand, and nobody asked
+    # (what the upstream's log has of them is the seeding's HEADs and PUTs)
+    assert not upstream.logged(f"/manifests/{arm64.digest}", "GET")
+    assert not any(upstream.logged(f"/blobs/{blob}", "GET") for blob in arm64.blobs)

@@ -1,6 +1,8 @@
 """skopeo through the pull-through cache: `docker://NODE/<remote repo>/<upstream name>:<tag>` gives
 the upstream's image byte for byte, whatever the upstream's auth (none, htpasswd Basic, the Docker
-token flow of a second cargohold), and once cached it is served by every node of the cluster."""
+token flow of a second cargohold), and once cached it is served by every node of the cluster. And
+the cache as a Docker-style registry mirror (`--docker-mirror`): requests for the upstream's names
+with no namespace and no `ns`, as Docker's `registry-mirrors` and containers-registries.conf send them."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import uuid
 import httpx
 import pytest
 
-from tests.pullthrough.conftest import cache_state
+from tests.pullthrough.conftest import cache_state, user_agents
+from tests.support.accesslog import settled_log
 from tests.support.oci import build_image, digest, layout_manifest, read_oci_layout
 from tests.support.poll import until
-from tests.support.skopeo import copy, inspect
+from tests.support.skopeo import copy, inspect, skopeo
 
 pytestmark = pytest.mark.anyio
 
@@ -79,3 +82,39 @@ def _figures_show_the_pulls(cache_cluster, remote_name: str, image) -> bool:
     assert figures["misses"] >= 1 and figures["hits"] >= 1, figures
     assert figures["bytes_from_upstream"] >= sum(len(data) for data in image.blobs.values()), figures
     return True
+
+
+REGISTRIES_CONF = """\
+[[registry]]
+location = "{upstream}"
+insecure = true
+
+[[registry.mirror]]
+location = "{mirror}"
+insecure = true
+"""
+
+
+async def test_skopeo_uses_the_cache_as_a_docker_registry_mirror(upstreams, cache_cluster, remote_name, tmp_path):
+    upstream = upstreams.distribution()
+    image = build_image(f"docker-mirror-{uuid.uuid4().hex[:6]}")
+    upstream.seed(tmp_path, "library/mirrored", "v1", image)
+    cache_cluster.add_remote(remote_name, upstream.url, "--docker-mirror")
+    try:
+        node = cache_cluster.members[2]
+        registries = tmp_path / "registries.conf"
+        registries.write_text(REGISTRIES_CONF.format(upstream=upstream.host_port, mirror=node.host_port))
+        layout = tmp_path / "pulled"
+
+        await skopeo("--registries-conf", str(registries), "copy", "--src-tls-verify=false", "--src-no-creds",
+                     "--authfile", "@AUTHFILE@", f"docker://{upstream.host_port}/library/mirrored:v1",
+                     f"oci:{layout}:v1")
+
+        assert layout_manifest(layout, "v1")[1] == image.manifest
+        log = settled_log(node.url, node.log_path)          # the mirror served the unprefixed names...
+        for blob in image.blobs:
+            assert f"GET /v2/library/mirrored/blobs/{blob} 200" in log, blob
+        # ...and skopeo never went around it (its requests there are the seeding's, which GETs no blob)
+        assert not user_agents(upstream, "/v2/library/mirrored/blobs/", "GET") - {"cargohold-upstream"}
+    finally:
+        cache_cluster.cli("repo", "remove", remote_name)    # one docker mirror per cluster at most
