@@ -666,7 +666,7 @@ class ClusterMetadata:
         )
 
     def _manifest_writes(self, repo: str, digest: str, record: ManifestRecord) -> list:
-        """The puts of a manifest record: its record, its bytes as this node's blob copy, its
+        """The writes of a manifest record: its record, its bytes as this node's blob copy, its
         reverse references (which keep what it references from the GC), the repository."""
         keys = self.keys
         return [

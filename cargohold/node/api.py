@@ -36,7 +36,7 @@ from cargohold.blobs.remote import ContentUnavailable, RemoteContent
 from cargohold.blobs.store import BlobStore
 from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
-from cargohold.pullthrough.cache import CACHE_HEADER, HIT, MISS, PullThrough
+from cargohold.pullthrough.cache import CACHE_HEADER, PullThrough
 from cargohold.repositories.routing import Route, route as route_of
 
 log = logging.getLogger("cargohold.access")
@@ -211,20 +211,16 @@ class RegistryAPI:
         return response.header(CACHE_HEADER, found.outcome)
 
     async def _remote_blob(self, request: Request, remote: Route, digest: Digest) -> Response:
-        """In the cluster and linked to the cache's repository: the ordinary path. Else a fill
-        from the upstream, streamed as it arrives (engine-blobs)."""
-        figures = self.pullthrough.figures
-        if await self.metadata.blob_in_repo(remote.local_name, str(digest)) is None:
-            filled = await self.pullthrough.blob(remote, digest)
-            if filled is not None:
-                figures.request(remote.repository.name, MISS)
-                status, headers, start, length = _blob_answer(request, digest, filled.size)
-                if request.method == "HEAD":
-                    return Response(status, headers, length=length).header(CACHE_HEADER, MISS)
-                response = Response(status, headers, stream=filled.read(start, length), length=length)
-                return response.header(CACHE_HEADER, MISS)
-        figures.request(remote.repository.name, HIT)
-        return (await self._get_blob(request, remote.local_name, digest)).header(CACHE_HEADER, HIT)
+        """What the cluster has, the ordinary way; else a fill from the upstream, streamed as it
+        arrives (engine-blobs)."""
+        filled, outcome = await self.pullthrough.blob(remote, digest)
+        if filled is None:
+            response = await self._get_blob(request, remote.local_name, digest)
+        else:
+            status, headers, start, length = _blob_answer(request, digest, filled.size)
+            stream = filled.read(start, length) if request.method == "GET" else None
+            response = Response(status, headers, stream=stream, length=length)
+        return response.header(CACHE_HEADER, outcome)
 
     async def _service_route(self, request: Request) -> Response:
         if request.path == "/token" and self.access is not None:

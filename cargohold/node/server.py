@@ -33,6 +33,7 @@ from cargohold.node.uploads import UploadManager
 from cargohold.runtime.pacing import BackgroundPace, Foreground
 from cargohold.pullthrough.cache import PullThrough
 from cargohold.pullthrough.figures import CacheFigures
+from cargohold.pullthrough.fill import BlobFiller
 from cargohold.replication.remote import PeerContent
 from cargohold.replication.replicator import Replicator
 from cargohold.replication.sources import ReplicationSettings
@@ -113,8 +114,7 @@ async def serve(settings: Settings) -> None:
             tg.start_soon(peer_secret.run)
             tg.start_soon(replicator.run)
             await tg.start(pullthrough.run)
-            if pullthrough.filler is not None:
-                await tg.start(pullthrough.filler.run)
+            await tg.start(pullthrough.filler.run)
             tg.start_soon(sweep.run)
             tg.start_soon(collector.run)
             tg.start_soon(recorder.run)
@@ -192,16 +192,10 @@ def _metrics(client: EtcdClient, metadata: ClusterMetadata, node_id: str,
 
 def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: PeerContent, node_id: str,
                  access) -> PullThrough:
-    """The cache behind remote repositories, with engine-blobs' filler and eviction's pull
-    recorder when this build has them."""
+    """The cache behind remote repositories: manifests and tags here, blobs through the filler."""
     figures = CacheFigures()
     audit = access.audit.record if access is not None else (lambda event, **fields: None)
-    try:
-        from cargohold.pullthrough.fill import BlobFiller
-    except ImportError:     # engine-blobs not merged yet: blob misses answer 503
-        filler = None
-    else:
-        filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit)
+    filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit)
     return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler)
 
 

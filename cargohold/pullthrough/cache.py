@@ -38,12 +38,11 @@ from cargohold.oci.errors import RegistryError
 from cargohold.oci.manifest import parse_manifest
 from cargohold.oci.reference import Digest, is_digest, parse_digest
 from cargohold.pullthrough.figures import CacheFigures
+from cargohold.pullthrough.fill import BlobFiller, FilledBlob, outcome_of
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import Route
 from cargohold.upstream.client import Timeouts, UpstreamClient
-from cargohold.upstream.errors import (
-    DigestMismatch, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
-)
+from cargohold.upstream.errors import DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable
 
 log = logging.getLogger("cargohold.pullthrough")
 
@@ -64,12 +63,6 @@ class PullRecorder(Protocol):
     def note(self, local_name: str) -> None: ...
 
 
-class BlobOpener(Protocol):
-    """The part of engine-blobs' `BlobFiller` this module calls."""
-
-    async def open(self, upstream: UpstreamClient, route: Route, digest: Digest): ...
-
-
 @dataclass(frozen=True)
 class CachedManifest:
     digest: str
@@ -85,7 +78,7 @@ class _TagList:
 class PullThrough:
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, *, figures: CacheFigures | None = None,
                  audit: Callable[..., None] = lambda event, **fields: None, recorder: PullRecorder | None = None,
-                 filler: BlobOpener | None = None, timeouts: Timeouts = UPSTREAM_TIMEOUTS,
+                 filler: BlobFiller | None = None, timeouts: Timeouts = UPSTREAM_TIMEOUTS,
                  clock: Callable[[], float] = time.time, verify_tls: bool = True):
         self.metadata = metadata
         self.store = store
@@ -291,17 +284,27 @@ class PullThrough:
         return self._tag_lists[local].tags
 
     # ------------------------------------------------------------------ blobs
-    async def blob(self, route: Route, digest: Digest):
-        """A blob the cluster does not have linked into `route.local_name`: engine-blobs' fill
-        (None when the cluster had it after all: it is now linked, serve it the ordinary way)."""
+    async def blob(self, route: Route, digest: Digest) -> tuple[FilledBlob | None, str]:
+        """(engine-blobs' FilledBlob streaming from the fill, or None: serve the cluster's blob the
+        ordinary way; hit or miss). Linked into `route.local_name` already: a hit. Else the
+        filler links what the cluster has (a hit too) or fills it from the upstream (a miss,
+        even when the fill is done before `open` returns). Raises RegistryError."""
+        name = route.repository.name
+        if await self.metadata.blob_in_repo(route.local_name, str(digest)) is not None:
+            self.figures.request(name, HIT)
+            return None, HIT
         if self.filler is None:
-            raise errors.unavailable("this node cannot fetch blobs from upstreams",
-                                     detail={"digest": str(digest)}, status=503)
+            raise errors.unavailable("this node cannot fetch blobs from upstreams", detail={"digest": str(digest)})
+        state = self.metadata.blob_states().get(str(digest))
+        outcome = HIT if state is not None and state.repos else MISS
+        upstream = self.client(route.repository)
         try:
-            return await self.filler.open(self.client(route.repository), route, digest)
+            filled = await self.filler.open(upstream, route, digest)
         except UpstreamError as exc:
-            self.figures.request(route.repository.name, ERROR)
-            raise failure(exc, "blob", str(digest), self.client(route.repository).offline.remaining()) from None
+            self.figures.request(name, ERROR)
+            raise failure(exc, "blob", str(digest), upstream.offline.remaining()) from None
+        self.figures.request(name, outcome)
+        return filled, outcome
 
     # ------------------------------------------------------------------ helpers
     async def _upstream(self, route: Route, method: str, reference: str, call: Awaitable[T],
@@ -313,7 +316,7 @@ class PullThrough:
         try:
             result = await call
         except UpstreamError as exc:
-            outcome = _outcome(exc)
+            outcome = outcome_of(exc)
             self.figures.upstream(repository.name, method, outcome)
             self.audit("upstream-fetch", **event, bytes=0, outcome=outcome)
             raise
@@ -343,21 +346,6 @@ async def _close_later(client: UpstreamClient, delay: float) -> None:
 
 def _tags_size(tags: list[str]) -> int:
     return sum(len(tag) + 3 for tag in tags)       # about the JSON's size
-
-
-def _outcome(exc: UpstreamError) -> str:
-    """A short, bounded label for a failed upstream call (metrics, audit)."""
-    if isinstance(exc, UpstreamNotFound):
-        return "not_found"
-    if isinstance(exc, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(exc, UpstreamUnavailable):
-        return "unavailable"
-    if isinstance(exc, UpstreamDenied):
-        return "denied"
-    if isinstance(exc, DigestMismatch):
-        return "mismatch"
-    return "error"
 
 
 # An UpstreamUnavailable's reason says whether the upstream answered 5xx (see upstream.protocol);

@@ -259,19 +259,23 @@ class BlobFiller:
                 await release_fill(self.metadata, str(fill.digest), claim, failed, reason)
 
     async def _receive(self, chunks: AsyncIterator[bytes], staged: GrowingFile) -> None:
-        """Upstream chunks into the staging file; receiving goes on while a batch is written."""
-        send, receive = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+        """Upstream chunks into the staging file and its hash: receiving, writing and hashing
+        go on side by side, each batch in order."""
+        to_disk, disk_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+        to_hasher, hash_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
 
-        async def write() -> None:
-            async with receive:
-                async for batch in receive:
-                    await staged.append(batch)
+        async def drain(queue, step) -> None:
+            async with queue:
+                async for batch in queue:
+                    await step(batch)
 
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(write)
-            async with send:
+            tasks.start_soon(drain, disk_queue, staged.append)
+            tasks.start_soon(drain, hash_queue, staged.hash)
+            async with to_disk, to_hasher:
                 async for batch in batches(chunks):
-                    await send.send(batch)
+                    await to_disk.send(batch)
+                    await to_hasher.send(batch)
 
     async def _publish(self, fill: _Fill, staged: GrowingFile, route: Route) -> None:
         """Make the verified blob an ordinary cluster blob, as an upload's last PUT does."""

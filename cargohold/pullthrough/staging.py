@@ -45,8 +45,10 @@ async def batches(chunks: AsyncIterable[bytes], batch: int = WRITE_BATCH) -> Asy
 
 
 class GrowingFile:
-    """The staging file of one fill. Written from one task (`append`, `verify`), read by any
-    number of readers (`follow`); `fail` ends it for everyone."""
+    """The staging file of one fill. Its batches are written in order by one task (`append`)
+    and hashed in order by another (`hash`), so that readers get bytes without waiting for the
+    hash, and writing and hashing use two cores; `verify` once both are done. Read by any number
+    of readers (`follow`); `fail` ends it for everyone."""
 
     def __init__(self, path: Path, digest: Digest, size: int | None):
         self.path = path
@@ -81,14 +83,16 @@ class GrowingFile:
     async def append(self, batch: bytes) -> None:
         if self.size is not None and self.written + len(batch) > self.size:
             raise UpstreamUnavailable(f"blob {self.digest}: upstream sent more than the {self.size} bytes it announced")
-        await anyio.to_thread.run_sync(self._write_and_hash, batch)
+        await anyio.to_thread.run_sync(self._write, batch)
         self.written += len(batch)
         self._notify()
 
-    def _write_and_hash(self, batch: bytes) -> None:
+    def _write(self, batch: bytes) -> None:
         self._writer.write(batch)
         self._writer.finish()          # flushed: readers may read it now
-        self._hasher.update(batch)
+
+    async def hash(self, batch: bytes) -> None:
+        await anyio.to_thread.run_sync(self._hasher.update, batch)
 
     async def verify(self) -> None:
         """The whole blob is here: check its size and digest (DigestMismatch), then release the rest."""

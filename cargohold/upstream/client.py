@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
 
 import anyio
+import httpcore
 import httpx
 
 from cargohold.oci.manifest import MAX_MANIFEST_BYTES, SUPPORTED_TYPES
@@ -30,6 +31,11 @@ from cargohold.upstream.verify import hash_chunk
 ACCEPT_MANIFESTS = ", ".join(sorted(SUPPORTED_TYPES))
 MAX_TAG_PAGES = 1000          # a Link loop from a broken upstream ends here
 MAX_TOKEN_RESPONSE_BYTES = 64 * 1024
+# httpcore receives at most 64 KiB at a time, so a blob streamed from an upstream costs a trip
+# through h11 and the event loop per 64 KiB. Up to 1 MiB at a time cut a node's CPU for a cold
+# 64 MiB fill by about a fifth (0.35 -> 0.27 s on asyncio, 0.4 -> 0.28 s on trio). httpcore has
+# no setting for it, only this class attribute (it also serves the node's upload relay).
+httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)

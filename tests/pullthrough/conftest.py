@@ -27,8 +27,10 @@ import subprocess
 import sys
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator, Iterator
 
 import anyio
 import httpx
@@ -69,6 +71,22 @@ async def push(url: str, repo: str, tag: str, image: Image, auth: tuple[str, str
         return await push_image(client, repo, tag, image)
 
 
+@contextmanager
+def running_upstream(path, users: dict[str, str] | None = None) -> Iterator[Upstream]:
+    """A Distribution upstream with the test images, stopped at the end."""
+    registry = start_upstream(path, users)
+    try:
+        yield registry
+    finally:
+        registry.process.stop()
+
+
+@asynccontextmanager
+async def client_of(process: NodeProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=process.url, timeout=60) as c:
+        yield c
+
+
 def start_upstream(path, users: dict[str, str] | None = None) -> Upstream:
     process = DistributionProcess(path, users=users).start()
     image, index = build_image("pt-image"), build_index("pt-index")
@@ -84,27 +102,30 @@ def start_upstream(path, users: dict[str, str] | None = None) -> Upstream:
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
-    registry = start_upstream(tmp_path_factory.mktemp("upstream"))
-    try:
+    with running_upstream(tmp_path_factory.mktemp("upstream")) as registry:
         yield registry
-    finally:
-        registry.process.stop()
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, etcd, cluster_name):
-    data = tmp_path_factory.mktemp("node")
-    process = NodeProcess(data, etcd_url=etcd.url, cluster=cluster_name,
-                          extra_args=["--audit-log", str(data / "audit.log")]).start()
+@contextmanager
+def running_node(data, etcd, cluster: str, *extra_args: str, **settings) -> Iterator[NodeProcess]:
+    """A cargohold node with an audit log (`data/audit.log`), stopped at the end."""
+    process = NodeProcess(data, etcd_url=etcd.url, cluster=cluster,
+                          extra_args=["--audit-log", str(data / "audit.log"), *extra_args], **settings).start()
     try:
         yield process
     finally:
         process.stop()
 
 
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, etcd, cluster_name):
+    with running_node(tmp_path_factory.mktemp("node"), etcd, cluster_name) as process:
+        yield process
+
+
 @pytest.fixture
 async def client(node):
-    async with httpx.AsyncClient(base_url=node.url, timeout=60) as c:
+    async with client_of(node) as c:
         yield c
 
 

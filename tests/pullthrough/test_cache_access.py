@@ -9,8 +9,7 @@ import pytest
 
 from cargohold.repositories.definitions import RemoteRepository
 from tests.auth.conftest import TokenAuth, provision
-from tests.pullthrough.conftest import REPO, define
-from tests.support.node import NodeProcess
+from tests.pullthrough.conftest import REPO, define, running_node
 from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
@@ -23,13 +22,8 @@ RULES = {"rules": [
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, etcd, cluster_name):
     provision(etcd.url, cluster_name, users={}, robots=(), rules=RULES)
-    data = tmp_path_factory.mktemp("guarded")
-    node = NodeProcess(data, etcd_url=etcd.url, cluster=cluster_name,
-                       extra_args=["--auth", "on", "--audit-log", str(data / "audit.log")]).start()
-    try:
+    with running_node(tmp_path_factory.mktemp("guarded"), etcd, cluster_name, "--auth", "on") as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from cargohold.coordinator.etcd import EtcdClient
 from cargohold.coordinator.metadata import ClusterMetadata
-from tests.pullthrough.conftest import REPO, remote, start_upstream
+from tests.pullthrough.conftest import REPO, remote, running_upstream
 from tests.support.oci import error_codes
 from tests.support.poll import eventually
 
@@ -21,11 +21,8 @@ USERS = {"puller": PASSWORD}
 
 @pytest.fixture(scope="module")
 def basic_upstream(tmp_path_factory):
-    registry = start_upstream(tmp_path_factory.mktemp("basic-upstream"), users=USERS)
-    try:
+    with running_upstream(tmp_path_factory.mktemp("basic-upstream"), users=USERS) as registry:
         yield registry
-    finally:
-        registry.process.stop()
 
 
 async def _status_of(etcd, cluster: str, node_id: str) -> dict:

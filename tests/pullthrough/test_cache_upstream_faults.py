@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 
-from tests.pullthrough.conftest import REPO, remote, start_upstream
+from tests.pullthrough.conftest import REPO, remote, running_upstream
 from tests.support.oci import build_image, digest, error_codes
 from tests.support.scripted_http import Answer, scripted_server
 
@@ -20,11 +20,8 @@ BOUND = 10.0    # seconds: far below the upstream read timeout (30 s), far above
 
 @pytest.fixture(scope="module")
 def doomed_upstream(tmp_path_factory):
-    registry = start_upstream(tmp_path_factory.mktemp("doomed-upstream"))
-    try:
+    with running_upstream(tmp_path_factory.mktemp("doomed-upstream")) as registry:
         yield registry
-    finally:
-        registry.process.stop()
 
 
 async def test_cache_stale_serve_when_upstream_killed(etcd, cluster_name, client, node, doomed_upstream):
