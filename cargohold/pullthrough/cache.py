@@ -38,11 +38,13 @@ from cargohold.oci.errors import RegistryError
 from cargohold.oci.manifest import parse_manifest
 from cargohold.oci.reference import Digest, is_digest, parse_digest
 from cargohold.pullthrough.figures import CacheFigures
-from cargohold.pullthrough.fill import BlobFiller, FilledBlob, outcome_of
+from cargohold.pullthrough.fill import BlobFiller, FilledBlob
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import Route
 from cargohold.upstream.client import Timeouts, UpstreamClient
-from cargohold.upstream.errors import DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable
+from cargohold.upstream.errors import (
+    DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable, outcome_label,
+)
 
 log = logging.getLogger("cargohold.pullthrough")
 
@@ -316,7 +318,7 @@ class PullThrough:
         try:
             result = await call
         except UpstreamError as exc:
-            outcome = outcome_of(exc)
+            outcome = outcome_label(exc)
             self.figures.upstream(repository.name, method, outcome)
             self.audit("upstream-fetch", **event, bytes=0, outcome=outcome)
             raise

@@ -12,7 +12,6 @@ claim to go, then link the published blob (or, if the filler died, claim it them
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable
@@ -29,6 +28,7 @@ from cargohold.repositories.routing import Route
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.errors import (
     DigestMismatch, UpstreamDenied, UpstreamError, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
+    outcome_label,
 )
 
 if TYPE_CHECKING:
@@ -49,27 +49,20 @@ _FAILURES: dict[str, type[UpstreamError]] = {
 }
 
 
-def outcome_of(exc: BaseException) -> str:
-    """A short, bounded label for how an upstream fetch failed (claims, metrics, audit)."""
-    if isinstance(exc, UpstreamNotFound):
-        return "not_found"
-    if isinstance(exc, UpstreamRateLimited):
-        return "rate_limited"
-    if isinstance(exc, UpstreamUnavailable):
-        return "unavailable"
-    if isinstance(exc, UpstreamDenied):
-        return "denied"
-    if isinstance(exc, DigestMismatch):
-        return "mismatch"
-    return "error"
-
-
 def error_for(claim: FillClaim) -> UpstreamError:
     """What a waiter raises for a fill that failed on another node."""
     reason = f"the fill on node {claim.node} failed: {claim.reason or claim.failed}"
     if claim.failed == "rate_limited":
         return UpstreamRateLimited(reason, None)
     return _FAILURES.get(claim.failed, UpstreamUnavailable)(reason)
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one error inside task-group wrapping (an upstream that broke off, a full disk), so
+    that clients and waiting nodes learn what happened rather than "a group of errors"."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class FilledBlob:
@@ -105,6 +98,8 @@ class _Fill:
     decided: anyio.Event = field(default_factory=anyio.Event)
     staged: GrowingFile | None = None                      # set: clients stream it
     error: BaseException | None = None                     # set: clients raise it
+    received: int = 0                                      # bytes this node's fill got from upstream
+    waiting_on: str | None = None                          # the node whose fill this one waits for
 
     def stream(self, staged: GrowingFile) -> None:
         self.staged = staged
@@ -119,6 +114,9 @@ class _Fill:
 
 
 class BlobFiller:
+    """Fills for this node's requests. Other nodes' clients wait for a fill's publication
+    rather than stream from the filling node; `remote` (peer reads) is kept for that."""
+
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, remote: RemoteContent | None,
                  node_id: str, *, figures: "CacheFigures", audit: Callable[..., None],
                  join_timeout: float = JOIN_TIMEOUT):
@@ -155,8 +153,9 @@ class BlobFiller:
             fill.local_names.add(route.local_name)
             self.figures.fill(route.repository.name, "joined")
         await fill.decided.wait()
-        if fill.error is not None:
-            raise fill.error
+        failed = fill.error or (fill.staged.error if fill.staged is not None else None)
+        if failed is not None:
+            raise failed
         if fill.staged is not None:
             return FilledBlob(fill.staged, self.store)
         # Published without streaming (another node filled it, or no size was announced): the
@@ -212,7 +211,7 @@ class BlobFiller:
                 return
             if answer.held is not None:
                 log.info("blob %s is being filled by node %s: waiting", digest, answer.held.node)
-                waited = True
+                waited, fill.waiting_on = True, answer.held.node
                 with anyio.move_on_after(deadline - anyio.current_time()) as waiting:
                     ended = await wait_for_release(self.metadata, digest, answer.revision)
                 if waiting.cancelled_caught:
@@ -231,32 +230,39 @@ class BlobFiller:
     async def _fill(self, fill: _Fill, upstream: UpstreamClient, route: Route, claim: FillClaim) -> None:
         # outcome None: interrupted (the node stops); the claim then goes without a verdict, so
         # that a waiting node takes the fill over instead of failing with us.
-        received, outcome, reason = 0, None, None
+        outcome, reason = None, None
         try:
-            async with upstream.stream_blob(route.upstream_name, str(fill.digest)) as chunks:
-                staged = await GrowingFile.create(self.store.staging_path(), fill.digest, chunks.size)
-                try:
-                    if staged.size is not None:
-                        fill.stream(staged)
-                    await self._receive(chunks, staged)
-                    received = staged.written
-                    await staged.verify()
-                except BaseException as exc:
-                    received = staged.written
-                    staged.fail(exc)
-                    with anyio.CancelScope(shield=True):
-                        await staged.discard()
-                    raise
+            staged = await self._stage(fill, upstream, route)
             await self._publish(fill, staged, route)
             outcome = "filled"
         except Exception as exc:
-            outcome, reason = outcome_of(exc), str(exc)
+            outcome, reason = outcome_label(exc), str(exc)
+            log.warning("fill of %s from %s failed: %s", fill.digest, route.repository.url, reason)
             raise
         finally:
-            self._count(route, fill, outcome or "interrupted", received)
+            self._count(route, fill, outcome or "interrupted")
             failed = outcome if outcome not in ("filled", None) else None
             with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT):
                 await release_fill(self.metadata, str(fill.digest), claim, failed, reason)
+
+    async def _stage(self, fill: _Fill, upstream: UpstreamClient, route: Route) -> GrowingFile:
+        """The upstream's blob in a staging file, verified; clients stream it meanwhile. A failure
+        reaches the clients and deletes the file."""
+        async with upstream.stream_blob(route.upstream_name, str(fill.digest)) as chunks:
+            staged = await GrowingFile.create(self.store.staging_path(), fill.digest, chunks.size)
+            try:
+                if staged.size is not None:
+                    fill.stream(staged)
+                await self._receive(chunks, staged)
+                await staged.verify()
+                return staged
+            except BaseException as exc:
+                staged.fail(_sole(exc))
+                with anyio.CancelScope(shield=True):
+                    await staged.discard()
+                raise _sole(exc) from None
+            finally:
+                fill.received = staged.written
 
     async def _receive(self, chunks: AsyncIterator[bytes], staged: GrowingFile) -> None:
         """Upstream chunks into the staging file and its hash: receiving, writing and hashing
@@ -290,12 +296,12 @@ class BlobFiller:
             fill.decided.set()
         log.info("filled %s (%d bytes) from %s for %s", digest, staged.size, route.repository.url, route.local_name)
 
-    def _count(self, route: Route, fill: _Fill, outcome: str, received: int) -> None:
+    def _count(self, route: Route, fill: _Fill, outcome: str) -> None:
         """Figures and the audit event of this node's one upstream GET of the blob."""
         repository = route.repository
         fetched = "ok" if outcome == "filled" else outcome
-        self.figures.upstream(repository.name, "GET", fetched, received)
+        self.figures.upstream(repository.name, "GET", fetched, fill.received)
         self.figures.fill(repository.name, outcome if outcome in ("filled", "mismatch") else "failed")
         self.audit("upstream-fetch", repository=route.local_name, upstream=repository.url,
                    upstream_name=route.upstream_name, reference=str(fill.digest), method="GET",
-                   bytes=received, outcome=fetched)
+                   bytes=fill.received, outcome=fetched)

@@ -36,3 +36,13 @@ class UpstreamRateLimited(UpstreamUnavailable):
 
 class DigestMismatch(UpstreamError):
     """The upstream's bytes do not hash to the digest they were asked for or announced."""
+
+
+def outcome_label(exc: BaseException) -> str:
+    """A short, bounded label for how an upstream call failed (metrics, audit, fill claims)."""
+    for kind, label in ((UpstreamNotFound, "not_found"), (UpstreamRateLimited, "rate_limited"),
+                        (UpstreamUnavailable, "unavailable"), (UpstreamDenied, "denied"),
+                        (DigestMismatch, "mismatch")):
+        if isinstance(exc, kind):
+            return label
+    return "error"

@@ -4,6 +4,7 @@ session's real etcd, and a blob upstream whose body the test paces (`PacedUpstre
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import Counter
 from contextlib import aclosing, asynccontextmanager
@@ -23,6 +24,7 @@ from cargohold.pullthrough.fill import BlobFiller
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import route
 from cargohold.upstream.client import UpstreamClient
+from tests.support.oci import random_bytes
 
 
 class Figures:
@@ -48,6 +50,10 @@ class FillNode:
     figures: Figures
     audited: list[dict] = field(default_factory=list)
     scope: anyio.CancelScope | None = None
+
+    def waiting(self) -> bool:
+        """Whether this node waits for another node's fill (its claim attempt found that one)."""
+        return any(fill.waiting_on for fill in self.filler._fills.values())
 
     def stop(self) -> None:
         """Stop the node's tasks as a shutdown would (its lease is revoked on the way out)."""
@@ -124,12 +130,20 @@ async def read_published(cluster: list[FillNode], node: FillNode, digest: Digest
 @dataclass
 class PacedBlob:
     """One blob the paced upstream serves: `body` (what it sends, right or wrong) under `digest`,
-    `pause_at` bytes sent before it waits for `resume` (None: no pause)."""
+    `pause_at` bytes sent before it waits for `resume` (None: no pause), and with `cut` the
+    connection closes there instead of going on."""
     digest: str
     body: bytes
     pause_at: int | None = None
+    cut: bool = False
     resume: anyio.Event = field(default_factory=anyio.Event)
     paused: anyio.Event = field(default_factory=anyio.Event)
+
+    @classmethod
+    def of(cls, size: int, seed: str, **pacing) -> "PacedBlob":
+        """`size` pseudo-random bytes from `seed`, served under their own digest."""
+        body = random_bytes(size, seed)
+        return cls("sha256:" + hashlib.sha256(body).hexdigest(), body, **pacing)
 
 
 @dataclass
@@ -161,6 +175,8 @@ async def _serve_paced(upstream: PacedUpstream, stream: SocketStream) -> None:
             if blob.pause_at is not None:
                 blob.paused.set()
                 await blob.resume.wait()
+                if blob.cut:
+                    return
             await _send_in_pieces(stream, blob.body[first:])
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return
@@ -182,3 +198,12 @@ async def paced_upstream(*blobs: PacedBlob) -> AsyncIterator[PacedUpstream]:
             yield upstream
         finally:
             tasks.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def paced_cluster(etcd_url: str, data: Path, *blobs: PacedBlob, nodes: int = 2):
+    """(a paced upstream serving `blobs`, `nodes` in-process nodes, a client of the upstream, the
+    route of an image of it)."""
+    async with paced_upstream(*blobs) as server, fill_cluster(etcd_url, data, nodes) as started, \
+            UpstreamClient(server.url) as upstream:
+        yield server, started, upstream, remote_route(server.url, "library/app")

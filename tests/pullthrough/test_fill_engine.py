@@ -14,8 +14,8 @@ import pytest
 from cargohold.oci.reference import parse_digest
 from cargohold.pullthrough.staging import GrowingFile
 from cargohold.upstream.client import UpstreamClient
-from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound
-from tests.pullthrough.fillkit import PacedBlob, fill_cluster, paced_upstream, pull, read_all, remote_route
+from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound, UpstreamUnavailable
+from tests.pullthrough.fillkit import PacedBlob, fill_cluster, paced_cluster, pull, remote_route
 from tests.support.distribution import DistributionProcess
 from tests.support.oci import push_blob, random_bytes
 from tests.support.poll import eventually
@@ -82,13 +82,11 @@ async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get
 
 
 async def test_a_blob_the_cluster_has_is_linked_not_fetched(etcd, tmp_path):
-    data = random_bytes(1000, "linked")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    async with paced_upstream(PacedBlob(digest, data)) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
-            UpstreamClient(server.url) as upstream:
+    known = PacedBlob.of(1000, "linked")
+    data, digest = known.body, known.digest
+    async with paced_cluster(etcd.url, tmp_path, known, nodes=2) as (server, nodes, upstream, the_route):
         await nodes[0].store.write(parse_digest(digest), data)
         await nodes[0].metadata.record_blob("local/app", digest, len(data))
-        the_route = remote_route(server.url, "library/app")
         assert await nodes[1].filler.open(upstream, the_route, parse_digest(digest)) is None
         assert await nodes[1].metadata.blob_in_repo(the_route.local_name, digest) is not None
         assert server.gets == []
@@ -96,9 +94,7 @@ async def test_a_blob_the_cluster_has_is_linked_not_fetched(etcd, tmp_path):
 
 async def test_an_upstream_404_propagates_before_any_byte_and_leaves_no_claim(etcd, tmp_path):
     missing = "sha256:" + "ab" * 32
-    async with paced_upstream() as server, fill_cluster(etcd.url, tmp_path, 1) as nodes, \
-            UpstreamClient(server.url) as upstream:
-        the_route = remote_route(server.url, "library/app")
+    async with paced_cluster(etcd.url, tmp_path, nodes=1) as (_, nodes, upstream, the_route):
         for _ in range(2):      # no verdict is left behind: the next pull asks again
             with pytest.raises(UpstreamNotFound):
                 await nodes[0].filler.open(upstream, the_route, parse_digest(missing))
@@ -110,9 +106,7 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
     body = random_bytes(3 * 1024 * 1024, "wrong")
     claimed = "sha256:" + hashlib.sha256(b"what the manifest said").hexdigest()
     wrong = PacedBlob(claimed, body, pause_at=len(body) // 2)
-    async with paced_upstream(wrong) as server, fill_cluster(etcd.url, tmp_path) as nodes, \
-            UpstreamClient(server.url) as upstream:
-        the_route = remote_route(server.url, "library/app")
+    async with paced_cluster(etcd.url, tmp_path, wrong, nodes=3) as (server, nodes, upstream, the_route):
         outcomes: list = []
 
         async def one_pull(node) -> None:
@@ -130,7 +124,7 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
             for node in nodes:
                 pulls.start_soon(one_pull, node)
             await wrong.paused.wait()
-            await eventually(lambda: sum(len(n.filler._fills) for n in nodes) == 3, what="every node waiting")
+            await eventually(lambda: sum(n.waiting() for n in nodes) == 2, what="two nodes waiting for the third")
             wrong.resume.set()
 
         assert [kind for kind, _ in outcomes] == ["mismatch"] * 3, outcomes
@@ -140,6 +134,31 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
             assert await node.store.stat(parse_digest(claimed)) is None
             assert _staged_files(node) == []
         assert sum(node.figures.fills["mismatch"] for node in nodes) == 1
+
+
+async def test_an_upstream_breaking_off_mid_body_fails_every_pull_and_publishes_nothing(etcd, tmp_path):
+    broken = PacedBlob.of(2 * 1024 * 1024, "broken off", pause_at=1024 * 1024, cut=True)
+    digest = broken.digest
+    async with paced_cluster(etcd.url, tmp_path, broken, nodes=2) as (server, nodes, upstream, the_route):
+        failures: list[BaseException] = []
+
+        async def one_pull(node) -> None:
+            try:
+                await pull(nodes, node, upstream, the_route, digest)
+            except UpstreamUnavailable as exc:
+                failures.append(exc)
+
+        async with anyio.create_task_group() as pulls:
+            for node in nodes:
+                pulls.start_soon(one_pull, node)
+            await broken.paused.wait()
+            await eventually(lambda: any(n.waiting() for n in nodes), what="a node waiting for the other")
+            broken.resume.set()
+        assert len(failures) == 2 and len(server.gets) == 1
+        for node in nodes:
+            assert await node.metadata.blob_in_repo(the_route.local_name, digest) is None
+            assert _staged_files(node) == []
+        assert sum(node.figures.fills["failed"] for node in nodes) == 1
 
 
 async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path):
@@ -165,12 +184,9 @@ async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path)
 
 
 async def test_a_client_that_disconnects_does_not_abort_the_fill(etcd, tmp_path):
-    data = random_bytes(4 * 1024 * 1024, "disconnect")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    paced = PacedBlob(digest, data, pause_at=1024 * 1024)
-    async with paced_upstream(paced) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
-            UpstreamClient(server.url) as upstream:
-        the_route = remote_route(server.url, "library/app")
+    paced = PacedBlob.of(4 * 1024 * 1024, "disconnect", pause_at=1024 * 1024)
+    data, digest = paced.body, paced.digest
+    async with paced_cluster(etcd.url, tmp_path, paced, nodes=2) as (server, nodes, upstream, the_route):
         with anyio.CancelScope() as client:       # the request's scope: cancelled when its client goes
             blob = await nodes[0].filler.open(upstream, the_route, parse_digest(digest))
             async for chunk in blob.read(0, blob.size):
@@ -184,12 +200,9 @@ async def test_a_client_that_disconnects_does_not_abort_the_fill(etcd, tmp_path)
 
 
 async def test_a_node_stopping_mid_fill_hands_it_to_a_waiting_node(etcd, tmp_path):
-    data = random_bytes(4 * 1024 * 1024, "handover")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    paced = PacedBlob(digest, data, pause_at=1024 * 1024)
-    async with paced_upstream(paced) as server, fill_cluster(etcd.url, tmp_path, 2) as nodes, \
-            UpstreamClient(server.url) as upstream:
-        the_route = remote_route(server.url, "library/app")
+    paced = PacedBlob.of(4 * 1024 * 1024, "handover", pause_at=1024 * 1024)
+    data, digest = paced.body, paced.digest
+    async with paced_cluster(etcd.url, tmp_path, paced, nodes=2) as (server, nodes, upstream, the_route):
         first, second = nodes
         assert await first.filler.open(upstream, the_route, parse_digest(digest)) is not None
         await paced.paused.wait()
@@ -200,7 +213,7 @@ async def test_a_node_stopping_mid_fill_hands_it_to_a_waiting_node(etcd, tmp_pat
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(waiting_pull)
-            await eventually(lambda: second.filler._fills, what="the second node waiting")
+            await eventually(second.waiting, what="the second node waiting")
             first.stop()
             paced.resume.set()
         assert got == [data]

@@ -112,9 +112,8 @@ async def test_wrong_bytes_fail_the_pull_and_are_never_cached(nodes):
 
 async def test_a_client_that_disconnects_mid_stream_does_not_abort_the_fill(nodes):
     cluster, started = nodes
-    data = random_bytes(8 * 1024 * 1024, "disconnect through a node")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    paced = PacedBlob(digest, data, pause_at=2 * 1024 * 1024)
+    paced = PacedBlob.of(8 * 1024 * 1024, "disconnect through a node", pause_at=2 * 1024 * 1024)
+    data, digest = paced.body, paced.digest
     async with paced_upstream(paced) as server:
         name = await _declare(cluster, started, server.url)
         path = f"/v2/{name}/library/app/blobs/{digest}"
@@ -135,9 +134,8 @@ async def test_a_client_that_disconnects_mid_stream_does_not_abort_the_fill(node
 async def test_a_node_killed_mid_fill_is_replaced_by_another_and_its_staging_cleaned(nodes):
     cluster, started = nodes
     victim, survivor = started[0], started[1]
-    data = random_bytes(8 * 1024 * 1024, "killed mid-fill")
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    paced = PacedBlob(digest, data, pause_at=3 * 1024 * 1024)
+    paced = PacedBlob.of(8 * 1024 * 1024, "killed mid-fill", pause_at=3 * 1024 * 1024)
+    data, digest = paced.body, paced.digest
     async with paced_upstream(paced) as server:
         name = await _declare(cluster, started, server.url)
         path = f"/v2/{name}/library/app/blobs/{digest}"

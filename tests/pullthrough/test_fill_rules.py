@@ -8,10 +8,10 @@ import anyio
 import pytest
 
 from cargohold.coordinator.fills import FillClaim
-from cargohold.pullthrough.fill import error_for, outcome_of
+from cargohold.pullthrough.fill import error_for
 from cargohold.pullthrough.staging import batches, releasable
 from cargohold.upstream.errors import (
-    DigestMismatch, UpstreamDenied, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable,
+    DigestMismatch, UpstreamDenied, UpstreamNotFound, UpstreamRateLimited, UpstreamUnavailable, outcome_label,
 )
 
 
@@ -57,7 +57,7 @@ def test_a_claim_record_round_trips_and_leaves_out_what_is_unset():
     UpstreamRateLimited("429", 30.0),
 ])
 def test_a_waiter_raises_the_kind_of_error_the_filler_met(error):
-    claim = FillClaim("n1", "hub/x", 1.0, outcome_of(error), str(error))
+    claim = FillClaim("n1", "hub/x", 1.0, outcome_label(error), str(error))
     raised = error_for(claim)
     assert type(raised) is type(error)
     assert "n1" in str(raised) and str(error) in str(raised)
