@@ -1004,6 +1004,31 @@ class ClusterMetadata:
         kvs, _, _ = await self.client.get_prefix(prefix, keys_only=True)
         return {kv.key[len(prefix):] for kv in kvs}
 
+    # ------------------------------------------------------------------ reads over several repositories
+    # (virtual repositories: a candidate that does not have the content must cost no etcd call)
+    async def tag_reader(self) -> Callable[[str, str], Awaitable[str | None]]:
+        """Tag lookups in several repositories after one read barrier: the read model answers
+        when it has caught up with etcd (a miss is a miss: no round trip per repository), as it
+        does while etcd does not answer; etcd itself when the model could not catch up in time."""
+        current = self.following and await self._model_is_current()
+
+        async def lookup(repo: str, tag: str) -> str | None:
+            if not current:
+                return await self.resolve_tag(repo, tag)
+            state = self.model.repo(repo)
+            return state.tags.get(tag) if state is not None else None
+        return lookup
+
+    def known_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
+        """The manifest's record if the read model has it in `repo` (content by digest: never stale)."""
+        state = self.model.repo(repo)
+        return state.manifests.get(digest) if state is not None else None
+
+    def known_blob(self, repo: str, digest: str) -> BlobRecord | None:
+        """The blob's record if the read model has it linked into `repo`."""
+        state = self.model.blob_in_repo(digest, repo)
+        return state.record if state is not None else None
+
 
 def _remotes(definitions: Mapping[str, Definition]) -> dict[str, RemoteRepository]:
     return {name: d for name, d in definitions.items() if isinstance(d, RemoteRepository)}
