@@ -1,7 +1,8 @@
 """skopeo through a virtual repository declared with the CLI (`cargohold repo add dev --virtual
 --members team-a,hub --deploy-to team-a`) on a two-node cluster: a push through the virtual name
 lands in the deployment target and reads back identical through either name and node; a virtual
-repository without a target refuses pushes; the members' globs keep names from the upstream
+repository without a target refuses pushes; `skopeo list-tags` merges the members' tags and the
+first member's image of a tag wins; the members' globs keep names from the upstream
 (counted in its own access log); a virtual repository nested in another, and the cycle refused."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import uuid
 import pytest
 
 from tests.support.oci import build_image, write_oci_layout
-from tests.support.skopeo import SkopeoError, copy, docker_ref, inspect, oci_ref
-from tests.virtual.conftest import pull_identical, served
+from tests.support.skopeo import SkopeoError, copy, docker_ref, inspect, list_tags, oci_ref
+from tests.virtual.conftest import pull_identical, served, skopeo_push
 
 pytestmark = pytest.mark.anyio
 
@@ -49,6 +50,24 @@ async def test_a_virtual_repository_without_a_target_refuses_pushes_saying_why(
 
     assert "denied" in refused.value.stderr.lower(), refused.value.stderr
     assert "without a deployment target" in refused.value.stderr, refused.value.stderr
+
+
+async def test_skopeo_lists_the_members_tags_merged_and_the_first_members_image_wins(
+        e2e_cluster, e2e_upstream, e2e_names, tmp_path):
+    names, name = e2e_names, f"library/merged-{e2e_names.dev}"
+    upstream_images = {tag: build_image(f"{name}-upstream-{tag}") for tag in ("v1", "v2")}
+    local_images = {tag: build_image(f"{name}-local-{tag}") for tag in ("v2", "v3")}
+    for tag, image in upstream_images.items():
+        e2e_upstream.seed(tmp_path, name, tag, image)
+    hub = e2e_cluster.add_remote(names.hub, e2e_upstream.url)
+    dev = e2e_cluster.add_virtual(names.dev, [names.team_a, hub], "--deploy-to", names.team_a)
+    first, second = e2e_cluster.members
+    for tag, image in local_images.items():
+        skopeo_push(first, tmp_path, f"{dev}/{name}", tag, image)
+
+    assert await list_tags(docker_ref(second.host_port, f"{dev}/{name}")) == ["v1", "v2", "v3"]
+    for tag, image in {"v1": upstream_images["v1"], **local_images}.items():
+        assert (await inspect(docker_ref(second.host_port, f"{dev}/{name}", tag)))["Digest"] == image.digest, tag
 
 
 async def test_member_globs_never_ask_the_upstream_for_an_excluded_name(e2e_cluster, e2e_upstream, e2e_names,
