@@ -3,7 +3,7 @@
 lands in the deployment target and reads back identical through either name and node; a virtual
 repository without a target refuses pushes; `skopeo list-tags` merges the members' tags and the
 first member's image of a tag wins; the members' globs keep names from the upstream
-(counted in its own access log); a virtual repository nested in another, and the cycle refused."""
+(counted in its own access log); a virtual repository nested in another, the cycle refused, and `repo show`, `list`, `remove`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from tests.support.oci import build_image, write_oci_layout
+from tests.support.poll import until
 from tests.support.skopeo import SkopeoError, copy, docker_ref, inspect, list_tags, oci_ref
 from tests.virtual.conftest import pull_identical, served, skopeo_push
 
@@ -125,3 +126,10 @@ async def test_a_nested_virtual_repository_and_the_cycle_refused(e2e_cluster, e2
     listed = e2e_cluster.cli("repo", "list", "--json")
     kinds = {row["name"]: row.get("kind") for row in json.loads(listed.stdout)}
     assert kinds[dev] == kinds[outer] == "virtual" and kinds[hub] == "remote", kinds
+
+    # removed: every node stops resolving the name at once, and the members keep their content
+    removed = e2e_cluster.cli("repo", "remove", outer)
+    assert removed.returncode == 0, removed.stderr
+    for node in (first, second):
+        until(lambda: served(node, f"{outer}/app", "2.0").status == 404, what=f"{node.url} forgets {outer}")
+        assert served(node, f"{names.team_a}/app", "2.0").digest == app.digest
