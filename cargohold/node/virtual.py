@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from cargohold.coordinator.readmodel import page
+from cargohold.coordinator.metadata import page   # the read model's paging
 from cargohold.node.http import Request, Response
 from cargohold.oci import errors
 from cargohold.oci.reference import Digest, lookup_reference, parse_digest
@@ -93,8 +93,8 @@ class VirtualRepositories:
         virtuals = self.metadata.virtual_definitions()
         if not virtuals:
             return None
-        if name in virtuals:
-            raise errors.name_unknown(f"{name} is a virtual repository, not an image in it", detail={"name": name})
+        if name in virtuals:        # the virtual repository itself: answered after the access check
+            return VirtualName(name, virtuals[name], "", (), None)
         owner = owning_virtual(virtuals, name)
         if owner is None:
             return None
@@ -132,6 +132,9 @@ class VirtualRepositories:
 
     # ------------------------------------------------------------------ requests
     async def serve(self, request: Request, kind: str, params: dict, found: VirtualName) -> Response:
+        if not found.relative:
+            raise errors.name_unknown(f"{found.name} is a virtual repository, not an image in it",
+                                      detail={"name": found.name})
         if request.method == "DELETE":
             where = f" (through {found.target})" if found.target else ""
             raise errors.denied(f"{found.virtual.name} is a virtual repository: delete in its member{where}",
