@@ -49,6 +49,11 @@ async def inspect_as(login: str, ref: str) -> str:
     return json.loads(out)["Digest"]
 
 
+def refused_access(failure: SkopeoError) -> bool:
+    """skopeo failed because access was refused (not for a missing image or a broken transfer)."""
+    return any(word in failure.stderr.lower() for word in ("denied", "unauthorized", "forbidden"))
+
+
 def audited_denials(audit_log) -> list[dict]:
     if not audit_log.exists():
         return []
@@ -86,20 +91,23 @@ async def test_pushes_and_pulls_through_the_virtual_name_need_access_to_the_memb
     # push: alice may push to dev and team-a; reader may push nowhere
     await skopeo.skopeo("copy", *TLS_OFF, "--authfile", "@AUTHFILE@", "--dest-creds", creds("alice"),
                         oci_ref(layout, "1.0"), docker_ref(host, f"{names.dev}/app", "1.0"))
-    with pytest.raises(SkopeoError):
+    with pytest.raises(SkopeoError) as refused:
         await skopeo.skopeo("copy", *TLS_OFF, "--authfile", "@AUTHFILE@", "--dest-creds", creds("reader"),
                             oci_ref(layout, "1.0"), docker_ref(host, f"{names.dev}/app", "2.0"))
+    assert refused_access(refused.value), refused.value.stderr
     assert await inspect_as("reader", docker_ref(host, f"{names.team_a}/app", "1.0")) == app.digest
     assert await inspect_as("reader", docker_ref(host, f"{names.dev}/app", "1.0")) == app.digest
 
     # pull needs the virtual name: bob may pull the member but not through dev
     assert await inspect_as("bob", docker_ref(host, f"{names.team_a}/app", "1.0")) == app.digest
-    with pytest.raises(SkopeoError):
+    with pytest.raises(SkopeoError) as refused:
         await inspect_as("bob", docker_ref(host, f"{names.dev}/app", "1.0"))
+    assert refused_access(refused.value), refused.value.stderr
 
     # ...and the member that serves: hub is skipped for alice (audited), served for reader
-    with pytest.raises(SkopeoError):
+    with pytest.raises(SkopeoError) as refused:
         await inspect_as("alice", docker_ref(host, f"{names.dev}/{remote_name}", "v1"))
+    assert refused_access(refused.value), refused.value.stderr
     assert await inspect_as("reader", docker_ref(host, f"{names.dev}/{remote_name}", "v1")) == remote_image.digest
     skipped = f"{names.hub}/{remote_name}"
     denials = until(lambda: [e for e in audited_denials(audit_log) if e.get("member") == skipped],
