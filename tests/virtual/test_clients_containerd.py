@@ -8,7 +8,6 @@ from __future__ import annotations
 import uuid
 
 import httpx
-import pytest
 
 from tests.support.containerd import image_digest
 from tests.support.oci import build_image

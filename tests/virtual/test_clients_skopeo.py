@@ -2,8 +2,9 @@
 --members team-a,hub --deploy-to team-a`) on a two-node cluster: a push through the virtual name
 lands in the deployment target and reads back identical through either name and node; a virtual
 repository without a target refuses pushes; `skopeo list-tags` merges the members' tags and the
-first member's image of a tag wins; the members' globs keep names from the upstream
-(counted in its own access log); a virtual repository nested in another, the cycle refused, and `repo show`, `list`, `remove`."""
+first member's image of a tag wins; the members' globs keep names from the upstream (counted in
+its own access log); a virtual repository nested in another, the cycle refused, `repo show`,
+`list` and `remove`."""
 
 from __future__ import annotations
 

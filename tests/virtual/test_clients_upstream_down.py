@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from cargohold.upstream.client import Timeouts
+from tests.pullthrough.conftest import UpstreamRegistry
 from tests.support.oci import Image, build_image
 from tests.support.skopeo import SkopeoError, docker_ref, inspect
 from tests.virtual.conftest import pull_identical, served, skopeo_push
@@ -31,9 +32,9 @@ ONE_TIMEOUT = Timeouts().read + AT_ONCE         # an answer that waited out one 
 
 @dataclass
 class DoomedMember:
-    """`dev` = [hub (a remote repository of `upstream`), team-a (local)]: `cached` came through hub
-    before the fault, `local` is only in team-a."""
-    upstream: object
+    """`dev` = [hub (a remote repository of `upstream`), team-a (local)]: `cached` was pulled
+    through hub before the fault, `local` is only in team-a."""
+    upstream: UpstreamRegistry
     hub: str
     dev: str
     team_a: str
@@ -41,7 +42,7 @@ class DoomedMember:
     local: Image
 
 
-def doomed_member(cluster, upstreams, names, tmp_path) -> DoomedMember:
+async def doomed_member(cluster, upstreams, names, tmp_path) -> DoomedMember:
     suffix = uuid.uuid4().hex[:6]
     upstream = upstreams.distribution()
     cached, local = build_image(f"cached-{suffix}", layers=2, layer_size=100_000), build_image(f"local-{suffix}")
@@ -49,14 +50,14 @@ def doomed_member(cluster, upstreams, names, tmp_path) -> DoomedMember:
     hub = cluster.add_remote(names.hub, upstream.url, "--offline-period", "5m")
     dev = cluster.add_virtual(names.dev, [hub, names.team_a], "--deploy-to", names.team_a)
     skopeo_push(cluster.members[0], tmp_path, f"{names.team_a}/library/local", "v1", local)
+    await pull_identical(cluster.members[0], f"{dev}/library/cached", "v1", cached, tmp_path)    # cached now
     return DoomedMember(upstream, hub, dev, names.team_a, cached, local)
 
 
 async def test_a_killed_members_upstream_leaves_cached_content_and_the_next_members(
         e2e_cluster, e2e_upstreams, e2e_names, tmp_path):
-    setup = doomed_member(e2e_cluster, e2e_upstreams, e2e_names, tmp_path)
+    setup = await doomed_member(e2e_cluster, e2e_upstreams, e2e_names, tmp_path)
     first, second = e2e_cluster.members
-    await pull_identical(first, f"{setup.dev}/library/cached", "v1", setup.cached, tmp_path)    # cached now
 
     setup.upstream.kill()
 
@@ -77,9 +78,8 @@ async def test_a_killed_members_upstream_leaves_cached_content_and_the_next_memb
 
 async def test_a_stalled_members_upstream_costs_one_timeout_then_nothing_waits(
         e2e_cluster, e2e_upstreams, e2e_names, tmp_path):
-    setup = doomed_member(e2e_cluster, e2e_upstreams, e2e_names, tmp_path)
+    setup = await doomed_member(e2e_cluster, e2e_upstreams, e2e_names, tmp_path)
     first, second = e2e_cluster.members
-    await pull_identical(first, f"{setup.dev}/library/cached", "v1", setup.cached, tmp_path)    # cached now
 
     setup.upstream.stall()
 
