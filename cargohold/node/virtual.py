@@ -59,11 +59,22 @@ class VirtualName:
 
 class Misses:
     """What the candidates said, for the answer when none had it: 503 if one failed, 403 if the
-    caller may pull none that has it, else 404."""
+    caller may pull none that has it, else 404. Also asks `may_pull` once per source consulted
+    (a denial is audited once, and only for members the resolution reached)."""
 
-    def __init__(self) -> None:
+    def __init__(self, may_pull: Callable[["Source"], bool] = lambda source: True) -> None:
         self.failure: errors.RegistryError | None = None
         self.denied: list[str] = []
+        self._may_pull = may_pull
+        self._allowed: dict[str, bool] = {}
+
+    def allowed(self, source: "Source") -> bool:
+        name = source.candidate.name
+        if name not in self._allowed:
+            self._allowed[name] = self._may_pull(source)
+            if not self._allowed[name]:
+                self.denied.append(name)
+        return self._allowed[name]
 
     def note(self, exc: errors.RegistryError) -> None:
         if exc.status == 404:
@@ -104,31 +115,32 @@ class VirtualRepositories:
         return VirtualName(name, virtual, relative, tuple(candidates(virtuals, remotes, name) or ()),
                            f"{target}/{relative}" if target else None)
 
-    def _sources(self, request: Request, found: VirtualName, misses: Misses) -> list[Source]:
-        """The candidates in order, without those the caller may not pull (audited) and the
-        remote ones whose own globs exclude the name (never asked upstream)."""
+    def _sources(self, found: VirtualName) -> list[Source]:
+        """The candidates in order, without the remote ones whose own globs exclude the name
+        (never asked upstream), and all remote ones on a node that serves no remote repository."""
         remotes = self.metadata.repository_definitions()
+        serves_remotes = self.api.pullthrough is not None
         sources = []
         for candidate in found.candidates:
             route = _remote_route(remotes, candidate)
-            if route is not None and not route.allowed:
-                continue
-            storage = route.local_name if route is not None else candidate.name
-            if not self._may_pull(request, found, candidate.name, storage):
-                misses.denied.append(candidate.name)
-                continue
-            sources.append(Source(candidate, storage, route))
+            if route is None or (route.allowed and serves_remotes):
+                sources.append(Source(candidate, route.local_name if route is not None else candidate.name, route))
         return sources
 
-    def _may_pull(self, request: Request, found: VirtualName, *names: str) -> bool:
+    def _misses(self, request: Request, found: VirtualName) -> Misses:
+        """A request's Misses, whose `allowed` checks the caller's pull on a source: on its own
+        name and its storage name (the rules alone; audited with the member when denied)."""
         access = self.api.access
         if access is None:
+            return Misses()
+
+        def may_pull(source: Source) -> bool:
+            for name in dict.fromkeys((source.candidate.name, source.storage)):
+                if not access.member_may(request, name, "pull"):
+                    access.audit_member_denial(request, found.name, name, "pull")
+                    return False
             return True
-        for name in dict.fromkeys(names):
-            if not access.member_may(request, name, "pull"):
-                access.audit_member_denial(request, found.name, name, "pull")
-                return False
-        return True
+        return Misses(may_pull)
 
     # ------------------------------------------------------------------ requests
     async def serve(self, request: Request, kind: str, params: dict, found: VirtualName) -> Response:
@@ -150,16 +162,17 @@ class VirtualRepositories:
         return await self._referrers(request, found, params["digest"])
 
     async def _manifest(self, request: Request, found: VirtualName, reference: str) -> Response:
-        misses = Misses()
-        sources = self._sources(request, found, misses)
+        misses, sources = self._misses(request, found), self._sources(found)
         tag, digest = lookup_reference(reference)
         if digest is not None:
-            known = self._first_known(sources, lambda s: self.metadata.known_manifest(s.storage, str(digest)))
+            known = _first_known(sources, misses, lambda s: self.metadata.known_manifest(s.storage, str(digest)))
             if known is not None:
                 response = await self.api._serve_manifest(request, known.storage, str(digest), reference)
                 return _from(response, known)
         read_tag = await self.metadata.tag_reader() if tag is not None else None
         for source in sources:
+            if not misses.allowed(source):
+                continue
             try:
                 if source.route is not None:
                     response = await self.api._remote_manifest(request, source.route, reference)
@@ -175,13 +188,13 @@ class VirtualRepositories:
         raise misses.answer(errors.manifest_unknown(detail={"name": found.name, "reference": reference}))
 
     async def _blob(self, request: Request, found: VirtualName, digest: Digest) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            raise errors.unsupported(f"method {request.method} is not allowed here")
-        misses = Misses()
-        sources = self._sources(request, found, misses)
-        known = self._first_known(sources, lambda s: self.metadata.known_blob(s.storage, str(digest)))
+        _allow(request, "GET", "HEAD")
+        misses, sources = self._misses(request, found), self._sources(found)
+        known = _first_known(sources, misses, lambda s: self.metadata.known_blob(s.storage, str(digest)))
         ordered = sources if known is None else [known] + [s for s in sources if s is not known]
         for source in ordered:
+            if not misses.allowed(source):
+                continue
             try:
                 if source.route is not None and source is not known:
                     response = await self.api._remote_blob(request, source.route, digest)
@@ -196,18 +209,14 @@ class VirtualRepositories:
         # skipped members' denials are audited all the same.
         raise misses.answer(errors.blob_unknown(detail={"digest": str(digest)}), say_denied=False)
 
-    @staticmethod
-    def _first_known(sources: list[Source], known: Callable[[Source], object]) -> Source | None:
-        """The first source whose storage the read model knows to hold the content."""
-        return next((source for source in sources if known(source) is not None), None)
-
     async def _tags(self, request: Request, found: VirtualName) -> Response:
-        if request.method != "GET":
-            raise errors.unsupported(f"method {request.method} is not allowed here")
-        misses = Misses()
+        _allow(request, "GET")
+        misses = self._misses(request, found)
         union: set[str] = set()
         any_found = False
-        for source in self._sources(request, found, misses):
+        for source in self._sources(found):
+            if not misses.allowed(source):
+                continue
             try:
                 tags = await self._tags_of(source)
             except errors.RegistryError as exc:
@@ -228,8 +237,9 @@ class VirtualRepositories:
 
     async def _referrers(self, request: Request, found: VirtualName, digest: str) -> Response:
         """The referrers of every candidate the caller may pull (of a remote one: what is cached)."""
-        sources = self._sources(request, found, Misses())
-        return await self.api._referrers(request, found.name, digest, [s.storage for s in sources])
+        misses = self._misses(request, found)
+        readable = [source.storage for source in self._sources(found) if misses.allowed(source)]
+        return await self.api._referrers(request, found.name, digest, readable)
 
     # ------------------------------------------------------------------ pushes
     async def _push(self, request: Request, kind: str, params: dict, found: VirtualName) -> Response:
@@ -252,8 +262,8 @@ class VirtualRepositories:
         found = self.resolve(source)
         if found is None:
             return source
-        sources = self._sources(request, found, Misses())
-        known = self._first_known(sources, lambda s: self.metadata.known_blob(s.storage, str(digest)))
+        known = _first_known(self._sources(found), self._misses(request, found),
+                             lambda s: self.metadata.known_blob(s.storage, str(digest)))
         return known.storage if known is not None else None
 
     # ------------------------------------------------------------------ catalog
@@ -269,6 +279,12 @@ class VirtualRepositories:
         if visible is not None:
             names = {name for name in names if visible(name)}
         return page(sorted(names), n, last)
+
+
+def _first_known(sources: list[Source], misses: Misses, known: Callable[[Source], object]) -> Source | None:
+    """The first source the caller may pull whose storage the read model knows to hold the
+    content (by digest: a model that lags can only miss it, never serve something else)."""
+    return next((s for s in sources if known(s) is not None and misses.allowed(s)), None)
 
 
 def _remote_route(remotes, candidate: Candidate) -> Route | None:
@@ -307,6 +323,11 @@ def _leaf_members(virtuals, virtual: VirtualRepository, depth: int) -> set[str]:
 def _storage(remotes, candidate: Candidate) -> str:
     route = _remote_route(remotes, candidate)
     return route.local_name if route is not None else candidate.name
+
+
+def _allow(request: Request, *methods: str) -> None:
+    if request.method not in methods:
+        raise errors.unsupported(f"method {request.method} is not allowed here")
 
 
 def _from(response: Response, source: Source) -> Response:

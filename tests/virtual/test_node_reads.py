@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import anyio
+import httpx
 import pytest
 
 from tests.pullthrough.conftest import REPO, client_of, push, remote, running_upstream, unique
@@ -189,3 +190,31 @@ async def test_node_tags_referrers_catalog_and_mount_across_members(etcd, cluste
     data = random_bytes(64, "not-mountable")
     plain = await client.post(f"/v2/{team}/mounted/blobs/uploads/", params={"mount": digest(data), "from": name})
     assert plain.status_code == 202, describe(plain)
+
+
+def _etcd_ranges(etcd) -> float:
+    """etcd's count of range requests so far (its Prometheus metrics)."""
+    text = httpx.get(f"{etcd.url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('etcd_debugging_mvcc_range_total') or
+               line.startswith('etcd_mvcc_range_total'))
+
+
+async def test_node_candidates_that_miss_cost_no_etcd_round_trip(etcd, cluster_name, client):
+    first, second, third, dev = unique("ta"), unique("tb"), unique("tc"), unique("dev")
+    await virtual(etcd, cluster_name, [client], dev, [first, second, third])
+    image = build_image("in-the-third")
+    await push(client.base_url, f"{third}/app", "1", image)
+    await push(client.base_url, f"{first}/other", "1", build_image("elsewhere"))   # the members exist
+    await push(client.base_url, f"{second}/other", "1", build_image("elsewhere"))
+    rounds = 20
+
+    async def ranges_of(name: str) -> float:
+        before = _etcd_ranges(etcd)
+        for _ in range(rounds):
+            assert (await manifest(client, name, "1")).content == image.manifest
+        return _etcd_ranges(etcd) - before
+
+    direct, through = await ranges_of(f"{third}/app"), await ranges_of(f"{dev}/app")
+    assert direct >= rounds / 2, "etcd's range metric does not count the read barriers"
+    assert through <= direct + 3, f"{through} etcd range requests through the virtual name, {direct} direct"
