@@ -1,8 +1,9 @@
 """Fixtures for the end-to-end tests of virtual repositories with real clients (test_clients_*).
 
-* `e2e_cluster` (session): two cargohold nodes of one cluster on the session's etcd. Each test
-  declares its own repositories through the CLI (`cargohold repo add ... --remote` / `--virtual`)
-  under names of its own (`e2e_names`), so tests share the nodes but never a definition or an image.
+* `e2e_cluster` (session): two cargohold nodes of one cluster on the session's etcd, one on each
+  server runtime (uvicorn/asyncio, hypercorn/trio). Each test declares its own repositories
+  through the CLI (`cargohold repo add ... --remote` / `--virtual`) under names of its own
+  (`e2e_names`), so tests share the nodes but never a definition or an image.
 * `e2e_upstream` (session): Debian's `docker-registry` (CNCF Distribution) with its access log on,
   the upstream of the remote members; `seed()` puts an image there with `skopeo copy`, as a user
   would. `e2e_upstreams` starts more of them for one test (one to kill).
@@ -27,7 +28,7 @@ from tests.support.node import NodeProcess
 from tests.support.oci import Image, layout_manifest, read_oci_layout
 from tests.support.skopeo import copy, docker_ref, oci_ref
 
-E2E_NODE_IDS = ("v1", "v2")
+E2E_RUNTIMES = {"v1": "asyncio", "v2": "trio"}     # node -> server runtime: uvicorn, hypercorn-trio
 MEMBER_HEADER = "X-Cargohold-Member"
 
 
@@ -61,8 +62,8 @@ class VirtualCluster(Cluster):
 def e2e_cluster(etcd, tmp_path_factory) -> VirtualCluster:
     cluster = VirtualCluster(etcd.url, tmp_path_factory.mktemp("virtual-cluster"), f"vr-{uuid.uuid4().hex[:8]}")
     try:
-        for node_id in E2E_NODE_IDS:
-            cluster.add(node_id)
+        for node_id, runtime in E2E_RUNTIMES.items():
+            cluster.add(node_id, args=["--runtime", runtime])     # the last --runtime wins
         yield cluster
     finally:
         cluster.stop_all()
