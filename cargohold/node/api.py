@@ -271,7 +271,8 @@ class RegistryAPI:
             tags, more = page(tags, n, last)
         response = json_response(200, _json({"name": name, "tags": tags}))
         if more and tags:
-            response.header("Link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}>; rel="next"')
+            mirror = f"&ns={quote(ns)}" if (ns := request.query("ns")) else ""    # a mirror's next page too
+            response.header("Link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}{mirror}>; rel="next"')
         return response
 
     async def _referrers(self, request: Request, name: str, digest: str) -> Response:

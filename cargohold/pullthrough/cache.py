@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -92,6 +91,7 @@ class PullThrough:
         self.clock = clock
         self.verify_tls = verify_tls
         self._clients: dict[str, tuple[RemoteRepository, UpstreamClient]] = {}
+        self._retired: list[UpstreamClient] = []       # replaced, to be closed by run()
         self._checks: dict[tuple[str, str], TagCheck] = {}
         self._tag_lists: dict[str, _TagList] = {}
         self._flights: dict[tuple[str, str], list] = {}     # key -> [lock, users]
@@ -103,6 +103,8 @@ class PullThrough:
         entry = self._clients.get(repository.name)
         if entry is not None and entry[0] == repository:
             return entry[1]
+        if entry is not None:       # changed before run() saw it: run() closes the old one
+            self._retire(repository.name)
         client = UpstreamClient(repository.url, username=repository.username, password=repository.password,
                                 timeouts=self.timeouts, offline_period=repository.offline_period,
                                 verify_tls=self.verify_tls)
@@ -123,19 +125,23 @@ class PullThrough:
                             tg.start_soon(_close_later, client, CLIENT_CLOSE_DELAY)
         finally:
             with anyio.CancelScope(shield=True):
-                for _, client in self._clients.values():
+                for client in [*self._retired, *(client for _, client in self._clients.values())]:
                     await client.aclose()
 
     def _drop_outdated(self) -> list[UpstreamClient]:
         definitions = self.metadata.repository_definitions()
-        dropped = []
-        for name, (definition, client) in list(self._clients.items()):
+        for name, (definition, _) in list(self._clients.items()):
             if definitions.get(name) != definition:
-                del self._clients[name]
-                dropped.append(client)
-                self._tag_lists = {k: v for k, v in self._tag_lists.items() if not k.startswith(name + "/")}
-                log.info("remote repository %s changed: its upstream client is rebuilt", name)
+                self._retire(name)
+        dropped, self._retired = self._retired, []
         return dropped
+
+    def _retire(self, name: str) -> None:
+        """Forget a changed or removed definition's client (closed later) and tag lists."""
+        _, client = self._clients.pop(name)
+        self._retired.append(client)
+        self._tag_lists = {k: v for k, v in self._tag_lists.items() if not k.startswith(name + "/")}
+        log.info("remote repository %s changed: its upstream client is rebuilt", name)
 
     # ------------------------------------------------------------------ manifests
     async def manifest(self, route: Route, reference: str) -> CachedManifest:
@@ -342,17 +348,16 @@ class PullThrough:
 
 
 async def _close_later(client: UpstreamClient, delay: float) -> None:
-    await anyio.sleep(delay)
-    await client.aclose()
+    """After the requests that began with it are done; at once when the node stops."""
+    try:
+        await anyio.sleep(delay)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.aclose()
 
 
 def _tags_size(tags: list[str]) -> int:
     return sum(len(tag) + 3 for tag in tags)       # about the JSON's size
-
-
-# An UpstreamUnavailable's reason says whether the upstream answered 5xx (see upstream.protocol);
-# once it is assumed offline after that, the reason starts with "assumed offline".
-_UPSTREAM_5XX = re.compile(r"^(?!assumed offline).*upstream answered 5\d\d$")
 
 
 def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -> RegistryError:
@@ -367,7 +372,7 @@ def failure(exc: UpstreamError, what: str, reference: str, offline_for: float) -
         return unknown(f"{what} not found upstream", detail=detail)
     if isinstance(exc, DigestMismatch):
         return unknown(f"the upstream sent a {what} that does not match its digest", detail=detail, status=502)
-    if isinstance(exc, UpstreamUnavailable) and not _UPSTREAM_5XX.search(exc.reason):
+    if isinstance(exc, UpstreamUnavailable) and exc.status is None:
         wait = getattr(exc, "retry_after", None) or offline_for or 1.0
         return errors.unavailable(f"the upstream cannot be reached now and nothing is cached: {exc.reason}",
                                   detail=detail, headers={"Retry-After": str(max(1, math.ceil(wait)))})

@@ -122,13 +122,15 @@ def decide(digest: str, blob: BlobFacts, view: ClusterView,
 
 def missing_dependencies(dependencies: Iterable[str], view: ClusterView,
                          facts_of: Callable[[str], BlobFacts | None]) -> tuple[str, ...]:
-    """The references that this site should hold and holds no copy of yet."""
+    """The references that this site should hold and holds no copy of yet. One the cluster
+    does not know is not waited for: a manifest cached from an upstream is recorded before its
+    blobs and child manifests, which come on demand, maybe never (issue 14)."""
     missing = []
     for dependency in dependencies:
         facts = facts_of(dependency)
-        repos = facts.repos if facts is not None else ()
-        holders = facts.holders if facts is not None else ()
-        if view.site in view.target_sites(repos) and view.site not in view.sites_of(holders):
+        if facts is None:
+            continue
+        if view.site in view.target_sites(facts.repos) and view.site not in view.sites_of(facts.holders):
             missing.append(dependency)
     return tuple(missing)
 

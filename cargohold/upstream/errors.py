@@ -19,11 +19,13 @@ class UpstreamDenied(UpstreamError):
 
 class UpstreamUnavailable(UpstreamError):
     """The upstream cannot answer now (5xx, refused connection, timeout, TLS failure, or assumed
-    offline): a cache serves what it has. `reason` is short and safe to log."""
+    offline): a cache serves what it has. `reason` is short and safe to log; `status` is the
+    upstream's 5xx when it answered one (None: it did not answer)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, status: int | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.status = status
 
 
 class UpstreamRateLimited(UpstreamUnavailable):

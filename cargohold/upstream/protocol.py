@@ -142,5 +142,5 @@ def failure_for_status(status: int, what: str, retry_after: str | None = None) -
         seconds = retry_after_seconds(retry_after)
         return errors.UpstreamRateLimited(f"{what}: rate limited (429)", seconds)
     if status >= 500:
-        return errors.UpstreamUnavailable(f"{what}: upstream answered {status}")
+        return errors.UpstreamUnavailable(f"{what}: upstream answered {status}", status)
     return errors.UpstreamError(f"{what}: upstream answered {status}")

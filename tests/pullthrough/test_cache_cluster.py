@@ -7,6 +7,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from cargohold.coordinator.etcd import EtcdClient
+from cargohold.coordinator.metadata import ClusterMetadata
 from tests.pullthrough.conftest import REPO, client_of, remote, running_node, wait_routed
 from tests.support.poll import eventually
 
@@ -65,3 +67,24 @@ async def test_cache_miss_on_the_trio_node_served_by_the_other(etcd, cluster_nam
         response = await client.get(f"/v2/{name}/blobs/{layer}")
         return response if response.headers["x-cargohold-cache"] == "hit" else None
     assert (await eventually(served_here, what="the blob filled by n2 served by n1")).content == data
+
+
+async def _holders(etcd, cluster: str, digest: str) -> set[str]:
+    async with EtcdClient([etcd.url]) as etcd_client:
+        metadata = ClusterMetadata(etcd_client, cluster, "test")
+        await metadata.load()
+        state = metadata.blob_states().get(digest)
+        return set(state.nodes) if state is not None else set()
+
+
+async def test_cache_manifest_replicates_before_its_blobs_are_fetched(etcd, cluster_name, client, second,
+                                                                      upstream):
+    """Blobs come on demand, maybe never: the manifest's bytes must not wait for them to reach
+    a second node (losing the node that fetched it would lose the cached manifest)."""
+    hub = await remote(etcd, cluster_name, client, upstream.url, ttl=3600)
+    index = await client.get(f"/v2/{hub.name}/{REPO}/manifests/multi")
+    assert index.status_code == 200
+
+    async def on_both() -> bool:
+        return await _holders(etcd, cluster_name, upstream.index.digest) == {"n1", "n2"}
+    await eventually(on_both, what="the cached index copied to both nodes")

@@ -136,6 +136,9 @@ async def test_cache_mirror_request_with_ns(etcd, cluster_name, client, upstream
     # stored under the canonical name: the namespace form finds it cached
     named = await client.get(f"/v2/{hub.name}/{REPO}/manifests/v1")
     assert named.headers["x-cargohold-cache"] == "hit"
+    first_page = await client.get(f"/v2/{REPO}/tags/list", params={"ns": host, "n": 1})
+    assert first_page.json()["name"] == REPO
+    assert first_page.headers["link"].endswith(f'&ns={host}>; rel="next"')
 
 
 async def test_cache_tags_list_from_upstream(etcd, cluster_name, client, upstream):

@@ -56,7 +56,8 @@ def test_cache_upstream_failures_answered():
     assert (refused.status, refused.code, refused.headers["Retry-After"]) == (503, "UNAVAILABLE", "13")
     limited = failure(errors.UpstreamRateLimited("429", 40.0), "manifest", "v1", 30.0)
     assert (limited.status, limited.headers["Retry-After"]) == (503, "40")
-    broken = failure(errors.UpstreamUnavailable("GET /v2/x/manifests/v1: upstream answered 503"), "manifest", "v1", 30)
+    broken = failure(errors.UpstreamUnavailable("GET /v2/x/manifests/v1: upstream answered 503", 503),
+                     "manifest", "v1", 30)
     assert (broken.status, broken.code) == (502, "UNAVAILABLE")
     offline = failure(errors.UpstreamUnavailable("assumed offline for 3.0s more after: upstream answered 500"),
                       "manifest", "v1", 3.0)

@@ -68,6 +68,15 @@ def test_a_manifest_waits_for_its_blobs_in_this_site():
     assert decide(DIGEST, blob([outsider], dependencies=(layer,)), view(owners[0]), facts.get).action is Action.FETCH
 
 
+def test_a_cached_manifest_does_not_wait_for_blobs_the_cluster_never_fetched():
+    """A remote repository records a manifest before its blobs (they come on demand, maybe
+    never): its bytes replicate at once."""
+    owners, outsider = owners_and_outsider(view("a"))
+    unfetched = "sha256:" + "ef" * 32
+    decision = decide(DIGEST, blob([outsider], dependencies=(unfetched,)), view(owners[0]), {}.get)
+    assert decision.action is Action.FETCH
+
+
 def test_a_member_dead_past_down_after_loses_its_ownership():
     v = view("a")
     owners, _ = owners_and_outsider(v)
