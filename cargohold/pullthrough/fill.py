@@ -251,7 +251,7 @@ class BlobFiller:
         async with upstream.stream_blob(route.upstream_name, str(fill.digest)) as chunks:
             staged = await GrowingFile.create(self.store.staging_path(), fill.digest, chunks.size)
             try:
-                if staged.size is not None:
+                if staged.size:          # (an empty or unsized blob is served once published)
                     fill.stream(staged)
                 await self._receive(chunks, staged)
                 await staged.verify()
@@ -267,8 +267,8 @@ class BlobFiller:
     async def _receive(self, chunks: AsyncIterator[bytes], staged: GrowingFile) -> None:
         """Upstream chunks into the staging file and its hash: receiving, writing and hashing
         go on side by side, each batch in order."""
-        to_disk, disk_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
-        to_hasher, hash_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+        to_disk, disk_queue = anyio.create_memory_object_stream[list[bytes]](QUEUED_BATCHES)
+        to_hasher, hash_queue = anyio.create_memory_object_stream[list[bytes]](QUEUED_BATCHES)
 
         async def drain(queue, step) -> None:
             async with queue:

@@ -1,6 +1,6 @@
 """A blob being filled from upstream: a staging file that grows while readers follow it.
 
-The filler appends batches (written and hashed on a worker thread); readers on this node read
+The filler appends batches (written and hashed on worker threads); readers on this node read
 what has been released so far and wait for more. `released` is the one rule that keeps wrong
 bytes from ever being accepted: everything written is released except the last byte, which
 waits until the whole blob has hashed to its digest. A client therefore never receives a
@@ -29,19 +29,19 @@ def releasable(written: int, size: int, verified: bool) -> int:
     return written if verified else max(0, min(written, size - 1))
 
 
-async def batches(chunks: AsyncIterable[bytes], batch: int = WRITE_BATCH) -> AsyncIterator[bytes]:
-    """The chunks joined into pieces of at least `batch` bytes (the last may be smaller), so
-    that each worker-thread trip moves a useful amount."""
+async def batches(chunks: AsyncIterable[bytes], batch: int = WRITE_BATCH) -> AsyncIterator[list[bytes]]:
+    """The chunks in groups of at least `batch` bytes (the last may be smaller), so that each
+    worker-thread trip moves a useful amount. Not joined: that would copy every byte once more."""
     parts: list[bytes] = []
     gathered = 0
     async for chunk in chunks:
         parts.append(chunk)
         gathered += len(chunk)
         if gathered >= batch:
-            yield b"".join(parts)
+            yield parts
             parts, gathered = [], 0
     if parts:
-        yield b"".join(parts)
+        yield parts
 
 
 class GrowingFile:
@@ -80,19 +80,25 @@ class GrowingFile:
             return 0
         return releasable(self.written, self.size, self.verified)
 
-    async def append(self, batch: bytes) -> None:
-        if self.size is not None and self.written + len(batch) > self.size:
+    async def append(self, batch: list[bytes]) -> None:
+        size = sum(map(len, batch))
+        if self.size is not None and self.written + size > self.size:
             raise UpstreamUnavailable(f"blob {self.digest}: upstream sent more than the {self.size} bytes it announced")
         await anyio.to_thread.run_sync(self._write, batch)
-        self.written += len(batch)
+        self.written += size
         self._notify()
 
-    def _write(self, batch: bytes) -> None:
-        self._writer.write(batch)
+    def _write(self, batch: list[bytes]) -> None:
+        for part in batch:
+            self._writer.write(part)
         self._writer.finish()          # flushed: readers may read it now
 
-    async def hash(self, batch: bytes) -> None:
-        await anyio.to_thread.run_sync(self._hasher.update, batch)
+    async def hash(self, batch: list[bytes]) -> None:
+        await anyio.to_thread.run_sync(self._hash, batch)
+
+    def _hash(self, batch: list[bytes]) -> None:
+        for part in batch:
+            self._hasher.update(part)
 
     async def verify(self) -> None:
         """The whole blob is here: check its size and digest (DigestMismatch), then release the rest."""

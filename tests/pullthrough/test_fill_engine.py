@@ -161,6 +161,15 @@ async def test_an_upstream_breaking_off_mid_body_fails_every_pull_and_publishes_
         assert sum(node.figures.fills["failed"] for node in nodes) == 1
 
 
+async def test_an_empty_body_is_checked_before_it_is_served(etcd, tmp_path):
+    empty = PacedBlob.of(0, "empty")
+    wrong = PacedBlob("sha256:" + "cd" * 32, b"")
+    async with paced_cluster(etcd.url, tmp_path, empty, wrong, nodes=1) as (_, nodes, upstream, the_route):
+        with pytest.raises(DigestMismatch):     # not a complete 0-byte answer first
+            await nodes[0].filler.open(upstream, the_route, parse_digest(wrong.digest))
+        assert await pull(nodes, nodes[0], upstream, the_route, empty.digest) == b""
+
+
 async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path):
     data = random_bytes(100_000, "unverified")
     digest = parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
@@ -173,8 +182,8 @@ async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path)
 
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(reader)
-        await staged.append(data)
-        await staged.hash(data)
+        await staged.append([data])
+        await staged.hash([data])
         await eventually(lambda: len(received) == len(data) - 1, what="all but the last byte")
         await anyio.sleep(0.1)
         assert len(received) == len(data) - 1

@@ -26,10 +26,11 @@ pytestmark = pytest.mark.anyio
 BIG = 64 * 1024 * 1024
 
 
-@pytest.fixture(scope="module")
-def nodes(etcd, tmp_path_factory):
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def nodes(etcd, tmp_path_factory, request):
+    """Three nodes on uvicorn (asyncio) or hypercorn (trio)."""
     cluster = Cluster(etcd.url, tmp_path_factory.mktemp("fill-nodes"), f"fill-nodes-{uuid.uuid4().hex[:8]}")
-    started = [cluster.add(f"n{i}") for i in (1, 2, 3)]
+    started = [cluster.add(f"n{i}", args=["--runtime", request.param]) for i in (1, 2, 3)]
     try:
         yield cluster, started
     finally:
