@@ -6,7 +6,7 @@ defined in etcd while the node runs (as `cargohold repo add` does): each test de
 caches never overlap.
 
 End-to-end tests with real clients and faults (test_clients_*, test_faults_*):
-* `cache_cluster` (session): three cargohold nodes on the session's etcd, one cluster. Each test
+* `cache_cluster` (module): three cargohold nodes on the session's etcd, one cluster. Each test
   declares its own remote repository (`cache_cluster.add_remote(...)`, through the CLI
   `cargohold repo add`) over its own upstream, so tests share the nodes but not their state. A
   test that kills a node starts it again before it ends.
@@ -207,8 +207,10 @@ def wait_until_routed(node: NodeProcess, name: str) -> None:
           what=f"{node.url} routes {name}/ to the remote repository")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cache_cluster(etcd, tmp_path_factory) -> CacheCluster:
+    """Per module, not per session: live nodes keep writing to the shared etcd (leases, status),
+    and tests elsewhere that count etcd revisions must not see them."""
     cluster = CacheCluster(etcd.url, tmp_path_factory.mktemp("cache-cluster"), f"pt-{uuid.uuid4().hex[:8]}")
     for node_id in NODE_IDS:
         cluster.add(node_id, start=False)

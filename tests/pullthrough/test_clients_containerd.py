@@ -50,6 +50,9 @@ def test_ctr_pulls_through_the_namespace(ctr, upstreams, cache_cluster, remote_n
     assert image_digest(ctr, ref) == image.digest
     for blob in image.blobs:          # each blob fetched from the upstream once
         assert len(upstream.logged(f"/blobs/{blob}", "GET")) == 1, blob
+    # from then on ordinary blobs of the cluster: placed and copied to replicas_per_site (2) nodes
+    cache_cluster.wait_until(lambda: all(len(cache_cluster.holders().get(blob, ())) >= 2 for blob in image.blobs),
+                             what="the cached blobs are replicated like pushed ones")
 
 
 def test_ctr_uses_the_cache_as_a_mirror(ctr, upstreams, cache_cluster, remote_name, tmp_path):
