@@ -85,10 +85,10 @@ class Misses:
             return
         raise exc          # a client error (a bad range, a method): the same from every member
 
-    def answer(self, unknown: errors.RegistryError) -> errors.RegistryError:
+    def answer(self, unknown: errors.RegistryError, *, say_denied: bool = True) -> errors.RegistryError:
         if self.failure is not None:
             return self.failure
-        if self.denied:
+        if self.denied and say_denied:
             return errors.denied(f"not found in the members you may pull (denied: {', '.join(self.denied)})",
                                  detail=[{"Type": "repository", "Name": n, "Action": "pull"} for n in self.denied])
         return unknown
@@ -223,7 +223,10 @@ class VirtualRepositories:
                 misses.note(exc)
                 continue
             return _from(response, source)
-        raise misses.answer(errors.blob_unknown(detail={"digest": str(digest)}))
+        # Unknown, not denied, when the members the caller may pull lack it: a client pushing
+        # through the virtual name asks (HEAD) before each upload and gives up at a 403. The
+        # skipped members' denials are audited all the same.
+        raise misses.answer(errors.blob_unknown(detail={"digest": str(digest)}), say_denied=False)
 
     async def _tags(self, request: Request, found: VirtualName) -> Response:
         _allow(request, "GET")

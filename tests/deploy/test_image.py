@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
 from tests.deploy.conftest import Podman, require
+from tests.support.containerd import private_containerd
 from tests.support.node import free_port
 from tests.support.oci import build_image, write_oci_layout
 from tests.support.poll import until
@@ -105,7 +105,7 @@ def test_push_pull_and_host_its_own_image(podman, cargohold_image, tmp_path):
                 f"docker://{host}/cargohold/cargohold:self", timeout=600)
         pushed = _skopeo(podman, "inspect", "--tls-verify=false", "--creds", CREDS, "--format", "{{.Digest}}",
                          f"docker://{host}/cargohold/cargohold:self").strip()
-        with _containerd(tmp_path / "containerd") as ctr:
+        with private_containerd(tmp_path / "containerd") as ctr:
             ref = f"{host}/cargohold/cargohold:self"
             ctr("images", "pull", "--plain-http", "--user", CREDS, ref)
             listed = ctr("images", "list", f"name=={ref}").splitlines()[1].split()
@@ -119,54 +119,3 @@ def test_push_pull_and_host_its_own_image(podman, cargohold_image, tmp_path):
 
 def _manifest_digest(layout: Path) -> str:
     return json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
-
-
-CONTAINERD_CONFIG = """\
-version = 2
-root = "{root}/root"
-state = "{root}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{root}/containerd.sock"
-[ttrpc]
-  address = "{root}/containerd.sock.ttrpc"
-[debug]
-  address = "{root}/debug.sock"
-"""
-
-
-@contextmanager
-def _containerd(root: Path):
-    """A private containerd daemon (its own root, state and sockets); yields a `ctr` runner."""
-    root.mkdir(parents=True)
-    (root / "config.toml").write_text(CONTAINERD_CONFIG.format(root=root))
-    log = open(root / "containerd.log", "wb")
-    daemon = subprocess.Popen(["containerd", "--config", str(root / "config.toml")], stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    socket = root / "containerd.sock"
-
-    def ctr(*args: str) -> str:
-        result = subprocess.run(["ctr", "--address", str(socket), "--namespace", "cargohold-test", *args],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, f"ctr {' '.join(args)}: {result.stderr[-2000:]}\n{_tail(root)}"
-        return result.stdout
-
-    try:
-        until(lambda: socket.exists() and ctr("version"), timeout=30, what=f"containerd starts\n{_tail(root)}")
-        yield ctr
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        log.close()
-        for line in Path("/proc/mounts").read_text().splitlines():
-            if line.split()[1].startswith(str(root)):
-                subprocess.run(["umount", "-l", line.split()[1]], capture_output=True)
-
-
-def _tail(root: Path) -> str:
-    path = root / "containerd.log"
-    return path.read_text(errors="replace")[-1500:] if path.exists() else ""

@@ -1,23 +1,26 @@
 """A TCP proxy on loopback that cuts connections after a number of bytes (a flaky network link),
-or all of them until healed (a partition)."""
+or all of them until healed (a partition), and can throttle what goes to the client (a slow link)."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class FaultProxy:
     """Forwards 127.0.0.1:<port> to `target`. The first `cut_connections` connections are closed
     after `cut_after` bytes have gone from the target to the client. `partition()` resets every
     open connection and closes new ones as soon as they are accepted (what a partition with a
-    router that answers looks like: connection refused or reset) until `heal()`."""
+    router that answers looks like: connection refused or reset) until `heal()`. With `rate`, each
+    connection carries at most that many bytes a second from the target to the client."""
 
-    def __init__(self, target_port: int, *, cut_after: int, cut_connections: int = 1):
+    def __init__(self, target_port: int, *, cut_after: int, cut_connections: int = 1, rate: float | None = None):
         self.target_port = target_port
         self.cut_after = cut_after
         self.cuts_left = cut_connections
         self.cuts_made = 0
+        self.rate = rate
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -105,6 +108,8 @@ class FaultProxy:
                     break
                 sink.sendall(data)
                 sent += len(data)
+                if to_client and self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:

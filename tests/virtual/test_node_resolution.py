@@ -50,3 +50,10 @@ def test_node_misses_answer_unknown_denied_or_unavailable():
 def test_node_misses_client_error_is_not_skipped():
     with pytest.raises(errors.RegistryError):
         Misses().note(errors.unsupported("bad range", status=416))
+
+
+def test_node_misses_of_a_blob_stay_unknown_when_a_member_was_skipped():
+    unknown = errors.blob_unknown()
+    misses = Misses()
+    misses.denied.append("hub/app")
+    assert misses.answer(unknown, say_denied=False) is unknown     # a push's HEAD must see 404
