@@ -135,6 +135,20 @@ class Request:
             return False
         return True
 
+    def replay(self, body: bytes) -> None:
+        """Hand a body that was read ahead (a push through a virtual name reads the manifest to
+        link what it references first) to the handler that reads it next."""
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if delivered:
+                return {"type": "http.disconnect"}
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        self.receive, self._consumed, self.received = receive, False, 0
+
     async def read_body(self, limit: int) -> bytes:
         declared = decimal(self.header("content-length"))
         if declared is not None and declared > limit:

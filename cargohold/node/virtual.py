@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 from cargohold.coordinator.metadata import page   # the read model's paging
 from cargohold.node.http import Request, Response
 from cargohold.oci import errors
+from cargohold.oci.manifest import MAX_MANIFEST_BYTES, parse_manifest
 from cargohold.oci.reference import Digest, lookup_reference, parse_digest
 from cargohold.repositories.routing import Route, route as route_of
 from cargohold.repositories.virtual import (
@@ -268,8 +269,31 @@ class VirtualRepositories:
         access = self.api.access
         if access is not None:
             access.require_member(request, found.name, found.target, "push", params.get("reference"))
+        if kind == "manifest" and request.method == "PUT":
+            await self._link_referenced(request, found)
         response = await self.api._handlers[kind](request, **{**params, "name": found.target})
         return _renamed(response, found.target, found.name)
+
+    async def _link_referenced(self, request: Request, found: VirtualName) -> None:
+        """Before a manifest PUT lands in the target: link the blobs it references that the
+        target lacks from the first member the caller may pull that holds them, as a
+        cross-repository mount would. A client pushing through the virtual name asked (HEAD)
+        whether each blob exists under that name, heard yes from another member, and skipped its
+        upload; without this the PUT would fail MANIFEST_BLOB_UNKNOWN."""
+        body = await request.read_body(MAX_MANIFEST_BYTES)
+        request.replay(body)
+        try:
+            referenced = parse_manifest(body, request.header("content-type")).blobs
+        except errors.RegistryError:
+            return                      # the handler answers it
+        misses = self._misses(request, found)
+        for blob in referenced:
+            digest = str(blob)
+            if self.metadata.known_blob(found.target, digest) is not None:
+                continue
+            source = _first_known(found.sources, misses, lambda s: self.metadata.known_blob(s.storage, digest))
+            if source is not None and source.storage != found.target:
+                await self.metadata.link_blob(found.target, source.storage, digest)
 
     async def mount_source(self, request: Request, source: str, digest: Digest) -> str | None:
         """The repository a cross-repository mount `from=source` takes `digest` from: through

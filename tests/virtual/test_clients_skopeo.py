@@ -42,10 +42,6 @@ async def test_push_through_the_virtual_name_reads_back_identical_through_it_and
         assert served(node, f"{dev}/myapp", "1.0").member == f"{names.team_a}/myapp"
 
 
-@pytest.mark.xfail(strict=True, raises=SkopeoError, reason=(
-    "known bug (vnode): a blob HEAD through the virtual name answers 200 from the remote member's "
-    "cache (blobs are cached by digest, whatever the image name), so skopeo skips the upload and "
-    "the manifest PUT in the deployment target fails MANIFEST_BLOB_UNKNOWN; remove this mark once fixed"))
 async def test_an_image_pulled_through_the_virtual_name_is_promoted_into_it_with_skopeo_copy(
         e2e_cluster, e2e_upstream, e2e_names, tmp_path):
     """`skopeo copy docker://NODE/dev/library/base:v1 docker://NODE/dev/myapp:1.0`: the everyday

@@ -232,3 +232,22 @@ async def test_node_candidates_that_miss_cost_no_etcd_round_trip(etcd, cluster_n
     direct, through = await ranges_of(f"{third}/app"), await ranges_of(f"{dev}/app")
     assert direct >= rounds / 2, "etcd's range metric does not count the read barriers"
     assert through <= direct + 3, f"{through} etcd range requests through the virtual name, {direct} direct"
+
+
+async def test_node_manifest_put_links_what_another_member_holds(etcd, cluster_name, client):
+    """A client pushing through the virtual name HEADs each blob under that name; another member
+    answers that it has it, so the client skips the upload. The manifest PUT must then land in
+    the target with those blobs linked from that member (a mount), not fail MANIFEST_BLOB_UNKNOWN."""
+    team_a, team_b, dev = unique("ta"), unique("tb"), unique("dev")
+    await virtual(etcd, cluster_name, [client], dev, [team_a, team_b], deploy_to=team_a)
+    base = build_image("held-by-b")
+    await push(client.base_url, f"{team_b}/app", "base", base)
+    for blob_digest in base.blobs:
+        head = await client.head(f"/v2/{dev}/app/blobs/{blob_digest}")
+        assert head.status_code == 200 and head.headers[MEMBER] == f"{team_b}/app", describe(head)
+    put = await client.put(f"/v2/{dev}/app/manifests/promoted", content=base.manifest,
+                           headers={"Content-Type": base.media_type})
+    assert put.status_code == 201, describe(put)
+    for blob_digest, data in base.blobs.items():
+        assert (await get_ok(client, f"/v2/{team_a}/app/blobs/{blob_digest}")).content == data
+    assert (await manifest(client, f"{team_a}/app", "promoted")).content == base.manifest
