@@ -1,0 +1,239 @@
+"""Virtual repositories (issue 15): manifest GET and blob pull through a virtual name vs the member directly.
+
+One node with its own etcd; `dev` is a virtual repository over three local namespaces,
+`team-a,team-b,team-c`, defined with `cargohold repo add dev --virtual` before the node starts.
+The peer of every row is the same request sent to the member that holds the content, on the
+same node in the same run (`direct`); rounds alternate which of the two goes first.
+
+    manifest_get  an image in the first member (`team-a/first:latest`) and one in the third
+                  (`team-c/third:latest`, so `team-a/third` and `team-b/third` miss first).
+                  Checked first: the virtual GET returns the member's bytes and its
+                  X-Cargohold-Member header names that member. Then per round and case:
+                  `wrk -t2 -c16 -d10s` (bench/scenarios/manifest_get.lua) on
+                  /v2/dev/<image>/manifests/latest and on /v2/team-?/<image>/manifests/latest,
+                  node on cpu 0 and wrk on cpu 1 (as `registry`'s pinned manifest_get).
+                  Targets: first member >= 0.9x, third member >= 0.8x.
+    blob_pull     a 256 MiB blob of random bytes in the third member only (`team-c/big`);
+                  sha256 checked once through the virtual name (untimed), then per round
+                  `curl -o /dev/null` 3 times on one connection through each name. Target >= 0.95x.
+
+--rounds N (default 5; --quick 1); --quick: 3 s wrk, 32 MiB blob. Needs wrk, curl, taskset and
+etcd on PATH. Results: the "Virtual repositories" section of bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import launch, oci
+from bench.report import Row, compared, median
+from bench.scenarios.registry import CpuMeter, cpu_plan, curl_get, profiled, run_wrk
+
+MiB = 1 << 20
+MB = 1_000_000
+PEER = "direct"
+VIRTUAL = "dev"
+MEMBERS = ("team-a", "team-b", "team-c")
+MEMBER_HEADER = "X-Cargohold-Member"
+SIDES = ("virtual", "direct")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image read through `dev/<image>` and directly from `<member>/<image>`."""
+    label: str
+    member: str
+    image: str
+    min_ratio: float
+
+    @property
+    def direct(self) -> str:
+        return f"{self.member}/{self.image}"
+
+    @property
+    def virtual(self) -> str:
+        return f"{VIRTUAL}/{self.image}"
+
+    def repo(self, side: str) -> str:
+        return self.virtual if side == "virtual" else self.direct
+
+
+MANIFEST_CASES = (Case("first member", "team-a", "first", 0.9),
+                  Case("third member", "team-c", "third", 0.8))
+BLOB_CASE = Case("third member", "team-c", "big", 0.95)
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--rounds", type=int, help="rounds, alternating which side goes first (default 5; --quick 1)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="manifest_get: don't pin the node and wrk to separate cores")
+
+
+def prepare(ctx) -> None:
+    for tool in ("wrk", "curl", "taskset", launch.ETCD_BIN):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not found")
+    ctx.details["errors"] = {}
+
+
+def _rounds(ctx) -> int:
+    return max(1, ctx.args.rounds or (1 if ctx.quick else 5))
+
+
+def _sides_in_order(rnd: int) -> tuple[str, ...]:
+    return SIDES if rnd % 2 == 0 else SIDES[::-1]
+
+
+@contextlib.contextmanager
+def virtual_node(ctx, cpus: str | None = None):
+    """A fresh one-node cluster (its own etcd) where `dev` is defined over MEMBERS before the node
+    starts, so its read model holds the definition when it is ready. The node runs on `cpus`
+    (its etcd is not pinned: it is idle while the node answers from its read model). Everything
+    is deleted afterwards (the disk is shared)."""
+    workdir = Path(tempfile.mkdtemp(prefix="virtual-", dir=ctx.base))
+    try:
+        with launch.Cluster(workdir, "virtual") as cluster:
+            r = cluster.cli("repo", "add", VIRTUAL, "--virtual", "--members", ",".join(MEMBERS))
+            if r.returncode != 0:
+                said = (r.stderr or r.stdout).strip().splitlines() or ["(nothing)"]
+                raise RuntimeError(f"cargohold repo add {VIRTUAL} --virtual failed: {said[-1][:300]}")
+            node = cluster.node("n1")
+            node.cpus = cpus
+            node.start()
+            ctx.log(f"node {node.url} pid {node.pid} (cpus {cpus or 'any'}) ready in {node.last_ready_s:.2f}s")
+            yield node
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _expect_member(r, case: Case) -> None:
+    """The virtual answer must come from the member the case put the content in."""
+    served_by = r.headers.get(MEMBER_HEADER)
+    if served_by != case.direct:
+        raise RuntimeError(f"{r.request.method} {r.request.url.path}: {MEMBER_HEADER} {served_by!r}, "
+                           f"expected {case.direct!r}")
+
+
+# =========================================================================== manifest_get
+
+def _seed_manifest(c, case: Case) -> int:
+    """Push the case's image into its member; check the virtual GET answers the same bytes from
+    that member. Returns the manifest's size."""
+    body, _ = oci.push_image(c, case.direct, "latest")
+    for side in SIDES:
+        r = oci.get_manifest(c, case.repo(side), "latest")
+        if r.content != body:
+            raise oci.RegistryError(f"GET {case.repo(side)}:latest returned other bytes")
+    _expect_member(r, case)
+    return len(body)
+
+
+def _wrk(node, case: Case, side: str, seconds: int, cpus: str | None, min_bytes: int) -> dict:
+    """One checked wrk run on the case's manifest through `side`, with the node's CPU time."""
+    cpu = CpuMeter(node)
+    with cpu:
+        res = run_wrk(node.url, seconds, cpus, path=f"/v2/{case.repo(side)}/manifests/latest")
+    bad = {k: v for k, v in res["errors"].items() if v}
+    if bad:
+        raise RuntimeError(f"{side} {case.label}: wrk saw errors {bad} (non-2xx are 'status')")
+    if res["bytes"] / max(res["requests"], 1) < min_bytes:
+        raise RuntimeError(f"{side} {case.label}: responses shorter than the manifest ({min_bytes} bytes)")
+    res["node_cpu_s"] = cpu.total
+    res["node_cpu_ms_per_1k"] = 1e6 * cpu.total / max(res["requests"], 1)
+    return res
+
+
+def manifest_get(ctx) -> list[Row]:
+    seconds = 3 if ctx.quick else 10
+    srv_cpus, wrk_cpus = (None, None) if ctx.args.no_pin else cpu_plan(ctx)
+    pin_note = f"node on cpu {srv_cpus}, wrk on cpu {wrk_cpus}" if srv_cpus else "nothing pinned"
+    runs = {c.label: {s: [] for s in SIDES} for c in MANIFEST_CASES}
+    with virtual_node(ctx, srv_cpus) as node:
+        with oci.client(node.url) as c:
+            sizes = {case.label: _seed_manifest(c, case) for case in MANIFEST_CASES}
+        for case in MANIFEST_CASES:          # warm-up, discarded
+            for side in SIDES:
+                _wrk(node, case, side, 1, wrk_cpus, sizes[case.label])
+        for rnd in range(_rounds(ctx)):
+            for case in MANIFEST_CASES:
+                for side in _sides_in_order(rnd):
+                    with profiled(ctx, node, f"manifest_get-{case.image}-{side}"):
+                        res = _wrk(node, case, side, seconds, wrk_cpus, sizes[case.label])
+                    runs[case.label][side].append(res)
+                    ctx.log(f"[manifest_get] round {rnd + 1}/{_rounds(ctx)} {case.label} {side}: "
+                            f"{res['rps']:,.0f} req/s, p99 {res['latency_us']['p99'] / 1000:.2f} ms, "
+                            f"node CPU {res['node_cpu_ms_per_1k']:.0f} ms per 1k requests")
+    ctx.details["manifest_get"] = runs
+    return [row for case in MANIFEST_CASES
+            for row in _manifest_rows(case, runs[case.label], seconds, pin_note, _rounds(ctx))]
+
+
+def _manifest_rows(case: Case, runs: dict[str, list[dict]], seconds: int, pin_note: str,
+                   rounds: int) -> list[Row]:
+    def med(value) -> dict[str, float | None]:
+        return {s: median(value(r) for r in runs[s]) for s in SIDES}
+
+    per_round = ", ".join(f"{v['rps'] / d['rps']:.2f}" for v, d in zip(runs["virtual"], runs["direct"]))
+    what = f"{case.virtual} vs {case.direct}"
+    return [
+        _compared("manifest_get", f"GET by tag, {case.label}", "req/s", med(lambda r: r["rps"]),
+                  min_ratio=case.min_ratio,
+                  note=f"{what}; wrk -t2 -c16 -d{seconds}s, median of {rounds}; {pin_note}; "
+                       f"per-round ratios {per_round}"),
+        _compared("manifest_get", f"p99 latency, {case.label}", "ms",
+                  med(lambda r: r["latency_us"]["p99"] / 1000), note="lower is better"),
+        _compared("manifest_get", f"node CPU per 1k GETs, {case.label}", "cpu-ms",
+                  med(lambda r: r["node_cpu_ms_per_1k"]),
+                  note="user+sys of the node process; lower is better; steadier than req/s"),
+    ]
+
+
+def _compared(benchmark: str, metric: str, unit: str, by_side: dict, **kw) -> Row:
+    """A row of the virtual side with the direct side as its same-run peer."""
+    return compared(benchmark, metric, unit, by_side["virtual"], by_side["direct"], **kw)
+
+
+# =========================================================================== blob_pull
+
+def blob_pull(ctx) -> list[Row]:
+    size = (32 if ctx.quick else 256) * MiB
+    pulls = 3
+    case = BLOB_CASE
+    path = ctx.base / f"blob-{size // MiB}MiB"
+    digest = oci.make_file(path, size, 15_000)
+    runs: dict[str, list[float]] = {s: [] for s in SIDES}
+    with virtual_node(ctx) as node:
+        cpu = {s: CpuMeter(node) for s in SIDES}
+        with oci.client(node.url) as c:
+            oci.push_blob_file_monolithic(c, case.direct, path, digest)
+            oci.verify_blob(c, case.virtual, digest, size)     # untimed; also warms the page cache
+            _expect_member(c.head(f"/v2/{case.virtual}/blobs/{digest}"), case)
+        for rnd in range(_rounds(ctx)):
+            for side in _sides_in_order(rnd):
+                url = f"{node.url}/v2/{case.repo(side)}/blobs/{digest}"
+                with profiled(ctx, node, f"blob_pull-{side}"), cpu[side]:
+                    secs = curl_get(url, size, pulls)
+                runs[side] += [size / MB / s for s in secs]
+                ctx.log(f"[blob_pull] round {rnd + 1}/{_rounds(ctx)} {side}: "
+                        + "/".join(f"{size / MB / s:,.0f}" for s in secs) + " MB/s")
+    path.unlink(missing_ok=True)
+    ctx.details["blob_pull"] = runs | {"cpu": {s: m.as_dict() for s, m in cpu.items()}}
+    gb = _rounds(ctx) * pulls * size / 1e9
+    return [
+        _compared("blob_pull", f"pull {size // MiB} MiB, {case.label}", "MB/s",
+                  {s: median(runs[s]) for s in SIDES}, min_ratio=case.min_ratio,
+                  note=f"{case.virtual} vs {case.direct}; curl -o /dev/null, {pulls} GETs per "
+                       f"round on one connection, median of {len(runs['virtual'])}"),
+        _compared("blob_pull", "node CPU per GB pulled", "cpu-s/GB",
+                  {s: cpu[s].total / gb for s in SIDES}, note="user+sys of the node process; lower is better"),
+    ]
+
+
+PARTS = {
+    "manifest_get": manifest_get,
+    "blob_pull": blob_pull,
+}
