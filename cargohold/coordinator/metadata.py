@@ -35,7 +35,11 @@ from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import ReplicationRules
 from cargohold.coordinator.readmodel import ReadModel, page
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot, encode_repo
-from cargohold.repositories.definitions import RemoteRepository, decode_definition, is_remote_record
+from cargohold.repositories.definitions import (
+    InvalidDefinition, RemoteRepository, decode_definition, is_remote_record)
+from cargohold.repositories.virtual import VirtualRepository, check_virtual, decode_virtual, is_virtual_record
+
+Definition = RemoteRepository | VirtualRepository
 
 log = logging.getLogger("cargohold.coordinator")
 
@@ -870,45 +874,90 @@ class ClusterMetadata:
         """name -> definition of every remote repository, as the read model has them."""
         return MappingProxyType(self.model.definitions)
 
-    async def stored_definitions(self) -> dict[str, RemoteRepository]:
-        """The definitions as etcd has them now (for the CLI, which follows no watch)."""
+    def virtual_definitions(self) -> Mapping[str, VirtualRepository]:
+        """name -> definition of every virtual repository, as the read model has them."""
+        return MappingProxyType(self.model.virtuals)
+
+    async def stored_definitions(self) -> dict[str, Definition]:
+        """The definitions of both kinds as etcd has them now (for the CLI, which follows no watch)."""
+        definitions, _ = await self._stored_repos()
+        return definitions
+
+    async def _stored_repos(self) -> tuple[dict[str, Definition], dict[str, int]]:
+        """(name -> decodable definition, name -> mod revision of every `repos/<name>` key)."""
         kvs, _, _ = await self.client.get_prefix(self.keys.repos_prefix())
-        found = {}
+        definitions: dict[str, Definition] = {}
+        revisions: dict[str, int] = {}
         for kv in kvs:
             name = kv.key[len(self.keys.repos_prefix()):]
-            definition = decode_definition(name, kv.value)
+            revisions[name] = kv.mod_revision
+            definition = decode_definition(name, kv.value) or decode_virtual(name, kv.value)
             if definition is not None:
-                found[name] = definition
-        return found
+                definitions[name] = definition
+        return definitions, revisions
 
     async def define_repository(self, definition: RemoteRepository, *, replace: bool = False) -> None:
         """Store a definition. A new one must not clash with a local namespace of that name or
         under it, nor nest in or around another definition; `replace` changes an existing one.
         At most one definition answers Docker's `registry-mirrors` requests (with two, neither
-        would: `routing.route` could not choose)."""
+        would: `routing.route` could not choose). A virtual repository's deployment target never
+        becomes a cache."""
         key = self.keys.repo(definition.name)
         current = await self._get(key)
-        existing = decode_definition(definition.name, current.value) if current else None
         others = await self.stored_definitions()
-        self._refuse_second_docker_mirror(definition, others)
+        self._refuse_second_docker_mirror(definition, _remotes(others))
+        self._refuse_deploying_into(definition.name, others)
         if replace:
-            if existing is None:
+            if current is None or not is_remote_record(current.value):
                 raise DefinitionConflict(f"no remote repository {definition.name} to change")
             guard = [Compare(key, "mod", "==", current.mod_revision)]
         else:
-            if existing is not None:
-                raise DefinitionConflict(f"remote repository {definition.name} exists (change it with --replace)")
-            if current is not None:
-                raise DefinitionConflict(f"{definition.name} is a local repository with content")
-            for other in others:
-                if other.startswith(definition.name + "/") or definition.name.startswith(other + "/"):
-                    raise DefinitionConflict(f"{definition.name} would nest with remote repository {other}")
-            await self._refuse_local_repositories_under(definition.name)
-            guard = [Compare.missing(key), Compare.none_with_prefix(key + "/")]
+            guard = await self._new_definition_guard(definition.name, current, others)
         result = await self._txn(guard, [Put(key, definition.encode())])
         if not result.succeeded:
             raise DefinitionConflict(f"{definition.name} changed meanwhile (or a local repository appeared "
                                      "under it); nothing was stored")
+
+    async def define_virtual(self, definition: VirtualRepository, *, replace: bool = False) -> None:
+        """Store a virtual repository, checked (`check_virtual`) against the stored definitions:
+        a cycle, nesting too deep or a deployment target that cannot take pushes is refused with
+        a message saying which. The members' records are guarded too, so two definitions stored
+        at once cannot close a cycle between them."""
+        key = self.keys.repo(definition.name)
+        current = await self._get(key)
+        others, revisions = await self._stored_repos()
+        if replace:
+            if current is None or not is_virtual_record(current.value):
+                raise DefinitionConflict(f"no virtual repository {definition.name} to change")
+            guard = [Compare(key, "mod", "==", current.mod_revision)]
+        else:
+            guard = await self._new_definition_guard(definition.name, current, others)
+        virtuals = {name: d for name, d in _virtuals(others).items() if name != definition.name}
+        try:
+            check_virtual(definition, virtuals, _remotes(others))
+        except InvalidDefinition as exc:
+            raise DefinitionConflict(str(exc)) from None
+        guard += [Compare(self.keys.repo(m.name), "mod", "==", revisions[m.name]) if m.name in revisions
+                  else Compare.missing(self.keys.repo(m.name)) for m in definition.members]
+        result = await self._txn(guard, [Put(key, definition.encode())])
+        if not result.succeeded:
+            raise DefinitionConflict(f"{definition.name} or one of its members changed meanwhile (or a local "
+                                     "repository appeared under it); nothing was stored")
+
+    async def _new_definition_guard(self, name: str, current: KeyValue | None,
+                                    others: Mapping[str, Definition]) -> list:
+        """Refuse a new definition whose name is taken (a definition, a local repository of that
+        name or under it, a definition nesting with it); the txn guard that keeps it so."""
+        if name in others:
+            raise DefinitionConflict(f"{others[name].kind} repository {name} exists (change it with --replace)")
+        if current is not None:
+            raise DefinitionConflict(f"{name} is a local repository with content")
+        for other, definition in others.items():
+            if other.startswith(name + "/") or name.startswith(other + "/"):
+                raise DefinitionConflict(f"{name} would nest with {definition.kind} repository {other}")
+        await self._refuse_local_repositories_under(name)
+        key = self.keys.repo(name)
+        return [Compare.missing(key), Compare.none_with_prefix(key + "/")]
 
     @staticmethod
     def _refuse_second_docker_mirror(definition: RemoteRepository, others: Mapping[str, RemoteRepository]) -> None:
@@ -918,6 +967,13 @@ class ClusterMetadata:
                     raise DefinitionConflict(f"remote repository {name} already answers Docker's registry-mirrors "
                                              "requests (--docker-mirror); only one may")
 
+    @staticmethod
+    def _refuse_deploying_into(name: str, others: Mapping[str, Definition]) -> None:
+        for virtual in _virtuals(others).values():
+            if virtual.deploy_to == name:
+                raise DefinitionConflict(f"{name} is the deployment target of virtual repository {virtual.name}: "
+                                         "a remote repository cannot take pushes")
+
     async def _refuse_local_repositories_under(self, name: str) -> None:
         kvs, _, _ = await self.client.get_prefix(self.keys.repo(name) + "/", limit=1, keys_only=True)
         if kvs:
@@ -925,11 +981,12 @@ class ClusterMetadata:
             raise DefinitionConflict(f"{name} holds local repositories (e.g. {inside}): choose another name")
 
     async def remove_definition(self, name: str) -> bool:
-        """Delete a remote repository's definition (also one that no longer decodes); False if
-        there was none."""
+        """Delete a remote or virtual repository's definition (also one that no longer decodes);
+        False if there was none. A virtual repository naming it as a member afterwards reads a
+        local namespace of that name."""
         key = self.keys.repo(name)
         current = await self._get(key)
-        if current is None or not is_remote_record(current.value):
+        if current is None or not (is_remote_record(current.value) or is_virtual_record(current.value)):
             return False
         result = await self._txn([Compare(key, "mod", "==", current.mod_revision)], [Delete(key)])
         return result.succeeded
@@ -946,3 +1003,36 @@ class ClusterMetadata:
         prefix = self.keys.blob(digest) + "/at/"
         kvs, _, _ = await self.client.get_prefix(prefix, keys_only=True)
         return {kv.key[len(prefix):] for kv in kvs}
+
+    # ------------------------------------------------------------------ reads over several repositories
+    # (virtual repositories: a candidate that does not have the content must cost no etcd call)
+    async def tag_reader(self) -> Callable[[str, str], Awaitable[str | None]]:
+        """Tag lookups in several repositories after one read barrier: the read model answers
+        when it has caught up with etcd (a miss is a miss: no round trip per repository), as it
+        does while etcd does not answer; etcd itself when the model could not catch up in time."""
+        current = self.following and await self._model_is_current()
+
+        async def lookup(repo: str, tag: str) -> str | None:
+            if not current:
+                return await self.resolve_tag(repo, tag)
+            state = self.model.repo(repo)
+            return state.tags.get(tag) if state is not None else None
+        return lookup
+
+    def known_manifest(self, repo: str, digest: str) -> ManifestRecord | None:
+        """The manifest's record if the read model has it in `repo` (content by digest: never stale)."""
+        state = self.model.repo(repo)
+        return state.manifests.get(digest) if state is not None else None
+
+    def known_blob(self, repo: str, digest: str) -> BlobRecord | None:
+        """The blob's record if the read model has it linked into `repo`."""
+        state = self.model.blob_in_repo(digest, repo)
+        return state.record if state is not None else None
+
+
+def _remotes(definitions: Mapping[str, Definition]) -> dict[str, RemoteRepository]:
+    return {name: d for name, d in definitions.items() if isinstance(d, RemoteRepository)}
+
+
+def _virtuals(definitions: Mapping[str, Definition]) -> dict[str, VirtualRepository]:
+    return {name: d for name, d in definitions.items() if isinstance(d, VirtualRepository)}

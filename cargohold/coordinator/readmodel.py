@@ -17,6 +17,7 @@ from cargohold.coordinator.keys import Keys
 from cargohold.coordinator.policies import Policies, ReplicationRules
 from cargohold.coordinator.records import BlobRecord, ManifestRecord, Member, Snapshot
 from cargohold.repositories.definitions import RemoteRepository, decode_definition
+from cargohold.repositories.virtual import VirtualRepository, decode_virtual, is_virtual_record
 from cargohold.runtime.memory import without_cycle_collection
 
 
@@ -80,6 +81,7 @@ class ReadModel:
         self.replication_rules = ReplicationRules()
         self.node_status: dict[str, dict] = {}
         self.definitions: dict[str, RemoteRepository] = {}   # repos/<name> of kind remote
+        self.virtuals: dict[str, VirtualRepository] = {}      # repos/<name> of kind virtual
         # What changed since the last take_changes(): replication and GC react to these.
         self.changed_blobs: set[str] = set()
         self.changed_sections: set[str] = set()       # "members", "gc", "policies"
@@ -145,14 +147,8 @@ class ReadModel:
         elif kind == "blob_in":
             self._blob(parsed.digest).repos.add(sys.intern(parsed.repo))
         elif kind == "repo":
-            definition = decode_definition(parsed.repo, value)
-            if definition is not None:
-                self.definitions[parsed.repo] = definition
-                return
-            repo = self._repo(parsed.repo)
-            if not repo.registered:
-                repo.registered = True
-                self._sorted_repos = None
+            if not self._apply_definition(parsed.repo, value):
+                self._register(parsed.repo)
         elif kind == "tombstone":
             self.tombstones[sys.intern(parsed.digest)] = value.decode()
         elif kind == "gc_run":
@@ -169,6 +165,32 @@ class ReadModel:
             self.members[parsed.name] = Member.decode(parsed.name, value)
         elif kind == "alive":
             self.alive.add(parsed.name)
+
+    def _apply_definition(self, name: str, value: bytes) -> bool:
+        """Take `repos/<name>` as a remote or virtual definition; False for a local registration.
+        A virtual record that does not decode is still a definition (it serves nothing)."""
+        self._forget_definition(name)       # a definition may change kind (remove, then add)
+        remote = decode_definition(name, value)
+        if remote is not None:
+            self.definitions[name] = remote
+            return True
+        if is_virtual_record(value):
+            virtual = decode_virtual(name, value)
+            if virtual is not None:
+                self.virtuals[name] = virtual
+            return True
+        return False
+
+    def _forget_definition(self, name: str) -> bool:
+        remote = self.definitions.pop(name, None)
+        virtual = self.virtuals.pop(name, None)
+        return remote is not None or virtual is not None
+
+    def _register(self, name: str) -> None:
+        repo = self._repo(name)
+        if not repo.registered:
+            repo.registered = True
+            self._sorted_repos = None
 
     def apply_delete(self, key: str) -> None:
         parsed = self.keys.parse(key)
@@ -196,7 +218,7 @@ class ReadModel:
             if state.empty():
                 del self.blobs[parsed.digest]
         elif kind == "repo":
-            if self.definitions.pop(parsed.repo, None) is not None:
+            if self._forget_definition(parsed.repo):
                 return
             repo = self.repos.get(parsed.repo)
             if repo is not None and repo.registered:

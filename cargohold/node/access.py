@@ -331,6 +331,31 @@ class AccessControl:
             return False
         return identity.grants is None or token_allows(identity.grants, repo, action)
 
+    # ------------------------------------------------------------------ members of virtual repositories
+    def member_may(self, request: Request, repo: str, action: str) -> bool:
+        """After `check` on a virtual name: may the caller do `action` on its member `repo`?
+        By the rules alone: the client's token names the virtual repository it asked for, never
+        the members behind it (its grant on the virtual name was checked already)."""
+        identity = request.auth
+        if identity is None or not self.enforced:
+            return True
+        return action in self._actions(identity.subject, repo)
+
+    def audit_member_denial(self, request: Request, name: str, member: str, action: str) -> None:
+        self.audit.record("denied", request, repository=name, member=member, action=action, status=403,
+                          method=request.method, path=request.path[:300])
+
+    def require_member(self, request: Request, name: str, member: str, action: str,
+                       reference: str | None = None) -> None:
+        """`member_may`, or 403 DENIED naming the member (audited); a push of a tag also obeys the
+        member's tag protection."""
+        if not self.member_may(request, member, action):
+            self.audit_member_denial(request, name, member, action)
+            raise errors.denied(f"{action} on {member} (behind {name}) is not allowed",
+                                detail=[{"Type": "repository", "Name": member, "Action": action}])
+        if reference and request.auth is not None and self.enforced:
+            self._check_tags(request, request.auth.subject, Need(action, member), reference)
+
     def visible(self, request: Request) -> Callable[[str], bool] | None:
         """A filter for `_catalog`: the repositories the caller may pull (None: no filter)."""
         identity = request.auth

@@ -37,6 +37,7 @@ from cargohold.blobs.store import BlobStore
 from cargohold.blobs.streams import primed
 from cargohold.coordinator.damaged import withdraw_damaged_copy
 from cargohold.node.uploads import UploadManager, UploadSession, range_headers
+from cargohold.node.virtual import VirtualRepositories
 from cargohold.pullthrough.cache import CACHE_HEADER, PullThrough
 from cargohold.repositories.routing import Route, route as route_of
 
@@ -90,6 +91,7 @@ class RegistryAPI:
         self.audit = access.audit if access is not None else AuditLog(None)
         self.manifest_cache = ContentCache()
         self.pullthrough = pullthrough  # remote repositories (issue 14); None: none served
+        self.virtual = VirtualRepositories(self)    # virtual repositories (issue 15)
         self._ready = ready or metadata.is_current
         self._handlers = {
             "uploads": self._uploads, "upload": self._upload, "blob": self._blob,
@@ -146,9 +148,12 @@ class RegistryAPI:
 
     async def handle(self, request: Request) -> Response:
         kind, params = _route(request)
-        remote = await self._remote_route(request, kind, params)
+        virtual = self.virtual.resolve(params["name"]) if "name" in params else None
+        remote = None if virtual is not None else await self._remote_route(request, kind, params)
         if self.access is not None:
             await self._check_access(request, kind, params, remote)
+        if virtual is not None:
+            return await self.virtual.serve(request, kind, params, virtual)
         if remote is not None:
             return await self._remote(request, kind, params, remote)
         if kind == "service":
@@ -251,7 +256,7 @@ class RegistryAPI:
     # ------------------------------------------------------------------ discovery
     def _catalog(self, request: Request) -> Response:
         n, last = _pagination(request)
-        names, more = self.metadata.catalog(n, last, self.access.visible(request) if self.access else None)
+        names, more = self.virtual.catalog(n, last, self.access.visible(request) if self.access else None)
         response = json_response(200, _json({"repositories": names}))
         if more and names:
             response.header("Link", f'</v2/_catalog?n={n}&last={quote(names[-1])}>; rel="next"')
@@ -276,14 +281,17 @@ class RegistryAPI:
             response.header("Link", f'</v2/{name}/tags/list?n={n}&last={quote(tags[-1])}{mirror}>; rel="next"')
         return response
 
-    async def _referrers(self, request: Request, name: str, digest: str) -> Response:
+    async def _referrers(self, request: Request, name: str, digest: str,
+                         sources: list[str] | None = None) -> Response:
+        """The referrers of `digest` in `name`, or in each of `sources` (a virtual name's members)."""
         _allow(request, "GET")
         subject = str(parse_digest(digest))
         wanted = request.query("artifactType")
-        descriptors = []
-        for ref_digest, record in await self.metadata.referrers(name, subject):
-            if wanted is not None and record.artifact_type != wanted:
+        descriptors, seen = [], set()
+        for ref_digest, record in await self._referring(sources or [name], subject):
+            if (wanted is not None and record.artifact_type != wanted) or ref_digest in seen:
                 continue
+            seen.add(ref_digest)
             # Annotations stay out of etcd (values must stay small): read them from the content.
             annotations = json.loads(await self._manifest_bytes(ref_digest, record.size)).get("annotations")
             descriptors.append(_descriptor(ref_digest, record, annotations))
@@ -292,6 +300,12 @@ class RegistryAPI:
         if wanted is not None:
             response.header("OCI-Filters-Applied", "artifactType")
         return response
+
+    async def _referring(self, names: list[str], subject: str) -> list[tuple[str, ManifestRecord]]:
+        found = []
+        for name in names:
+            found += await self.metadata.referrers(name, subject)
+        return found
 
     # ------------------------------------------------------------------ manifests
     async def _manifest(self, request: Request, name: str, reference: str) -> Response:
@@ -517,9 +531,9 @@ class RegistryAPI:
         self.metadata.check_writable()     # during an etcd outage: 503 before the layer's bytes come
         mount, source = request.query("mount"), request.query("from")
         if mount is not None and source is not None:
-            source = validate_name(source)
             # Without pull on `from` this is a plain upload: the answer never reveals the blob.
-            if self.access is None or self.access.may(request, source, "pull"):
+            source = await self.virtual.mount_source(request, validate_name(source), parse_digest(mount))
+            if source is not None:
                 mounted = await self._try_mount(name, parse_digest(mount), source)
                 if mounted is not None:
                     self.audit.record("mount", request, repository=name, digest=mount, source=source)

@@ -71,24 +71,51 @@ class VirtualRepository:
 
     @classmethod
     def decode(cls, name: str, document: dict) -> "VirtualRepository":
-        members = tuple(Member(m["name"], tuple(m.get("include", ())), tuple(m.get("exclude", ())))
+        members = tuple(Member(_string(m["name"]), _strings(m.get("include", ())), _strings(m.get("exclude", ())))
                         for m in document["members"])
-        return cls(name, members, document.get("deploy_to"))
+        deploy_to = document.get("deploy_to")
+        return cls(name, members, None if deploy_to is None else _string(deploy_to))
 
     def public(self) -> dict:
         return {"name": self.name, "kind": VIRTUAL, "members": [m.document() for m in self.members],
                 "deploy_to": self.deploy_to}
 
 
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidDefinition(f"{value!r} is not a string")
+    return value
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise InvalidDefinition(f"{value!r} is not a list of globs")
+    return tuple(_string(v) for v in value)
+
+
+def _virtual_document(raw: bytes) -> dict | None:
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) and document.get("kind") == VIRTUAL else None
+
+
+def is_virtual_record(raw: bytes) -> bool:
+    """Whether `repos/<name>` holds a virtual repository's record (decodable or not): such a
+    record never registers a local namespace, and `repo remove` still deletes it."""
+    return _virtual_document(raw) is not None
+
+
 def decode_virtual(name: str, raw: bytes) -> VirtualRepository | None:
     """The virtual repository stored at `repos/<name>`, or None for any other record (and for
     one that does not decode: one bad record must not stop every node's watch)."""
+    document = _virtual_document(raw)
+    if document is None:
+        return None
     try:
-        document = json.loads(raw)
-        if not isinstance(document, dict) or document.get("kind") != VIRTUAL:
-            return None
         return VirtualRepository.decode(name, document)
-    except (InvalidDefinition, KeyError, TypeError, ValueError):
+    except (InvalidDefinition, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -117,8 +144,15 @@ def find_cycle(virtuals: Mapping[str, VirtualRepository]) -> list[str] | None:
 
 def check_virtual(definition: VirtualRepository, virtuals: Mapping[str, VirtualRepository],
                   remotes: Mapping[str, RemoteRepository]) -> None:
-    """Refuse a definition that would make a cycle, nest too deep or deploy into a cache."""
+    """Refuse a definition that would make a cycle, nest too deep, deploy into a cache or name a
+    member inside another repository kind (its candidates would be routed twice)."""
     merged = {**virtuals, definition.name: definition}
+    for member in definition.members:
+        around = _definition_around(member.name, merged, remotes)
+        if around is not None:
+            kind, outer = around
+            raise InvalidDefinition(f"member {member.name} is inside {kind} repository {outer}: name {outer} "
+                                    "itself and restrict it with member globs")
     cycle = find_cycle(merged)
     if cycle:
         raise InvalidDefinition("virtual repositories would form a cycle: " + " -> ".join(cycle))
@@ -127,6 +161,19 @@ def check_virtual(definition: VirtualRepository, virtuals: Mapping[str, VirtualR
     if definition.deploy_to is not None and deploy_target(merged, remotes, definition.name) is None:
         raise InvalidDefinition(f"{definition.deploy_to} cannot take pushes (a remote repository, "
                                 "or a virtual one without a deployment target)")
+
+
+def _definition_around(name: str, virtuals: Mapping[str, VirtualRepository],
+                       remotes: Mapping[str, RemoteRepository]) -> tuple[str, str] | None:
+    """(kind, name) of the definition `name` is nested inside, or None."""
+    parts = name.split("/")
+    for length in range(len(parts) - 1, 0, -1):
+        prefix = "/".join(parts[:length])
+        if prefix in virtuals:
+            return VIRTUAL, prefix
+        if prefix in remotes:
+            return "remote", prefix
+    return None
 
 
 def _depth(name: str, virtuals: Mapping[str, VirtualRepository]) -> int:
@@ -160,7 +207,9 @@ def candidates(virtuals: Mapping[str, VirtualRepository], remotes: Mapping[str, 
     if owner is None:
         return None
     virtual, relative = owner
-    return _expand(virtuals, remotes, virtual, relative, (), 0)
+    found = _expand(virtuals, remotes, virtual, relative, (), 0)
+    seen: set[str] = set()      # a repository reached through two nested members is read once
+    return [c for c in found if not (c.name in seen or seen.add(c.name))]
 
 
 def _expand(virtuals, remotes, virtual: VirtualRepository, relative: str, via: tuple[str, ...],
