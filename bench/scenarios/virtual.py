@@ -19,6 +19,12 @@ the medians.
     blob_pull     a 256 MiB blob of random bytes in the third member only (`team-c/big`);
                   sha256 checked once through the virtual name (untimed), then per round
                   `curl -o /dev/null` 3 times on one connection through each name. Target >= 0.95x.
+    in_process    the manifest GETs of manifest_get through the node's ASGI app called directly
+                  (thread CPU time per call, best of 5 x 10,000; the read model follows etcd as
+                  on a node, without read barriers: a lone caller would pay one etcd round trip
+                  per call, which concurrent requests share on a node, and both sides pay the
+                  same): what resolving a virtual name adds per request, independent of how
+                  busy the machine is. Information.
 
 --rounds N (default 10; --quick 1), --seconds S (wrk, default 5); --quick: 3 s wrk, 32 MiB blob. Needs wrk, curl, taskset and
 etcd on PATH. Results: the "Virtual repositories" section of bench/RESULTS.md."""
@@ -26,11 +32,14 @@ etcd on PATH. Results: the "Virtual repositories" section of bench/RESULTS.md.""
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
 
 from bench import launch, oci
 from bench.report import Row, compared, median
@@ -247,7 +256,81 @@ def blob_pull(ctx) -> list[Row]:
     ]
 
 
+# =========================================================================== in_process
+
+def in_process(ctx) -> list[Row]:
+    calls = 2000 if ctx.quick else 10_000
+    with virtual_node(ctx) as node:
+        with oci.client(node.url) as c:
+            for case in MANIFEST_CASES:
+                _seed_manifest(c, case)
+        node.stop()          # its etcd and data stay; the app below reads them
+        us = anyio.run(_asgi_cpu_per_get, node.etcd_url, node.cluster, node.data_dir, calls, backend="asyncio")
+    ctx.details["in_process"] = us
+    return [_compared("in_process", f"thread CPU per GET, {case.label}", "us",
+                      {s: us[case.label][s] for s in SIDES},
+                      note=f"+{us[case.label]['virtual'] - us[case.label]['direct']:.1f} us per GET through "
+                           f"{case.virtual}; best of 5 x {calls:,} calls of the ASGI app")
+            for case in MANIFEST_CASES]
+
+
+async def _asgi_cpu_per_get(etcd_url: str, cluster: str, data_dir: Path, calls: int) -> dict:
+    """Microseconds of thread CPU per manifest GET through the ASGI app, for each case and side.
+    There is no public factory for the app: it is built from the node's classes, as
+    auth_overhead's in_process does (the other place where the bench reaches inside the node)."""
+    from cargohold.blobs.store import FilesystemBlobStore
+    from cargohold.coordinator.etcd import EtcdClient
+    from cargohold.coordinator.metadata import ClusterMetadata
+    from cargohold.node.api import RegistryAPI
+    from cargohold.node.uploads import UploadManager
+
+    logging.getLogger("cargohold").setLevel(logging.WARNING)
+    async with EtcdClient([etcd_url]) as client, anyio.create_task_group() as tg:
+        metadata = ClusterMetadata(client, cluster, "bench-in-process", consistent_tag_reads=False)
+        await tg.start(metadata.run)        # the read model follows etcd, as on a node
+        store = FilesystemBlobStore(data_dir)
+        api = RegistryAPI(metadata, store, UploadManager(data_dir / "uploads", store, "bench-in-process"))
+        out: dict[str, dict[str, float]] = {}
+        for case in MANIFEST_CASES:
+            for side in SIDES:
+                call = _asgi_get(api, f"/v2/{case.repo(side)}/manifests/latest")
+                status, headers = await call()
+                if status != 200 or (side == "virtual" and headers.get(MEMBER_HEADER.lower()) != case.direct):
+                    raise RuntimeError(f"in-process GET {case.repo(side)}:latest -> {status} {headers}")
+                out.setdefault(case.label, {})[side] = min([await _thread_us_per_call(call, calls) for _ in range(5)])
+        tg.cancel_scope.cancel()
+    return out
+
+
+def _asgi_get(api, path: str):
+    """A call of the app with a manifest GET of `path`; returns (status, headers)."""
+    scope = {"type": "http", "method": "GET", "path": path, "query_string": b"", "scheme": "http",
+             "client": ("127.0.0.1", 1),
+             "headers": [(b"host", b"127.0.0.1"), (b"accept", oci.OCI_MANIFEST.encode())]}
+    answer: dict = {}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answer["status"], answer["headers"] = message["status"], message.get("headers", [])
+
+    async def call():
+        await api(scope, receive, send)
+        return answer.get("status"), {k.decode().lower(): v.decode() for k, v in answer.get("headers", [])}
+    return call
+
+
+async def _thread_us_per_call(call, calls: int) -> float:
+    started = time.thread_time()
+    for _ in range(calls):
+        await call()
+    return (time.thread_time() - started) / calls * 1e6
+
+
 PARTS = {
     "manifest_get": manifest_get,
     "blob_pull": blob_pull,
+    "in_process": in_process,
 }
