@@ -1013,8 +1013,9 @@ class ClusterMetadata:
         current = self.following and await self._model_is_current()
 
         async def lookup(repo: str, tag: str) -> str | None:
-            if not current:
-                return await self.resolve_tag(repo, tag)
+            if not current:         # the model lags: etcd's answer (no second barrier)
+                kv = await self._get(self.keys.tag(repo, tag))
+                return kv.value.decode() if kv else None
             state = self.model.repo(repo)
             return state.tags.get(tag) if state is not None else None
         return lookup

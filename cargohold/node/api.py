@@ -288,7 +288,7 @@ class RegistryAPI:
         subject = str(parse_digest(digest))
         wanted = request.query("artifactType")
         descriptors, seen = [], set()
-        for ref_digest, record in await self._referring(sources or [name], subject):
+        for ref_digest, record in await self._referring([name] if sources is None else sources, subject):
             if (wanted is not None and record.artifact_type != wanted) or ref_digest in seen:
                 continue
             seen.add(ref_digest)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from cargohold.coordinator.readmodel import page
+from cargohold.coordinator.metadata import page   # the read model's paging
 from cargohold.node.http import Request, Response
 from cargohold.oci import errors
 from cargohold.oci.reference import Digest, lookup_reference, parse_digest
@@ -59,11 +59,22 @@ class VirtualName:
 
 class Misses:
     """What the candidates said, for the answer when none had it: 503 if one failed, 403 if the
-    caller may pull none that has it, else 404."""
+    caller may pull none that has it, else 404. Also asks `may_pull` once per source consulted
+    (a denial is audited once, and only for members the resolution reached)."""
 
-    def __init__(self) -> None:
+    def __init__(self, may_pull: Callable[["Source"], bool] = lambda source: True) -> None:
         self.failure: errors.RegistryError | None = None
         self.denied: list[str] = []
+        self._may_pull = may_pull
+        self._allowed: dict[str, bool] = {}
+
+    def allowed(self, source: "Source") -> bool:
+        name = source.candidate.name
+        if name not in self._allowed:
+            self._allowed[name] = self._may_pull(source)
+            if not self._allowed[name]:
+                self.denied.append(name)
+        return self._allowed[name]
 
     def note(self, exc: errors.RegistryError) -> None:
         if exc.status == 404:
@@ -93,8 +104,8 @@ class VirtualRepositories:
         virtuals = self.metadata.virtual_definitions()
         if not virtuals:
             return None
-        if name in virtuals:
-            raise errors.name_unknown(f"{name} is a virtual repository, not an image in it", detail={"name": name})
+        if name in virtuals:        # the virtual repository itself: answered after the access check
+            return VirtualName(name, virtuals[name], "", (), None)
         owner = owning_virtual(virtuals, name)
         if owner is None:
             return None
@@ -104,34 +115,37 @@ class VirtualRepositories:
         return VirtualName(name, virtual, relative, tuple(candidates(virtuals, remotes, name) or ()),
                            f"{target}/{relative}" if target else None)
 
-    def _sources(self, request: Request, found: VirtualName, misses: Misses) -> list[Source]:
-        """The candidates in order, without those the caller may not pull (audited) and the
-        remote ones whose own globs exclude the name (never asked upstream)."""
+    def _sources(self, found: VirtualName) -> list[Source]:
+        """The candidates in order, without the remote ones whose own globs exclude the name
+        (never asked upstream)."""
         remotes = self.metadata.repository_definitions()
         sources = []
         for candidate in found.candidates:
             route = _remote_route(remotes, candidate)
-            if route is not None and not route.allowed:
-                continue
-            storage = route.local_name if route is not None else candidate.name
-            if not self._may_pull(request, found, candidate.name, storage):
-                misses.denied.append(candidate.name)
-                continue
-            sources.append(Source(candidate, storage, route))
+            if route is None or route.allowed:
+                sources.append(Source(candidate, route.local_name if route is not None else candidate.name, route))
         return sources
 
-    def _may_pull(self, request: Request, found: VirtualName, *names: str) -> bool:
+    def _misses(self, request: Request, found: VirtualName) -> Misses:
+        """A request's Misses, whose `allowed` checks the caller's pull on a source: on its own
+        name and its storage name (the rules alone; audited with the member when denied)."""
         access = self.api.access
         if access is None:
+            return Misses()
+
+        def may_pull(source: Source) -> bool:
+            for name in dict.fromkeys((source.candidate.name, source.storage)):
+                if not access.member_may(request, name, "pull"):
+                    access.audit_member_denial(request, found.name, name, "pull")
+                    return False
             return True
-        for name in dict.fromkeys(names):
-            if not access.member_may(request, name, "pull"):
-                access.audit_member_denial(request, found.name, name, "pull")
-                return False
-        return True
+        return Misses(may_pull)
 
     # ------------------------------------------------------------------ requests
     async def serve(self, request: Request, kind: str, params: dict, found: VirtualName) -> Response:
+        if not found.relative:
+            raise errors.name_unknown(f"{found.name} is a virtual repository, not an image in it",
+                                      detail={"name": found.name})
         if request.method == "DELETE":
             where = f" (through {found.target})" if found.target else ""
             raise errors.denied(f"{found.virtual.name} is a virtual repository: delete in its member{where}",
@@ -147,16 +161,17 @@ class VirtualRepositories:
         return await self._referrers(request, found, params["digest"])
 
     async def _manifest(self, request: Request, found: VirtualName, reference: str) -> Response:
-        misses = Misses()
-        sources = self._sources(request, found, misses)
+        misses, sources = self._misses(request, found), self._sources(found)
         tag, digest = lookup_reference(reference)
         if digest is not None:
-            known = self._first_known(sources, lambda s: self.metadata.known_manifest(s.storage, str(digest)))
+            known = _first_known(sources, misses, lambda s: self.metadata.known_manifest(s.storage, str(digest)))
             if known is not None:
                 response = await self.api._serve_manifest(request, known.storage, str(digest), reference)
                 return _from(response, known)
         read_tag = await self.metadata.tag_reader() if tag is not None else None
         for source in sources:
+            if not misses.allowed(source):
+                continue
             try:
                 if source.route is not None:
                     response = await self.api._remote_manifest(request, source.route, reference)
@@ -174,11 +189,12 @@ class VirtualRepositories:
     async def _blob(self, request: Request, found: VirtualName, digest: Digest) -> Response:
         if request.method not in ("GET", "HEAD"):
             raise errors.unsupported(f"method {request.method} is not allowed here")
-        misses = Misses()
-        sources = self._sources(request, found, misses)
-        known = self._first_known(sources, lambda s: self.metadata.known_blob(s.storage, str(digest)))
+        misses, sources = self._misses(request, found), self._sources(found)
+        known = _first_known(sources, misses, lambda s: self.metadata.known_blob(s.storage, str(digest)))
         ordered = sources if known is None else [known] + [s for s in sources if s is not known]
         for source in ordered:
+            if not misses.allowed(source):
+                continue
             try:
                 if source.route is not None and source is not known:
                     response = await self.api._remote_blob(request, source.route, digest)
@@ -190,18 +206,15 @@ class VirtualRepositories:
             return _from(response, source)
         raise misses.answer(errors.blob_unknown(detail={"digest": str(digest)}))
 
-    @staticmethod
-    def _first_known(sources: list[Source], known: Callable[[Source], object]) -> Source | None:
-        """The first source whose storage the read model knows to hold the content."""
-        return next((source for source in sources if known(source) is not None), None)
-
     async def _tags(self, request: Request, found: VirtualName) -> Response:
         if request.method != "GET":
             raise errors.unsupported(f"method {request.method} is not allowed here")
-        misses = Misses()
+        misses = self._misses(request, found)
         union: set[str] = set()
         any_found = False
-        for source in self._sources(request, found, misses):
+        for source in self._sources(found):
+            if not misses.allowed(source):
+                continue
             try:
                 tags = await self._tags_of(source)
             except errors.RegistryError as exc:
@@ -222,8 +235,9 @@ class VirtualRepositories:
 
     async def _referrers(self, request: Request, found: VirtualName, digest: str) -> Response:
         """The referrers of every candidate the caller may pull (of a remote one: what is cached)."""
-        sources = self._sources(request, found, Misses())
-        return await self.api._referrers(request, found.name, digest, [s.storage for s in sources])
+        misses = self._misses(request, found)
+        readable = [source.storage for source in self._sources(found) if misses.allowed(source)]
+        return await self.api._referrers(request, found.name, digest, readable)
 
     # ------------------------------------------------------------------ pushes
     async def _push(self, request: Request, kind: str, params: dict, found: VirtualName) -> Response:
@@ -246,8 +260,8 @@ class VirtualRepositories:
         found = self.resolve(source)
         if found is None:
             return source
-        sources = self._sources(request, found, Misses())
-        known = self._first_known(sources, lambda s: self.metadata.known_blob(s.storage, str(digest)))
+        known = _first_known(self._sources(found), self._misses(request, found),
+                             lambda s: self.metadata.known_blob(s.storage, str(digest)))
         return known.storage if known is not None else None
 
     # ------------------------------------------------------------------ catalog
@@ -263,6 +277,12 @@ class VirtualRepositories:
         if visible is not None:
             names = {name for name in names if visible(name)}
         return page(sorted(names), n, last)
+
+
+def _first_known(sources: list[Source], misses: Misses, known: Callable[[Source], object]) -> Source | None:
+    """The first source the caller may pull whose storage the read model knows to hold the
+    content (by digest: a model that lags can only miss it, never serve something else)."""
+    return next((s for s in sources if known(s) is not None and misses.allowed(s)), None)
 
 
 def _remote_route(remotes, candidate: Candidate) -> Route | None:

@@ -156,7 +156,7 @@ def check_virtual(definition: VirtualRepository, virtuals: Mapping[str, VirtualR
     cycle = find_cycle(merged)
     if cycle:
         raise InvalidDefinition("virtual repositories would form a cycle: " + " -> ".join(cycle))
-    if _depth(definition.name, merged) > MAX_DEPTH:
+    if max(_depth(name, merged) for name in merged) > MAX_DEPTH:     # also what nests it counts
         raise InvalidDefinition(f"virtual repositories nest deeper than {MAX_DEPTH} levels")
     if definition.deploy_to is not None and deploy_target(merged, remotes, definition.name) is None:
         raise InvalidDefinition(f"{definition.deploy_to} cannot take pushes (a remote repository, "
