@@ -907,12 +907,7 @@ class ClusterMetadata:
         others = await self.stored_definitions()
         self._refuse_second_docker_mirror(definition, _remotes(others))
         self._refuse_deploying_into(definition.name, others)
-        if replace:
-            if current is None or not is_remote_record(current.value):
-                raise DefinitionConflict(f"no remote repository {definition.name} to change")
-            guard = [Compare(key, "mod", "==", current.mod_revision)]
-        else:
-            guard = await self._new_definition_guard(definition.name, current, others)
+        guard = await self._definition_guard(definition, current, others, replace=replace)
         result = await self._txn(guard, [Put(key, definition.encode())])
         if not result.succeeded:
             raise DefinitionConflict(f"{definition.name} changed meanwhile (or a local repository appeared "
@@ -926,12 +921,7 @@ class ClusterMetadata:
         key = self.keys.repo(definition.name)
         current = await self._get(key)
         others, revisions = await self._stored_repos()
-        if replace:
-            if current is None or not is_virtual_record(current.value):
-                raise DefinitionConflict(f"no virtual repository {definition.name} to change")
-            guard = [Compare(key, "mod", "==", current.mod_revision)]
-        else:
-            guard = await self._new_definition_guard(definition.name, current, others)
+        guard = await self._definition_guard(definition, current, others, replace=replace)
         virtuals = {name: d for name, d in _virtuals(others).items() if name != definition.name}
         try:
             check_virtual(definition, virtuals, _remotes(others))
@@ -943,6 +933,17 @@ class ClusterMetadata:
         if not result.succeeded:
             raise DefinitionConflict(f"{definition.name} or one of its members changed meanwhile (or a local "
                                      "repository appeared under it); nothing was stored")
+
+    async def _definition_guard(self, definition: Definition, current: KeyValue | None,
+                                others: Mapping[str, Definition], *, replace: bool) -> list:
+        """The txn guard for storing `definition`: with `replace`, the existing record of its kind
+        unchanged since read; else a new name (`_new_definition_guard`)."""
+        if not replace:
+            return await self._new_definition_guard(definition.name, current, others)
+        of_its_kind = is_virtual_record if isinstance(definition, VirtualRepository) else is_remote_record
+        if current is None or not of_its_kind(current.value):
+            raise DefinitionConflict(f"no {definition.kind} repository {definition.name} to change")
+        return [Compare(self.keys.repo(definition.name), "mod", "==", current.mod_revision)]
 
     async def _new_definition_guard(self, name: str, current: KeyValue | None,
                                     others: Mapping[str, Definition]) -> list:

@@ -157,12 +157,17 @@ class RemoteRepository:
         return replace(self, **changes)
 
 
-def _remote_document(raw: bytes) -> dict | None:
+def stored_document(raw: bytes, kind: str) -> dict | None:
+    """The JSON document of a `repos/<name>` record of `kind` ("remote", "virtual"), or None."""
     try:
         document = json.loads(raw)
     except ValueError:
         return None
-    return document if isinstance(document, dict) and document.get("kind") == REMOTE else None
+    return document if isinstance(document, dict) and document.get("kind") == kind else None
+
+
+def _remote_document(raw: bytes) -> dict | None:
+    return stored_document(raw, REMOTE)
 
 
 def is_remote_record(raw: bytes) -> bool:

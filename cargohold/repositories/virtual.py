@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from cargohold.oci.reference import validate_name
-from cargohold.repositories.definitions import InvalidDefinition, RemoteRepository, glob_match
+from cargohold.repositories.definitions import InvalidDefinition, RemoteRepository, glob_match, stored_document
 
 VIRTUAL = "virtual"
 MAX_DEPTH = 8           # nesting deeper than this is refused (and never walked)
@@ -94,11 +94,7 @@ def _strings(value: object) -> tuple[str, ...]:
 
 
 def _virtual_document(raw: bytes) -> dict | None:
-    try:
-        document = json.loads(raw)
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) and document.get("kind") == VIRTUAL else None
+    return stored_document(raw, VIRTUAL)
 
 
 def is_virtual_record(raw: bytes) -> bool:
