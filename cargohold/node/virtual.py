@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 MEMBER_HEADER = "X-Cargohold-Member"
 WRITES = ("uploads", "upload")
+RESOLUTIONS_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class VirtualName:
     name: str                       # `dev/alpine`
     virtual: VirtualRepository      # the virtual repository that owns it
     relative: str                   # `alpine`
-    candidates: tuple[Candidate, ...]
+    sources: tuple["Source", ...]   # the candidates that may be read, in order
     target: str | None              # `team-a/alpine`: where pushes land; None: no target
 
 
@@ -97,13 +98,31 @@ class VirtualRepositories:
     def __init__(self, api: "RegistryAPI"):
         self.api = api
         self.metadata = api.metadata
+        # name -> its resolution (None: no virtual repository owns it), for every request with a
+        # name: forgotten whenever a definition changes (section "repositories" of the watch)
+        self._resolved: dict[str, VirtualName | None] = {}
+        self.metadata.subscribe(self._definitions_changed)
+
+    def _definitions_changed(self, _blobs: set, sections: set) -> None:
+        if "repositories" in sections:
+            self._resolved = {}
 
     # ------------------------------------------------------------------ resolution (no I/O)
     def resolve(self, name: str) -> VirtualName | None:
         """`name` as a name inside a virtual repository, or None when none owns it."""
-        virtuals = self.metadata.virtual_definitions()
-        if not virtuals:
+        if not self.metadata.virtual_definitions():
             return None
+        try:
+            return self._resolved[name]
+        except KeyError:
+            pass
+        if len(self._resolved) >= RESOLUTIONS_REMEMBERED:
+            self._resolved = {}
+        found = self._resolved[name] = self._resolution(name)
+        return found
+
+    def _resolution(self, name: str) -> VirtualName | None:
+        virtuals = self.metadata.virtual_definitions()
         if name in virtuals:        # the virtual repository itself: answered after the access check
             return VirtualName(name, virtuals[name], "", (), None)
         owner = owning_virtual(virtuals, name)
@@ -112,19 +131,20 @@ class VirtualRepositories:
         virtual, relative = owner
         remotes = self.metadata.repository_definitions()
         target = deploy_target(virtuals, remotes, virtual.name)
-        return VirtualName(name, virtual, relative, tuple(candidates(virtuals, remotes, name) or ()),
+        return VirtualName(name, virtual, relative, self._sources(candidates(virtuals, remotes, name) or ()),
                            f"{target}/{relative}" if target else None)
 
-    def _sources(self, found: VirtualName) -> list[Source]:
+    def _sources(self, found: list[Candidate]) -> tuple[Source, ...]:
         """The candidates in order, without the remote ones whose own globs exclude the name
-        (never asked upstream)."""
+        (never asked upstream), and all remote ones on a node that serves no remote repository."""
         remotes = self.metadata.repository_definitions()
+        serves_remotes = self.api.pullthrough is not None
         sources = []
-        for candidate in found.candidates:
+        for candidate in found:
             route = _remote_route(remotes, candidate)
-            if route is None or route.allowed:
+            if route is None or (route.allowed and serves_remotes):
                 sources.append(Source(candidate, route.local_name if route is not None else candidate.name, route))
-        return sources
+        return tuple(sources)
 
     def _misses(self, request: Request, found: VirtualName) -> Misses:
         """A request's Misses, whose `allowed` checks the caller's pull on a source: on its own
@@ -161,7 +181,7 @@ class VirtualRepositories:
         return await self._referrers(request, found, params["digest"])
 
     async def _manifest(self, request: Request, found: VirtualName, reference: str) -> Response:
-        misses, sources = self._misses(request, found), self._sources(found)
+        misses, sources = self._misses(request, found), found.sources
         tag, digest = lookup_reference(reference)
         if digest is not None:
             known = _first_known(sources, misses, lambda s: self.metadata.known_manifest(s.storage, str(digest)))
@@ -187,11 +207,10 @@ class VirtualRepositories:
         raise misses.answer(errors.manifest_unknown(detail={"name": found.name, "reference": reference}))
 
     async def _blob(self, request: Request, found: VirtualName, digest: Digest) -> Response:
-        if request.method not in ("GET", "HEAD"):
-            raise errors.unsupported(f"method {request.method} is not allowed here")
-        misses, sources = self._misses(request, found), self._sources(found)
+        _allow(request, "GET", "HEAD")
+        misses, sources = self._misses(request, found), found.sources
         known = _first_known(sources, misses, lambda s: self.metadata.known_blob(s.storage, str(digest)))
-        ordered = sources if known is None else [known] + [s for s in sources if s is not known]
+        ordered = sources if known is None else (known, *(s for s in sources if s is not known))
         for source in ordered:
             if not misses.allowed(source):
                 continue
@@ -207,12 +226,11 @@ class VirtualRepositories:
         raise misses.answer(errors.blob_unknown(detail={"digest": str(digest)}))
 
     async def _tags(self, request: Request, found: VirtualName) -> Response:
-        if request.method != "GET":
-            raise errors.unsupported(f"method {request.method} is not allowed here")
+        _allow(request, "GET")
         misses = self._misses(request, found)
         union: set[str] = set()
         any_found = False
-        for source in self._sources(found):
+        for source in found.sources:
             if not misses.allowed(source):
                 continue
             try:
@@ -236,7 +254,7 @@ class VirtualRepositories:
     async def _referrers(self, request: Request, found: VirtualName, digest: str) -> Response:
         """The referrers of every candidate the caller may pull (of a remote one: what is cached)."""
         misses = self._misses(request, found)
-        readable = [source.storage for source in self._sources(found) if misses.allowed(source)]
+        readable = [source.storage for source in found.sources if misses.allowed(source)]
         return await self.api._referrers(request, found.name, digest, readable)
 
     # ------------------------------------------------------------------ pushes
@@ -260,7 +278,7 @@ class VirtualRepositories:
         found = self.resolve(source)
         if found is None:
             return source
-        known = _first_known(self._sources(found), self._misses(request, found),
+        known = _first_known(found.sources, self._misses(request, found),
                              lambda s: self.metadata.known_blob(s.storage, str(digest)))
         return known.storage if known is not None else None
 
@@ -279,7 +297,7 @@ class VirtualRepositories:
         return page(sorted(names), n, last)
 
 
-def _first_known(sources: list[Source], misses: Misses, known: Callable[[Source], object]) -> Source | None:
+def _first_known(sources: tuple[Source, ...], misses: Misses, known: Callable[[Source], object]) -> Source | None:
     """The first source the caller may pull whose storage the read model knows to hold the
     content (by digest: a model that lags can only miss it, never serve something else)."""
     return next((s for s in sources if known(s) is not None and misses.allowed(s)), None)
@@ -321,6 +339,11 @@ def _leaf_members(virtuals, virtual: VirtualRepository, depth: int) -> set[str]:
 def _storage(remotes, candidate: Candidate) -> str:
     route = _remote_route(remotes, candidate)
     return route.local_name if route is not None else candidate.name
+
+
+def _allow(request: Request, *methods: str) -> None:
+    if request.method not in methods:
+        raise errors.unsupported(f"method {request.method} is not allowed here")
 
 
 def _from(response: Response, source: Source) -> Response:

@@ -17,12 +17,12 @@ MEMBER = "x-cargohold-member"
 
 async def define_virtual(etcd, cluster: str, name: str, members: list[str], *, deploy_to: str | None = None,
                          include: dict[str, tuple[str, ...]] | None = None,
-                         exclude: dict[str, tuple[str, ...]] | None = None) -> VirtualRepository:
+                         exclude: dict[str, tuple[str, ...]] | None = None, replace: bool = False) -> VirtualRepository:
     include, exclude = include or {}, exclude or {}
     definition = VirtualRepository(name, tuple(Member(m, tuple(include.get(m, ())), tuple(exclude.get(m, ())))
                                                for m in members), deploy_to)
     async with EtcdClient([etcd.url]) as etcd_client:
-        await ClusterMetadata(etcd_client, cluster, "test").define_virtual(definition)
+        await ClusterMetadata(etcd_client, cluster, "test").define_virtual(definition, replace=replace)
     return definition
 
 

@@ -14,7 +14,8 @@ import pytest
 from tests.pullthrough.conftest import REPO, client_of, push, remote, running_upstream, unique
 from tests.pullthrough.conftest import node, upstream    # noqa: F401  (fixtures)
 from tests.support.oci import build_artifact, build_image, describe, digest, error_codes, random_bytes
-from tests.virtual.nodekit import MEMBER, get_ok, manifest, virtual
+from tests.support.poll import eventually
+from tests.virtual.nodekit import MEMBER, define_virtual, get_ok, manifest, virtual
 
 pytestmark = pytest.mark.anyio
 
@@ -143,6 +144,19 @@ async def test_node_upstream_down_next_member_and_cached_content(etcd, cluster_n
     nowhere = await manifest(client, f"{dev}/nowhere", "1")
     assert nowhere.status_code == 503 and error_codes(nowhere) == ["UNAVAILABLE"], describe(nowhere)
     assert time.monotonic() - started < BOUND
+
+
+async def test_node_changed_members_followed_without_restart(etcd, cluster_name, client):
+    first, second, dev = unique("ta"), unique("tb"), unique("dev")
+    await virtual(etcd, cluster_name, [client], dev, [first])
+    await push(client.base_url, f"{first}/app", "1", build_image("first"))
+    await push(client.base_url, f"{second}/app", "1", build_image("second"))
+    assert (await manifest(client, f"{dev}/app", "1")).headers[MEMBER] == f"{first}/app"
+    await define_virtual(etcd, cluster_name, dev, [second, first], replace=True)
+
+    async def reordered() -> bool:
+        return (await manifest(client, f"{dev}/app", "1")).headers.get(MEMBER) == f"{second}/app"
+    await eventually(reordered, what="the new member order followed")
 
 
 async def test_node_nested_virtual(etcd, cluster_name, client):
