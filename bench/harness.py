@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import launch, procs, report
 
 SCENARIOS = ["registry", "auth_overhead", "cluster", "sites", "gc", "gc_etcd_range", "gc_etcd_stall",
-             "pullthrough"]
+             "pullthrough", "virtual"]
 
 
 @dataclass

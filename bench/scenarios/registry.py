@@ -158,7 +158,7 @@ class CpuMeter:
 
 # =========================================================================== manifest_get
 
-def _cpu_plan(ctx) -> tuple[str | None, str | None]:
+def cpu_plan(ctx) -> tuple[str | None, str | None]:
     """(server cpus, wrk cpus) for taskset, or (None, None) when not pinning."""
     if ctx.args.no_pin:
         return None, None
@@ -168,12 +168,15 @@ def _cpu_plan(ctx) -> tuple[str | None, str | None]:
     return str(cpus[0]), str(cpus[1])
 
 
-def run_wrk(url: str, seconds: int, cpus: str | None, threads: int = 2, conns: int = 16) -> dict:
+def run_wrk(url: str, seconds: int, cpus: str | None, threads: int = 2, conns: int = 16,
+            path: str | None = None) -> dict:
+    """wrk with manifest_get.lua; `path` replaces its default /v2/bench/app/manifests/latest."""
     cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--timeout", "5s",
            "-s", str(HERE / "manifest_get.lua"), url]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    env = dict(os.environ, BENCH_MANIFEST_PATH=path) if path else None
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"wrk failed ({r.returncode}): {r.stderr or r.stdout}")
     for line in r.stdout.splitlines():
@@ -187,7 +190,7 @@ def run_wrk(url: str, seconds: int, cpus: str | None, threads: int = 2, conns: i
 
 def manifest_get(ctx) -> list[Row]:
     seconds = 3 if ctx.quick else 10
-    srv_cpus, wrk_cpus = _cpu_plan(ctx)
+    srv_cpus, wrk_cpus = cpu_plan(ctx)
 
     def one(srv: launch.Node, side: str, tag: str, wrk_cpus: str | None) -> dict:
         repo = "bench/app"
