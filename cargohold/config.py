@@ -89,6 +89,8 @@ class Settings:
     # -- pull-through cache usage (issue 14; README "Remote repositories")
     pull_record_interval: float = 30.0                  # seconds between two batched writes of last-pulled times
     eviction_interval: float = 3600.0                   # seconds between two eviction passes (on the GC leader)
+    upstream_connect_timeout: float = 5.0               # seconds to connect to a remote repository's upstream
+    upstream_read_timeout: float = 30.0                 # seconds an upstream may stay silent mid-answer
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -244,7 +246,7 @@ def _validate_limits(settings: Settings) -> None:
     if parse_size(settings.max_header_size) < 1024:
         raise ConfigError("max_header_size must be at least 1K")
     for name in ("body_timeout", "header_timeout", "keep_alive_timeout", "upload_expiry", "pull_record_interval",
-                 "eviction_interval"):
+                 "eviction_interval", "upstream_connect_timeout", "upstream_read_timeout"):
         if not getattr(settings, name) > 0:
             raise ConfigError(f"{name} must be more than 0 seconds")
     if settings.max_uploads_per_account < 0:

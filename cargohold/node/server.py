@@ -27,6 +27,7 @@ from cargohold.node.forward import UploadForwarder, owner_tag
 from cargohold.node.limits import ConnectionLimits, capped_hypercorn, connection_cap, guarded_httptools
 from cargohold.node.metrics import Metrics, NodeFigures, PullThroughFigures, ReplicationFigures, SiteRuleLag
 from cargohold.oci.reference import parse_digest
+from cargohold.upstream.client import Timeouts
 from cargohold.pullthrough.usage import Evictor, PullRecorder
 from cargohold.blobs.store import FilesystemBlobStore
 from cargohold.node.uploads import UploadManager
@@ -88,7 +89,7 @@ async def serve(settings: Settings) -> None:
         stack.push_async_callback(forwarder.aclose)
         access = access_control(settings, client, metadata, node_id, _http_url(settings))
         recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
-        pullthrough = _pullthrough(metadata, store, remote, node_id, access, recorder)
+        pullthrough = _pullthrough(metadata, store, remote, node_id, access, recorder, settings)
         replicator.status_sections["pullthrough"] = pullthrough.figures.status
         metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep),
                            pullthrough.figures)
@@ -190,13 +191,17 @@ def _metrics(client: EtcdClient, metadata: ClusterMetadata, node_id: str,
 
 
 def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: PeerContent, node_id: str,
-                 access, recorder: PullRecorder) -> PullThrough:
+                 access, recorder: PullRecorder, settings: Settings) -> PullThrough:
     """The cache behind remote repositories: manifests and tags here, blobs through the filler,
     every manifest GET noted by eviction's pull recorder."""
     figures = CacheFigures()
     audit = access.audit.record if access is not None else (lambda event, **fields: None)
-    filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit)
-    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler, recorder=recorder)
+    filler = BlobFiller(metadata, store, remote, node_id, figures=figures, audit=audit,
+                        max_blob_size=parse_size(settings.max_blob_size) or None)
+    timeouts = Timeouts(connect=settings.upstream_connect_timeout, read=settings.upstream_read_timeout,
+                        total=max(60.0, 2 * settings.upstream_read_timeout))
+    return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler, recorder=recorder,
+                       timeouts=timeouts)
 
 
 def _replication_figures(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent,

@@ -119,7 +119,7 @@ class BlobFiller:
 
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, remote: RemoteContent | None,
                  node_id: str, *, figures: "CacheFigures", audit: Callable[..., None],
-                 join_timeout: float = JOIN_TIMEOUT):
+                 join_timeout: float = JOIN_TIMEOUT, max_blob_size: int | None = None):
         self.metadata = metadata
         self.store = store
         self.remote = remote
@@ -127,6 +127,7 @@ class BlobFiller:
         self.figures = figures
         self.audit = audit
         self.join_timeout = join_timeout
+        self.max_blob_size = max_blob_size      # as for uploads: a hostile upstream cannot fill the disk
         self._fills: dict[str, _Fill] = {}
         self._tasks: anyio.abc.TaskGroup | None = None
 
@@ -283,6 +284,7 @@ class BlobFiller:
         """The upstream's blob in a staging file, verified; clients stream it meanwhile. A failure
         reaches the clients and deletes the file."""
         async with upstream.stream_blob(route.upstream_name, str(fill.digest)) as chunks:
+            self._refuse_oversize(fill.digest, chunks.size or 0)
             staged = await GrowingFile.create(self.store.staging_path(), fill.digest, chunks.size)
             try:
                 if staged.size:          # (an empty or unsized blob is served once published)
@@ -313,9 +315,17 @@ class BlobFiller:
             tasks.start_soon(drain, disk_queue, staged.append)
             tasks.start_soon(drain, hash_queue, staged.hash)
             async with to_disk, to_hasher:
+                received = 0
                 async for batch in batches(chunks):
+                    received += sum(map(len, batch))
+                    self._refuse_oversize(staged.digest, received)
                     await to_disk.send(batch)
                     await to_hasher.send(batch)
+
+    def _refuse_oversize(self, digest: Digest, size: int) -> None:
+        if self.max_blob_size is not None and size > self.max_blob_size:
+            raise UpstreamError(f"blob {digest} is larger than this registry's max_blob_size "
+                                f"({self.max_blob_size} bytes): not cached")
 
     async def _publish(self, fill: _Fill, staged: GrowingFile, route: Route) -> None:
         """Make the verified blob an ordinary cluster blob, as an upload's last PUT does."""

@@ -204,9 +204,9 @@ async def paced_upstream(*blobs: PacedBlob) -> AsyncIterator[PacedUpstream]:
 
 
 @asynccontextmanager
-async def paced_cluster(etcd_url: str, data: Path, *blobs: PacedBlob, nodes: int = 2):
+async def paced_cluster(etcd_url: str, data: Path, *blobs: PacedBlob, nodes: int = 2, **filler_options):
     """(a paced upstream serving `blobs`, `nodes` in-process nodes, a client of the upstream, the
     route of an image of it)."""
-    async with paced_upstream(*blobs) as server, fill_cluster(etcd_url, data, nodes) as started, \
+    async with paced_upstream(*blobs) as server, fill_cluster(etcd_url, data, nodes, **filler_options) as started, \
             UpstreamClient(server.url) as upstream:
         yield server, started, upstream, remote_route(server.url, "library/app")

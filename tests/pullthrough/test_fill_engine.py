@@ -14,7 +14,7 @@ import pytest
 from cargohold.oci.reference import parse_digest
 from cargohold.pullthrough.staging import GrowingFile
 from cargohold.upstream.client import UpstreamClient
-from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound, UpstreamUnavailable
+from cargohold.upstream.errors import DigestMismatch, UpstreamError, UpstreamNotFound, UpstreamUnavailable
 from tests.pullthrough.fillkit import PacedBlob, fill_cluster, paced_cluster, pull, remote_route
 from tests.support.distribution import DistributionProcess
 from tests.support.oci import push_blob, random_bytes
@@ -90,6 +90,16 @@ async def test_a_blob_the_cluster_has_is_linked_once_the_upstream_confirms_it(et
         assert await nodes[1].filler.open(upstream, the_route, parse_digest(digest)) is None
         assert await nodes[1].metadata.blob_in_repo(the_route.local_name, digest) is not None
         assert server.gets == [] and len(server.heads) == 1
+
+
+async def test_a_blob_larger_than_max_blob_size_is_never_cached(etcd, tmp_path):
+    """As for uploads, `max_blob_size` bounds what an upstream can make a node store."""
+    big = PacedBlob.of(64 * 1024, "too-big")
+    async with paced_cluster(etcd.url, tmp_path, big, nodes=1, max_blob_size=4096) as (_, nodes, upstream, the_route):
+        with pytest.raises(UpstreamError, match="max_blob_size"):
+            await nodes[0].filler.open(upstream, the_route, parse_digest(big.digest))
+        assert await nodes[0].metadata.blob_in_repo(the_route.local_name, big.digest) is None
+        assert not list(nodes[0].store.staging_path().parent.iterdir())
 
 
 async def test_a_private_blob_is_never_linked_into_a_cache_whose_upstream_lacks_it(etcd, tmp_path):
