@@ -6,6 +6,10 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+from cargohold.oci.manifest import ParsedManifest
+
+ARTIFACT_TYPE_KEPT = 256      # characters of artifactType kept in etcd (values stay small)
+
 
 def _intern(value: str | None) -> str | None:
     # The same digests and media types recur across thousands of records; share one string.
@@ -21,6 +25,14 @@ class ManifestRecord:
     subject: str | None
     artifact_type: str | None
     created: float
+
+    @classmethod
+    def of(cls, parsed: ParsedManifest, size: int, created: float) -> "ManifestRecord":
+        """The record of a manifest pushed, or fetched by a remote repository."""
+        artifact_type = parsed.artifact_type[:ARTIFACT_TYPE_KEPT] if parsed.artifact_type else None
+        return cls(parsed.media_type, size, tuple(str(b) for b in parsed.blobs),
+                   tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
+                   artifact_type, created)
 
     def encode(self) -> bytes:
         document = {

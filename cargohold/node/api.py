@@ -379,10 +379,7 @@ class RegistryAPI:
         digest = Digest.of(body, wanted.algorithm if wanted else "sha256")
         if wanted is not None and digest != wanted:
             raise errors.digest_invalid(detail={"reference": reference, "actual": str(digest)})
-        record = ManifestRecord(
-            parsed.media_type, len(body), tuple(str(b) for b in parsed.blobs),
-            tuple(str(c) for c in parsed.children), str(parsed.subject) if parsed.subject else None,
-            parsed.artifact_type[:256] if parsed.artifact_type else None, time.time())
+        record = ManifestRecord.of(parsed, len(body), time.time())
         try:
             await self._store_manifest(name, digest, body, record, tag)
         except TagImmutable as exc:

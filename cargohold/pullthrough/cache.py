@@ -226,10 +226,7 @@ class PullThrough:
         except RegistryError as exc:
             raise UpstreamError(f"manifest {route.upstream_name}@{digest}: not a manifest we serve: "
                                 f"{exc.message}") from None
-        record = ManifestRecord(parsed.media_type, len(body), tuple(str(b) for b in parsed.blobs),
-                                tuple(str(c) for c in parsed.children),
-                                str(parsed.subject) if parsed.subject else None,
-                                parsed.artifact_type[:256] if parsed.artifact_type else None, self.clock())
+        record = ManifestRecord.of(parsed, len(body), self.clock())
         parsed_digest = parse_digest(digest)
         async with self.store.locked(parsed_digest):
             await self.store.write(parsed_digest, body)
