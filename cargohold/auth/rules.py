@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from cargohold.auth.scopes import REPO_ACTIONS, Scope
 from cargohold.auth.subjects import Subject
+from cargohold.oci.patterns import InvalidPattern, compile_glob
 
 RULE_ACTIONS = REPO_ACTIONS + ("admin",)
 
@@ -18,28 +19,15 @@ class RulesError(ValueError):
     pass
 
 
-_REPO_PATTERN = re.compile(r"[a-z0-9._/*?-]{1,300}")
-_TAG_PATTERN = re.compile(r"[A-Za-z0-9._*?-]{1,200}")
 _SUBJECT = re.compile(r"anonymous|authenticated|(user|robot|group):([a-z0-9][a-z0-9._-]{0,63})")
 
 
 def compile_pattern(pattern: str, *, path: bool) -> re.Pattern:
-    """A glob: `?` one character, `*` any run of characters (not '/' in repository patterns),
-    `**` anything including '/'."""
-    if not (_REPO_PATTERN if path else _TAG_PATTERN).fullmatch(pattern) or (
-            path and any(part in ("", ".", "..") for part in pattern.split("/"))):
-        raise RulesError(f"invalid {'repository' if path else 'tag'} pattern {pattern[:80]!r}")
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        out.append(("[^/]*" if path else ".*") if c == "*" else ("[^/]" if path else ".") if c == "?"
-                   else re.escape(c))
-        i += 1
-    return re.compile("".join(out))
+    """A rule's repository (`path`) or tag glob (`oci.patterns`); RulesError when it is not one."""
+    try:
+        return compile_glob(pattern, path=path)
+    except InvalidPattern as exc:
+        raise RulesError(str(exc)) from None
 
 
 def _matches_subject(spec: str, subject: Subject) -> bool:

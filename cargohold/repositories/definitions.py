@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from urllib.parse import urlsplit
 
+from cargohold.oci.patterns import InvalidPattern, compile_glob
 from cargohold.oci.reference import validate_name
 
 REMOTE = "remote"
@@ -25,24 +25,18 @@ class InvalidDefinition(ValueError):
     """A repository definition that cannot be stored (the message says why)."""
 
 
-@lru_cache(maxsize=256)
-def _glob_regex(pattern: str) -> re.Pattern:
-    """`*` matches within one path segment, `**` across segments (`library/**`)."""
-    parts = []
-    for token in re.split(r"(\*\*|\*|\?)", pattern):
-        if token == "**":
-            parts.append(".*")
-        elif token == "*":
-            parts.append("[^/]*")
-        elif token == "?":
-            parts.append("[^/]")
-        else:
-            parts.append(re.escape(token))
-    return re.compile("".join(parts) + r"\Z")
-
-
 def glob_match(pattern: str, name: str) -> bool:
-    return _glob_regex(pattern).match(name) is not None
+    """`*` matches within one path segment, `**` across segments (`library/**`): the globs of
+    access rules (`oci.patterns`)."""
+    return compile_glob(pattern, path=True).fullmatch(name) is not None
+
+
+def check_globs(patterns: tuple[str, ...], what: str) -> None:
+    for pattern in patterns:
+        try:
+            compile_glob(pattern, path=True)
+        except InvalidPattern:
+            raise InvalidDefinition(f"{what}: {pattern!r} is not a repository glob") from None
 
 
 def _seconds(value: object, what: str, *, minimum: float = 0.0) -> float:
@@ -87,6 +81,8 @@ class RemoteRepository:
             raise InvalidDefinition("the upstream URL is the registry's root (no path, query or fragment)")
         if parts.username or parts.password:
             raise InvalidDefinition("put upstream credentials in --username/--password-stdin, not in the URL")
+        check_globs(self.include, "include")
+        check_globs(self.exclude, "exclude")
         if self.password and not self.username:
             raise InvalidDefinition("a password needs a username")
         for what, value in (("ttl", self.ttl), ("offline period", self.offline_period)):

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from cargohold.oci.reference import validate_name
-from cargohold.repositories.definitions import InvalidDefinition, RemoteRepository, glob_match, stored_document
+from cargohold.repositories.definitions import (
+    InvalidDefinition, RemoteRepository, check_globs, glob_match, stored_document,
+)
 
 VIRTUAL = "virtual"
 MAX_DEPTH = 8           # nesting deeper than this is refused (and never walked)
@@ -54,6 +56,8 @@ class VirtualRepository:
                 raise InvalidDefinition(f"{name!r} is not a valid repository name") from None
         if not self.members:
             raise InvalidDefinition("a virtual repository needs at least one member")
+        for member in self.members:
+            check_globs(member.include + member.exclude, f"member {member.name}")
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise InvalidDefinition("a member is listed twice")

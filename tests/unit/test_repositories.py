@@ -171,3 +171,9 @@ def test_docker_registry_mirrors_take_unclaimed_names_for_reads_only():
     assert route(defs, "mirrors/quay/x").repository == QUAY         # a namespace wins over the mirror
     two = definitions(mirror, RemoteRepository("dh2", "https://registry-1.docker.io", docker_mirror=True))
     assert route(two, "library/alpine") is None                     # ambiguous: define_repository refuses it
+
+
+def test_globs_are_the_access_rules_globs_and_bad_ones_are_refused():
+    for bad in ("", "Library/*", "a b", "(a)", "a|b"):
+        with pytest.raises(InvalidDefinition):
+            RemoteRepository("x", "https://r.example", include=(bad,))
