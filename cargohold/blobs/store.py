@@ -218,6 +218,14 @@ class StagingWriter:
             view.release()
         self._filled = 0
 
+    def visible(self) -> int:
+        """How many bytes a reader of the file sees now: all accepted but those waiting in the
+        direct buffer for a whole block (a buffered file is flushed first)."""
+        if self._file is not None:
+            self._file.flush()
+            return self.size
+        return self.size - self._filled
+
     def finish(self) -> None:
         """Write what is still buffered: the file then holds exactly the bytes written."""
         if self._file is not None:

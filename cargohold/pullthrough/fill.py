@@ -298,13 +298,13 @@ class BlobFiller:
                     await staged.discard()
                 raise _sole(exc) from None
             finally:
-                fill.received = staged.written
+                fill.received = staged.received
 
     async def _receive(self, chunks: AsyncIterator[bytes], staged: GrowingFile) -> None:
-        """Upstream chunks into the staging file and its hash: receiving, writing and hashing
-        go on side by side, each batch in order."""
-        to_disk, disk_queue = anyio.create_memory_object_stream[list[bytes]](QUEUED_BATCHES)
-        to_hasher, hash_queue = anyio.create_memory_object_stream[list[bytes]](QUEUED_BATCHES)
+        """Upstream chunks to this node's readers, into the staging file and into its hash:
+        receiving, writing and hashing go on side by side, each batch in order."""
+        to_disk, disk_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
+        to_hasher, hash_queue = anyio.create_memory_object_stream[bytes](QUEUED_BATCHES)
 
         async def drain(queue, step) -> None:
             async with queue:
@@ -315,10 +315,9 @@ class BlobFiller:
             tasks.start_soon(drain, disk_queue, staged.append)
             tasks.start_soon(drain, hash_queue, staged.hash)
             async with to_disk, to_hasher:
-                received = 0
                 async for batch in batches(chunks):
-                    received += sum(map(len, batch))
-                    self._refuse_oversize(staged.digest, received)
+                    self._refuse_oversize(staged.digest, staged.received + len(batch))
+                    staged.receive(batch)          # this node's readers have it from here
                     await to_disk.send(batch)
                     await to_hasher.send(batch)
 

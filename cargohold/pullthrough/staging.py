@@ -1,14 +1,21 @@
 """A blob being filled from upstream: a staging file that grows while readers follow it.
 
-The filler appends batches (written and hashed on worker threads); readers on this node read
-what has been released so far and wait for more. `released` is the one rule that keeps wrong
-bytes from ever being accepted: everything written is released except the last byte, which
-waits until the whole blob has hashed to its digest. A client therefore never receives a
-complete body that fails the check: on a mismatch its response ends one byte short.
+The filler hands each batch received from the upstream to `receive` (readers may have it from
+memory at once), then writes it (`append`) and hashes it (`hash`) on worker threads. Readers on
+this node take the recent part of the blob from memory, the same bytes objects the filler got,
+so following a fill costs no file read and no copy; a reader that falls further behind than
+RECENT_BYTES reads the rest from the file. The file is written with O_DIRECT where the file
+system allows it (StagingWriter): nobody reads it through the page cache while it grows.
+
+`released` is the one rule that keeps wrong bytes from ever being accepted: everything received
+is released except the last byte, which waits until the whole blob has hashed to its digest. A
+client therefore never receives a complete body that fails the check: on a mismatch its
+response ends one byte short.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator
@@ -20,7 +27,8 @@ from cargohold.oci.reference import Digest
 from cargohold.upstream.errors import DigestMismatch, UpstreamUnavailable
 
 WRITE_BATCH = 1024 * 1024      # bytes gathered from the upstream before one worker-thread write
-READ_CHUNK = 1024 * 1024       # the most one reader reads in one worker-thread trip
+READ_CHUNK = 1024 * 1024       # the most one reader reads from the file in one worker-thread trip
+RECENT_BYTES = 8 * 1024 * 1024     # bytes kept in memory for readers (and those not on file yet)
 
 
 def releasable(written: int, size: int, verified: bool) -> int:
@@ -29,34 +37,76 @@ def releasable(written: int, size: int, verified: bool) -> int:
     return written if verified else max(0, min(written, size - 1))
 
 
-async def batches(chunks: AsyncIterable[bytes], batch: int = WRITE_BATCH) -> AsyncIterator[list[bytes]]:
-    """The chunks in groups of at least `batch` bytes (the last may be smaller), so that each
-    worker-thread trip moves a useful amount. Not joined: that would copy every byte once more."""
+async def batches(chunks: AsyncIterable[bytes], batch: int = WRITE_BATCH) -> AsyncIterator[bytes]:
+    """The chunks joined into pieces of at least `batch` bytes (the last may be smaller). One
+    join is the only copy a batch gets: the write, the hash and every reader then take the
+    same object, one worker-thread trip or one send per batch instead of one per read."""
     parts: list[bytes] = []
     gathered = 0
     async for chunk in chunks:
         parts.append(chunk)
         gathered += len(chunk)
         if gathered >= batch:
-            yield parts
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
             parts, gathered = [], 0
     if parts:
-        yield parts
+        yield b"".join(parts)
+
+
+class RecentBytes:
+    """The most recent batches of a growing blob, by offset: what readers take from memory."""
+
+    def __init__(self) -> None:
+        self._batches: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.start = 0        # the offset of the oldest byte held
+        self.end = 0          # one past the newest byte held
+
+    def add(self, batch: bytes) -> None:
+        if not self._batches:
+            self.start = self.end
+        self._batches.append((self.end, batch))
+        self.end += len(batch)
+
+    def trim(self, keep_from: int) -> None:
+        """Drop the batches that end at or before `keep_from`."""
+        while self._batches and self._batches[0][0] + len(self._batches[0][1]) <= keep_from:
+            offset, batch = self._batches.popleft()
+            self.start = offset + len(batch)
+        if not self._batches:
+            self.start = self.end
+
+    def clear(self) -> None:
+        self._batches.clear()
+        self.start = self.end
+
+    def at(self, position: int, limit: int) -> bytes | None:
+        """The bytes held from `position` up to the end of its batch and at most `limit`; None
+        when `position` is older than what is held. Whole batches go out as they are."""
+        if position < self.start or position >= self.end:
+            return None
+        for offset, batch in self._batches:
+            if offset <= position < offset + len(batch):
+                begin, stop = position - offset, min(len(batch), limit - offset)
+                return batch if (begin, stop) == (0, len(batch)) else batch[begin:stop]
+        return None
 
 
 class GrowingFile:
-    """The staging file of one fill. Its batches are written in order by one task (`append`)
-    and hashed in order by another (`hash`), so that readers get bytes without waiting for the
-    hash, and writing and hashing use two cores; `verify` once both are done. Read by any number
-    of readers (`follow`); `fail` ends it for everyone."""
+    """The staging file of one fill. Batches are received in order (`receive`), then written in
+    order by one task (`append`) and hashed in order by another (`hash`), so that readers get
+    bytes without waiting for the disk or the hash, and writing and hashing use two cores;
+    `verify` once both are done. Read by any number of readers (`follow`); `fail` ends it for
+    everyone."""
 
     def __init__(self, path: Path, digest: Digest, size: int | None):
         self.path = path
         self.digest = digest
         self.size = size                 # announced by the upstream; None if it did not say
-        self.written = 0
+        self.received = 0
         self.verified = False
         self.error: BaseException | None = None
+        self._recent = RecentBytes()
+        self._on_file = 0                # bytes a reader of the file can see
         self._hasher = digest.hasher()
         self._writer: StagingWriter | None = None
         self._read_fd: int | None = None
@@ -69,8 +119,7 @@ class GrowingFile:
         return staged
 
     def _open(self) -> None:
-        # Buffered, not O_DIRECT: readers following the writer find the bytes in the page cache.
-        self._writer = StagingWriter(self.path, direct=False)
+        self._writer = StagingWriter(self.path)
         self._read_fd = os.open(self.path, os.O_RDONLY)
 
     # ------------------------------------------------------------------ the filler's side
@@ -78,38 +127,39 @@ class GrowingFile:
     def released(self) -> int:
         if self.size is None:
             return 0
-        return releasable(self.written, self.size, self.verified)
+        return releasable(self.received, self.size, self.verified)
 
-    async def append(self, batch: list[bytes]) -> None:
-        size = sum(map(len, batch))
-        if self.size is not None and self.written + size > self.size:
+    def receive(self, batch: bytes) -> None:
+        """The next batch from the upstream: readers may have it now (but the last byte)."""
+        if self.size is not None and self.received + len(batch) > self.size:
             raise UpstreamUnavailable(f"blob {self.digest}: upstream sent more than the {self.size} bytes it announced")
-        await anyio.to_thread.run_sync(self._write, batch)
-        self.written += size
+        self._recent.add(batch)
+        self.received += len(batch)
         self._notify()
 
-    def _write(self, batch: list[bytes]) -> None:
-        for part in batch:
-            self._writer.write(part)
-        self._writer.finish()          # flushed: readers may read it now
+    async def append(self, batch: bytes) -> None:
+        """Write the next received batch to the file."""
+        self._on_file = await anyio.to_thread.run_sync(self._write, batch)
+        self._recent.trim(min(self._on_file, self.received - RECENT_BYTES))
 
-    async def hash(self, batch: list[bytes]) -> None:
-        await anyio.to_thread.run_sync(self._hash, batch)
+    def _write(self, batch: bytes) -> int:
+        self._writer.write(batch)
+        return self._writer.visible()
 
-    def _hash(self, batch: list[bytes]) -> None:
-        for part in batch:
-            self._hasher.update(part)
+    async def hash(self, batch: bytes) -> None:
+        await anyio.to_thread.run_sync(self._hasher.update, batch)
 
     async def verify(self) -> None:
         """The whole blob is here: check its size and digest (DigestMismatch), then release the rest."""
-        if self.size is not None and self.written != self.size:
-            raise UpstreamUnavailable(f"blob {self.digest}: upstream sent {self.written} of {self.size} bytes")
-        await anyio.to_thread.run_sync(self._close_writer)
+        if self.size is not None and self.received != self.size:
+            raise UpstreamUnavailable(f"blob {self.digest}: upstream sent {self.received} of {self.size} bytes")
+        await anyio.to_thread.run_sync(self._finish_writer)
+        self._on_file = self.received
         actual = self._hasher.hexdigest()
         if actual != self.digest.hex:
             raise DigestMismatch(f"blob {self.digest}: upstream sent bytes hashing to "
                                  f"{self.digest.algorithm}:{actual}")
-        self.size = self.written
+        self.size = self.received
         self.verified = True
         self._notify()
 
@@ -128,14 +178,19 @@ class GrowingFile:
         self.path.unlink(missing_ok=True)
         self.close_readers()
 
+    def _finish_writer(self) -> None:
+        self._writer.finish()
+        self._close_writer()
+
     def _close_writer(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
     def close_readers(self) -> None:
-        """No new reader will follow this file (it was published or discarded); readers that
-        started keep their own descriptor."""
+        """No new reader will follow this file (it was published or discarded). Readers that
+        started keep their own descriptor and read the rest from the complete file."""
+        self._recent.clear()
         if self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
@@ -158,11 +213,14 @@ class GrowingFile:
                 changed = self._changed
                 if self.error is not None:
                     raise self.error
-                available = min(self.released, end) - position
-                if available <= 0:
+                available = min(self.released, end)
+                if available <= position:
                     await changed.wait()
                     continue
-                chunk = await anyio.to_thread.run_sync(os.pread, fd, min(READ_CHUNK, available), position)
+                chunk = self._recent.at(position, available)
+                if chunk is None:      # older than memory holds, so on file: see `append`
+                    chunk = await anyio.to_thread.run_sync(
+                        os.pread, fd, min(READ_CHUNK, available - position, self._recent.start - position), position)
                 if not chunk:
                     raise UpstreamUnavailable(f"blob {self.digest}: staging file ended early")
                 position += len(chunk)

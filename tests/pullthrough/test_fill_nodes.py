@@ -135,7 +135,7 @@ async def test_a_client_that_disconnects_mid_stream_does_not_abort_the_fill(node
 async def test_a_node_killed_mid_fill_is_replaced_by_another_and_its_staging_cleaned(nodes):
     cluster, started = nodes
     victim, survivor = started[0], started[1]
-    paced = PacedBlob.of(8 * 1024 * 1024, "killed mid-fill", pause_at=3 * 1024 * 1024)
+    paced = PacedBlob.of(8 * 1024 * 1024, "killed mid-fill", pause_at=5 * 1024 * 1024)   # past one 4 MiB direct write
     data, digest = paced.body, paced.digest
     async with paced_upstream(paced) as server:
         name = await _declare(cluster, started, server.url)
