@@ -91,7 +91,8 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 class WriteBehind:
     """Write-behind and drop-behind for a large file written front to back (call from the
     writing thread): whenever another `window` bytes are written, start writing them to disk,
-    wait until the window before them is on disk and drop its pages from the page cache.
+    wait until the window before them is on disk and drop its pages from the page cache
+    (unless `drop` is False: a blob that is about to be read keeps them).
 
     So a large blob passes through two windows of page cache instead of occupying its whole
     size in it. Fresh page-cache pages are what costs on VMs whose balloon hands free memory
@@ -100,8 +101,9 @@ class WriteBehind:
     changes for durability: the caller still fsyncs before the file is published. A no-op
     where sync_file_range is not available (not Linux)."""
 
-    def __init__(self, fd: int, window: int = WRITE_BEHIND_WINDOW):
+    def __init__(self, fd: int, window: int = WRITE_BEHIND_WINDOW, *, drop: bool = True):
         self.fd = fd
+        self.drop = drop      # False: keep the written pages cached (a blob about to be read)
         self.window = window
         self.started = 0      # writeback started for [0, started)
         self.dropped = 0      # on disk and out of the page cache: [0, dropped)
@@ -115,10 +117,11 @@ class WriteBehind:
             self.started += self.window
             if self.started - self.dropped > self.window:   # the window before the one just started
                 _SYNC_FILE_RANGE(self.fd, self.dropped, self.window, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-                try:
-                    os.posix_fadvise(self.fd, self.dropped, self.window, os.POSIX_FADV_DONTNEED)
-                except OSError:      # advice only: a file system that refuses it keeps its cache
-                    pass
+                if self.drop:
+                    try:
+                        os.posix_fadvise(self.fd, self.dropped, self.window, os.POSIX_FADV_DONTNEED)
+                    except OSError:      # advice only: a file system that refuses it keeps its cache
+                        pass
                 self.dropped += self.window
 
 
@@ -161,21 +164,23 @@ class StagingWriter:
     takes about a tenth of the CPU of a buffered write of a fresh file and leaves the cache to
     the blobs being read. The tail is written as a whole padded block, then the file is cut
     back to its size. Elsewhere (tmpfs without O_DIRECT, non-Linux) it is an ordinary buffered
-    file, written behind in windows (WriteBehind). Either way nothing is durable until the
-    store's ingest fsyncs the file; `finish()` only completes it."""
+    file, written behind in windows (WriteBehind). `keep_cached` asks for that buffered file
+    everywhere and keeps its pages cached: a pull-through fill writes a blob that its clients
+    will read again at once. Either way nothing is durable until the store's ingest fsyncs the
+    file; `finish()` only completes it."""
 
-    def __init__(self, path: Path, *, direct: bool = True):
+    def __init__(self, path: Path, *, direct: bool = True, keep_cached: bool = False):
         self.path = path
         self.size = 0                      # bytes accepted so far
         self._buffer: mmap.mmap | None = None
         self._filled = 0                   # bytes in the buffer not yet written
-        self._fd = self._open_direct(path) if direct and _O_DIRECT else None
+        self._fd = self._open_direct(path) if direct and not keep_cached and _O_DIRECT else None
         if self._fd is not None:
             self._buffer = _BUFFERS.take()
             self._file = None
         else:
             self._file = open(path, "wb")
-            self._behind = WriteBehind(self._file.fileno())
+            self._behind = WriteBehind(self._file.fileno(), drop=not keep_cached)
 
     @property
     def direct(self) -> bool:

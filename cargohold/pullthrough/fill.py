@@ -57,6 +57,19 @@ def error_for(claim: FillClaim) -> UpstreamError:
     return _FAILURES.get(claim.failed, UpstreamUnavailable)(reason)
 
 
+def _with_queued(first: bytes, queue) -> list[bytes]:
+    """`first` and the batches queued behind it, up to QUEUED_BATCHES: a step that fell behind
+    catches up in one worker-thread trip instead of one per batch (each trip wakes a thread
+    and then the event loop)."""
+    group = [first]
+    while len(group) < QUEUED_BATCHES:
+        try:
+            group.append(queue.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+    return group
+
+
 def _sole(exc: BaseException) -> BaseException:
     """The one error inside task-group wrapping (an upstream that broke off, a full disk), so
     that clients and waiting nodes learn what happened rather than "a group of errors"."""
@@ -309,7 +322,7 @@ class BlobFiller:
         async def drain(queue, step) -> None:
             async with queue:
                 async for batch in queue:
-                    await step(batch)
+                    await step(_with_queued(batch, queue))
 
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(drain, disk_queue, staged.append)

@@ -119,7 +119,7 @@ class GrowingFile:
         return staged
 
     def _open(self) -> None:
-        self._writer = StagingWriter(self.path)
+        self._writer = StagingWriter(self.path, keep_cached=True)
         self._read_fd = os.open(self.path, os.O_RDONLY)
 
     # ------------------------------------------------------------------ the filler's side
@@ -137,17 +137,23 @@ class GrowingFile:
         self.received += len(batch)
         self._notify()
 
-    async def append(self, batch: bytes) -> None:
-        """Write the next received batch to the file."""
-        self._on_file = await anyio.to_thread.run_sync(self._write, batch)
+    async def append(self, batches: list[bytes]) -> None:
+        """Write the next received batches to the file (one worker-thread trip)."""
+        self._on_file = await anyio.to_thread.run_sync(self._write, batches)
         self._recent.trim(min(self._on_file, self.received - RECENT_BYTES))
 
-    def _write(self, batch: bytes) -> int:
-        self._writer.write(batch)
+    def _write(self, batches: list[bytes]) -> int:
+        for batch in batches:
+            self._writer.write(batch)
         return self._writer.visible()
 
-    async def hash(self, batch: bytes) -> None:
-        await anyio.to_thread.run_sync(self._hasher.update, batch)
+    async def hash(self, batches: list[bytes]) -> None:
+        """Hash the next received batches (one worker-thread trip)."""
+        await anyio.to_thread.run_sync(self._hash, batches)
+
+    def _hash(self, batches: list[bytes]) -> None:
+        for batch in batches:
+            self._hasher.update(batch)
 
     async def verify(self) -> None:
         """The whole blob is here: check its size and digest (DigestMismatch), then release the rest."""

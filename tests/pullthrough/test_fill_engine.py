@@ -208,8 +208,8 @@ async def test_a_reader_never_gets_the_last_byte_of_an_unverified_blob(tmp_path)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(reader)
         staged.receive(data)
-        await staged.append(data)
-        await staged.hash(data)
+        await staged.append([data])
+        await staged.hash([data])
         await eventually(lambda: len(received) == len(data) - 1, what="all but the last byte")
         await anyio.sleep(0.1)
         assert len(received) == len(data) - 1

@@ -1,6 +1,7 @@
 """The shared blob-store suite: every BlobStore backend must pass it (one factory per backend)."""
 
 import os
+import shutil
 
 import pytest
 
@@ -166,3 +167,39 @@ def test_staging_writer_bypasses_the_page_cache_where_it_can(tmp_path):
     assert not buffered.direct
     buffered.close()
     assert (tmp_path / "a").read_bytes() == b"x" * 10
+
+
+
+def _resident_bytes(path) -> int:
+    import subprocess
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+@pytest.mark.skipif(not shutil.which("fincore"), reason="fincore (util-linux) is not installed")
+def test_a_writer_asked_to_keep_its_pages_cached_writes_behind_without_dropping(tmp_path):
+    """A pull-through fill writes a blob its clients read again at once: written behind (the
+    publishing fsync finds little left) but left in the page cache, unlike an upload's."""
+    from cargohold.blobs import store as storage
+
+    data = os.urandom(3 * storage.WRITE_BEHIND_WINDOW + 5)
+    sizes = {}
+    for name, options in {"kept": {"keep_cached": True}, "dropped": {"direct": False}}.items():
+        writer = storage.StagingWriter(tmp_path / name, **options)
+        assert not writer.direct
+        for start in range(0, len(data), 1 << 20):
+            writer.write(data[start:start + (1 << 20)])
+        assert writer.visible() == len(data)
+        writer.finish()
+        writer.close()
+        sizes[name] = _resident_bytes(tmp_path / name)     # (before reading it back caches it)
+        assert (tmp_path / name).read_bytes() == data
+    assert sizes["kept"] >= len(data) - 4096
+    if storage._SYNC_FILE_RANGE is not None and not _on_tmpfs(tmp_path):
+        assert sizes["dropped"] <= 2 * storage.WRITE_BEHIND_WINDOW + 4096
+
+
+def _on_tmpfs(path) -> bool:
+    import subprocess
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout.strip() == "tmpfs"
