@@ -33,9 +33,13 @@ def missing() -> str | None:
     return None if SKOPEO else "skopeo not found on PATH (apt-get install -y skopeo)"
 
 
-def version() -> str:
+def describe() -> str:
+    """What one pull is, for a row's note."""
     r = subprocess.run([SKOPEO, "--version"], capture_output=True, text=True, timeout=30)
-    return r.stdout.strip().removeprefix("skopeo version ") or "unknown version"
+    version = r.stdout.strip().removeprefix("skopeo version ") or "(unknown version)"
+    return (f"`skopeo copy --src-tls-verify=false docker://HOST:PORT/NAME:TAG dir:DIR` (skopeo {version}, "
+            "its defaults: up to 6 blobs at a time, each digest-verified, written to a fresh DIR on disk "
+            "and fsync'd; timed from process start to exit, DIR deleted untimed)")
 
 
 def pull(base_url: str, name: str, image: Image, scratch: Path) -> Pull:

@@ -259,11 +259,8 @@ def pull_client_part(ctx) -> list[Row]:
         ctx.log(f"[pull_client] skipped: {reason}")
         return [Row("pull_client", "(part skipped)", "skipped", note=reason)]
     client = Client(functools.partial(skopeo.pull, scratch=ctx.base / "skopeo"),
-                    f"{LAYERS} layers + config, each pull a whole `skopeo copy --src-tls-verify=false "
-                    f"docker://HOST:PORT/NAME:TAG dir:DIR` (skopeo {skopeo.version()}, its defaults: up to 6 "
-                    "blobs at a time, each digest-verified and written to a fresh DIR on disk; timed from "
-                    "process start to exit, DIR deleted untimed): what users see. The data path alone is "
-                    "the `pull` part (curl into /dev/null)", prefix="skopeo: ")
+                    f"{LAYERS} layers + config, each pull a whole {skopeo.describe()}: what users see. "
+                    "The data path alone is the `pull` part (curl into /dev/null)", prefix="skopeo: ")
     rows = pull_rounds(ctx, "pull_client", ctx.upstream.url, client)
     return rows + [_client_cpu_row(ctx, "pull_client", ctx.details["pull_client"])]
 
@@ -304,20 +301,20 @@ def _speed_rows(ctx, part: str, results: dict[str, list[dict]], rounds: int, cli
     headers = {when: sum((collections.Counter(p.get("cache", {})) for r in results["cargohold"]
                           for p in ([r["cold"]] if when == "cold" else r["warm"])), collections.Counter())
                for when in ("cold", "warm")}
-    seen = {when: f"; X-Cargohold-Cache over the {when} pulls: {dict(headers[when])}" if headers[when] else ""
-            for when in ("cold", "warm")}
+    headers_seen = {when: f"; X-Cargohold-Cache over the {when} pulls: {dict(headers[when])}"
+                    if headers[when] else "" for when in ("cold", "warm")}
     size = f"{ctx.image.size / MiB:.0f} MiB image, {client.does}"
     rows = [
         compared(part, f"{client.prefix}cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"],
                  direct, min_ratio=0.9, error=vs_direct,
                  note=f"{size}; median of {rounds} cold pulls (a fresh cluster each) vs "
-                      f"{rounds * (1 + ctx.args.warm_pulls)} direct pulls{seen['cold']}"),
+                      f"{rounds * (1 + ctx.args.warm_pulls)} direct pulls{headers_seen['cold']}"),
         compared(part, f"{client.prefix}cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
                  cold["distribution"], min_ratio=1.0, error=vs_proxy,
                  note=f"median of {rounds} each; Distribution 2.8.2 with proxy.remoteurl, fresh each round"),
         compared(part, f"{client.prefix}warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
                  warm["distribution"], min_ratio=1.0, error=vs_proxy,
-                 note=f"median of {rounds * ctx.args.warm_pulls} each{seen['warm']}"),
+                 note=f"median of {rounds * ctx.args.warm_pulls} each{headers_seen['warm']}"),
         compared(part, f"{client.prefix}cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"],
                  direct, error=_errors_of(ctx, part, "distribution", "direct")),
     ]
@@ -359,19 +356,16 @@ def _cost_rows(ctx, part: str, results: dict[str, list[dict]], client: Client) -
 
 def _client_cpu_row(ctx, part: str, results: dict[str, list[dict]]) -> Row:
     """The pulling client's own CPU per GB (information: the same client on every side)."""
+    pulls = {"direct": [p for r in results["direct"] for p in r["pulls"]]}
+    for side in SIDES[1:]:
+        pulls[f"{side} cold"] = [r["cold"] for r in results[side]]
+        pulls[f"{side} warm"] = [p for r in results[side] for p in r["warm"]]
     per_gb = ctx.image.size / 1e9
-
-    def of(pulls) -> float | None:
-        return median(p["client_cpu_s"] / per_gb for p in pulls)
-    direct = of(p for r in results["direct"] for p in r["pulls"])
-    cold = {s: of(r["cold"] for r in results[s]) for s in SIDES[1:]}
-    warm = {s: of(p for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
-    every = of([*(p for r in results["direct"] for p in r["pulls"]),
-                *(p for s in SIDES[1:] for r in results[s] for p in [r["cold"], *r["warm"]])])
+    cpu = {group: median(p["client_cpu_s"] / per_gb for p in of) for group, of in pulls.items()}
+    every = median(p["client_cpu_s"] / per_gb for of in pulls.values() for p in of)
     return Row(part, "skopeo: the client's own CPU per GB pulled (info)", every, "cpu-s/GB",
-               note="user+sys of the skopeo process, median over every pull; per side: direct "
-                    f"{fmt(direct)}, cargohold cold/warm {fmt(cold['cargohold'])}/{fmt(warm['cargohold'])}, "
-                    f"Distribution cold/warm {fmt(cold['distribution'])}/{fmt(warm['distribution'])}")
+               note="user+sys of the skopeo process, median over every pull; per kind of pull: "
+                    + ", ".join(f"{group} {fmt(v)}" for group, v in cpu.items()))
 
 
 def _median_requests(results: list[dict], when: str) -> dict[str, float] | None:
