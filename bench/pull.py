@@ -95,8 +95,9 @@ def verify(base_url: str, name: str, image: Image) -> None:
 class Pull:
     seconds: float
     bytes: int
-    first_byte_s: float = 0.0      # the slowest blob's time to its first byte (streaming vs store-then-serve)
+    first_byte_s: float | None = None  # the slowest blob's time to its first byte (streaming vs store-then-serve)
     cache: collections.Counter = field(default_factory=collections.Counter)  # X-Cargohold-Cache values
+    client_cpu_s: float | None = None  # user + sys of the client process, when it is measured
 
     @property
     def mb_per_s(self) -> float:

@@ -1,9 +1,9 @@
 """Pull-through cache (issue 14): pulls through a remote repository vs direct and vs Distribution's proxy.
 
 One upstream for the whole run: Distribution 2.8.2 (Debian `docker-registry`) with its access log
-on, holding a 5-layer image of random (incompressible) layers, 5 x 40 MiB. A pull is what a
-container runtime does (`bench/pull.py`): the manifest by tag, then the config and every layer,
-three curl downloads at a time, into /dev/null.
+on, holding a 5-layer image of random (incompressible) layers, 5 x 40 MiB. A pull (except in
+pull_client) is what a container runtime does (`bench/pull.py`): the manifest by tag, then the
+config and every layer, three curl downloads at a time, into /dev/null.
 
     pull               per round, in rotating order: 1 + --warm-pulls direct pulls; a fresh
                        cargohold (its own etcd, remote repository `hub` defined with `cargohold
@@ -15,6 +15,12 @@ three curl downloads at a time, into /dev/null.
     pull_link          the same, with the upstream reached (by the direct client and both caches)
                        through a loopback link whose downloads share --link-rate MB/s (50), as a
                        site's internet link does: there the upstream, not the CPU, is the slow side.
+    pull_client        `pull` on loopback with a real container client doing each whole pull:
+                       `skopeo copy --src-tls-verify=false docker://HOST:PORT/NAME:TAG dir:DIR` (its
+                       defaults: up to 6 blobs at a time, every blob digest-verified and written to a
+                       fresh DIR, deleted after each pull, untimed), so the rows show what users see;
+                       `pull` (curl into /dev/null) stays the data-path measurement. Skipped, with
+                       the reason, when skopeo is not on PATH.
     upstream_requests  one cargohold with two remote repositories of the same upstream: `hub`
                        (ttl 10m) and `hubttl` (ttl 1 s, or --expired-ttl); a small 5-layer image
                        is pulled once through each, then N more times (N = --pulls, 100), through
@@ -28,15 +34,18 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import launch, procs, pull
+from bench import launch, procs, pull, skopeo
 from bench.link import Link
 from bench.profiler import Profiler
-from bench.report import Row, compared, median
+from bench.report import Row, compared, fmt, median
 from tests.support.distribution import DistributionProcess
 
 MiB = 1 << 20
@@ -47,10 +56,23 @@ EXPIRED = "hubttl"                        # the same upstream with a ttl that ru
 SIDES = ("direct", "cargohold", "distribution")
 
 
+@dataclass(frozen=True)
+class Client:
+    """How a part pulls an image, and how its rows say so."""
+    pull: Callable[[str, str, pull.Image], pull.Pull]   # (base_url, name, image) -> one timed pull
+    does: str                                           # what one pull does, in the first row's note
+    prefix: str = ""                                    # before every metric name of the part
+
+
+CURL = Client(pull.pull, f"{LAYERS} layers + config, 3 curl downloads at a time")
+
+
 def add_arguments(ap) -> None:
-    ap.add_argument("--rounds", type=int, help="pull: rounds, rotating the order of the sides (default 3; --quick 1)")
-    ap.add_argument("--warm-pulls", type=int, default=3, help="pull: warm pulls per cache per round (default 3)")
-    ap.add_argument("--layer-mib", type=int, help="pull: size of each of the 5 layers (default 40; --quick 8)")
+    pulls = "pull, pull_link, pull_client"
+    ap.add_argument("--rounds", type=int,
+                    help=f"{pulls}: rounds, rotating the order of the sides (default 3; --quick 1)")
+    ap.add_argument("--warm-pulls", type=int, default=3, help=f"{pulls}: warm pulls per cache per round (default 3)")
+    ap.add_argument("--layer-mib", type=int, help=f"{pulls}: size of each of the 5 layers (default 40; --quick 8)")
     ap.add_argument("--link-rate", type=float, default=50.0,
                     help="pull_link: the upstream link's bandwidth in MB/s, shared by all connections (default 50)")
     ap.add_argument("--pulls", type=int, help="upstream_requests: pulls counted per ttl case (default 100; --quick 20)")
@@ -143,7 +165,10 @@ def _kind(path: str) -> str:
 # =========================================================================== pull
 
 def _pull_record(p: pull.Pull) -> dict:
-    return {"seconds": p.seconds, "MBps": p.mb_per_s, "first_byte_s": p.first_byte_s, "cache": dict(p.cache)}
+    """What one pull measured (curl: time to first byte and cache headers; skopeo: its own CPU)."""
+    record = {"seconds": p.seconds, "MBps": p.mb_per_s, "first_byte_s": p.first_byte_s,
+              "cache": dict(p.cache), "client_cpu_s": p.client_cpu_s}
+    return {k: v for k, v in record.items() if v is not None and v != {}}
 
 
 @contextlib.contextmanager
@@ -165,39 +190,40 @@ def profiler(ctx, when: str, pid: int | None):
     ctx.details.setdefault("profiles", []).extend({"when": when, **v} for v in prof.summaries.values())
 
 
-def pull_from_cache(ctx, base_url: str, name: str, pids: list[int], profiled: int | None = None) -> dict:
+def pull_from_cache(ctx, base_url: str, name: str, pids: list[int], client: Client,
+                    profiled: int | None = None) -> dict:
     """Cold pull, content check, warm pulls; each timed pull's upstream requests and the cache's
     CPU seconds counted. With --profile, py-spy records the process `profiled` during each."""
     image, log, cpu = ctx.image, UpstreamLog(ctx.upstream, ctx.image), {}
     with profiler(ctx, "cold", profiled), cpu_meter(pids, cpu, "cold"):
-        cold = pull.pull(base_url, name, image)
+        cold = client.pull(base_url, name, image)
     cold_upstream = log.since_last()
     pull.verify(base_url, name, image)
     log.since_last()                       # a check's requests (there should be none) are not a pull's
     with profiler(ctx, "warm", profiled), cpu_meter(pids, cpu, "warm"):
-        warm = [pull.pull(base_url, name, image) for _ in range(ctx.args.warm_pulls)]
+        warm = [client.pull(base_url, name, image) for _ in range(ctx.args.warm_pulls)]
     return {"cold": _pull_record(cold), "warm": [_pull_record(p) for p in warm],
             "upstream_cold": dict(cold_upstream), "upstream_warm": dict(log.since_last()),
             "cpu_s_per_GB": {"cold": cpu["cold"] / (image.size / 1e9),
                              "warm": cpu["warm"] / (len(warm) * image.size / 1e9)}}
 
 
-def direct_side(ctx, upstream_url: str) -> dict:
+def direct_side(ctx, upstream_url: str, client: Client) -> dict:
     cpu = {}
     with cpu_meter([ctx.upstream.pid], cpu, "upstream"):
-        pulls = [pull.pull(upstream_url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
+        pulls = [client.pull(upstream_url, ctx.image.name, ctx.image) for _ in range(1 + ctx.args.warm_pulls)]
     return {"pulls": [_pull_record(p) for p in pulls],
             "upstream_cpu_s_per_GB": cpu["upstream"] / (len(pulls) * ctx.image.size / 1e9)}
 
 
-def cargohold_side(ctx, upstream_url: str) -> dict:
+def cargohold_side(ctx, upstream_url: str, client: Client) -> dict:
     with cache_node(ctx, upstream_url, {REMOTE: CACHE_TTL}) as (node, pids):
-        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}", pids, profiled=node.pid)
+        return pull_from_cache(ctx, node.url, f"{REMOTE}/{ctx.image.name}", pids, client, profiled=node.pid)
 
 
-def distribution_side(ctx, upstream_url: str) -> dict:
+def distribution_side(ctx, upstream_url: str, client: Client) -> dict:
     with distribution_proxy(ctx, upstream_url) as proxy:
-        return pull_from_cache(ctx, proxy.url, ctx.image.name, [proxy.pid])
+        return pull_from_cache(ctx, proxy.url, ctx.image.name, [proxy.pid], client)
 
 
 MEASURE = {"direct": direct_side, "cargohold": cargohold_side, "distribution": distribution_side}
@@ -210,8 +236,9 @@ def _summary(result: dict) -> str:
                 + f"; upstream CPU {result['upstream_cpu_s_per_GB']:.2f} s/GB")
     cold, cpu = result["cold"], result["cpu_s_per_GB"]
     warm = "/".join(f"{p['MBps']:,.0f}" for p in result["warm"])
-    return (f"cold {cold['MBps']:,.0f} MB/s {cold['cache'] or ''} (first byte of every blob within "
-            f"{cold['first_byte_s']:.2f}s of {cold['seconds']:.2f}s), warm {warm} MB/s; "
+    timing = (f"{cold['cache'] or ''} (first byte of every blob within {cold['first_byte_s']:.2f}s of "
+              f"{cold['seconds']:.2f}s)" if "first_byte_s" in cold else f"({cold['seconds']:.2f}s)")
+    return (f"cold {cold['MBps']:,.0f} MB/s {timing}, warm {warm} MB/s; "
             f"cache CPU {cpu['cold']:.2f}/{cpu['warm']:.2f} s/GB cold/warm; "
             f"upstream asked cold {result['upstream_cold']}, warm {result['upstream_warm']}")
 
@@ -226,21 +253,34 @@ def pull_link_part(ctx) -> list[Row]:
         return pull_rounds(ctx, "pull_link", link.url)
 
 
-def pull_rounds(ctx, part: str, upstream_url: str) -> list[Row]:
-    """Every side once per round, in rotating order, each reaching the upstream at `upstream_url`."""
+def pull_client_part(ctx) -> list[Row]:
+    """`pull` with skopeo doing each whole pull (to disk) instead of curl (into /dev/null)."""
+    if reason := skopeo.missing():
+        ctx.log(f"[pull_client] skipped: {reason}")
+        return [Row("pull_client", "(part skipped)", "skipped", note=reason)]
+    client = Client(functools.partial(skopeo.pull, scratch=ctx.base / "skopeo"),
+                    f"{LAYERS} layers + config, each pull a whole {skopeo.describe()}: what users see. "
+                    "The data path alone is the `pull` part (curl into /dev/null)", prefix="skopeo: ")
+    rows = pull_rounds(ctx, "pull_client", ctx.upstream.url, client)
+    return rows + [_client_cpu_row(ctx, "pull_client", ctx.details["pull_client"])]
+
+
+def pull_rounds(ctx, part: str, upstream_url: str, client: Client = CURL) -> list[Row]:
+    """Every side once per round, in rotating order, each reaching the upstream at `upstream_url`
+    and pulled by `client`."""
     rounds = ctx.args.rounds or (1 if ctx.quick else 3)
     results: dict[str, list[dict]] = {s: [] for s in SIDES}
     for rnd in range(rounds):
         for side in SIDES[rnd % 3:] + SIDES[:rnd % 3]:
             tag = f"[{part}] {side} round {rnd + 1}/{rounds}"
             try:
-                results[side].append(MEASURE[side](ctx, upstream_url))
+                results[side].append(MEASURE[side](ctx, upstream_url, client))
                 ctx.log(f"{tag}: {_summary(results[side][-1])}")
             except Exception as e:  # noqa: BLE001 - one side failing must not hide the others
                 ctx.log(f"{tag}: FAILED: {type(e).__name__}: {e}")
                 ctx.details["errors"].setdefault(part, {})[side] = f"{type(e).__name__}: {e}"[:300]
     ctx.details[part] = results
-    return _speed_rows(ctx, part, results, rounds) + _cost_rows(ctx, part, results)
+    return _speed_rows(ctx, part, results, rounds, client) + _cost_rows(ctx, part, results, client)
 
 
 def _errors_of(ctx, part: str, *sides: str) -> str:
@@ -249,41 +289,44 @@ def _errors_of(ctx, part: str, *sides: str) -> str:
     return "; ".join(f"{s}: {errors[s]}" for s in sides if s in errors)
 
 
-def _speed_rows(ctx, part: str, results: dict[str, list[dict]], rounds: int) -> list[Row]:
-    """The issue's three ratios, Distribution's own cold ratio, and the streaming evidence."""
+def _speed_rows(ctx, part: str, results: dict[str, list[dict]], rounds: int, client: Client) -> list[Row]:
+    """The issue's three ratios, Distribution's own cold ratio, and the streaming evidence (when
+    the client measures a first byte)."""
     vs_direct = _errors_of(ctx, part, "cargohold", "direct")
     vs_proxy = _errors_of(ctx, part, "cargohold", "distribution")
     direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
     cold = {s: median(r["cold"]["MBps"] for r in results[s]) for s in SIDES[1:]}
     warm = {s: median(p["MBps"] for r in results[s] for p in r["warm"]) for s in SIDES[1:]}
-    first_byte = {s: median(r["cold"]["first_byte_s"] for r in results[s]) for s in SIDES[1:]}
-    headers = {when: sum((collections.Counter(p["cache"]) for r in results["cargohold"]
+    first_byte = {s: median(r["cold"].get("first_byte_s") for r in results[s]) for s in SIDES[1:]}
+    headers = {when: sum((collections.Counter(p.get("cache", {})) for r in results["cargohold"]
                           for p in ([r["cold"]] if when == "cold" else r["warm"])), collections.Counter())
                for when in ("cold", "warm")}
-    size = f"{ctx.image.size / MiB:.0f} MiB image, {LAYERS} layers + config, 3 curl downloads at a time"
-    return [
-        compared(part, "cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"], direct,
-                 min_ratio=0.9, error=vs_direct,
+    headers_seen = {when: f"; X-Cargohold-Cache over the {when} pulls: {dict(headers[when])}"
+                    if headers[when] else "" for when in ("cold", "warm")}
+    size = f"{ctx.image.size / MiB:.0f} MiB image, {client.does}"
+    rows = [
+        compared(part, f"{client.prefix}cold, cargohold vs direct from the upstream", "MB/s", cold["cargohold"],
+                 direct, min_ratio=0.9, error=vs_direct,
                  note=f"{size}; median of {rounds} cold pulls (a fresh cluster each) vs "
-                      f"{rounds * (1 + ctx.args.warm_pulls)} direct pulls; X-Cargohold-Cache over the cold "
-                      f"pulls: {dict(headers['cold'])}"),
-        compared(part, "cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
+                      f"{rounds * (1 + ctx.args.warm_pulls)} direct pulls{headers_seen['cold']}"),
+        compared(part, f"{client.prefix}cold, cargohold vs Distribution proxy cold", "MB/s", cold["cargohold"],
                  cold["distribution"], min_ratio=1.0, error=vs_proxy,
                  note=f"median of {rounds} each; Distribution 2.8.2 with proxy.remoteurl, fresh each round"),
-        compared(part, "warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
+        compared(part, f"{client.prefix}warm, cargohold vs Distribution proxy warm", "MB/s", warm["cargohold"],
                  warm["distribution"], min_ratio=1.0, error=vs_proxy,
-                 note=f"median of {rounds * ctx.args.warm_pulls} each; X-Cargohold-Cache over the warm pulls: "
-                      f"{dict(headers['warm'])}"),
-        compared(part, "cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"], direct,
-                 error=_errors_of(ctx, part, "distribution", "direct")),
-        compared(part, "cold pull: the slowest blob's first byte", "s", first_byte["cargohold"],
-                 first_byte["distribution"], error=vs_proxy,
-                 note="curl's time_starttransfer, median over the cold pulls: far below the pull's "
-                      "time when the cache streams while it fills"),
+                 note=f"median of {rounds * ctx.args.warm_pulls} each{headers_seen['warm']}"),
+        compared(part, f"{client.prefix}cold, Distribution proxy vs direct (info)", "MB/s", cold["distribution"],
+                 direct, error=_errors_of(ctx, part, "distribution", "direct")),
     ]
+    if any(first_byte.values()):
+        rows.append(compared(part, f"{client.prefix}cold pull: the slowest blob's first byte", "s",
+                             first_byte["cargohold"], first_byte["distribution"], error=vs_proxy,
+                             note="curl's time_starttransfer, median over the cold pulls: far below the pull's "
+                                  "time when the cache streams while it fills"))
+    return rows
 
 
-def _cost_rows(ctx, part: str, results: dict[str, list[dict]]) -> list[Row]:
+def _cost_rows(ctx, part: str, results: dict[str, list[dict]], client: Client) -> list[Row]:
     """CPU per GB and upstream requests per pull, cargohold vs Distribution's proxy."""
     vs_proxy = _errors_of(ctx, part, "cargohold", "distribution")
     cpu = {when: {s: median(r["cpu_s_per_GB"][when] for r in results[s]) for s in SIDES[1:]}
@@ -291,22 +334,38 @@ def _cost_rows(ctx, part: str, results: dict[str, list[dict]]) -> list[Row]:
     asked = {s: {when: _median_requests(results[s], when) for when in ("upstream_cold", "upstream_warm")}
              for s in SIDES[1:]}
     return [
-        compared(part, "cache CPU per GB, cold pull", "cpu-s/GB", cpu["cold"]["cargohold"],
+        compared(part, f"{client.prefix}cache CPU per GB, cold pull", "cpu-s/GB", cpu["cold"]["cargohold"],
                  cpu["cold"]["distribution"], error=vs_proxy,
                  note="user+sys of the cache's processes (cargohold: node and its etcd); lower is better; "
                       "the upstream's own CPU per GB on direct pulls: "
                       f"{median(r['upstream_cpu_s_per_GB'] for r in results['direct']) or 0:.2f}"),
-        compared(part, "cache CPU per GB, warm pull", "cpu-s/GB", cpu["warm"]["cargohold"],
+        compared(part, f"{client.prefix}cache CPU per GB, warm pull", "cpu-s/GB", cpu["warm"]["cargohold"],
                  cpu["warm"]["distribution"], error=vs_proxy),
-        compared(part, "upstream requests per cold pull", "requests", _total(asked["cargohold"]["upstream_cold"]),
-                 _total(asked["distribution"]["upstream_cold"]), error=vs_proxy,
+        compared(part, f"{client.prefix}upstream requests per cold pull", "requests",
+                 _total(asked["cargohold"]["upstream_cold"]), _total(asked["distribution"]["upstream_cold"]),
+                 error=vs_proxy,
                  note=f"cargohold {asked['cargohold']['upstream_cold']}, "
                       f"Distribution {asked['distribution']['upstream_cold']} (median per round)"),
-        compared(part, "upstream requests per warm pull", "requests", _total(asked["cargohold"]["upstream_warm"]),
-                 _total(asked["distribution"]["upstream_warm"]), error=vs_proxy,
+        compared(part, f"{client.prefix}upstream requests per warm pull", "requests",
+                 _total(asked["cargohold"]["upstream_warm"]), _total(asked["distribution"]["upstream_warm"]),
+                 error=vs_proxy,
                  note=f"over {ctx.args.warm_pulls} warm pulls per round, per pull: cargohold "
                       f"{asked['cargohold']['upstream_warm']}, Distribution {asked['distribution']['upstream_warm']}"),
     ]
+
+
+def _client_cpu_row(ctx, part: str, results: dict[str, list[dict]]) -> Row:
+    """The pulling client's own CPU per GB (information: the same client on every side)."""
+    pulls = {"direct": [p for r in results["direct"] for p in r["pulls"]]}
+    for side in SIDES[1:]:
+        pulls[f"{side} cold"] = [r["cold"] for r in results[side]]
+        pulls[f"{side} warm"] = [p for r in results[side] for p in r["warm"]]
+    per_gb = ctx.image.size / 1e9
+    cpu = {group: median(p["client_cpu_s"] / per_gb for p in of) for group, of in pulls.items()}
+    every = median(p["client_cpu_s"] / per_gb for of in pulls.values() for p in of)
+    return Row(part, "skopeo: the client's own CPU per GB pulled (info)", every, "cpu-s/GB",
+               note="user+sys of the skopeo process, median over every pull; per kind of pull: "
+                    + ", ".join(f"{group} {fmt(v)}" for group, v in cpu.items()))
 
 
 def _median_requests(results: list[dict], when: str) -> dict[str, float] | None:
@@ -360,4 +419,5 @@ def counted_pulls(ctx, base_url: str, repository: str, n: int, pause: float) -> 
     return result
 
 
-PARTS = {"pull": pull_part, "pull_link": pull_link_part, "upstream_requests": upstream_requests}
+PARTS = {"pull": pull_part, "pull_link": pull_link_part, "pull_client": pull_client_part,
+         "upstream_requests": upstream_requests}
