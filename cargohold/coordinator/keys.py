@@ -148,6 +148,11 @@ class Keys:
         return f"{self.prefix}cache/checked/{repo}/{tag}"
     # -- end of pull-through cache (engine-manifests)
 
+    # -- upstreams assumed offline, per site: written by coordinator/upstreamstate.py only
+    def upstream_offline(self, site: str, repository: str) -> str:
+        """Until when the nodes of `site` assume `repository`'s upstream offline (ignored by the read model)."""
+        return f"{self.prefix}upstream/offline/{site}/{repository}"
+
     def parse(self, key: str) -> ParsedKey:
         if not key.startswith(self.prefix):
             return ParsedKey("other")

@@ -201,7 +201,7 @@ def _pullthrough(metadata: ClusterMetadata, store: FilesystemBlobStore, remote: 
     timeouts = Timeouts(connect=settings.upstream_connect_timeout, read=settings.upstream_read_timeout,
                         total=max(60.0, 2 * settings.upstream_read_timeout))
     return PullThrough(metadata, store, figures=figures, audit=audit, filler=filler, recorder=recorder,
-                       timeouts=timeouts)
+                       timeouts=timeouts, site=settings.site, node_id=node_id)
 
 
 def _replication_figures(metadata: ClusterMetadata, replicator: Replicator, remote: PeerContent,

@@ -32,6 +32,7 @@ from cargohold.coordinator.cachecheck import TagCheck, last_check, record_check
 from cargohold.coordinator.etcd import EtcdError
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.records import ManifestRecord
+from cargohold.coordinator.upstreamstate import SiteOfflineBoard
 from cargohold.oci import errors
 from cargohold.oci.errors import RegistryError
 from cargohold.oci.manifest import parse_manifest
@@ -80,8 +81,11 @@ class PullThrough:
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, *, figures: CacheFigures | None = None,
                  audit: Callable[..., None] = lambda event, **fields: None, recorder: PullRecorder | None = None,
                  filler: BlobFiller | None = None, timeouts: Timeouts = UPSTREAM_TIMEOUTS,
-                 clock: Callable[[], float] = time.time, verify_tls: bool = True):
+                 clock: Callable[[], float] = time.time, verify_tls: bool = True,
+                 site: str | None = None, node_id: str = ""):
         self.metadata = metadata
+        self.site = site            # set: an upstream found offline is so for the whole site
+        self.node_id = node_id
         self.store = store
         self.figures = figures or CacheFigures()
         self.audit = audit
@@ -107,9 +111,14 @@ class PullThrough:
             self._retire(repository.name)
         client = UpstreamClient(repository.url, username=repository.username, password=repository.password,
                                 timeouts=self.timeouts, offline_period=repository.offline_period,
-                                verify_tls=self.verify_tls)
+                                verify_tls=self.verify_tls, board=self._offline_board(repository))
         self._clients[repository.name] = (repository, client)
         return client
+
+    def _offline_board(self, repository: RemoteRepository) -> SiteOfflineBoard | None:
+        if self.site is None:
+            return None
+        return SiteOfflineBoard(self.metadata, self.site, repository.name, self.node_id)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Follow the definitions (section "repositories" of the watch): a changed or removed

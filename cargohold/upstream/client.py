@@ -25,7 +25,7 @@ from cargohold.oci.manifest import MAX_MANIFEST_BYTES, SUPPORTED_TYPES
 from cargohold.oci.reference import is_digest, parse_digest
 from cargohold.oci.errors import RegistryError
 from cargohold.upstream import errors, protocol
-from cargohold.upstream.offline import OfflineTracker
+from cargohold.upstream.offline import OfflineBoard, OfflineTracker
 from cargohold.upstream.verify import hash_chunk
 
 ACCEPT_MANIFESTS = ", ".join(sorted(SUPPORTED_TYPES))
@@ -76,11 +76,13 @@ class UpstreamClient:
 
     def __init__(self, url: str, *, username: str | None = None, password: str | None = None,
                  timeouts: Timeouts = Timeouts(), offline_period: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, verify_tls: bool | ssl.SSLContext = True):
+                 clock: Callable[[], float] = time.monotonic, verify_tls: bool | ssl.SSLContext = True,
+                 board: OfflineBoard | None = None):
         self.url = url.rstrip("/")
         self.host = httpx.URL(self.url).host
         self.timeouts = timeouts
         self.offline = OfflineTracker(offline_period, clock)
+        self._board = board           # shares the offline state with the site's other nodes
         self._clock = clock
         self._credentials = _Credentials(username, password or "") if username else None
         self._tokens = protocol.TokenCache(clock)
@@ -197,22 +199,40 @@ class UpstreamClient:
                       follow_redirects: bool = False) -> AsyncIterator[httpx.Response]:
         """Send with auth, retrying once through the auth flow on a 401; yield a successful
         response (body not read yet) or raise the classified error."""
-        self.offline.check()
+        await self._check_offline()
         scope = protocol.repository_scope(self.repository(repository))
         what = f"{method} {url.removeprefix(self.url).split('?')[0]}"
-        for attempt in (1, 2):
-            authorization = await self._authorization(scope, what)
-            request = self._http.build_request(method, url, headers={**(headers or {}), **authorization})
-            response = await self._send(request, what, follow_redirects)
-            try:
-                if response.status_code == 401 and attempt == 1:
-                    self._learn_challenge(response, scope, what)
-                    continue
-                self._classify(response, what)
-                yield response
-                return
-            finally:
-                await response.aclose()
+        try:
+            for attempt in (1, 2):
+                authorization = await self._authorization(scope, what)
+                request = self._http.build_request(method, url, headers={**(headers or {}), **authorization})
+                response = await self._send(request, what, follow_redirects)
+                try:
+                    if response.status_code == 401 and attempt == 1:
+                        self._learn_challenge(response, scope, what)
+                        continue
+                    self._classify(response, what)
+                    yield response
+                    return
+                finally:
+                    await response.aclose()
+        except errors.UpstreamUnavailable:
+            await self._post_offline()
+            raise
+
+    async def _check_offline(self) -> None:
+        """UpstreamUnavailable at once while this node, or another of its site, found the
+        upstream offline less than an offline period ago."""
+        self.offline.check()
+        if self._board is not None and (posted := await self._board.posted()) is not None:
+            self.offline.assume(*posted)
+            self.offline.check()
+
+    async def _post_offline(self) -> None:
+        """This call found the upstream offline: tell the site's other nodes (best effort)."""
+        if self._board is not None and self.offline.offline:
+            with anyio.CancelScope(shield=True):
+                await self._board.post(self.offline.remaining(), self.offline.reason)
 
     async def _send(self, request: httpx.Request, what: str, follow_redirects: bool = False) -> httpx.Response:
         try:

@@ -104,6 +104,10 @@ async def test_stalled_upstream_times_out_serves_stale_then_is_assumed_offline(u
     assert cache_state(response) == "stale" and seconds < FAST, (cache_state(response), seconds)
     response, seconds = _timed(manifest_get, node, f"{remote_name}/library/never-pulled", "v1")
     _assert_unavailable(response, seconds, FAST)
+    for other in cache_cluster.members[:2]:        # the same site: spared the wait by node 3's notice
+        response, seconds = _timed(manifest_get, other, f"{remote_name}/library/never-pulled", "v1")
+        _assert_unavailable(response, seconds, FAST)
+        assert "assumed offline" in response.text, response.text
 
 
 def _lying_upstream(image, bad_blob: str, wrong: bytes):
