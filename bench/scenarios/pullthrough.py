@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import launch, procs, pull, skopeo
+from bench import ceiling, launch, procs, pull, skopeo
 from bench.link import Link
 from bench.profiler import Profiler
 from bench.report import Row, compared, fmt, median
@@ -280,7 +280,24 @@ def pull_rounds(ctx, part: str, upstream_url: str, client: Client = CURL) -> lis
                 ctx.log(f"{tag}: FAILED: {type(e).__name__}: {e}")
                 ctx.details["errors"].setdefault(part, {})[side] = f"{type(e).__name__}: {e}"[:300]
     ctx.details[part] = results
-    return _speed_rows(ctx, part, results, rounds, client) + _cost_rows(ctx, part, results, client)
+    rows = _speed_rows(ctx, part, results, rounds, client) + _cost_rows(ctx, part, results, client)
+    if client is CURL and upstream_url == ctx.upstream.url and results["direct"]:
+        rows.append(_ceiling_row(ctx, part, results))
+    return rows
+
+
+def _ceiling_row(ctx, part: str, results: dict[str, list[dict]]) -> Row:
+    """The best cold-vs-direct ratio any digest-verifying cache could reach here (bench/ceiling.py),
+    from costs measured now; cargohold's own cold speed is in the first row."""
+    layer = max(ctx.image.layers, key=lambda b: b.size)
+    limit = ceiling.measure(f"{ctx.upstream.url}/v2/{ctx.image.name}/blobs/{layer.digest}", layer.size,
+                            layer.path.read_bytes(),
+                            median(r["upstream_cpu_s_per_GB"] for r in results["direct"]))
+    direct = median(p["MBps"] for r in results["direct"] for p in r["pulls"])
+    ctx.details.setdefault("ceiling", {})[part] = {**limit.__dict__, "MBps": limit.mb_per_s}
+    return compared(part, "ceiling of any digest-verifying cache here vs direct (info)", "MB/s", limit.mb_per_s,
+                    direct, note=f"{limit.describe()}: every core busy and no other work; the cache's "
+                                 "send costed as the upstream's sendfile")
 
 
 def _errors_of(ctx, part: str, *sides: str) -> str:
