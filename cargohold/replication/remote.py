@@ -8,11 +8,11 @@ from typing import AsyncIterator, Callable
 
 import anyio
 
-from cargohold.blobs.remote import ContentUnavailable
+from cargohold.blobs.remote import ContentUnavailable, FollowedFill
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.oci.reference import Digest, parse_digest
 from cargohold.replication.sources import Holders, cluster_view
-from cargohold.replication.transfer import PeerClient, PeerUnavailable
+from cargohold.replication.transfer import FillNotFollowed, PeerClient, PeerUnavailable
 
 log = logging.getLogger("cargohold.replication")
 
@@ -57,6 +57,26 @@ class PeerContent:
             raise ContentUnavailable(f"a peer served corrupt content for {digest}")
         return data
 
+    async def follow_fill(self, node_id: str, digest: str) -> FollowedFill | None:
+        address = self._grpc_address(node_id)
+        if address is None:
+            return None
+        try:
+            async with aclosing(self.peers.follow_fill(address, digest)) as stream:
+                size = await anext(stream)        # closing the stream then ends the call
+        except FillNotFollowed:
+            return None
+        except PeerUnavailable as exc:
+            log.info("cannot follow the fill of %s on node %s: %s", digest, node_id, exc)
+            return None
+        return PeerFill(self.peers, node_id, address, digest, size)
+
+    def _grpc_address(self, node_id: str) -> str | None:
+        member = self.metadata.members().get(node_id)
+        if member is None or node_id not in self.metadata.alive():
+            return None
+        return member.grpc
+
     async def wait_for_copies(self, digest: str, copies: int, timeout: float) -> bool:
         return await self._wait_until(digest, lambda: len(self.metadata.holders(digest)) >= copies, timeout)
 
@@ -78,3 +98,33 @@ class PeerContent:
         with self.metadata.changes(lambda blobs, _sections: digest in blobs and satisfied()) as done:
             await done.wait(timeout)
         return satisfied()
+
+
+class PeerFill:
+    """A fill on another node, each read its own FollowFill call from where the read starts."""
+
+    def __init__(self, peers: PeerClient, node_id: str, address: str, digest: str, size: int):
+        self.size = size
+        self._peers = peers
+        self._node_id = node_id
+        self._address = address
+        self._digest = digest
+
+    async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
+        position, end = start, start + length
+        if length <= 0:
+            return
+        try:
+            async with aclosing(self._peers.follow_fill(self._address, self._digest, start)) as stream:
+                await anext(stream)              # the size, known already
+                async for data in stream:
+                    data = data[:end - position]
+                    position += len(data)
+                    yield data
+                    if position >= end:
+                        return
+        except PeerUnavailable as exc:
+            raise ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} broke off "
+                                     f"at byte {position}: {exc}") from None
+        raise ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} ended at byte {position} "
+                                 f"of {end}")
