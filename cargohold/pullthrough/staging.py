@@ -278,8 +278,10 @@ class FillTail:
             if staged._shared[0] <= position and staged._shared[1] is None:
                 staged._progress.wait(timeout)
             readable, error = staged._shared
-        if error is not None:
+        if isinstance(error, Exception):
             raise error
+        if error is not None:   # the fill was cancelled: its loop's Cancelled means nothing on this thread
+            raise UpstreamUnavailable(f"blob {staged.digest}: the fill was interrupted")
         return readable
 
     def read(self, position: int, end: int) -> bytes:

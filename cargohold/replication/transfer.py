@@ -109,7 +109,9 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         self._valid = is_valid_digest
         self.open_fill = open_fill
         self.stall_timeout = stall_timeout
-        self._followers = threading.BoundedSemaphore(max_followers)
+        self.max_followers = max_followers
+        self.followers = 0            # FollowFill streams open now
+        self._lock = threading.Lock()
 
     def _file(self, digest: str, context) -> BinaryIO | None:
         if not self._valid(digest):
@@ -154,7 +156,7 @@ class ReplicationService(pb_grpc.ReplicationServicer):
     def FollowFill(self, request, context):
         if not self._valid(request.digest):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {request.digest[:80]!r}")
-        if not self._followers.acquire(blocking=False):
+        if not self._admit_follower():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this node serves as many fill followers as it allows")
         try:
             tail = self.open_fill(request.digest, self.stall_timeout) if self.open_fill is not None else None
@@ -169,7 +171,15 @@ class ReplicationService(pb_grpc.ReplicationServicer):
             finally:
                 tail.close()
         finally:
-            self._followers.release()
+            with self._lock:
+                self.followers -= 1
+
+    def _admit_follower(self) -> bool:
+        with self._lock:
+            if self.followers >= self.max_followers:
+                return False
+            self.followers += 1
+            return True
 
     def _released(self, tail: FillTail, position: int, context) -> Iterator[pb.FillChunk]:
         """The fill's bytes from `position` as they are released, while the peer is there; the
