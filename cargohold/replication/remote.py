@@ -12,7 +12,7 @@ from cargohold.blobs.remote import ContentUnavailable, FollowedFill
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.oci.reference import Digest, parse_digest
 from cargohold.replication.sources import Holders, cluster_view
-from cargohold.replication.transfer import FillNotFollowed, PeerClient, PeerUnavailable
+from cargohold.replication.transfer import FillNotFollowed, FollowedCall, PeerClient, PeerUnavailable
 
 log = logging.getLogger("cargohold.replication")
 
@@ -62,14 +62,13 @@ class PeerContent:
         if address is None:
             return None
         try:
-            async with aclosing(self.peers.follow_fill(address, digest)) as stream:
-                size = await anext(stream)        # closing the stream then ends the call
+            call = await self.peers.follow_fill(address, digest)
         except FillNotFollowed:
             return None
         except PeerUnavailable as exc:
             log.info("cannot follow the fill of %s on node %s: %s", digest, node_id, exc)
             return None
-        return PeerFill(self.peers, node_id, address, digest, size)
+        return PeerFill(self, node_id, address, digest, call)
 
     def _grpc_address(self, node_id: str) -> str | None:
         member = self.metadata.members().get(node_id)
@@ -101,30 +100,55 @@ class PeerContent:
 
 
 class PeerFill:
-    """A fill on another node, each read its own FollowFill call from where the read starts."""
+    """A fill on another node. The call that brought its size goes on with the bytes from 0 (so
+    a follower admitted once keeps its place on the filling node); a read from elsewhere, or a
+    second one, is a new call. A new call refused because the fill has ended reads the published
+    blob from its holders instead."""
 
-    def __init__(self, peers: PeerClient, node_id: str, address: str, digest: str, size: int):
-        self.size = size
-        self._peers = peers
+    def __init__(self, content: PeerContent, node_id: str, address: str, digest: str, call: FollowedCall):
+        self.size = call.size
+        self._content = content
         self._node_id = node_id
         self._address = address
         self._digest = digest
+        self._call: FollowedCall | None = call
 
     async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
         position, end = start, start + length
         if length <= 0:
             return
         try:
-            async with aclosing(self._peers.follow_fill(self._address, self._digest, start)) as stream:
-                await anext(stream)              # the size, known already
-                async for data in stream:
+            call = await self._call_from(start)
+        except FillNotFollowed as exc:
+            log.info("the fill of %s on node %s ended before this read (%s): reading the published blob",
+                     self._digest, self._node_id, exc)
+            async with aclosing(self._content.read(self._digest, start, length)) as chunks:
+                async for data in chunks:
+                    yield data
+            return
+        except PeerUnavailable as exc:
+            raise self._broken(position, exc) from None
+        try:
+            async with aclosing(call.chunks()) as chunks:
+                async for data in chunks:
                     data = data[:end - position]
                     position += len(data)
                     yield data
                     if position >= end:
                         return
         except PeerUnavailable as exc:
-            raise ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} broke off "
-                                     f"at byte {position}: {exc}") from None
+            raise self._broken(position, exc) from None
         raise ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} ended at byte {position} "
                                  f"of {end}")
+
+    async def _call_from(self, start: int) -> FollowedCall:
+        call, self._call = self._call, None
+        if call is not None and start == 0:
+            return call
+        if call is not None:
+            call.cancel()
+        return await self._content.peers.follow_fill(self._address, self._digest, start)
+
+    def _broken(self, position: int, exc: Exception) -> ContentUnavailable:
+        return ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} broke off at byte "
+                                  f"{position}: {exc}")

@@ -353,29 +353,22 @@ class PeerClient:
             async for chunk in chunks:
                 yield chunk.data
 
-    async def follow_fill(self, address: str, digest: str, offset: int = 0) -> AsyncIterator[bytes | int]:
-        """Follow the fill of `digest` in progress on the peer, from `offset`: first the blob's
-        size (an int), then its bytes as the fill releases them. Raises FillNotFollowed when the
-        peer has no such fill (or no room for a follower), PeerUnavailable when the stream fails
-        (the fill failed or stalled, the peer went away): what was yielded is never the whole
-        blob unless the peer verified it."""
+    async def follow_fill(self, address: str, digest: str, offset: int = 0) -> "FollowedCall":
+        """Start following the fill of `digest` in progress on the peer, from `offset`: returns
+        once the peer has sent the blob's size. Raises FillNotFollowed when the peer has no such
+        fill (or no room for another follower), PeerUnavailable when the call fails."""
         call = self._stub(address).FollowFill(pb.FollowFillRequest(digest=digest, offset=offset),
                                               metadata=self._signed("FollowFill"))
         try:
-            try:
-                header = await self._next(address, call)
-            except PeerUnavailable as exc:
-                if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    raise FillNotFollowed(str(exc), exc.code) from None
-                raise
+            header = await self._next(address, call)
             if header is None:
                 raise PeerUnavailable(f"{address}: the fill's stream ended before its size")
-            yield header.size
-            async with aclosing(self._in_order(address, call, offset)) as chunks:
-                async for chunk in chunks:
-                    yield chunk.data
-        finally:
-            call.cancel()      # a caller that only wanted the size frees the peer's thread at once
+        except PeerUnavailable as exc:
+            call.cancel()
+            if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise FillNotFollowed(str(exc), exc.code) from None
+            raise
+        return FollowedCall(self, address, call, header.size, offset)
 
     async def _in_order(self, address: str, call, offset: int) -> AsyncIterator:
         """The messages of a streaming call of chunks, checked to follow each other from
@@ -449,3 +442,27 @@ class PeerClient:
             await consume_stream(call, consume, self._readers)
         except grpc.RpcError as exc:
             raise _failed(address, exc) from None
+
+
+class FollowedCall:
+    """A FollowFill call whose size message has arrived. Reading it (`chunks`) ends the call when
+    the reader stops; a call never read ends when it is cancelled or collected (grpc cancels a
+    call it collects), so an unread one (a HEAD request) holds the peer's thread no longer."""
+
+    def __init__(self, client: PeerClient, address: str, call, size: int, offset: int):
+        self.size = size
+        self._client = client
+        self._address = address
+        self._call = call
+        self._offset = offset
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The fill's bytes from the call's offset, as the peer releases them: PeerUnavailable when
+        the fill fails or stalls or the peer goes away, so a body that is not the whole verified
+        blob ends short."""
+        async with aclosing(self._client._in_order(self._address, self._call, self._offset)) as chunks:
+            async for chunk in chunks:
+                yield chunk.data
+
+    def cancel(self) -> None:
+        self._call.cancel()

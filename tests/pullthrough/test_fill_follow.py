@@ -4,6 +4,7 @@ paced loopback upstream that holds a body mid-way."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 
 import anyio
@@ -125,6 +126,22 @@ async def test_a_follower_that_disconnects_does_not_disturb_the_fill(etcd, tmp_p
         await eventually(lambda: filler.metadata.blob_in_repo(the_route.local_name, paced.digest),
                          what="the fill published")
         assert len(server.gets) == 1
+
+
+async def test_a_follower_that_never_reads_frees_the_fillers_thread(etcd, tmp_path):
+    """A HEAD request opens the fill (its size is the answer's Content-Length) and drops it unread."""
+    paced = PacedBlob.of(4 * MiB, "head only", pause_at=MiB)
+    async with paced_cluster(etcd.url, tmp_path, paced, follow=True) as (server, nodes, upstream, the_route):
+        filler, follower = nodes
+        await _start_fill(filler, upstream, the_route, paced)
+        blob = await _follow(follower, upstream, the_route, paced.digest)
+        assert blob.size == len(paced.body) and filler.service.followers == 1
+        del blob
+        gc.collect()
+        await eventually(lambda: filler.service.followers == 0, what="the unread call ended on the filler")
+        paced.resume.set()
+        await eventually(lambda: filler.metadata.blob_in_repo(the_route.local_name, paced.digest),
+                         what="the fill published")
 
 
 async def test_a_filling_node_with_no_room_for_followers_leaves_them_waiting_as_before(etcd, tmp_path):
