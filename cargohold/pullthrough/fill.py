@@ -128,7 +128,7 @@ class _Fill:
     digest: Digest
     repository: str                                        # the remote repository (figures)
     local_names: set[str] = field(default_factory=set)     # repositories to link the blob into
-    decided: anyio.Event = field(default_factory=anyio.Event)   # set: one of the fields below is
+    decided: anyio.Event = field(default_factory=anyio.Event)   # set: clients have something to act on
     staged: GrowingFile | None = None                      # set: clients stream it
     error: BaseException | None = None                     # set: clients raise it
     following: str | None = None                           # set: clients stream that node's fill
@@ -319,7 +319,8 @@ class BlobFiller:
                     self.figures.fill(fill.repository, "joined")
                 return
             if answer.held is not None:
-                log.info("blob %s is being filled by node %s: waiting (clients stream from it)", digest, answer.held.node)
+                log.info("blob %s is being filled by node %s: waiting (clients stream from it)",
+                         digest, answer.held.node)
                 waited, fill.waiting_on = True, answer.held.node
                 fill.follow(answer.held.node)
                 with anyio.move_on_after(deadline - anyio.current_time()) as waiting:

@@ -152,7 +152,6 @@ class ReplicationService(pb_grpc.ReplicationServicer):
             f.seek(0, 2)
             return pb.StatBlobResponse(present=True, size=f.tell())
 
-
     def FollowFill(self, request, context):
         if not self._valid(request.digest):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {request.digest[:80]!r}")

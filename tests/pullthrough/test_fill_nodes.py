@@ -72,6 +72,14 @@ async def _get(url: str, path: str) -> bytes:
         return response.content
 
 
+async def _doomed_pull(url: str, path: str) -> None:
+    """A pull through a node that the test kills under it."""
+    try:
+        await _get(url, path)
+    except httpx.HTTPError:
+        pass
+
+
 async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get(nodes, distribution):
     cluster, started = nodes
     data = os.urandom(BIG)
@@ -142,12 +150,7 @@ async def test_a_node_killed_mid_fill_is_replaced_by_another_and_its_staging_cle
         name = await _declare(cluster, started, server.url)
         path = f"/v2/{name}/library/app/blobs/{digest}"
         async with anyio.create_task_group() as tasks:
-            async def doomed_pull() -> None:
-                try:
-                    await _get(victim.url, path)
-                except httpx.HTTPError:
-                    pass              # its node dies under it
-            tasks.start_soon(doomed_pull)
+            tasks.start_soon(_doomed_pull, victim.url, path)
             await paced.paused.wait()
             staging = victim.data_dir / "staging"
             await eventually(lambda: any(f.stat().st_size > 0 for f in staging.iterdir()),
@@ -175,12 +178,7 @@ async def test_another_nodes_client_streams_the_fill_and_its_retry_survives_the_
         path = f"/v2/{name}/library/app/blobs/{digest}"
         received = bytearray()
         async with anyio.create_task_group() as tasks:
-            async def filling_pull() -> None:
-                try:
-                    await _get(filler.url, path)
-                except httpx.HTTPError:
-                    pass              # its node dies under it
-            tasks.start_soon(filling_pull)
+            tasks.start_soon(_doomed_pull, filler.url, path)
             await paced.paused.wait()
             with pytest.raises(httpx.HTTPError):
                 async with httpx.AsyncClient(base_url=other.url, timeout=60) as http:
