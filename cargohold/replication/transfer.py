@@ -40,11 +40,15 @@ MAX_BLOBS_PER_CALL = 256
 MAX_FOLLOWERS = 8          # FollowFill streams at once (of the pool's 32 threads by default)
 FOLLOW_WAKE = 1.0          # how often a FollowFill stream waiting for its fill checks its peer is there
 STALL_TIMEOUT = 30.0       # a followed fill that makes no progress this long ends the stream
+FILL_START_WAIT = 5.0      # how long FollowFill waits for the fill's upstream response to start
+FOLLOW_START_TIMEOUT = 10.0    # how long a follower waits for the size (connecting included)
 _OPTIONS = [
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # a peer that restarted is reachable again within 2 s, not after grpc's backoff of up to 2 min
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 OpenBlob = Callable[[str], "BinaryIO | None"]
@@ -158,7 +162,7 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         if not self._admit_follower():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this node serves as many fill followers as it allows")
         try:
-            tail = self.open_fill(request.digest, self.stall_timeout) if self.open_fill is not None else None
+            tail = self.open_fill(request.digest, FILL_START_WAIT) if self.open_fill is not None else None
             if tail is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no fill of {request.digest} streams here")
             try:
@@ -355,19 +359,24 @@ class PeerClient:
     async def follow_fill(self, address: str, digest: str, offset: int = 0) -> "FollowedCall":
         """Start following the fill of `digest` in progress on the peer, from `offset`: returns
         once the peer has sent the blob's size. Raises FillNotFollowed when the peer has no such
-        fill (or no room for another follower), PeerUnavailable when the call fails."""
+        fill (or no room for another follower), PeerUnavailable when the call fails or the size
+        does not come within FOLLOW_START_TIMEOUT. The call waits for a channel that is
+        reconnecting (the peer just restarted) rather than failing at once."""
         call = self._stub(address).FollowFill(pb.FollowFillRequest(digest=digest, offset=offset),
-                                              metadata=self._signed("FollowFill"))
+                                              metadata=self._signed("FollowFill"), wait_for_ready=True)
         try:
-            header = await self._next(address, call)
-            if header is None:
-                raise PeerUnavailable(f"{address}: the fill's stream ended before its size")
+            with anyio.move_on_after(FOLLOW_START_TIMEOUT):
+                header = await self._next(address, call)
+                if header is None:
+                    raise PeerUnavailable(f"{address}: the fill's stream ended before its size")
+                return FollowedCall(self, address, call, header.size, offset)
+            call.cancel()
+            raise PeerUnavailable(f"{address}: no answer to FollowFill within {FOLLOW_START_TIMEOUT:g}s")
         except PeerUnavailable as exc:
             call.cancel()
             if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED):
                 raise FillNotFollowed(str(exc), exc.code) from None
             raise
-        return FollowedCall(self, address, call, header.size, offset)
 
     async def _in_order(self, address: str, call, offset: int) -> AsyncIterator:
         """The messages of a streaming call of chunks, checked to follow each other from
