@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import time
 
 import anyio
+import grpc
 import pytest
 
+from cargohold.auth.peer import PeerSecrets
 from cargohold.blobs.remote import ContentUnavailable
 from cargohold.oci.reference import parse_digest
 from cargohold.pullthrough.fill import FollowedBlob
 from cargohold.pullthrough.staging import GrowingFile
+from cargohold.replication.transfer import FillNotFollowed, PeerClient, PeerUnavailable, ReplicationService, grpc_server
 from cargohold.upstream.errors import DigestMismatch
 from tests.pullthrough.fillkit import PacedBlob, paced_cluster, pull, read_all
 from tests.support.oci import random_bytes
@@ -211,3 +215,23 @@ async def test_a_reader_on_another_thread_raises_the_fills_error(tmp_path):
         tail.readable(0, 0.01)
     tail.close()
     await staged.discard()
+
+
+async def test_following_a_fill_takes_the_peer_credential():
+    """The peer interceptor covers FollowFill like every method: no credential, UNAUTHENTICATED;
+    a signed call reaches the servicer (which has no fill of that digest here)."""
+    keyring = PeerSecrets.generate(time.time())
+    service = ReplicationService(lambda digest: None, lambda digest: True)
+    async with grpc_server("127.0.0.1:0", service, keyring=lambda: keyring) as port:
+        address = f"127.0.0.1:{port}"
+        stranger, peer = PeerClient(), PeerClient(keyring=lambda: keyring)
+        try:
+            with pytest.raises(PeerUnavailable) as refused:
+                await stranger.follow_fill(address, "sha256:" + "ab" * 32)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(FillNotFollowed) as not_here:
+                await peer.follow_fill(address, "sha256:" + "ab" * 32)
+            assert not_here.value.code == grpc.StatusCode.NOT_FOUND
+        finally:
+            stranger.close()
+            peer.close()
