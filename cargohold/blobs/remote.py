@@ -1,10 +1,11 @@
 """Content this node does not hold: the interface the HTTP API reads it through.
 
 The API asks `RemoteContent` whether some node can serve a blob, streams it, and (for
---min-copies / --sync-sites) waits until enough nodes hold it. The pull-through cache also
-follows, through it, a blob another node is filling from an upstream (`follow_fill`). The implementation over gRPC
-peers is `cargohold.replication.remote.PeerContent`; the protocol lives here, beside
-`BlobStore`, so that the API depends on the interface and never on the replication package.
+--min-copies / --sync-sites) waits until enough nodes hold it; the pull-through cache follows
+through it a blob another node is filling from an upstream (`follow_fill`). The implementation
+over gRPC peers is `cargohold.replication.remote.PeerContent`; the protocol lives here, beside
+`BlobStore`, so that the API and the pull-through cache depend on the interface and never on
+the replication package.
 """
 
 from __future__ import annotations
