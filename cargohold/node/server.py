@@ -70,8 +70,9 @@ async def serve(settings: Settings) -> None:
         await peer_secret.ensure()      # the cluster's first node creates it
         peers = PeerClient(tls=tls, keyring=peer_secret.current)
         stack.callback(peers.close)
+        service = _service(store)
         grpc_port = await stack.enter_async_context(grpc_server(
-            settings.grpc_listen, _service(store), tls=tls, keyring=_checked_keyring(settings, peer_secret)))
+            settings.grpc_listen, service, tls=tls, keyring=_checked_keyring(settings, peer_secret)))
         grace = parse_duration(settings.gc_grace)
         foreground = Foreground()
         replicator = Replicator(metadata, store, peers, _replication_settings(settings, node_id))
@@ -91,6 +92,7 @@ async def serve(settings: Settings) -> None:
         recorder = PullRecorder(metadata, interval=settings.pull_record_interval)
         pullthrough = _pullthrough(metadata, store, remote, node_id, access, recorder, settings)
         replicator.status_sections["pullthrough"] = pullthrough.figures.status
+        service.open_fill, service.stall_timeout = pullthrough.filler.tail_from_thread, settings.upstream_read_timeout
         metrics = _metrics(client, metadata, node_id, lambda: _replication_figures(metadata, replicator, remote, sweep),
                            pullthrough.figures)
         if access is not None:

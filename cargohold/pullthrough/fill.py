@@ -5,8 +5,11 @@ ordinary cluster blob only once its digest is verified.
 Per node, all requests for one digest share one `_Fill`, run as a task of the filler's own
 task group, never of a request: a client that disconnects does not abort it. That task claims
 the fill in etcd (`coordinator.fills`). The winner streams the upstream's response into a
-`staging.GrowingFile` that this node's readers follow as it grows; other nodes wait for the
-claim to go, then link the published blob (or, if the filler died, claim it themselves).
+`staging.GrowingFile` that this node's readers follow as it grows. Another node's clients
+meanwhile stream from the filling node (`RemoteContent.follow_fill`, gRPC `FollowFill`, served
+here by `tail_from_thread`), while that node's task waits for the claim to go, then links the
+published blob (or, if the filler died, claims the fill itself; a client that was following
+the dead node gets a body that ends short, and its retry joins the new fill).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 
-from cargohold.blobs.remote import RemoteContent
+from cargohold.blobs.remote import FollowedFill, RemoteContent
 from cargohold.blobs.store import BlobStore
 from cargohold.coordinator.fills import FillClaim, claim_fill, release_fill, wait_for_release
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.oci.reference import Digest
-from cargohold.pullthrough.staging import GrowingFile, batches
+from cargohold.pullthrough.staging import FillTail, GrowingFile, batches
 from cargohold.repositories.routing import Route
 from cargohold.upstream.client import UpstreamClient
 from cargohold.upstream.errors import (
@@ -101,6 +106,21 @@ class FilledBlob:
                 yield chunk
 
 
+class FollowedBlob(FilledBlob):
+    """A blob being filled on another node, streamed from there while it arrives."""
+
+    def __init__(self, followed: FollowedFill):
+        self._followed = followed
+        self.size = followed.size
+
+    async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
+        """As FilledBlob.read; raises ContentUnavailable when the other node's fill fails or that
+        node goes away (the response must then end uncleanly)."""
+        async with aclosing(self._followed.read(start, length)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
 @dataclass
 class _Fill:
     """Everything this node's requests for one digest share."""
@@ -108,27 +128,48 @@ class _Fill:
     digest: Digest
     repository: str                                        # the remote repository (figures)
     local_names: set[str] = field(default_factory=set)     # repositories to link the blob into
-    decided: anyio.Event = field(default_factory=anyio.Event)
+    decided: anyio.Event = field(default_factory=anyio.Event)   # set: clients have something to act on
     staged: GrowingFile | None = None                      # set: clients stream it
     error: BaseException | None = None                     # set: clients raise it
+    following: str | None = None                           # set: clients stream that node's fill
+    settled: bool = False                                  # the blob is in the cluster, or failed
+    changed: anyio.Event = field(default_factory=anyio.Event)   # set (and replaced) on every change
     received: int = 0                                      # bytes this node's fill got from upstream
     waiting_on: str | None = None                          # the node whose fill this one waits for
 
     def stream(self, staged: GrowingFile) -> None:
         self.staged = staged
-        self.decided.set()
+        self._decide()
+
+    def follow(self, node: str | None) -> None:
+        """While this node waits for `node`'s fill (None: no longer), clients stream from it."""
+        self.following = node
+        self._decide()
 
     def fail(self, error: BaseException) -> None:
         if self.staged is not None:
             self.staged.fail(error)
-        elif not self.decided.is_set():
+        elif not self.settled:
             self.error = error
+        self._decide()
+
+    def settle(self) -> None:
+        self.settled = True
+        self._decide()
+
+    def _decide(self) -> None:
         self.decided.set()
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    def answered(self) -> bool:
+        """Whether clients have their answer here: a stream, an error, or the published blob."""
+        return self.settled or self.staged is not None or self.error is not None
 
 
 class BlobFiller:
-    """Fills for this node's requests. Other nodes' clients wait for a fill's publication
-    rather than stream from the filling node; `remote` (peer reads) is kept for that."""
+    """Fills for this node's requests. While another node fills a blob, this node's clients
+    stream it from there through `remote`; without `remote` they wait for its publication."""
 
     def __init__(self, metadata: ClusterMetadata, store: BlobStore, remote: RemoteContent | None,
                  node_id: str, *, figures: "CacheFigures", audit: Callable[..., None],
@@ -143,16 +184,18 @@ class BlobFiller:
         self.max_blob_size = max_blob_size      # as for uploads: a hostile upstream cannot fill the disk
         self._fills: dict[str, _Fill] = {}
         self._tasks: anyio.abc.TaskGroup | None = None
+        self._loop: anyio.lowlevel.EventLoopToken | None = None     # for peers' threads (tail_from_thread)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         """Background work (fills outlive the request that started them); runs in the node's task group."""
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
+            self._loop = anyio.lowlevel.current_token()
             task_status.started()
             try:
                 await anyio.sleep_forever()
             finally:
-                self._tasks = None
+                self._tasks = self._loop = None
 
     async def open(self, upstream: UpstreamClient, route: Route, digest: Digest) -> FilledBlob | None:
         """None when the cluster already has the blob (it is then linked into route.local_name, and
@@ -175,7 +218,9 @@ class BlobFiller:
         else:
             fill.local_names.add(route.local_name)
             self.figures.fill(route.repository.name, "joined")
-        await fill.decided.wait()
+        followed = await self._answer_or_follow(fill)
+        if followed is not None:
+            return followed
         failed = fill.error or (fill.staged.error if fill.staged is not None else None)
         if failed is not None:
             raise failed
@@ -185,6 +230,22 @@ class BlobFiller:
         # fill linked it into every repository its clients asked for.
         if not await self._link_known(route.local_name, str(digest)):
             raise UpstreamUnavailable(f"blob {digest}: filled, but removed from the cluster meanwhile")
+        return None
+
+    async def _answer_or_follow(self, fill: _Fill) -> FollowedBlob | None:
+        """Until this node's fill has an answer for its clients; meanwhile, while another node
+        fills the blob, a stream from that node (None when it has none to give: then wait)."""
+        tried: str | None = None
+        while not fill.answered():
+            changed = fill.changed
+            if fill.following is not None and fill.following != tried and self.remote is not None:
+                tried = fill.following
+                followed = await self.remote.follow_fill(tried, str(fill.digest))
+                if followed is not None:
+                    log.info("streaming %s from node %s's fill", fill.digest, tried)
+                    return FollowedBlob(followed)
+                continue
+            await changed.wait()
         return None
 
     async def _confirm(self, upstream: UpstreamClient, route: Route, digest: Digest) -> None:
@@ -234,7 +295,7 @@ class BlobFiller:
         except Exception as exc:     # noqa: BLE001 - handed to every client of the fill
             fill.fail(exc)
         finally:
-            fill.decided.set()
+            fill.settle()
             self._forget(fill)
 
     def _forget(self, fill: _Fill) -> None:
@@ -258,10 +319,13 @@ class BlobFiller:
                     self.figures.fill(fill.repository, "joined")
                 return
             if answer.held is not None:
-                log.info("blob %s is being filled by node %s: waiting", digest, answer.held.node)
+                log.info("blob %s is being filled by node %s: waiting (clients stream from it)",
+                         digest, answer.held.node)
                 waited, fill.waiting_on = True, answer.held.node
+                fill.follow(answer.held.node)
                 with anyio.move_on_after(deadline - anyio.current_time()) as waiting:
                     ended = await wait_for_release(self.metadata, digest, answer.revision)
+                fill.follow(None)
                 if waiting.cancelled_caught:
                     raise UpstreamUnavailable(f"blob {digest}: the fill on node {answer.held.node} did not "
                                               f"finish within {self.join_timeout:g}s")
@@ -348,9 +412,30 @@ class BlobFiller:
         staged.close_readers()
         self._forget(fill)            # the read model has the blob: later requests link it
         await self._link_all(fill, route.local_name)
-        if not fill.decided.is_set():    # not streamed (no announced size): clients link it now
-            fill.decided.set()
+        if fill.staged is None:          # not streamed (no announced size): clients link it now
+            fill.settle()
         log.info("filled %s (%d bytes) from %s for %s", digest, staged.size, route.repository.url, route.local_name)
+
+    # ------------------------------------------------------------------ other nodes follow
+    def tail_from_thread(self, digest: str, timeout: float) -> FillTail | None:
+        """For a peer following this node's fill of `digest` (the gRPC servicer, on a pool
+        thread): a reader of its staging file, once the upstream's response has started (at
+        most `timeout` seconds from now); None when no fill of `digest` streams here."""
+        loop = self._loop
+        if loop is None:
+            return None
+        try:
+            return anyio.from_thread.run(self._tail, digest, timeout, token=loop)
+        except RuntimeError:       # the event loop has ended (the node stops)
+            return None
+
+    async def _tail(self, digest: str, timeout: float) -> FillTail | None:
+        fill = self._fills.get(digest)
+        if fill is None:
+            return None
+        with anyio.move_on_after(timeout):
+            await fill.decided.wait()
+        return fill.staged.tail() if fill.staged is not None else None
 
     def _count(self, route: Route, fill: _Fill, outcome: str) -> None:
         """Figures and the audit event of this node's one upstream GET of the blob."""

@@ -11,12 +11,18 @@ system allows it (StagingWriter): nobody reads it through the page cache while i
 is released except the last byte, which waits until the whole blob has hashed to its digest. A
 client therefore never receives a complete body that fails the check: on a mismatch its
 response ends one byte short.
+
+Other nodes follow a fill over gRPC (`FollowFill`), served on grpc's pool threads, not on the
+event loop: such a reader (`FillTail`) takes only what is on file and released, never the
+in-memory batches the loop changes, and waits on a threading.Condition that the loop notifies
+wherever it wakes its own readers.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import threading
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator
 
@@ -111,6 +117,9 @@ class GrowingFile:
         self._writer: StagingWriter | None = None
         self._read_fd: int | None = None
         self._changed = anyio.Event()
+        # for readers on other threads: (bytes released and on file, the fill's error), under _progress
+        self._progress = threading.Condition()
+        self._shared: tuple[int, BaseException | None] = (0, None)
 
     @classmethod
     async def create(cls, path: Path, digest: Digest, size: int | None) -> "GrowingFile":
@@ -141,6 +150,7 @@ class GrowingFile:
         """Write the next received batches to the file (one worker-thread trip)."""
         self._on_file = await anyio.to_thread.run_sync(self._write, batches)
         self._recent.trim(min(self._on_file, self.received - RECENT_BYTES))
+        self._share()
 
     def _write(self, batches: list[bytes]) -> int:
         for batch in batches:
@@ -204,6 +214,20 @@ class GrowingFile:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
+        self._share()
+
+    def _share(self) -> None:
+        """Tell readers on other threads what they may read now (see FillTail)."""
+        with self._progress:
+            self._shared = (min(self.released, self._on_file), self.error)
+            self._progress.notify_all()
+
+    def tail(self) -> "FillTail | None":
+        """A reader for another thread, with its own descriptor (call on the event loop); None
+        once no new reader can follow (published, discarded) or when the size is unknown."""
+        if self._read_fd is None or self.size is None or self.error is not None:
+            return None
+        return FillTail(self, os.dup(self._read_fd))
 
     # ------------------------------------------------------------------ the readers' side
     def following(self) -> bool:
@@ -233,3 +257,43 @@ class GrowingFile:
                 yield chunk
         finally:
             os.close(fd)
+
+
+class FillTail:
+    """One reader of a GrowingFile on a thread other than the event loop's (a gRPC pool thread
+    serving a peer that follows the fill). It reads the file only, up to what the loop last
+    shared: released (the last byte waits for the digest check, as for every reader) and
+    written. Its own descriptor stays valid after the file is published or deleted."""
+
+    def __init__(self, staged: GrowingFile, fd: int):
+        self.size: int = staged.size
+        self._staged = staged
+        self._fd = fd
+
+    def readable(self, position: int, timeout: float) -> int:
+        """How far the blob may be read: at once if past `position`, else after waiting for the
+        fill's next step, at most `timeout` seconds. Raises the fill's error."""
+        staged = self._staged
+        with staged._progress:
+            if staged._shared[0] <= position and staged._shared[1] is None:
+                staged._progress.wait(timeout)
+            readable, error = staged._shared
+        if isinstance(error, Exception):
+            raise error
+        if error is not None:   # the fill was cancelled: its loop's Cancelled means nothing on this thread
+            raise UpstreamUnavailable(f"blob {staged.digest}: the fill was interrupted")
+        return readable
+
+    def read(self, position: int, end: int) -> bytes:
+        """Up to READ_CHUNK bytes from `position`, not past `end` (which `readable` allowed)."""
+        return os.pread(self._fd, min(READ_CHUNK, end - position), position)
+
+    def wake(self) -> None:
+        """End a `readable` wait early (the peer went away)."""
+        with self._staged._progress:
+            self._staged._progress.notify_all()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

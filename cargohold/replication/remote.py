@@ -8,11 +8,11 @@ from typing import AsyncIterator, Callable
 
 import anyio
 
-from cargohold.blobs.remote import ContentUnavailable
+from cargohold.blobs.remote import ContentUnavailable, FollowedFill
 from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.oci.reference import Digest, parse_digest
 from cargohold.replication.sources import Holders, cluster_view
-from cargohold.replication.transfer import PeerClient, PeerUnavailable
+from cargohold.replication.transfer import FillNotFollowed, FollowedCall, PeerClient, PeerUnavailable
 
 log = logging.getLogger("cargohold.replication")
 
@@ -57,6 +57,25 @@ class PeerContent:
             raise ContentUnavailable(f"a peer served corrupt content for {digest}")
         return data
 
+    async def follow_fill(self, node_id: str, digest: str) -> FollowedFill | None:
+        address = self._grpc_address(node_id)
+        if address is None:
+            return None
+        try:
+            call = await self.peers.follow_fill(address, digest)
+        except FillNotFollowed:
+            return None
+        except PeerUnavailable as exc:
+            log.info("cannot follow the fill of %s on node %s: %s", digest, node_id, exc)
+            return None
+        return PeerFill(self, node_id, address, digest, call)
+
+    def _grpc_address(self, node_id: str) -> str | None:
+        member = self.metadata.members().get(node_id)
+        if member is None or node_id not in self.metadata.alive():
+            return None
+        return member.grpc
+
     async def wait_for_copies(self, digest: str, copies: int, timeout: float) -> bool:
         return await self._wait_until(digest, lambda: len(self.metadata.holders(digest)) >= copies, timeout)
 
@@ -78,3 +97,58 @@ class PeerContent:
         with self.metadata.changes(lambda blobs, _sections: digest in blobs and satisfied()) as done:
             await done.wait(timeout)
         return satisfied()
+
+
+class PeerFill:
+    """A fill on another node. The call that brought its size goes on with the bytes from 0 (so
+    a follower admitted once keeps its place on the filling node); a read from elsewhere, or a
+    second one, is a new call. A new call refused because the fill has ended reads the published
+    blob from its holders instead."""
+
+    def __init__(self, content: PeerContent, node_id: str, address: str, digest: str, call: FollowedCall):
+        self.size = call.size
+        self._content = content
+        self._node_id = node_id
+        self._address = address
+        self._digest = digest
+        self._call: FollowedCall | None = call
+
+    async def read(self, start: int, length: int) -> AsyncIterator[bytes]:
+        position, end = start, start + length
+        if length <= 0:
+            return
+        try:
+            call = await self._call_from(start)
+        except FillNotFollowed as exc:
+            log.info("the fill of %s on node %s ended before this read (%s): reading the published blob",
+                     self._digest, self._node_id, exc)
+            async with aclosing(self._content.read(self._digest, start, length)) as chunks:
+                async for data in chunks:
+                    yield data
+            return
+        except PeerUnavailable as exc:
+            raise self._broken(position, exc) from None
+        try:
+            async with aclosing(call.chunks()) as chunks:
+                async for data in chunks:
+                    data = data[:end - position]
+                    position += len(data)
+                    yield data
+                    if position >= end:
+                        return
+        except PeerUnavailable as exc:
+            raise self._broken(position, exc) from None
+        raise ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} ended at byte {position} "
+                                 f"of {end}")
+
+    async def _call_from(self, start: int) -> FollowedCall:
+        call, self._call = self._call, None
+        if call is not None and start == 0:
+            return call
+        if call is not None:
+            call.cancel()
+        return await self._content.peers.follow_fill(self._address, self._digest, start)
+
+    def _broken(self, position: int, exc: Exception) -> ContentUnavailable:
+        return ContentUnavailable(f"the fill of {self._digest} on node {self._node_id} broke off at byte "
+                                  f"{position}: {exc}")

@@ -2,6 +2,9 @@
 
 The server is grpcio's thread-pool server: each open stream holds one pool thread that reads
 the file and yields chunks, so the pool is sized for the concurrent streams it must carry.
+A `FollowFill` stream holds its thread for as long as the fill it follows lasts (and as long as
+a slow follower takes to read it): at most MAX_FOLLOWERS of them run at once, so that the rest
+of the pool always serves replication.
 The client side bridges grpc calls into anyio tasks (cargohold.runtime.grpc_bridge): awaiting never
 blocks the loop, and cancelling the awaiting task cancels the call.
 
@@ -17,10 +20,10 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, BinaryIO, Callable, Iterator
+from typing import AsyncIterator, BinaryIO, Callable, Iterator, Protocol
 
 import anyio
 import grpc
@@ -34,11 +37,18 @@ log = logging.getLogger("cargohold.replication")
 
 CHUNK_SIZE = 1024 * 1024
 MAX_BLOBS_PER_CALL = 256
+MAX_FOLLOWERS = 8          # FollowFill streams at once (of the pool's 32 threads by default)
+FOLLOW_WAKE = 1.0          # how often a FollowFill stream waiting for its fill checks its peer is there
+STALL_TIMEOUT = 30.0       # a followed fill that makes no progress this long ends the stream
+FILL_START_WAIT = 5.0      # how long FollowFill waits for the fill's upstream response to start
+FOLLOW_START_TIMEOUT = 10.0    # how long a follower waits for the size (connecting included)
 _OPTIONS = [
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # a peer that restarted is reachable again within 2 s, not after grpc's backoff of up to 2 min
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 OpenBlob = Callable[[str], "BinaryIO | None"]
@@ -58,15 +68,54 @@ class TlsFiles:
 
 
 class PeerUnavailable(Exception):
-    """The peer could not be reached or does not hold the blob."""
+    """The peer could not be reached or does not hold the blob (`code`: the call's status, if it failed)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def _failed(address: str, exc: grpc.RpcError) -> PeerUnavailable:
+    return PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}", exc.code())
+
+
+class FillNotFollowed(PeerUnavailable):
+    """The peer has no fill of the blob to follow (NOT_FOUND), or no room for another follower."""
+
+
+class FillTail(Protocol):
+    """A fill in progress on this node, read on a grpc pool thread (pullthrough.staging.FillTail)."""
+    size: int
+
+    def readable(self, position: int, timeout: float) -> int:
+        """How far it may be read, waiting up to `timeout` for more than `position`; raises the fill's error."""
+
+    def read(self, position: int, end: int) -> bytes: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# `open_fill(digest, timeout)`, called on a pool thread: the fill of `digest` in progress here
+# (waiting up to `timeout` for its upstream response to start), or None.
+OpenFill = Callable[[str, float], "FillTail | None"]
 
 
 class ReplicationService(pb_grpc.ReplicationServicer):
-    """Serves this node's blobs to peers. `open_blob(digest)` returns an open file or None."""
+    """Serves this node's blobs to peers. `open_blob(digest)` returns an open file or None;
+    `open_fill`, set once the node's pull-through filler runs, the fills peers may follow."""
 
-    def __init__(self, open_blob: OpenBlob, is_valid_digest: Callable[[str], bool]):
+    def __init__(self, open_blob: OpenBlob, is_valid_digest: Callable[[str], bool], *,
+                 open_fill: OpenFill | None = None, stall_timeout: float = STALL_TIMEOUT,
+                 max_followers: int = MAX_FOLLOWERS):
         self._open = open_blob
         self._valid = is_valid_digest
+        self.open_fill = open_fill
+        self.stall_timeout = stall_timeout
+        self.max_followers = max_followers
+        self.followers = 0            # FollowFill streams open now
+        self._lock = threading.Lock()
 
     def _file(self, digest: str, context) -> BinaryIO | None:
         if not self._valid(digest):
@@ -106,6 +155,51 @@ class ReplicationService(pb_grpc.ReplicationServicer):
         with f:
             f.seek(0, 2)
             return pb.StatBlobResponse(present=True, size=f.tell())
+
+    def FollowFill(self, request, context):
+        if not self._valid(request.digest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid digest {request.digest[:80]!r}")
+        if not self._admit_follower():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "this node serves as many fill followers as it allows")
+        try:
+            tail = self.open_fill(request.digest, FILL_START_WAIT) if self.open_fill is not None else None
+            if tail is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no fill of {request.digest} streams here")
+            try:
+                if not 0 <= request.offset <= tail.size:
+                    context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} of {tail.size} bytes")
+                context.add_callback(tail.wake)
+                yield pb.FillChunk(size=tail.size)
+                yield from self._released(tail, request.offset, context)
+            finally:
+                tail.close()
+        finally:
+            with self._lock:
+                self.followers -= 1
+
+    def _admit_follower(self) -> bool:
+        with self._lock:
+            if self.followers >= self.max_followers:
+                return False
+            self.followers += 1
+            return True
+
+    def _released(self, tail: FillTail, position: int, context) -> Iterator[pb.FillChunk]:
+        """The fill's bytes from `position` as they are released, while the peer is there; the
+        fill's failure or a fill that stalls aborts the call (the peer's body then ends short)."""
+        progressed = time.monotonic()
+        while position < tail.size and context.is_active():
+            try:
+                readable = tail.readable(position, FOLLOW_WAKE)
+            except Exception as exc:   # noqa: BLE001 - the fill's failure, whatever it was
+                context.abort(grpc.StatusCode.ABORTED, f"the fill failed: {exc}")
+            if readable > position:
+                data = tail.read(position, readable)
+                yield pb.FillChunk(offset=position, data=data)
+                position += len(data)
+                progressed = time.monotonic()
+            elif time.monotonic() - progressed > self.stall_timeout:
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"the fill made no progress for {self.stall_timeout:g}s")
 
 
 def _chunks(f: BinaryIO, offset: int, remaining: int | None, context) -> Iterator[tuple[int, bytes]]:
@@ -251,28 +345,58 @@ class PeerClient:
         try:
             reply = await await_future(future)
         except grpc.RpcError as exc:
-            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
+            raise _failed(address, exc) from None
         return reply.size if reply.present else None
 
     async def read(self, address: str, digest: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
         """Stream `length` bytes (0: to the end) of a blob from `offset`. Raises PeerUnavailable."""
         call = self._stub(address).ReadBlob(pb.ReadBlobRequest(digest=digest, offset=offset, length=length),
                                             metadata=self._signed("ReadBlob"))
+        async with aclosing(self._in_order(address, call, offset)) as chunks:
+            async for chunk in chunks:
+                yield chunk.data
+
+    async def follow_fill(self, address: str, digest: str, offset: int = 0) -> "FollowedCall":
+        """Start following the fill of `digest` in progress on the peer, from `offset`: returns
+        once the peer has sent the blob's size. Raises FillNotFollowed when the peer has no such
+        fill (or no room for another follower), PeerUnavailable when the call fails or the size
+        does not come within FOLLOW_START_TIMEOUT. The call waits for a channel that is
+        reconnecting (the peer just restarted) rather than failing at once."""
+        call = self._stub(address).FollowFill(pb.FollowFillRequest(digest=digest, offset=offset),
+                                              metadata=self._signed("FollowFill"), wait_for_ready=True)
+        try:
+            with anyio.move_on_after(FOLLOW_START_TIMEOUT):
+                header = await self._next(address, call)
+                if header is None:
+                    raise PeerUnavailable(f"{address}: the fill's stream ended before its size")
+                return FollowedCall(self, address, call, header.size, offset)
+            call.cancel()
+            raise PeerUnavailable(f"{address}: no answer to FollowFill within {FOLLOW_START_TIMEOUT:g}s")
+        except PeerUnavailable as exc:
+            call.cancel()
+            if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                raise FillNotFollowed(str(exc), exc.code) from None
+            raise
+
+    async def _in_order(self, address: str, call, offset: int) -> AsyncIterator:
+        """The messages of a streaming call of chunks, checked to follow each other from
+        `offset`; the call is cancelled when the caller stops early."""
         expected = offset
         try:
-            while True:
-                try:
-                    chunk = await next_message(call, self._readers)
-                except grpc.RpcError as exc:
-                    raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
-                if chunk is None:
-                    return
+            while (chunk := await self._next(address, call)) is not None:
                 if chunk.offset != expected:
                     raise PeerUnavailable(f"{address}: chunk at {chunk.offset}, expected {expected}")
                 expected += len(chunk.data)
-                yield chunk.data
+                yield chunk
         finally:
             call.cancel()
+
+    async def _next(self, address: str, call):
+        """The next message of a streaming call (None at its end); a failed call is PeerUnavailable."""
+        try:
+            return await next_message(call, self._readers)
+        except grpc.RpcError as exc:
+            raise _failed(address, exc) from None
 
     async def copy(self, address: str, digest: str, offset: int, length: int,
                    sink: Callable[[bytes, threading.Event], None]) -> None:
@@ -325,4 +449,28 @@ class PeerClient:
         try:
             await consume_stream(call, consume, self._readers)
         except grpc.RpcError as exc:
-            raise PeerUnavailable(f"{address}: {exc.code().name} {exc.details()}") from None
+            raise _failed(address, exc) from None
+
+
+class FollowedCall:
+    """A FollowFill call whose size message has arrived. Reading it (`chunks`) ends the call when
+    the reader stops; a call never read ends when it is cancelled or collected (grpc cancels a
+    call it collects), so an unread one (a HEAD request) holds the peer's thread no longer."""
+
+    def __init__(self, client: PeerClient, address: str, call, size: int, offset: int):
+        self.size = size
+        self._client = client
+        self._address = address
+        self._call = call
+        self._offset = offset
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The fill's bytes from the call's offset, as the peer releases them: PeerUnavailable when
+        the fill fails or stalls or the peer goes away, so a body that is not the whole verified
+        blob ends short."""
+        async with aclosing(self._client._in_order(self._address, self._call, self._offset)) as chunks:
+            async for chunk in chunks:
+                yield chunk.data
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -1,13 +1,15 @@
 """What the fill engine's tests share: in-process cluster nodes (each a ClusterMetadata that
-follows the watch and holds a membership lease, its own blob store and a BlobFiller) on the
-session's real etcd, and a blob upstream whose body the test paces (`PacedUpstream`)."""
+follows the watch and holds a membership lease, its own blob store and a BlobFiller; with
+`follow`, also the node's real gRPC replication server and peer client, so that nodes follow
+each other's fills) on the session's real etcd, and a blob upstream whose body the test paces
+(`PacedUpstream`)."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
 from collections import Counter
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -21,6 +23,9 @@ from cargohold.coordinator.metadata import ClusterMetadata
 from cargohold.coordinator.records import Member
 from cargohold.oci.reference import Digest, parse_digest
 from cargohold.pullthrough.fill import BlobFiller
+from cargohold.replication.remote import PeerContent
+from cargohold.replication.sources import Holders, ReplicationSettings
+from cargohold.replication.transfer import PeerClient, ReplicationService, grpc_server
 from cargohold.repositories.definitions import RemoteRepository
 from cargohold.repositories.routing import route
 from cargohold.upstream.client import UpstreamClient
@@ -50,6 +55,8 @@ class FillNode:
     figures: Figures
     audited: list[dict] = field(default_factory=list)
     scope: anyio.CancelScope | None = None
+    grpc: str = "127.0.0.1:1"              # its replication server, when the nodes follow each other's fills
+    service: ReplicationService | None = None
 
     def waiting(self) -> bool:
         """Whether this node waits for another node's fill (its claim attempt found that one)."""
@@ -65,17 +72,20 @@ async def _node_life(client: EtcdClient, cluster: str, node: FillNode, *, task_s
         node.scope = scope
         async with anyio.create_task_group() as tasks:
             await tasks.start(node.metadata.run)
-            tasks.start_soon(node.metadata.keep_membership,
-                             Member(node.node_id, "default", "http://127.0.0.1:1", "127.0.0.1:1", "active"), 3)
+            member = await node.metadata.register(
+                Member(node.node_id, "default", "http://127.0.0.1:1", node.grpc, "active"))   # peers find its gRPC
+            tasks.start_soon(node.metadata.keep_membership, member, 3)
             await node.metadata.lease_granted.wait()
             await tasks.start(node.filler.run)
             task_status.started()
 
 
 @asynccontextmanager
-async def fill_cluster(etcd_url: str, data: Path, nodes: int = 3, **filler_options) -> AsyncIterator[list[FillNode]]:
+async def fill_cluster(etcd_url: str, data: Path, nodes: int = 3, *, follow: bool = False,
+                       stall_timeout: float = 30.0, max_followers: int = 8,
+                       **filler_options) -> AsyncIterator[list[FillNode]]:
     cluster = f"fill-{uuid.uuid4().hex[:8]}"
-    async with EtcdClient([etcd_url], retry_timeout=5.0) as client:
+    async with EtcdClient([etcd_url], retry_timeout=5.0) as client, AsyncExitStack() as servers:
         async with anyio.create_task_group() as tasks:
             started = []
             for i in range(1, nodes + 1):
@@ -84,13 +94,29 @@ async def fill_cluster(etcd_url: str, data: Path, nodes: int = 3, **filler_optio
                 store = FilesystemBlobStore(data / node_id)
                 figures = Figures()
                 node = FillNode(node_id, metadata, store, None, figures)
-                node.filler = BlobFiller(metadata, store, None, node_id, figures=figures,
+                remote = await _peer_side(servers, node, stall_timeout, max_followers) if follow else None
+                node.filler = BlobFiller(metadata, store, remote, node_id, figures=figures,
                                          audit=lambda event, _node=node, **fields: _node.audited.append(
                                              {"event": event, **fields}), **filler_options)
+                if node.service is not None:
+                    node.service.open_fill = node.filler.tail_from_thread
                 await tasks.start(_node_life, client, cluster, node)
                 started.append(node)
             yield started
             tasks.cancel_scope.cancel()
+
+
+async def _peer_side(servers: AsyncExitStack, node: FillNode, stall_timeout: float,
+                     max_followers: int) -> PeerContent:
+    """The node's replication server (it serves its fills to peers; no blobs, no credential:
+    loopback only) and its way of following the others' fills, as `node.server` wires them."""
+    node.service = ReplicationService(lambda digest: None, lambda digest: digest.startswith("sha256:"),
+                                      stall_timeout=stall_timeout, max_followers=max_followers)
+    port = await servers.enter_async_context(grpc_server("127.0.0.1:0", node.service, keyring=None))
+    node.grpc = f"127.0.0.1:{port}"
+    peers = PeerClient()
+    servers.callback(peers.close)
+    return PeerContent(node.metadata, peers, Holders(node.metadata, ReplicationSettings(node.node_id, "default")))
 
 
 def remote_route(upstream_url: str, upstream_name: str, repository: str = "hub"):
@@ -204,9 +230,9 @@ async def paced_upstream(*blobs: PacedBlob) -> AsyncIterator[PacedUpstream]:
 
 
 @asynccontextmanager
-async def paced_cluster(etcd_url: str, data: Path, *blobs: PacedBlob, nodes: int = 2, **filler_options):
+async def paced_cluster(etcd_url: str, data: Path, *blobs: PacedBlob, nodes: int = 2, **options):
     """(a paced upstream serving `blobs`, `nodes` in-process nodes, a client of the upstream, the
-    route of an image of it)."""
-    async with paced_upstream(*blobs) as server, fill_cluster(etcd_url, data, nodes, **filler_options) as started, \
+    route of an image of it). `options` go to fill_cluster."""
+    async with paced_upstream(*blobs) as server, fill_cluster(etcd_url, data, nodes, **options) as started, \
             UpstreamClient(server.url) as upstream:
         yield server, started, upstream, remote_route(server.url, "library/app")

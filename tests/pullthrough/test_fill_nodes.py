@@ -72,6 +72,14 @@ async def _get(url: str, path: str) -> bytes:
         return response.content
 
 
+async def _doomed_pull(url: str, path: str) -> None:
+    """A pull through a node that the test kills under it."""
+    try:
+        await _get(url, path)
+    except httpx.HTTPError:
+        pass
+
+
 async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get(nodes, distribution):
     cluster, started = nodes
     data = os.urandom(BIG)
@@ -142,12 +150,7 @@ async def test_a_node_killed_mid_fill_is_replaced_by_another_and_its_staging_cle
         name = await _declare(cluster, started, server.url)
         path = f"/v2/{name}/library/app/blobs/{digest}"
         async with anyio.create_task_group() as tasks:
-            async def doomed_pull() -> None:
-                try:
-                    await _get(victim.url, path)
-                except httpx.HTTPError:
-                    pass              # its node dies under it
-            tasks.start_soon(doomed_pull)
+            tasks.start_soon(_doomed_pull, victim.url, path)
             await paced.paused.wait()
             staging = victim.data_dir / "staging"
             await eventually(lambda: any(f.stat().st_size > 0 for f in staging.iterdir()),
@@ -161,3 +164,34 @@ async def test_a_node_killed_mid_fill_is_replaced_by_another_and_its_staging_cle
     await anyio.to_thread.run_sync(victim.start)
     # (the restarted node may be staging a replica of its own by now: only the dead fill's must go)
     assert left_behind and not left_behind & set((victim.data_dir / "staging").iterdir())
+
+
+async def test_another_nodes_client_streams_the_fill_and_its_retry_survives_the_filler_dying(nodes):
+    """Node B's client gets the bytes node A's fill has while A's upstream pauses; A killed
+    mid-stream cuts that body short (never a complete wrong one), and the retry through B works."""
+    cluster, started = nodes
+    filler, other = started[0], started[1]
+    paced = PacedBlob.of(8 * 1024 * 1024, "followed, then killed", pause_at=5 * 1024 * 1024)
+    data, digest = paced.body, paced.digest
+    async with paced_upstream(paced) as server:
+        name = await _declare(cluster, started, server.url)
+        path = f"/v2/{name}/library/app/blobs/{digest}"
+        received = bytearray()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_doomed_pull, filler.url, path)
+            await paced.paused.wait()
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient(base_url=other.url, timeout=60) as http:
+                    async with http.stream("GET", f"{path}") as response:
+                        assert response.status_code == 200
+                        assert int(response.headers["content-length"]) == len(data)
+                        async for chunk in response.aiter_raw():
+                            received.extend(chunk)
+                            if len(received) >= 4 * 1024 * 1024 and filler.proc.poll() is None:
+                                assert not paced.resume.is_set()     # streamed while the upstream pauses
+                                filler.kill()
+        assert 4 * 1024 * 1024 <= len(received) < len(data)
+        paced.resume.set()       # the takeover's GET streams the whole body
+        assert await _get(other.url, path) == data
+        assert len(server.gets) == 2
+    await anyio.to_thread.run_sync(filler.start)

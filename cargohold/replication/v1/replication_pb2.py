@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*cargohold/replication/v1/replication.proto\x12\x18\x63\x61rgohold.replication.v1\"A\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\")\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"!\n\x0fStatBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"1\n\x10StatBlobResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\"#\n\x10ReadBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"J\n\nBlobsChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07missing\x18\x04 \x01(\x08\x32\xaf\x02\n\x0bReplication\x12\\\n\x08ReadBlob\x12).cargohold.replication.v1.ReadBlobRequest\x1a#.cargohold.replication.v1.BlobChunk0\x01\x12\x61\n\x08StatBlob\x12).cargohold.replication.v1.StatBlobRequest\x1a*.cargohold.replication.v1.StatBlobResponse\x12_\n\tReadBlobs\x12*.cargohold.replication.v1.ReadBlobsRequest\x1a$.cargohold.replication.v1.BlobsChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*cargohold/replication/v1/replication.proto\x12\x18\x63\x61rgohold.replication.v1\"A\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\")\n\tBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"!\n\x0fStatBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"1\n\x10StatBlobResponse\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0c\n\x04size\x18\x02 \x01(\x03\"#\n\x10ReadBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"J\n\nBlobsChunk\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07missing\x18\x04 \x01(\x08\"3\n\x11\x46ollowFillRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"7\n\tFillChunk\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\x91\x03\n\x0bReplication\x12\\\n\x08ReadBlob\x12).cargohold.replication.v1.ReadBlobRequest\x1a#.cargohold.replication.v1.BlobChunk0\x01\x12\x61\n\x08StatBlob\x12).cargohold.replication.v1.StatBlobRequest\x1a*.cargohold.replication.v1.StatBlobResponse\x12_\n\tReadBlobs\x12*.cargohold.replication.v1.ReadBlobsRequest\x1a$.cargohold.replication.v1.BlobsChunk0\x01\x12`\n\nFollowFill\x12+.cargohold.replication.v1.FollowFillRequest\x1a#.cargohold.replication.v1.FillChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_READBLOBSREQUEST']._serialized_end=303
   _globals['_BLOBSCHUNK']._serialized_start=305
   _globals['_BLOBSCHUNK']._serialized_end=379
-  _globals['_REPLICATION']._serialized_start=382
-  _globals['_REPLICATION']._serialized_end=685
+  _globals['_FOLLOWFILLREQUEST']._serialized_start=381
+  _globals['_FOLLOWFILLREQUEST']._serialized_end=432
+  _globals['_FILLCHUNK']._serialized_start=434
+  _globals['_FILLCHUNK']._serialized_end=489
+  _globals['_REPLICATION']._serialized_start=492
+  _globals['_REPLICATION']._serialized_end=893
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class ReplicationStub:
                 request_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.ReadBlobsRequest.SerializeToString,
                 response_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.BlobsChunk.FromString,
                 _registered_method=True)
+        self.FollowFill = channel.unary_stream(
+                '/cargohold.replication.v1.Replication/FollowFill',
+                request_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.FollowFillRequest.SerializeToString,
+                response_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.FillChunk.FromString,
+                _registered_method=True)
 
 
 class ReplicationServicer:
@@ -82,6 +87,20 @@ class ReplicationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FollowFill(self, request, context):
+        """Follow a pull-through fill in progress on this node (a blob arriving from an upstream
+        registry), from `offset`. The first message carries only the blob's size; then chunks in
+        order as the fill receives them. The last byte is sent only once the whole blob has hashed
+        to its digest, and the stream ends OK after it. ABORTED when the fill fails (wrong bytes,
+        upstream error), so a follower never receives a complete body of wrong bytes; UNAVAILABLE
+        when the fill makes no progress for the upstream read timeout; NOT_FOUND when no fill of
+        `digest` streams here (none started, it ended, or it is not sized); RESOURCE_EXHAUSTED when
+        this node already serves as many followers as it allows (the caller then waits for the fill).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ReplicationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +118,11 @@ def add_ReplicationServicer_to_server(servicer, server):
                     servicer.ReadBlobs,
                     request_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.ReadBlobsRequest.FromString,
                     response_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.BlobsChunk.SerializeToString,
+            ),
+            'FollowFill': grpc.unary_stream_rpc_method_handler(
+                    servicer.FollowFill,
+                    request_deserializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.FollowFillRequest.FromString,
+                    response_serializer=cargohold_dot_replication_dot_v1_dot_replication__pb2.FillChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +207,33 @@ class Replication:
             '/cargohold.replication.v1.Replication/ReadBlobs',
             cargohold_dot_replication_dot_v1_dot_replication__pb2.ReadBlobsRequest.SerializeToString,
             cargohold_dot_replication_dot_v1_dot_replication__pb2.BlobsChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FollowFill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cargohold.replication.v1.Replication/FollowFill',
+            cargohold_dot_replication_dot_v1_dot_replication__pb2.FollowFillRequest.SerializeToString,
+            cargohold_dot_replication_dot_v1_dot_replication__pb2.FillChunk.FromString,
             options,
             channel_credentials,
             insecure,
