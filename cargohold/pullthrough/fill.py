@@ -406,9 +406,14 @@ class BlobFiller:
     async def _publish(self, fill: _Fill, staged: GrowingFile, route: Route) -> None:
         """Make the verified blob an ordinary cluster blob, as an upload's last PUT does."""
         digest = str(fill.digest)
-        async with self.store.locked(fill.digest):       # against a GC deletion of the same content here
-            await self.store.ingest(fill.digest, staged.path)
-            await self.metadata.record_blob(route.local_name, digest, staged.size)
+        try:
+            async with self.store.locked(fill.digest):       # against a GC deletion of the same content here
+                await self.store.ingest(fill.digest, staged.path)
+                await self.metadata.record_blob(route.local_name, digest, staged.size)
+        except BaseException:
+            with anyio.CancelScope(shield=True):     # (a copy already ingested is the scrub's orphan)
+                await staged.discard()
+            raise
         staged.close_readers()
         self._forget(fill)            # the read model has the blob: later requests link it
         await self._link_all(fill, route.local_name)

@@ -4,8 +4,9 @@ The filler hands each batch received from the upstream to `receive` (readers may
 memory at once), then writes it (`append`) and hashes it (`hash`) on worker threads. Readers on
 this node take the recent part of the blob from memory, the same bytes objects the filler got,
 so following a fill costs no file read and no copy; a reader that falls further behind than
-RECENT_BYTES reads the rest from the file. The file is written with O_DIRECT where the file
-system allows it (StagingWriter): nobody reads it through the page cache while it grows.
+RECENT_BYTES reads the rest from the file. All fills of a node share RECENT_BUDGET for this, so
+many fills at once keep less each. The file is written buffered and its pages stay cached
+(`StagingWriter(keep_cached=True)`): the blob just filled is what the next pulls read.
 
 `released` is the one rule that keeps wrong bytes from ever being accepted: everything received
 is released except the last byte, which waits until the whole blob has hashed to its digest. A
@@ -34,7 +35,8 @@ from cargohold.upstream.errors import DigestMismatch, UpstreamUnavailable
 
 WRITE_BATCH = 1024 * 1024      # bytes gathered from the upstream before one worker-thread write
 READ_CHUNK = 1024 * 1024       # the most one reader reads from the file in one worker-thread trip
-RECENT_BYTES = 8 * 1024 * 1024     # bytes kept in memory for readers (and those not on file yet)
+RECENT_BYTES = 8 * 1024 * 1024     # bytes a fill keeps in memory for readers (and those not on file yet)
+RECENT_BUDGET = 256 * 1024 * 1024  # the most all fills of a node keep so, however many run
 
 
 def releasable(written: int, size: int, verified: bool) -> int:
@@ -121,11 +123,20 @@ class GrowingFile:
         self._progress = threading.Condition()
         self._shared: tuple[int, BaseException | None] = (0, None)
 
+    live = 0      # fills whose readers may take bytes from memory (changed on the event loop only)
+
     @classmethod
     async def create(cls, path: Path, digest: Digest, size: int | None) -> "GrowingFile":
         staged = cls(path, digest, size)
         await anyio.to_thread.run_sync(staged._open)
+        GrowingFile.live += 1
         return staged
+
+    @classmethod
+    def recent_window(cls) -> int:
+        """What each fill keeps in memory for its readers now: RECENT_BYTES while few fills run,
+        their share of RECENT_BUDGET when many do, never less than one batch."""
+        return max(WRITE_BATCH, min(RECENT_BYTES, RECENT_BUDGET // max(1, cls.live)))
 
     def _open(self) -> None:
         self._writer = StagingWriter(self.path, keep_cached=True)
@@ -149,7 +160,7 @@ class GrowingFile:
     async def append(self, batches: list[bytes]) -> None:
         """Write the next received batches to the file (one worker-thread trip)."""
         self._on_file = await anyio.to_thread.run_sync(self._write, batches)
-        self._recent.trim(min(self._on_file, self.received - RECENT_BYTES))
+        self._recent.trim(min(self._on_file, self.received - self.recent_window()))
         self._share()
 
     def _write(self, batches: list[bytes]) -> int:
@@ -187,12 +198,12 @@ class GrowingFile:
 
     async def discard(self) -> None:
         """Close everything and delete the file (a failed fill)."""
-        await anyio.to_thread.run_sync(self._discard)
+        await anyio.to_thread.run_sync(self._delete)
+        self.close_readers()
 
-    def _discard(self) -> None:
+    def _delete(self) -> None:
         self._close_writer()
         self.path.unlink(missing_ok=True)
-        self.close_readers()
 
     def _finish_writer(self) -> None:
         self._writer.finish()
@@ -205,11 +216,13 @@ class GrowingFile:
 
     def close_readers(self) -> None:
         """No new reader will follow this file (it was published or discarded). Readers that
-        started keep their own descriptor and read the rest from the complete file."""
+        started keep their own descriptor and read the rest from the complete file. Call on the
+        event loop."""
         self._recent.clear()
         if self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
+            GrowingFile.live -= 1
 
     def _notify(self) -> None:
         self._changed.set()

@@ -59,6 +59,7 @@ async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get
     digest, data = list(blobs.items())[0 if anyio_backend == "trio" else 1]
     the_route = remote_route(registry.url, UPSTREAM_REPO)
     results: list[bytes] = []
+    live = GrowingFile.live
     async with fill_cluster(etcd.url, tmp_path) as nodes, UpstreamClient(registry.url) as upstream:
         async def one_pull(i: int) -> None:
             results.append(await pull(nodes, nodes[i % 3], upstream, the_route, digest))
@@ -73,6 +74,7 @@ async def test_twenty_concurrent_pulls_through_three_nodes_make_one_upstream_get
             assert _staged_files(node) == []
         fills = sum((node.figures.fills for node in nodes), start=type(nodes[0].figures.fills)())
         assert fills["filled"] == 1 and fills["joined"] == 19
+        assert GrowingFile.live == live        # the fill's share of the memory budget is back
         gets = [call for node in nodes for call in node.figures.upstream_calls]
         assert [(m, o, n) for _, m, o, n in gets] == [("GET", "ok", BIG)]
         audited = [event for node in nodes for event in node.audited]
@@ -131,6 +133,7 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
     body = random_bytes(3 * 1024 * 1024, "wrong")
     claimed = "sha256:" + hashlib.sha256(b"what the manifest said").hexdigest()
     wrong = PacedBlob(claimed, body, pause_at=len(body) // 2)
+    live = GrowingFile.live
     async with paced_cluster(etcd.url, tmp_path, wrong, nodes=3) as (server, nodes, upstream, the_route):
         outcomes: list = []
 
@@ -159,6 +162,7 @@ async def test_wrong_bytes_are_never_published_and_every_waiting_pull_fails(etcd
             assert await node.store.stat(parse_digest(claimed)) is None
             assert _staged_files(node) == []
         assert sum(node.figures.fills["mismatch"] for node in nodes) == 1
+        assert GrowingFile.live == live
 
 
 async def test_an_upstream_breaking_off_mid_body_fails_every_pull_and_publishes_nothing(etcd, tmp_path):

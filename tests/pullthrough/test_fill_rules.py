@@ -65,3 +65,18 @@ def test_a_waiter_raises_the_kind_of_error_the_filler_met(error):
 def test_an_unknown_verdict_is_reported_as_unavailable():
     raised = error_for(FillClaim("n1", "hub/x", 1.0, "error", "etcd went away"))
     assert type(raised) is UpstreamUnavailable
+
+
+def test_many_fills_at_once_share_one_memory_budget_for_their_readers():
+    from cargohold.pullthrough import staging
+
+    saved = staging.GrowingFile.live
+    try:
+        staging.GrowingFile.live = 1
+        assert staging.GrowingFile.recent_window() == staging.RECENT_BYTES
+        staging.GrowingFile.live = staging.RECENT_BUDGET // staging.RECENT_BYTES * 4
+        assert staging.GrowingFile.recent_window() == staging.RECENT_BYTES // 4
+        staging.GrowingFile.live = 100_000
+        assert staging.GrowingFile.recent_window() == staging.WRITE_BATCH      # never less than a batch
+    finally:
+        staging.GrowingFile.live = saved
