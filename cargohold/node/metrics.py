@@ -252,7 +252,7 @@ class PullThroughFigures(Collector):
         received = CounterMetricFamily("cargohold_pullthrough_upstream_bytes", "Bytes received from upstreams.",
                                        labels=("repository",))
         fills = CounterMetricFamily("cargohold_pullthrough_fills",
-                                    "Blob fills from upstreams, by outcome (filled, joined, mismatch, failed).",
+                                    "Blob fills from upstreams, by outcome (filled, joined, followed, mismatch, failed).",
                                     labels=("repository", "outcome"))
         for name, figures in list(self.figures.repositories.items()):
             for result, count in figures.requests.items():

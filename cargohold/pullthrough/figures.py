@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 REQUEST_RESULTS = ("hit", "miss", "revalidated", "stale", "error")
-FILL_OUTCOMES = ("filled", "joined", "mismatch", "failed")
+FILL_OUTCOMES = ("filled", "joined", "followed", "mismatch", "failed")
 
 
 @dataclass

@@ -220,6 +220,7 @@ class BlobFiller:
             self.figures.fill(route.repository.name, "joined")
         followed = await self._answer_or_follow(fill)
         if followed is not None:
+            self.figures.fill(route.repository.name, "followed")
             return followed
         failed = fill.error or (fill.staged.error if fill.staged is not None else None)
         if failed is not None:
