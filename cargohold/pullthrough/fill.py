@@ -306,15 +306,20 @@ class BlobFiller:
 
     async def _claim_until_settled(self, fill: _Fill, upstream: UpstreamClient, route: Route) -> None:
         digest = str(fill.digest)
-        waited = False
+        waited = confirmed = False
         deadline = anyio.current_time() + self.join_timeout
         while True:
             answer = await claim_fill(self.metadata, digest, route.local_name)
             if answer.won is not None:
                 await self._fill(fill, upstream, route, answer.won)
                 return
-            if answer.linked_in is not None and answer.linked_in not in fill.local_names:
-                await self._confirm(upstream, route, fill.digest)    # someone else's content: see open()
+            # Content held or being filled for another repository is someone else's until our
+            # upstream confirms that our name has it too (see open()): before it is linked, and
+            # before our clients stream another node's fill of it.
+            others = answer.linked_in if answer.linked_in is not None else answer.held.repo if answer.held else None
+            if others is not None and others not in fill.local_names and not confirmed:
+                await self._confirm(upstream, route, fill.digest)
+                confirmed = True
             if answer.linked_in is not None and await self._link_all(fill, answer.linked_in):
                 if waited:
                     self.figures.fill(fill.repository, "joined")

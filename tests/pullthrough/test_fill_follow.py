@@ -18,8 +18,9 @@ from cargohold.oci.reference import parse_digest
 from cargohold.pullthrough.fill import FollowedBlob
 from cargohold.pullthrough.staging import GrowingFile
 from cargohold.replication.transfer import FillNotFollowed, PeerClient, PeerUnavailable, ReplicationService, grpc_server
-from cargohold.upstream.errors import DigestMismatch
-from tests.pullthrough.fillkit import PacedBlob, paced_cluster, pull, read_all
+from cargohold.upstream.client import UpstreamClient
+from cargohold.upstream.errors import DigestMismatch, UpstreamNotFound
+from tests.pullthrough.fillkit import PacedBlob, paced_cluster, paced_upstream, pull, read_all, remote_route
 from tests.support.oci import random_bytes
 from tests.support.poll import eventually
 
@@ -236,3 +237,21 @@ async def test_following_a_fill_takes_the_peer_credential():
         finally:
             stranger.close()
             peer.close()
+
+
+async def test_a_fill_for_another_repository_is_followed_only_once_our_upstream_confirms_the_blob(etcd, tmp_path):
+    """Blobs are scoped to repositories: a client of a cache whose upstream lacks a digest must
+    not stream another repository's fill of it (a private layer, say) by asking for the digest."""
+    private = PacedBlob.of(4 * MiB, "private, being filled", pause_at=MiB)
+    async with paced_cluster(etcd.url, tmp_path, private, follow=True) as (server, nodes, upstream, the_route), \
+            paced_upstream() as empty, UpstreamClient(empty.url) as other_upstream:
+        filler, asker = nodes
+        await _start_fill(filler, upstream, the_route, private)
+        elsewhere = remote_route(empty.url, "library/app", repository="other")
+        with pytest.raises(UpstreamNotFound):
+            await asker.filler.open(other_upstream, elsewhere, parse_digest(private.digest))
+        assert empty.gets == []           # (it answered the confirming HEAD 404)
+        assert asker.figures.fills["followed"] == 0
+        private.resume.set()
+        # a client of the same repository follows as before
+        assert await read_all(await _follow(asker, upstream, the_route, private.digest)) == private.body
