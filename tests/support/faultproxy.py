@@ -1,5 +1,6 @@
 """A TCP proxy on loopback that cuts connections after a number of bytes (a flaky network link),
-or all of them until healed (a partition), and can throttle what goes to the client (a slow link)."""
+or all of them until healed (a partition), and can throttle what goes to the client (a slow link,
+also the bench's: `bench/link.py`). Nothing leaves 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ class FaultProxy:
     """Forwards 127.0.0.1:<port> to `target`. The first `cut_connections` connections are closed
     after `cut_after` bytes have gone from the target to the client. `partition()` resets every
     open connection and closes new ones as soon as they are accepted (what a partition with a
-    router that answers looks like: connection refused or reset) until `heal()`. With `rate`, each
-    connection carries at most that many bytes a second from the target to the client."""
+    router that answers looks like: connection refused or reset) until `heal()`. With `rate`, what
+    goes from the target to the clients shares that many bytes a second across all connections,
+    in arrival order, as the one internet link between a site and a remote registry does."""
 
     def __init__(self, target_port: int, *, cut_after: int, cut_connections: int = 1, rate: float | None = None):
         self.target_port = target_port
@@ -21,6 +23,7 @@ class FaultProxy:
         self.cuts_left = cut_connections
         self.cuts_made = 0
         self.rate = rate
+        self._free_at = 0.0       # with `rate`: when the link has sent everything handed to it so far
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -52,8 +55,21 @@ class FaultProxy:
         return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        """Stop accepting and cut every open connection."""
         self._closed = True
-        self._listener.close()
+        _close(self._listener)        # (shut down first: that wakes the accepting thread)
+        with self._lock:
+            sockets, self._open = self._open, set()
+        for s in sockets:
+            _close(s)
+
+    def _take(self, size: int) -> None:
+        """Wait until `size` more bytes have had their turn on the throttled link."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(now, self._free_at) + size / self.rate
+            wait = self._free_at - now
+        time.sleep(wait)
 
     def _accept(self) -> None:
         while not self._closed:
@@ -106,10 +122,10 @@ class FaultProxy:
                     with self._lock:
                         self.cuts_made += 1
                     break
+                if to_client and self.rate:
+                    self._take(len(data))
                 sink.sendall(data)
                 sent += len(data)
-                if to_client and self.rate:
-                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         finally:
