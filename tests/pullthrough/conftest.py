@@ -281,9 +281,17 @@ class UpstreamRegistry:
 
 
 class Upstreams:
+    """Distribution upstreams started for a test or a module; all stopped on leaving `with`."""
+
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
         self.started: list[UpstreamRegistry] = []
+
+    def __enter__(self) -> "Upstreams":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_all()
 
     def distribution(self, *, basic: bool = False) -> UpstreamRegistry:
         users = BASIC_USERS if basic else None
@@ -301,11 +309,8 @@ class Upstreams:
 
 @pytest.fixture
 def upstreams(tmp_path) -> Upstreams:
-    started = Upstreams(tmp_path)
-    try:
+    with Upstreams(tmp_path) as started:
         yield started
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.pullthrough.conftest import pullthrough_counts, user_agents
 from tests.support.accesslog import settled_log
-from tests.support.containerd import image_digest, missing, private_containerd
+from tests.support.containerd import containerd_or_skip, image_digest
 from tests.support.oci import build_image, build_index
 
 MIRROR_HOSTS_TOML = """\
@@ -25,10 +25,7 @@ server = "http://{upstream}"
 
 @pytest.fixture(scope="module")
 def ctr(tmp_path_factory):
-    reason = missing()
-    if reason:
-        pytest.skip(reason)
-    with private_containerd(tmp_path_factory.mktemp("containerd") / "root") as run:
+    with containerd_or_skip(tmp_path_factory.mktemp("containerd") / "root") as run:
         yield run
 
 

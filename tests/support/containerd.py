@@ -55,6 +55,18 @@ def missing() -> str | None:
 
 
 @contextmanager
+def containerd_or_skip(root: Path) -> Iterator[Ctr]:
+    """`private_containerd(root)` for a fixture; the test is skipped, saying why, where it cannot run."""
+    import pytest
+
+    reason = missing()
+    if reason:
+        pytest.skip(reason)
+    with private_containerd(root) as run:
+        yield run
+
+
+@contextmanager
 def private_containerd(root: Path) -> Iterator[Ctr]:
     """Start containerd with everything under `root` (created); yield a `ctr` runner; stop it and
     unmount whatever it left mounted under `root`."""

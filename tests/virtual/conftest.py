@@ -23,7 +23,7 @@ import pytest
 
 from tests.cluster.conftest import Cluster
 from tests.pullthrough.conftest import (MANIFEST_ACCEPT, UpstreamRegistry, Upstreams, wait_until_routed)
-from tests.support.containerd import missing, private_containerd
+from tests.support.containerd import containerd_or_skip
 from tests.support.node import NodeProcess
 from tests.support.oci import Image, layout_manifest, read_oci_layout
 from tests.support.skopeo import copy, docker_ref, oci_ref
@@ -71,21 +71,15 @@ def e2e_cluster(etcd, tmp_path_factory) -> VirtualCluster:
 
 @pytest.fixture(scope="session")
 def e2e_upstream(tmp_path_factory) -> UpstreamRegistry:
-    started = Upstreams(tmp_path_factory.mktemp("virtual-upstream"))
-    try:
+    with Upstreams(tmp_path_factory.mktemp("virtual-upstream")) as started:
         yield started.distribution()
-    finally:
-        started.stop_all()
 
 
 @pytest.fixture
 def e2e_upstreams(tmp_path) -> Upstreams:
     """Upstreams of one test (a test may kill them), stopped at its end."""
-    started = Upstreams(tmp_path)
-    try:
+    with Upstreams(tmp_path) as started:
         yield started
-    finally:
-        started.stop_all()
 
 
 @dataclass(frozen=True)
@@ -111,10 +105,7 @@ def e2e_names() -> Names:
 
 @pytest.fixture(scope="session")
 def e2e_ctr(tmp_path_factory):
-    reason = missing()
-    if reason:
-        pytest.skip(reason)
-    with private_containerd(tmp_path_factory.mktemp("virtual-containerd") / "root") as run:
+    with containerd_or_skip(tmp_path_factory.mktemp("virtual-containerd") / "root") as run:
         yield run
 
 
