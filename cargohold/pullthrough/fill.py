@@ -128,37 +128,34 @@ class _Fill:
     digest: Digest
     repository: str                                        # the remote repository (figures)
     local_names: set[str] = field(default_factory=set)     # repositories to link the blob into
-    decided: anyio.Event = field(default_factory=anyio.Event)   # set: clients have something to act on
     staged: GrowingFile | None = None                      # set: clients stream it
     error: BaseException | None = None                     # set: clients raise it
     following: str | None = None                           # set: clients stream that node's fill
     settled: bool = False                                  # the blob is in the cluster, or failed
     changed: anyio.Event = field(default_factory=anyio.Event)   # set (and replaced) on every change
     received: int = 0                                      # bytes this node's fill got from upstream
-    waiting_on: str | None = None                          # the node whose fill this one waits for
 
     def stream(self, staged: GrowingFile) -> None:
         self.staged = staged
-        self._decide()
+        self._changed()
 
     def follow(self, node: str | None) -> None:
         """While this node waits for `node`'s fill (None: no longer), clients stream from it."""
         self.following = node
-        self._decide()
+        self._changed()
 
     def fail(self, error: BaseException) -> None:
         if self.staged is not None:
             self.staged.fail(error)
         elif not self.settled:
             self.error = error
-        self._decide()
+        self._changed()
 
     def settle(self) -> None:
         self.settled = True
-        self._decide()
+        self._changed()
 
-    def _decide(self) -> None:
-        self.decided.set()
+    def _changed(self) -> None:
         self.changed.set()
         self.changed = anyio.Event()
 
@@ -327,7 +324,7 @@ class BlobFiller:
             if answer.held is not None:
                 log.info("blob %s is being filled by node %s: waiting (clients stream from it)",
                          digest, answer.held.node)
-                waited, fill.waiting_on = True, answer.held.node
+                waited = True
                 fill.follow(answer.held.node)
                 with anyio.move_on_after(deadline - anyio.current_time()) as waiting:
                     ended = await wait_for_release(self.metadata, digest, answer.revision)
@@ -445,7 +442,8 @@ class BlobFiller:
         if fill is None:
             return None
         with anyio.move_on_after(timeout):
-            await fill.decided.wait()
+            while not (fill.answered() or fill.following):     # until it streams here, or cannot
+                await fill.changed.wait()
         return fill.staged.tail() if fill.staged is not None else None
 
     def _count(self, route: Route, fill: _Fill, outcome: str) -> None:

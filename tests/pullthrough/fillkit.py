@@ -60,7 +60,7 @@ class FillNode:
 
     def waiting(self) -> bool:
         """Whether this node waits for another node's fill (its claim attempt found that one)."""
-        return any(fill.waiting_on for fill in self.filler._fills.values())
+        return any(fill.following for fill in self.filler._fills.values())
 
     def stop(self) -> None:
         """Stop the node's tasks as a shutdown would (its lease is revoked on the way out)."""
