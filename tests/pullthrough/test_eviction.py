@@ -154,14 +154,16 @@ async def test_an_unused_cached_image_is_released_and_gc_frees_it_a_pulled_one_s
     await push_source(node, "src/recent", recent)
     added = cluster.cli("repo", "add", "hub", "--remote", unreachable_upstream(), "--evict-unused-after", "60s")
     assert added.returncode == 0, added.stderr
+    # A node notes a pull of `recent` before it is cached: the node's eviction pass runs every
+    # 0.5 s and would rightly release an image recorded 2 h ago with no pull yet.
+    async with EtcdClient([cluster.etcd_url]) as client:
+        recorder = PullRecorder(ClusterMetadata(client, cluster.name, "b"))
+        recorder.note("hub/library/recent")
+        await recorder.flush()
     long_ago = time.time() - 2 * HOUR
     await cache_image(cluster.etcd_url, cluster.name, "a", "src/old", "hub/library/old", old, created=long_ago)
     await cache_image(cluster.etcd_url, cluster.name, "a", "src/recent", "hub/library/recent", recent,
                       created=long_ago)
-    async with EtcdClient([cluster.etcd_url]) as client:       # a node notes a pull of `recent`
-        recorder = PullRecorder(ClusterMetadata(client, cluster.name, "b"))
-        recorder.note("hub/library/recent")
-        await recorder.flush()
     for repo, image in (("src/old", old), ("src/recent", recent)):
         await delete_manifest(node, repo, image)
 
