@@ -20,7 +20,7 @@ import logging
 import time
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Awaitable, Callable, Iterator, Mapping
+from typing import Awaitable, Callable, Iterator, Mapping, Sequence
 
 import anyio
 
@@ -638,8 +638,10 @@ class ClusterMetadata:
         kvs, _, _ = await self.client.get_prefix(prefix, limit=1, keys_only=True)
         return kvs[0].key[len(prefix):] if kvs else None
 
-    async def put_manifest(self, repo: str, digest: str, record: ManifestRecord, tag: str | None) -> None:
-        """Record a manifest (its bytes are already stored locally) and optionally tag it: one txn.
+    async def put_manifest(self, repo: str, digest: str, record: ManifestRecord, tag: str | None,
+                           more_tags: Sequence[str] = ()) -> None:
+        """Record a manifest (its bytes are already stored locally) and optionally tag it (with
+        `tag` and `more_tags`, the `tag` parameters of a push by digest): one txn.
 
         Fails with MissingReferences unless every referenced blob is linked into the repository
         and every child manifest exists in it.
@@ -649,19 +651,20 @@ class ClusterMetadata:
         success = self._manifest_writes(repo, digest, record)
         compare = [Compare.exists(k) for k in checked]
         failure = [Get(k) for k in checked]
-        if tag is not None:
-            success.append(Put(keys.tag(repo, tag), digest.encode()))
-            guard = await self._immutable_guard(repo, tag, digest)
+        guarded = []        # the immutable tags among them, in the order of their guards
+        for name in dict.fromkeys(([tag] if tag is not None else []) + list(more_tags)):
+            success.append(Put(keys.tag(repo, name), digest.encode()))
+            guard = await self._immutable_guard(repo, name, digest)
             if guard is not None:
                 compare.append(guard)
-                failure.append(Get(keys.tag(repo, tag)))
+                failure.append(Get(keys.tag(repo, name)))
+                guarded.append(name)
         result = await self._txn(compare, success, failure)
         if result.succeeded:
             return
-        if tag is not None and len(result.responses) > len(checked):
-            current = result.responses[-1]
+        for name, current in zip(guarded, result.responses[len(checked):]):
             if current and current[0].value.decode() != digest:
-                raise TagImmutable(repo, tag, self.model.policies.immutable_rule(repo, tag).describe())
+                raise TagImmutable(repo, name, self.model.policies.immutable_rule(repo, name).describe())
         present = [bool(r) for r in result.responses[:len(checked)]]
         n_blobs = len(record.blobs)
         raise MissingReferences(

@@ -288,8 +288,8 @@ class AccessControl:
         policy = self.policy
         if not policy.protected:
             return
-        if is_digest(reference):
-            tags = list(self.tags_of(need.repo, reference)) if need.what == "delete" else []
+        if is_digest(reference):     # a push by digest sets the tags of its `tag` parameters
+            tags = list(self.tags_of(need.repo, reference)) if need.what == "delete" else request.query_all("tag")
         else:
             tags = [reference]
         for tag in tags:

@@ -30,7 +30,7 @@ from cargohold.node.forward import UploadForwarder
 from cargohold.node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from cargohold.runtime.pacing import Foreground
 from cargohold.oci.reference import (
-    Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_upload_id,
+    Digest, lookup_reference, parse_digest, parse_reference, validate_name, validate_tag, validate_upload_id,
 )
 from cargohold.blobs.remote import ContentUnavailable, RemoteContent
 from cargohold.blobs.store import BlobStore
@@ -374,6 +374,7 @@ class RegistryAPI:
 
     async def _put_manifest(self, request: Request, name: str, reference: str) -> Response:
         tag, wanted = parse_reference(reference)
+        tag_params = _tag_params(request) if wanted is not None else []
         body = await request.read_body(MAX_MANIFEST_BYTES)
         parsed = parse_manifest(body, request.header("content-type"))
         digest = Digest.of(body, wanted.algorithm if wanted else "sha256")
@@ -381,7 +382,7 @@ class RegistryAPI:
             raise errors.digest_invalid(detail={"reference": reference, "actual": str(digest)})
         record = ManifestRecord.of(parsed, len(body), time.time())
         try:
-            await self._store_manifest(name, digest, body, record, tag)
+            await self._store_manifest(name, digest, body, record, tag, tag_params)
         except TagImmutable as exc:
             raise errors.denied(str(exc), detail={"rule": exc.rule}) from None
         except MissingReferences as missing:
@@ -391,22 +392,25 @@ class RegistryAPI:
                                                detail={"manifests": missing.manifests}) from None
         self.manifest_cache.put(str(digest), body)
         await self._wait_for_copies(str(digest))   # --min-copies / --sync-sites hold the 201
-        self.audit.record("push", request, repository=name, reference=reference, digest=str(digest), tag=tag)
+        self.audit.record("push", request, repository=name, reference=reference, digest=str(digest),
+                          tag=tag, tags=tag_params or None)
         response = Response(201).header("Location", f"/v2/{name}/manifests/{digest}")
         response.header("Docker-Content-Digest", str(digest))
+        for pushed in tag_params:
+            response.header("OCI-Tag", pushed)
         if parsed.subject is not None:
             response.header("OCI-Subject", str(parsed.subject))
         return response
 
     async def _store_manifest(self, name: str, digest: Digest, body: bytes, record: ManifestRecord,
-                              tag: str | None) -> None:
+                              tag: str | None, tag_params: list[str]) -> None:
         """Write the bytes, then index them in one txn; bytes the txn refused are removed at once
         (not left for a scrub), unless this node held them before."""
         async with self.store.locked(digest):
             held_before = await self.store.stat(digest) is not None
             await self.store.write(digest, body)
             try:
-                await self.metadata.put_manifest(name, str(digest), record, tag)
+                await self.metadata.put_manifest(name, str(digest), record, tag, tag_params)
             except (MissingReferences, TagImmutable):
                 if not held_before:
                     with anyio.CancelScope(shield=True):
@@ -531,15 +535,11 @@ class RegistryAPI:
     async def _uploads(self, request: Request, name: str) -> Response:
         _allow(request, "POST")
         self.metadata.check_writable()     # during an etcd outage: 503 before the layer's bytes come
-        mount, source = request.query("mount"), request.query("from")
-        if mount is not None and source is not None:
-            # Without pull on `from` this is a plain upload: the answer never reveals the blob.
-            source = await self.virtual.mount_source(request, validate_name(source), parse_digest(mount))
-            if source is not None:
-                mounted = await self._try_mount(name, parse_digest(mount), source)
-                if mounted is not None:
-                    self.audit.record("mount", request, repository=name, digest=mount, source=source)
-                    return mounted
+        mount = request.query("mount")
+        if mount is not None:
+            mounted = await self._mount(request, name, mount, request.query("from"))
+            if mounted is not None:
+                return mounted
         digest_param = request.query("digest")
         if digest_param is not None:
             digest = parse_digest(digest_param)
@@ -547,6 +547,35 @@ class RegistryAPI:
             return await self._finish_upload(request, session, digest, monolithic=True)
         session = await self.uploads.create(name, *_opener(request))
         return _upload_progress(202, session, 0)
+
+    async def _mount(self, request: Request, name: str, mount: str, source: str | None) -> Response | None:
+        """A cross-repository mount of `mount` into `name`: 201, or None for a plain upload.
+
+        Without pull on the source it is a plain upload: the answer never reveals the blob."""
+        if source is None:
+            source = self._discovered_mount_source(request, name, mount)
+        else:
+            source = await self.virtual.mount_source(request, validate_name(source), parse_digest(mount))
+        if source is None:
+            return None
+        mounted = await self._try_mount(name, parse_digest(mount), source)
+        if mounted is not None:
+            self.audit.record("mount", request, repository=name, digest=mount, source=source)
+        return mounted
+
+    def _discovered_mount_source(self, request: Request, name: str, mount: str) -> str | None:
+        """A mount without `from` (the spec's automatic content discovery, which the conformance
+        suite tests as "anonymous mount"): a repository that links the blob and that the caller
+        may pull, the target itself first. The read model answers: one that lags only turns the
+        mount into a plain upload, and the mount's transaction checks the link again. A `mount`
+        that is no digest is a plain upload too, as for an unknown blob."""
+        try:
+            digest = parse_digest(mount)
+        except errors.RegistryError:
+            return None
+        state = self.metadata.blob_states().get(str(digest))
+        linked = sorted(state.repos, key=lambda repo: (repo != name, repo)) if state is not None else []
+        return next((repo for repo in linked if self.access is None or self.access.may(request, repo, "pull")), None)
 
     async def _try_mount(self, name: str, digest: Digest, source: str) -> Response | None:
         if await self.metadata.link_blob(name, source, str(digest)) is None:
@@ -683,6 +712,13 @@ def _pagination(request: Request) -> tuple[int | None, str | None]:
             raise errors.unsupported("n must be a non-negative integer", status=400)
         n = int(raw_n)
     return n, request.query("last") or None
+
+
+def _tag_params(request: Request) -> list[str]:
+    """The `tag` parameters of a manifest PUT by digest: tags set in the same transaction, each
+    confirmed with an `OCI-Tag` header (the spec's push of several tags at once, which is also
+    how a manifest with a sha512 digest gets a tag). A malformed one is MANIFEST_INVALID."""
+    return list(dict.fromkeys(validate_tag(tag) for tag in request.query_all("tag")))
 
 
 def _chunk_range(request: Request) -> tuple[int | None, int | None]:

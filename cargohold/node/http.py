@@ -82,11 +82,15 @@ class Request:
         return self._headers.get(name)
 
     def query(self, name: str) -> str | None:
+        values = self.query_all(name)
+        return values[0] if values else None
+
+    def query_all(self, name: str) -> list[str]:
+        """Every value of a repeated query parameter (`?tag=a&tag=b`), in request order."""
         if self._query is None:
             raw = self.scope.get("query_string", b"").decode("latin-1")
             self._query = parse_qs(raw, keep_blank_values=True)
-        values = self._query.get(name)
-        return values[0] if values else None
+        return self._query.get(name, [])
 
     @property
     def client(self) -> str:
