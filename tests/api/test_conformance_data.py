@@ -42,6 +42,17 @@ async def put_manifest(client: httpx.AsyncClient, repo: str, ref: str, body: byt
                             headers={"Content-Type": media_type})
 
 
+async def push_accepted(client: httpx.AsyncClient, repo: str, ref: str, body: bytes, media_type: str,
+                        blobs=(), *, streamed: bool = False) -> httpx.Response:
+    """Push `blobs`, then the manifest: 201, and the registry serves it byte for byte."""
+    for data in blobs:
+        await push_blob(client, repo, data)
+    r = await put_manifest(client, repo, ref, body, media_type, streamed=streamed)
+    assert r.status_code == 201, describe(r)
+    await assert_served(client, repo, ref, body, media_type)
+    return r
+
+
 async def assert_served(client: httpx.AsyncClient, repo: str, ref: str, body: bytes, media_type: str) -> None:
     r = await client.get(f"/v2/{repo}/manifests/{ref}", headers={"Accept": f"{OCI_INDEX}, {OCI_MANIFEST}"})
     assert r.status_code == 200 and r.content == body, describe(r)
@@ -54,18 +65,13 @@ async def test_a_3_9_megabyte_manifest_streamed_without_content_length(client, r
     annotations = {f"large-annotation-{i}": "A" * 10_000 for i in range(390)}
     image = build_image("large-manifest", annotations=annotations)
     assert 3_900_000 < len(image.manifest) < 4 * 1024 * 1024
-    for data in image.blobs.values():
-        await push_blob(client, repo, data)
-    r = await put_manifest(client, repo, "large-manifest", image.manifest, image.media_type, streamed=True)
-    assert r.status_code == 201, describe(r)
-    await assert_served(client, repo, "large-manifest", image.manifest, image.media_type)
+    await push_accepted(client, repo, "large-manifest", image.manifest, image.media_type, image.blobs.values(),
+                        streamed=True)
 
 
 async def test_an_index_that_lists_no_manifests(client, repo):
     body = canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []})
-    r = await put_manifest(client, repo, "empty", body, OCI_INDEX, streamed=True)
-    assert r.status_code == 201, describe(r)
-    await assert_served(client, repo, "empty", body, OCI_INDEX)
+    await push_accepted(client, repo, "empty", body, OCI_INDEX, streamed=True)
     assert (await client.delete(f"/v2/{repo}/manifests/{digest(body)}")).status_code == 202
 
 
@@ -83,11 +89,7 @@ def with_foreign_layer(layer_media_type: str) -> tuple[bytes, bytes, bytes]:
 
 async def test_non_distributable_layers_need_not_be_pushed(client, repo):
     body, config, pushed = with_foreign_layer(NONDISTRIBUTABLE)
-    for data in (config, pushed):
-        await push_blob(client, repo, data)
-    r = await put_manifest(client, repo, "non-distributable", body, OCI_MANIFEST)
-    assert r.status_code == 201, describe(r)
-    await assert_served(client, repo, "non-distributable", body, OCI_MANIFEST)
+    await push_accepted(client, repo, "non-distributable", body, OCI_MANIFEST, (config, pushed))
 
 
 async def test_an_ordinary_layer_with_urls_must_still_be_in_the_repository(client, repo):
@@ -106,20 +108,13 @@ async def test_data_fields_and_unknown_fields_are_kept_byte_for_byte(client, rep
                          "data": base64.b64encode(config).decode(), "org.example.unknown": "kept"}
     body = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_descriptor,
                            "layers": [descriptor(OCI_LAYER_GZIP, layer)], "org.example.custom": "also kept"})
-    for data in (config, layer):
-        await push_blob(client, repo, data)
-    r = await put_manifest(client, repo, "data-field", body, OCI_MANIFEST)
-    assert r.status_code == 201, describe(r)
-    await assert_served(client, repo, "data-field", body, OCI_MANIFEST)
+    await push_accepted(client, repo, "data-field", body, OCI_MANIFEST, (config, layer))
 
 
 async def test_a_referrer_of_a_subject_never_pushed_is_listed(client, repo):
     subject = {"mediaType": OCI_MANIFEST, "size": 123, "digest": digest(b"missing content")}
     artifact = build_artifact("orphan-referrer", subject=subject, annotations={"org.example.note": "orphan"})
-    for data in artifact.blobs.values():
-        await push_blob(client, repo, data)
-    r = await put_manifest(client, repo, artifact.digest, artifact.manifest, OCI_MANIFEST)
-    assert r.status_code == 201, describe(r)
+    r = await push_accepted(client, repo, artifact.digest, artifact.manifest, OCI_MANIFEST, artifact.blobs.values())
     assert r.headers.get("OCI-Subject") == subject["digest"], describe(r)
     listed = await client.get(f"/v2/{repo}/referrers/{subject['digest']}")
     assert listed.status_code == 200 and listed.headers["Content-Type"] == OCI_INDEX, describe(listed)
