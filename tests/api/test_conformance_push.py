@@ -15,10 +15,14 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from cargohold.coordinator import policies
+from cargohold.coordinator.etcd import EtcdClient
+from cargohold.coordinator.metadata import ClusterMetadata
 from tests.auth.conftest import start_secured
 from tests.support.oci import (
     build_image, describe, digest, error_codes, push_blob, random_bytes, with_query,
 )
+from tests.support.poll import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -124,6 +128,29 @@ async def test_tag_parameters_cannot_touch_a_protected_tag(secured_node):
         assert (await alice.head("/v2/team/app/manifests/v1")).status_code == 404
         r = await put_by_digest(alice, "team/app", image.manifest, image.media_type, ["dev"])
         assert r.status_code == 201 and r.headers.get_list("OCI-Tag") == ["dev"], describe(r)
+
+
+async def test_tag_parameters_cannot_move_an_immutable_tag(secured_node):
+    async with EtcdClient([secured_node.etcd_url]) as etcd_client:
+        await ClusterMetadata(etcd_client, secured_node.cluster, "tests").set_policies(
+            policies.parse({"immutable": [{"repositories": "public/frozen", "tags": "v*"}]}))
+    first, second = build_image("immutable-first"), build_image("immutable-second")
+    async with secured_node.client("alice", basic=True) as alice:
+        for image in (first, second):
+            await push_blobs(alice, "public/frozen", image)
+        r = await put_by_digest(alice, "public/frozen", first.manifest, first.media_type, ["v1"])
+        assert r.status_code == 201, describe(r)
+
+        async def rule_applies():
+            return (await alice.delete("/v2/public/frozen/manifests/v1")).status_code == 403
+        await eventually(rule_applies, what="the node applies the immutable rule")
+        r = await put_by_digest(alice, "public/frozen", second.manifest, second.media_type, ["dev", "v1"])
+        assert r.status_code == 403 and error_codes(r) == ["DENIED"], describe(r)
+        assert (await alice.head("/v2/public/frozen/manifests/dev")).status_code == 404
+        v1 = await alice.head("/v2/public/frozen/manifests/v1")
+        assert v1.headers.get("Docker-Content-Digest") == first.digest, describe(v1)
+        again = await put_by_digest(alice, "public/frozen", first.manifest, first.media_type, ["v1", "v1.0"])
+        assert again.status_code == 201 and again.headers.get_list("OCI-Tag") == ["v1", "v1.0"], describe(again)
 
 
 async def test_mount_without_from_only_takes_what_the_caller_may_pull(secured_node):
