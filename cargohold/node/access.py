@@ -275,14 +275,29 @@ class AccessControl:
             by_rules = need.what in self._actions(subject, need.repo)
             by_token = grants is None or token_allows(grants, need.repo, need.what)
         if by_rules and by_token:
+            if self._token_lacks_mount_source(identity, need):
+                raise self._deny(request, need, by_rules=True)
             if kind == "manifest" and need.what in ("push", "delete"):
                 self._check_tags(request, subject, need, params.get("reference", ""))
-            elif identity.allowed is not None and need.what != "admin" and len(identity.allowed) < 256:
+            # Never an upload POST: the same route may carry a mount whose `from` needs its own check.
+            elif identity.allowed is not None and need.what != "admin" and kind != "uploads" \
+                    and len(identity.allowed) < 256:
                 identity.allowed.add((request.method, kind, params.get("name")))
             if need.what == "admin":
                 self.audit.record("admin", request, method=request.method, path=request.path[:300])
             return subject
         raise self._deny(request, need, by_rules=by_rules)
+
+    def _token_lacks_mount_source(self, identity: Identity, need: Need) -> bool:
+        """A mount's `from` that the rules let the subject pull but its token does not name: the
+        client is asked for a wider token (401 insufficient_scope naming both repositories), as
+        Distribution does, instead of silently getting a plain upload. Clients that cache a token
+        per repository (the OCI conformance program) reuse the one of their last push there, which
+        never names the `from`. A subject the rules refuse still gets the plain upload, which
+        reveals nothing."""
+        return (bool(need.mount_from) and identity.grants is not None
+                and "pull" in self._actions(identity.subject, need.mount_from)
+                and not token_allows(identity.grants, need.mount_from, "pull"))
 
     def _check_tags(self, request: Request, subject: Subject, need: Need, reference: str) -> None:
         policy = self.policy
