@@ -8,8 +8,9 @@ else the method); on a 401 it reads `realm`, `service` and `scope` from the Bear
 asks the realm for a token with Basic credentials, takes `access_token` or `token`, and retries
 once. Without a cache it is the ginkgo suite's client (a fresh token for every request).
 
-What failed before (its test names it): a mount with `from` was a silent plain upload when the
-cached token named only the target.
+What failed before (each test names it): a mount with `from` was a silent plain upload when the
+cached token named only the target, and a refused token's challenge (an expired one) named no
+scope, so the one retry got a token for nothing.
 """
 
 from __future__ import annotations
@@ -171,6 +172,31 @@ async def test_mount_from_a_repository_the_rules_refuse_stays_a_silent_upload(no
         before = len(bob.challenges)
         r = await bob.mount("bob/copy", digest(data), SOURCE)
         assert r.status_code == 202 and len(bob.challenges) == before, describe(r)   # no 401 reveals SOURCE
+
+
+# -- fixed: a token that expires in the middle of an upload session ------------------------------
+async def test_an_expired_token_is_replaced_inside_one_upload_session(node):
+    data = random_bytes(3_000, "expiring-token")
+    async with alice(node) as client:
+        r = await client.request("POST", f"/v2/{REPO}/blobs/uploads/", headers={"Content-Length": "0"})
+        r = await client.request("PATCH", r.headers["Location"], content=data[:1_000],
+                                 headers={**OCTET, "Content-Range": "0-999"})
+        assert r.status_code == 202, describe(r)
+        await anyio.sleep(TOKEN_TTL + LEEWAY + 1.5)
+        r = await client.request("PATCH", r.headers["Location"], content=data[1_000:],
+                                 headers={**OCTET, "Content-Range": "1000-2999"})
+        assert r.status_code == 202, describe(r)
+        refused = client.challenges[-1][2]
+        assert 'error="invalid_token"' in refused and f'scope="repository:{REPO}:pull,push"' in refused
+        r = await client.request("PUT", with_query(r.headers["Location"], digest=digest(data)), headers=OCTET)
+        assert r.status_code == 201, describe(r)
+
+
+async def test_a_refused_token_is_challenged_with_the_scope_the_request_needs(node):
+    r = httpx.get(f"{node.url}/v2/{REPO}/tags/list", headers={"Authorization": "Bearer not.a.token"})
+    assert r.status_code == 401
+    challenge = dict(_PAIR.findall(r.headers["www-authenticate"]))
+    assert challenge["error"] == "invalid_token" and challenge["scope"] == f"repository:{REPO}:pull"
 
 
 # -- unchanged, kept from regressing ---------------------------------------------------------------
