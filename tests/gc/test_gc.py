@@ -234,9 +234,9 @@ class RunWatcher:
         async def finished():
             run = await self.run(run_id)
             return run.get("state") == "done" and run
-        # Up to 1500 one-blob transactions after a lease expiry: ~10 s alone, but each is an
-        # etcd fsync, and on a loaded machine those slow down many times over (a run with two
-        # suites at once took over 120 s). A run that never finishes still fails.
+        # Up to 1500 one-blob transactions after a lease expiry (the whole test takes ~34 s
+        # alone). Each is an etcd fsync, and on a loaded machine those slow down many times over
+        # (a run with two suites at once took over 120 s). A run that never finishes still fails.
         return await eventually(finished, timeout=300, interval=0.2, what="the run to finish")
 
 
