@@ -261,7 +261,7 @@ class AccessControl:
         if need is None:
             request.auth = OPEN_IDENTITY
             return ANONYMOUS
-        identity = identity or await self._authenticate(request, scope=need.scope)
+        identity = identity or await self._authenticate(request, need=need)
         request.auth = identity
         subject, grants = identity.subject, identity.grants
         if need.what in ("login", "catalog"):     # the catalog is filtered by what the subject may pull
@@ -404,9 +404,9 @@ class AccessControl:
             return None
         return cached.identity
 
-    async def _authenticate(self, request: Request, record: bool = True, scope: str | None = None) -> Identity:
-        """`scope`: what the request needs, for the challenge of a refused token (an expired one
-        included), so that the client's next token is one that works."""
+    async def _authenticate(self, request: Request, record: bool = True, need: Need | None = None) -> Identity:
+        """`need`: what the request needs, whose scope the challenge of a refused token (an expired
+        one included) names, so that the client's next token is one that works."""
         header = request.header("authorization")
         if not header:
             return Identity(ANONYMOUS)
@@ -416,10 +416,10 @@ class AccessControl:
             self.audit.record("auth_failed", request, reason="malformed authorization", status=401)
             raise _unauthorized(str(exc), challenge(self._realm(request), self.service, error="invalid_request"))
         if credentials.scheme == "bearer":
-            return self._verify(request, credentials.token, scope)
+            return self._verify(request, credentials.token, need)
         return Identity(await self._login(request, credentials.username, credentials.password, record))
 
-    def _verify(self, request: Request, token: str, scope: str | None = None) -> Identity:
+    def _verify(self, request: Request, token: str, need: Need | None = None) -> Identity:
         """A Bearer token: verified once, then cached (by its string) until it expires. After any
         change under auth/ a cached token is checked again for its signing key, its account and
         that account's password."""
@@ -430,7 +430,7 @@ class AccessControl:
                 claims = decode_token(token, self.accounts.signing_key, self.service)
             except TokenError as exc:
                 self._tokens.pop(token, None)
-                raise self._invalid_token(request, f"invalid token: {exc}", exc.reason, scope) from None
+                raise self._invalid_token(request, f"invalid token: {exc}", exc.reason, need) from None
             if len(self._tokens) > 50_000:
                 self._tokens = {t: e for t, e in self._tokens.items() if e.expires > now}
                 if len(self._tokens) > 50_000:
@@ -442,11 +442,11 @@ class AccessControl:
         if cached.version != version:
             if self.accounts.signing_key(cached.key_id) is None:
                 del self._tokens[token]
-                raise self._invalid_token(request, "the token's signing key was withdrawn", "key withdrawn", scope)
+                raise self._invalid_token(request, "the token's signing key was withdrawn", "key withdrawn", need)
             self._recheck(cached)
             cached.version = version
         if cached.identity is None:
-            raise self._invalid_token(request, cached.refusal, cached.refusal, scope)
+            raise self._invalid_token(request, cached.refusal, cached.refusal, need)
         return cached.identity
 
     def _recheck(self, cached: _VerifiedToken) -> None:
@@ -465,8 +465,9 @@ class AccessControl:
         return credential_stamp(stored) if stored else ""
 
     def _invalid_token(self, request: Request, message: str, reason: str,
-                       scope: str | None = None) -> errors.RegistryError:
+                       need: Need | None = None) -> errors.RegistryError:
         self.audit.record("auth_failed", request, reason=f"token: {reason}", status=401)
+        scope = need.scope if need is not None else None       # formatted only when refusing
         return _unauthorized(message, challenge(self._realm(request), self.service, scope, "invalid_token"))
 
     async def _login(self, request: Request, username: str, password: str, record: bool = True) -> Subject:
